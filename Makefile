@@ -1,0 +1,43 @@
+# Leadpipe: `make help` lists every target.
+PYTHON ?= python3
+VENV   ?= .venv
+BIN    := $(VENV)/bin
+SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
+
+.PHONY: help setup system run test bench lint clean
+
+help: ## list the targets
+	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+
+system: ## install the Redis and PostgreSQL servers (Debian packages) when missing
+	@need=""; \
+	command -v redis-server >/dev/null 2>&1 || need="$$need redis-server"; \
+	{ command -v postgres >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; } || need="$$need postgresql"; \
+	command -v runuser >/dev/null 2>&1 || need="$$need util-linux"; \
+	if [ -n "$$need" ]; then echo "installing:$$need"; $(SUDO) apt-get update -qq && $(APT) $$need; fi
+
+$(BIN)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	$(BIN)/pip install -q -e '.[test]'
+	touch $@
+
+setup: system $(BIN)/.installed ## system packages, a virtualenv and Leadpipe in it
+
+run: setup ## set up, then run the whole pipeline (local Redis and Postgres when none is configured)
+	$(BIN)/leadpipe run
+
+test: setup ## set up, then run the test suite against real Redis, Postgres and workers
+	$(BIN)/pytest
+
+bench: setup ## run the benchmarks (ingest vs bare endpoint, drain) and print their numbers
+	@command -v wrk >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT) wrk; }
+	$(BIN)/python -m bench.ingest
+	$(BIN)/python -m bench.drain
+
+lint: setup ## ruff
+	$(BIN)/ruff check .
+
+clean: ## remove the virtualenv and the local data of `make run`
+	rm -rf $(VENV) .leadpipe

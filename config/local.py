@@ -1,0 +1,208 @@
+"""Local Redis and Postgres servers for `leadpipe run` and the tests, from installed binaries."""
+
+from __future__ import annotations
+
+import glob
+import hashlib
+import os
+import pwd
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from pathlib import Path
+
+from config.settings import ConfigError
+
+
+def free_port(preferred: int | None = None) -> int:
+    """`preferred` when nothing listens there, else any free port on 127.0.0.1."""
+    for port in ([preferred] if preferred else []) + [0]:
+        with socket.socket() as sock:
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                continue
+            return int(sock.getsockname()[1])
+    raise OSError("no free port")
+
+
+def _wait_port(port: int, proc: subprocess.Popen, what: str, log: Path,
+               timeout: float = 30) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            tail = log.read_text(errors="replace").strip().splitlines()[-3:]
+            raise ConfigError(f"{what} exited with code {proc.returncode}; {log} ends with:\n  "
+                              + "\n  ".join(tail))
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return
+        except OSError:
+            time.sleep(0.05)
+    raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f}s")
+
+
+def _stop(proc: subprocess.Popen | None, sig: int, timeout: float) -> None:
+    """Signal the server's whole process group (it runs in a session of its own) and wait."""
+    if proc is None or proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, sig)
+    except ProcessLookupError:
+        return
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait(timeout=10)
+
+
+class LocalRedis:
+    """A redis-server with AOF (appendfsync always): an acknowledged event survives a crash."""
+
+    def __init__(self, directory: Path, port: int | None = None):
+        self.dir = Path(directory)
+        self.port = port or free_port(6390)
+        self.proc: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> LocalRedis:
+        binary = shutil.which("redis-server")
+        if not binary:
+            raise ConfigError("redis-server not found: install it (apt-get install redis-server) "
+                              "or set LEADPIPE_REDIS_URL")
+        self.dir.mkdir(parents=True, exist_ok=True)
+        with open(self.dir / "redis.log", "ab") as log:  # the server keeps its own copy
+            self.proc = subprocess.Popen(
+                [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
+                 "--appendonly", "yes", "--appendfsync", "always", "--save", "",
+                 "--protected-mode", "yes", "--daemonize", "no"],
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        _wait_port(self.port, self.proc, "redis-server", self.dir / "redis.log")
+        return self
+
+    def stop(self, kill: bool = False) -> None:
+        _stop(self.proc, signal.SIGKILL if kill else signal.SIGTERM, 30)
+
+
+def _pg_bin(name: str) -> str:
+    found = shutil.which(name)
+    if found:
+        return found
+    candidates = sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"),
+                        key=lambda p: int(p.split("/")[4]) if p.split("/")[4].isdigit() else 0)
+    if candidates:
+        return candidates[-1]
+    raise ConfigError(f"{name} not found: install PostgreSQL (apt-get install postgresql) "
+                      "or set LEADPIPE_DATABASE_URL")
+
+
+def _unprivileged_user() -> str | None:
+    """Postgres refuses to run as root; as root we run it as the `postgres` user."""
+    if os.geteuid() != 0:
+        return None
+    try:
+        pwd.getpwnam("postgres")
+    except KeyError:
+        subprocess.run(["useradd", "--system", "--no-create-home", "postgres"], check=True)
+    return "postgres"
+
+
+class LocalPostgres:
+    """A Postgres cluster in `directory`, listening on 127.0.0.1 with a generated password."""
+
+    def __init__(self, directory: Path, port: int | None = None, database: str = "leadpipe"):
+        self.dir = Path(directory)
+        self.port = port or free_port(5440)
+        self.database = database
+        self.proc: subprocess.Popen | None = None
+        self.user = _unprivileged_user()
+
+    def _cmd(self, *args: str) -> list[str]:
+        return ["runuser", "-u", self.user, "--", *args] if self.user else list(args)
+
+    @property
+    def password(self) -> str:
+        return (self.dir / "password").read_text().strip()
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://leadpipe:{self.password}@127.0.0.1:{self.port}/{self.database}"
+
+    def _data_dir(self) -> Path:
+        """The cluster's folder; as root, one the postgres user can reach even if ours is private."""
+        data = self.dir / "data"
+        if not self.user:
+            return data
+        reachable = subprocess.run(["runuser", "-u", self.user, "--", "test", "-x", str(self.dir)],
+                                   check=False).returncode == 0
+        if reachable:
+            return data
+        digest = hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:16]  # noqa: S324
+        base = Path("/var/lib/leadpipe")
+        base.mkdir(parents=True, exist_ok=True)
+        os.chmod(base, 0o755)
+        return base / digest
+
+    def start(self) -> LocalPostgres:
+        self.dir.mkdir(parents=True, exist_ok=True)
+        data = self._data_dir()
+        sockets = data.parent if data.parent != self.dir else self.dir
+        if self.user:
+            data.parent.mkdir(parents=True, exist_ok=True)
+            shutil.chown(data.parent, self.user)
+        fresh = not (data / "PG_VERSION").exists()
+        if fresh:
+            password = secrets.token_urlsafe(18)
+            (self.dir / "password").write_text(password + "\n")
+            os.chmod(self.dir / "password", 0o600)
+            if self.user and data.exists():
+                shutil.rmtree(data)
+            pwfile = data.parent / f".pw-{os.getpid()}"  # readable by the server's user only
+            pwfile.write_text(password + "\n")
+            os.chmod(pwfile, 0o600)
+            if self.user:
+                shutil.chown(pwfile, self.user)
+            try:
+                subprocess.run(self._cmd(_pg_bin("initdb"), "-D", str(data), "-U", "leadpipe",
+                                         "--pwfile", str(pwfile), "--auth", "scram-sha-256",
+                                         "-E", "UTF8", "--no-sync"),
+                               check=True, stdout=subprocess.DEVNULL)
+            finally:
+                pwfile.unlink()
+        with open(self.dir / "postgres.log", "ab") as log:  # the server keeps its own copy
+            self.proc = subprocess.Popen(
+                self._cmd(_pg_bin("postgres"), "-D", str(data), "-p", str(self.port),
+                          "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sockets}",
+                          "-c", "max_connections=200", "-c", "shared_buffers=256MB"),
+                stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+            )
+        _wait_port(self.port, self.proc, "postgres", self.dir / "postgres.log")
+        if fresh:
+            self._create_database()
+        return self
+
+    def _create_database(self) -> None:
+        import psycopg
+
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                with psycopg.connect(self.url.rsplit("/", 1)[0] + "/postgres",
+                                     autocommit=True) as conn:
+                    conn.execute(f'CREATE DATABASE "{self.database}"')
+                return
+            except psycopg.OperationalError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.2)
+
+    def stop(self, kill: bool = False) -> None:
+        _stop(self.proc, signal.SIGKILL if kill else signal.SIGINT, 60)

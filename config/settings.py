@@ -1,0 +1,194 @@
+"""The one place that turns LEADPIPE_* environment variables into a typed Settings object."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field, fields, replace
+from typing import Any
+
+PREFIX = "LEADPIPE_"
+
+
+class ConfigError(ValueError):
+    """A LEADPIPE_* variable holds a value Leadpipe refuses to guess about."""
+
+
+def as_str(raw: str) -> str:
+    return raw.strip()
+
+
+def as_optional_str(raw: str) -> str | None:
+    return raw.strip() or None
+
+
+def as_int(raw: str) -> int:
+    try:
+        return int(raw.strip().replace("_", ""))
+    except ValueError:
+        raise ConfigError(f"expected a whole number, got {raw!r}") from None
+
+
+def as_positive_int(raw: str) -> int:
+    value = as_int(raw)
+    if value <= 0:
+        raise ConfigError(f"expected a number above 0, got {raw!r}")
+    return value
+
+
+def as_float(raw: str) -> float:
+    try:
+        return float(raw.strip())
+    except ValueError:
+        raise ConfigError(f"expected a number, got {raw!r}") from None
+
+
+_TRUE = {"1", "true", "yes", "on"}
+_FALSE = {"0", "false", "no", "off"}
+
+
+def as_bool(raw: str) -> bool:
+    value = raw.strip().lower()
+    if value in _TRUE:
+        return True
+    if value in _FALSE:
+        return False
+    raise ConfigError(f"expected one of {sorted(_TRUE | _FALSE)}, got {raw!r}")
+
+
+def as_list(raw: str) -> tuple[str, ...]:
+    return tuple(part.strip() for part in raw.split(",") if part.strip())
+
+
+def as_log_level(raw: str) -> str:
+    value = raw.strip().upper()
+    if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
+        raise ConfigError(f"expected DEBUG, INFO, WARNING or ERROR, got {raw!r}")
+    return value
+
+
+def setting(env: str, convert: Callable[[str], Any], default: Any, doc: str) -> Any:
+    """Declare one setting: the variable it comes from, its converter, default and meaning."""
+    return field(default=default, metadata={"env": env, "convert": convert, "doc": doc})
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Everything Leadpipe can be told; build it with `Settings.from_env()`."""
+
+    redis_url: str | None = setting(
+        "REDIS_URL", as_optional_str, None,
+        "Redis for the ingest stream and the Celery broker. Unset: `leadpipe run` starts one.",
+    )
+    database_url: str | None = setting(
+        "DATABASE_URL", as_optional_str, None,
+        "Postgres (libpq URL). Unset: `leadpipe run` starts one.",
+    )
+    ingest_tokens: tuple[str, ...] = setting(
+        "INGEST_TOKENS", as_list, (),
+        "Comma-separated secrets accepted by POST /webhooks/rdstation (several at once for rotation).",
+    )
+    ingest_token_header: str = setting(
+        "INGEST_TOKEN_HEADER", as_str, "X-Leadpipe-Token",
+        "Header that may carry the ingest secret instead of ?token= (RD CRM auth_header style).",
+    )
+    max_body_bytes: int = setting(
+        "MAX_BODY_BYTES", as_positive_int, 1024 * 1024,
+        "Largest webhook body accepted; larger gets 413.",
+    )
+    namespace: str = setting(
+        "NAMESPACE", as_str, "leadpipe",
+        "Prefix of every Redis key and Celery queue, so several pipelines can share one Redis.",
+    )
+    retry_after_seconds: int = setting(
+        "RETRY_AFTER_SECONDS", as_positive_int, 5,
+        "Retry-After sent with 503 when Redis cannot take the event.",
+    )
+    redis_timeout_seconds: float = setting(
+        "REDIS_TIMEOUT_SECONDS", as_float, 2.0,
+        "Socket timeout of the ingest path's Redis calls (RD gives up after 5 s).",
+    )
+    batch_size: int = setting(
+        "BATCH_SIZE", as_positive_int, 500,
+        "Most events one batch task handles.",
+    )
+    batch_window_ms: int = setting(
+        "BATCH_WINDOW_MS", as_positive_int, 50,
+        "Longest a partial batch waits for more events before it is dispatched.",
+    )
+    max_inflight_batches: int = setting(
+        "MAX_INFLIGHT_BATCHES", as_positive_int, 4,
+        "Batches one worker node may have dispatched and not finished (back-pressure).",
+    )
+    claim_idle_seconds: int = setting(
+        "CLAIM_IDLE_SECONDS", as_positive_int, 60,
+        "Events a dead worker held are re-dispatched by another after this long.",
+    )
+    worker_concurrency: int = setting(
+        "WORKER_CONCURRENCY", as_positive_int, os.cpu_count() or 1,
+        "Celery worker processes per `leadpipe worker`.",
+    )
+    visibility_timeout_seconds: int = setting(
+        "VISIBILITY_TIMEOUT_SECONDS", as_positive_int, 12 * 3600,
+        "Celery's Redis visibility timeout; longer than the longest retry delay.",
+    )
+    data_dir: str = setting(
+        "DATA_DIR", as_str, ".leadpipe",
+        "Where `leadpipe run` keeps the Redis and Postgres it starts.",
+    )
+    log_level: str = setting("LOG_LEVEL", as_log_level, "INFO", "DEBUG, INFO, WARNING or ERROR.")
+    log_pii: bool = setting(
+        "LOG_PII", as_bool, False, "Log e-mails, phones and names unmasked (off by default).",
+    )
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+        """Read every LEADPIPE_* variable; a bad value raises ConfigError naming it."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        for f in fields(cls):
+            name = PREFIX + f.metadata["env"]
+            if name in env:
+                try:
+                    values[f.name] = f.metadata["convert"](env[name])
+                except ConfigError as exc:
+                    raise ConfigError(f"{name}: {exc}") from None
+        values.update(overrides)
+        return cls(**values)
+
+    def with_(self, **changes: Any) -> Settings:
+        return replace(self, **changes)
+
+    def to_env(self) -> dict[str, str]:
+        """The LEADPIPE_* variables that reproduce these settings in a child process."""
+        env = {}
+        for f in fields(self):
+            value = getattr(self, f.name)
+            if value is None:
+                continue
+            if isinstance(value, tuple):
+                value = ",".join(value)
+            elif isinstance(value, bool):
+                value = "true" if value else "false"
+            env[PREFIX + f.metadata["env"]] = str(value)
+        return env
+
+    @property
+    def stream_key(self) -> str:
+        return f"{self.namespace}:ingest"
+
+    @property
+    def ingest_queue(self) -> str:
+        return f"{self.namespace}.ingest"
+
+
+def documented() -> list[tuple[str, str, str]]:
+    """(variable, default, meaning) for every setting: feeds the README table and `leadpipe config`."""
+    rows = []
+    for f in fields(Settings):
+        default = f.default
+        if isinstance(default, tuple):
+            default = ",".join(default)
+        rows.append((PREFIX + f.metadata["env"], "" if default is None else str(default),
+                     f.metadata["doc"]))
+    return rows

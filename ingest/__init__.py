@@ -1,0 +1,44 @@
+"""The thin HTTP edge: accepts RD Station webhooks and puts their raw bodies on Redis."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from flask import Flask, Response
+
+from config.settings import ConfigError, Settings
+from ingest import errors
+from ingest.auth import TokenSet
+from ingest.queue import IngestStream, make_redis
+
+
+@dataclass
+class Ingest:
+    """What the request handlers need, built once per app."""
+
+    settings: Settings
+    tokens: TokenSet
+    stream: IngestStream
+
+
+def create_app(settings: Settings | None = None) -> Flask:
+    """Build the Flask app from settings (read from the environment when not given)."""
+    settings = settings or Settings.from_env()
+    if not settings.redis_url:
+        raise ConfigError("LEADPIPE_REDIS_URL is not set")
+    if not settings.ingest_tokens:
+        raise ConfigError("LEADPIPE_INGEST_TOKENS is not set: the endpoint would accept no one")
+    app = Flask(__name__)
+    client = make_redis(settings.redis_url, timeout=settings.redis_timeout_seconds)
+    app.extensions["leadpipe"] = Ingest(settings, TokenSet(settings.ingest_tokens),
+                                        IngestStream(client, settings.stream_key))
+    from ingest.views import bp
+
+    app.register_blueprint(bp)
+    errors.register(app)
+
+    @app.get("/healthz")
+    def healthz() -> Response:
+        return Response(b'{"status":"ok"}', mimetype="application/json")
+
+    return app

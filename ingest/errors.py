@@ -1,0 +1,41 @@
+"""RD Station-shaped JSON errors, used for every error answer Leadpipe gives."""
+
+from __future__ import annotations
+
+import orjson
+from flask import Flask, Response
+from werkzeug.exceptions import HTTPException
+
+# error_type per status for errors raised by Werkzeug itself (unknown URL, wrong method...).
+_TYPES = {
+    400: "BAD_REQUEST",
+    401: "UNAUTHORIZED",
+    403: "FORBIDDEN",
+    404: "RESOURCE_NOT_FOUND",
+    405: "METHOD_NOT_ALLOWED",
+    413: "PAYLOAD_TOO_LARGE",
+    415: "UNSUPPORTED_MEDIA_TYPE",
+    422: "INVALID",
+    429: "TOO_MANY_REQUESTS",
+    503: "SERVICE_UNAVAILABLE",
+}
+
+
+def error(status: int, error_type: str, message: str, headers: dict | None = None) -> Response:
+    body = orjson.dumps({"errors": {"error_type": error_type, "error_message": message}})
+    return Response(body, status=status, mimetype="application/json", headers=headers)
+
+
+def register(app: Flask) -> None:
+    """Turn every HTTP error and any unexpected exception into an RD-shaped JSON answer."""
+
+    @app.errorhandler(HTTPException)
+    def _http(exc: HTTPException) -> Response:
+        status = exc.code or 500
+        message = exc.description or exc.name
+        return error(status, _TYPES.get(status, "ERROR"), message)
+
+    @app.errorhandler(Exception)
+    def _unexpected(exc: Exception) -> Response:
+        app.logger.exception("unexpected error on %s", type(exc).__name__)
+        return error(500, "INTERNAL_ERROR", "Internal error; the event was not accepted.")

@@ -1,0 +1,120 @@
+"""The ingest stream on Redis: the request path appends raw bodies, workers read them in batches."""
+
+from __future__ import annotations
+
+import os
+import time
+from dataclasses import dataclass
+
+import redis
+
+GROUP = "workers"
+
+
+def new_event_id() -> str:
+    """A time-ordered, random event id in UUIDv7 layout (sortable by arrival)."""
+    ms = time.time_ns() // 1_000_000
+    rand = int.from_bytes(os.urandom(10), "big")
+    value = (ms << 80) | (0x7 << 76) | ((rand >> 64) & 0xFFF) << 64 | (0b10 << 62) | (
+        rand & 0x3FFF_FFFF_FFFF_FFFF
+    )
+    h = f"{value:032x}"
+    return f"{h[:8]}-{h[8:12]}-{h[12:16]}-{h[16:20]}-{h[20:]}"
+
+
+@dataclass(frozen=True)
+class Entry:
+    """One raw webhook as it sits on the stream."""
+
+    entry_id: str
+    event_id: str
+    received_ms: int
+    body: bytes
+    hint: str | None
+
+
+def make_redis(url: str, timeout: float | None = None) -> redis.Redis:
+    return redis.Redis.from_url(
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+    )
+
+
+class IngestStream:
+    """Appends to and consumes from one Redis Stream with one consumer group."""
+
+    def __init__(self, client: redis.Redis, key: str):
+        self.client = client
+        self.key = key
+
+    def append(self, event_id: str, body: bytes, hint: str | None = None) -> None:
+        fields: dict[str, bytes | str | int] = {"i": event_id, "t": time.time_ns() // 1_000_000,
+                                                 "b": body}
+        if hint:
+            fields["h"] = hint
+        self.client.xadd(self.key, fields)  # type: ignore[arg-type]
+
+    def ensure_group(self) -> None:
+        try:
+            self.client.xgroup_create(self.key, GROUP, id="0", mkstream=True)
+        except redis.ResponseError as exc:
+            if "BUSYGROUP" not in str(exc):
+                raise
+
+    def register(self, consumer: str) -> None:
+        """Make the consumer visible in XINFO CONSUMERS before it has read anything."""
+        self.client.xgroup_createconsumer(self.key, GROUP, consumer)
+
+    def read_new(self, consumer: str, count: int, block_ms: int) -> list[str]:
+        """Claim up to `count` never-delivered entries for `consumer`; return their ids."""
+        reply = self.client.xreadgroup(GROUP, consumer, {self.key: ">"}, count=count,
+                                       block=block_ms)
+        if not reply:
+            return []
+        return [_s(entry_id) for entry_id, _ in reply[0][1]]
+
+    def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[str]:
+        """Take over entries another (likely dead) consumer has held for longer than min_idle_ms."""
+        ids = self.client.xautoclaim(self.key, GROUP, consumer, min_idle_ms, "0-0",
+                                     count=count, justid=True)  # redis-py returns just the ids
+        return [_s(entry_id) for entry_id in ids]
+
+    def touch(self, consumer: str, entry_ids: list[str]) -> None:
+        """Reset the idle time of entries still being worked on, so no one claims them."""
+        if entry_ids:
+            self.client.xclaim(self.key, GROUP, consumer, 0, entry_ids, justid=True)
+
+    def pending_for(self, consumer: str) -> int:
+        summary = self.client.xpending(self.key, GROUP)
+        for row in summary.get("consumers") or []:
+            if _s(row["name"]) == consumer:
+                return int(row["pending"])
+        return 0
+
+    def fetch(self, entry_ids: list[str]) -> list[Entry]:
+        """The entries still on the stream among `entry_ids` (acknowledged ones are gone)."""
+        pipe = self.client.pipeline(transaction=False)
+        for entry_id in entry_ids:
+            pipe.xrange(self.key, entry_id, entry_id)
+        entries = []
+        for rows in pipe.execute():
+            for entry_id, f in rows:
+                hint = f.get(b"h")
+                entries.append(Entry(_s(entry_id), _s(f[b"i"]), int(f[b"t"]), f[b"b"],
+                                     hint.decode() if hint else None))
+        return entries
+
+    def done(self, entry_ids: list[str]) -> None:
+        """Acknowledge and delete entries in one transaction: they are safely stored elsewhere."""
+        if not entry_ids:
+            return
+        pipe = self.client.pipeline(transaction=True)
+        pipe.xack(self.key, GROUP, *entry_ids)
+        pipe.xdel(self.key, *entry_ids)
+        pipe.execute()
+
+    def depth(self) -> int:
+        return int(self.client.xlen(self.key))
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value

@@ -1,0 +1,78 @@
+"""POST /webhooks/rdstation: authenticate, sanity-check, append the raw body to Redis, answer."""
+
+from __future__ import annotations
+
+import json
+
+import orjson
+import redis
+from flask import Blueprint, Response, current_app, request
+
+from ingest.errors import error
+from ingest.queue import new_event_id
+
+bp = Blueprint("ingest", __name__)
+
+_EMPTY_OK = Response(b'{"status":"ok"}', status=200, mimetype="application/json")
+_KNOWN_HINTS = frozenset({"WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY"})
+
+
+def _is_json(mimetype: str) -> bool:
+    return mimetype == "application/json" or mimetype.endswith("+json")
+
+
+def _shape(body: bytes) -> str:
+    """"object", "empty" ({}), "other" (JSON but not an object) or "invalid"."""
+    try:
+        value = orjson.loads(body)
+    except orjson.JSONDecodeError:
+        try:  # orjson refuses integers past 64 bits, which are still valid JSON
+            value = json.loads(body)
+        except (ValueError, RecursionError):
+            return "invalid"
+    if isinstance(value, dict):
+        return "object" if value else "empty"
+    return "other"
+
+
+@bp.post("/webhooks/rdstation")
+def receive() -> Response:
+    ext = current_app.extensions["leadpipe"]
+    settings = ext.settings
+    token = request.args.get("token") or request.headers.get(settings.ingest_token_header)
+    if not ext.tokens.accepts(token):
+        return error(401, "UNAUTHORIZED", "Invalid token.")
+    length = request.content_length
+    if length is not None and length > settings.max_body_bytes:
+        return error(413, "PAYLOAD_TOO_LARGE",
+                     f"Body larger than {settings.max_body_bytes} bytes.")
+    if length is None:  # chunked: the size is known only by reading, so read one byte past
+        body = request.stream.read(settings.max_body_bytes + 1)
+        if len(body) > settings.max_body_bytes:
+            return error(413, "PAYLOAD_TOO_LARGE",
+                         f"Body larger than {settings.max_body_bytes} bytes.")
+    else:
+        body = request.get_data(cache=False)
+    if not body.strip():
+        return _EMPTY_OK  # RD probes a URL with an empty POST before subscribing it
+    if not _is_json(request.mimetype):
+        return error(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json.")
+    shape = _shape(body)
+    if shape == "invalid":
+        return error(400, "BAD_REQUEST", "Body is not valid JSON.")
+    if shape == "other":
+        return error(400, "BAD_REQUEST", "Body must be a JSON object.")
+    if shape == "empty":
+        return _EMPTY_OK
+    hint = request.args.get("event_type")
+    if hint is not None and hint not in _KNOWN_HINTS:
+        return error(400, "INVALID", "event_type must be WEBHOOK.CONVERTED or "
+                                     "WEBHOOK.MARKED_OPPORTUNITY.")
+    event_id = new_event_id()
+    try:
+        ext.stream.append(event_id, body, hint)
+    except redis.RedisError:
+        current_app.logger.warning("ingest stream unavailable; answered 503")
+        return error(503, "SERVICE_UNAVAILABLE", "Storage unavailable; retry later.",
+                     headers={"Retry-After": str(settings.retry_after_seconds)})
+    return Response(b'{"id":"%s"}' % event_id.encode(), status=202, mimetype="application/json")

@@ -1,0 +1,1 @@
+"""Destinations for events, behind one contract (sinks.base.Sink)."""

@@ -1,0 +1,58 @@
+"""Postgres connections and `leadpipe migrate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import psycopg
+from psycopg_pool import ConnectionPool
+
+import migrations
+
+MIGRATIONS = Path(migrations.__file__).resolve().parent
+
+
+def make_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
+    """A small pool per process, opened lazily (never at import or before a fork)."""
+    return ConnectionPool(dsn, min_size=1, max_size=max_size, open=True,
+                          kwargs={"autocommit": False}, name="leadpipe")
+
+
+def _alembic_config(connection: psycopg.Connection | None = None):  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    cfg = Config()
+    cfg.set_main_option("script_location", str(MIGRATIONS))
+    cfg.attributes["connection"] = connection
+    return cfg
+
+
+def _sqlalchemy_url(dsn: str) -> str:
+    for prefix in ("postgresql://", "postgres://"):
+        if dsn.startswith(prefix):
+            return "postgresql+psycopg://" + dsn[len(prefix):]
+    return dsn
+
+
+def migrate(dsn: str, revision: str = "head") -> None:
+    """Bring the schema to `revision` (the newest by default); safe to run again."""
+    import sqlalchemy
+    from alembic import command
+
+    engine = sqlalchemy.create_engine(_sqlalchemy_url(dsn), poolclass=sqlalchemy.NullPool)
+    with engine.begin() as conn:
+        command.upgrade(_alembic_config(conn), revision)
+    engine.dispose()
+
+
+def current_revision(dsn: str) -> tuple[str | None, str]:
+    """(revision the database is at, newest revision the code knows)."""
+    from alembic.script import ScriptDirectory
+
+    head = ScriptDirectory.from_config(_alembic_config()).get_current_head() or ""
+    with psycopg.connect(dsn, connect_timeout=3) as conn:
+        try:
+            row = conn.execute("SELECT version_num FROM alembic_version").fetchone()
+        except psycopg.errors.UndefinedTable:
+            return None, head
+    return (row[0] if row else None), head

@@ -1,0 +1,234 @@
+"""The postgres sink: events (the dedup truth), leads and deals (last writer wins), quarantine."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import psycopg
+from marshmallow import Schema, fields
+
+from sinks.base import RetryableSinkError, Sink
+from workers.events import Event, Rejected
+from workers.normalize import dump
+
+LEAD_COLUMNS = (
+    "uuid", "legacy_id", "email", "name", "company", "job_title", "mobile_phone",
+    "personal_phone", "city", "state", "website", "tags", "lifecycle_stage", "opportunity", "fit",
+    "interest", "owner_email", "number_conversions", "last_conversion_identifier",
+    "last_conversion_at", "custom_fields",
+)
+LEAD_TYPES = {"tags": "jsonb", "opportunity": "boolean", "interest": "bigint",
+              "number_conversions": "bigint", "last_conversion_at": "timestamptz",
+              "custom_fields": "jsonb", "updated_at": "timestamptz"}
+
+DEAL_COLUMNS = (
+    "name", "status", "amount_monthly", "amount_unique", "amount_total", "rating", "stage_name",
+    "pipeline_name", "source_name", "campaign_name", "owner_email", "custom_fields",
+    "prediction_date", "created_at", "closed_at", "deleted_at",
+)
+DEAL_TYPES = {"amount_monthly": "numeric", "amount_unique": "numeric", "amount_total": "numeric",
+              "rating": "bigint", "custom_fields": "jsonb", "created_at": "timestamptz",
+              "closed_at": "timestamptz", "deleted_at": "timestamptz", "updated_at": "timestamptz"}
+
+
+@dataclass
+class Stored:
+    """What one batch did: new events (to fan out), duplicates seen, bodies quarantined."""
+
+    new: list[Event] = field(default_factory=list)
+    duplicates: int = 0
+    quarantined: int = 0
+
+
+def _upsert_sql(table: str, key: str, columns: Sequence[str], types: dict[str, str]) -> str:
+    """INSERT ... SELECT FROM unnest(...) that merges newer non-null values and never goes back."""
+    all_cols = (key, *columns, "updated_at", "last_event_id")
+    arrays = ", ".join(f"%s::{'jsonb' if types.get(c) == 'jsonb' else types.get(c, 'text')}[]"
+                       for c in all_cols)
+    select = ", ".join(
+        "CASE WHEN t.tags IS NULL THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(t.tags)) END"
+        if c == "tags" else f"t.{c}" for c in all_cols)
+    merge = ",\n        ".join(f"{c} = COALESCE(EXCLUDED.{c}, {table}.{c})" for c in columns)
+    return f"""
+    INSERT INTO {table} ({", ".join(all_cols)})
+    SELECT {select} FROM unnest({arrays}) AS t({", ".join(all_cols)})
+    ON CONFLICT ({key}) DO UPDATE SET
+        {merge},
+        updated_at = EXCLUDED.updated_at,
+        last_event_id = EXCLUDED.last_event_id
+    WHERE {table}.updated_at <= EXCLUDED.updated_at
+    """
+
+
+_LEADS_SQL = _upsert_sql("leads", "lead_key", LEAD_COLUMNS, LEAD_TYPES)
+_DEALS_SQL = _upsert_sql("deals", "id", DEAL_COLUMNS, DEAL_TYPES)
+_EVENTS_SQL = """
+    INSERT INTO events (id, dedup_key, source, event_type, entity_type, entity_id, occurred_at,
+                        received_at, duplicates, payload)
+    SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
+                         %s::timestamptz[], %s::timestamptz[], %s::int[], %s::jsonb[])
+    ON CONFLICT (dedup_key) DO UPDATE SET
+        duplicates = events.duplicates + EXCLUDED.duplicates + 1,
+        last_duplicate_at = now()
+    RETURNING dedup_key, (xmax = 0) AS inserted
+"""
+_QUARANTINE_SQL = """
+    INSERT INTO quarantine (id, received_at, reason, event_type_hint, payload)
+    SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::jsonb[])
+    ON CONFLICT (id) DO NOTHING
+"""
+
+
+class PostgresOptions(Schema):
+    dsn = fields.String(required=True)
+
+
+class PostgresSink(Sink):
+    """Stores every event once; leads and deals reflect the newest state by the event's own time."""
+
+    name = "postgres"
+    Options = PostgresOptions
+
+    def __init__(self, options: dict[str, Any], pool: Any = None):
+        super().__init__(options)
+        if pool is None:
+            from sinks.db import make_pool
+
+            pool = make_pool(options["dsn"])
+        self.pool = pool
+
+    def deliver(self, events: Sequence[Event]) -> None:
+        self.store(events, ())
+
+    def store(self, events: Sequence[Event], rejected: Sequence[Rejected]) -> Stored:
+        """Write one batch in one transaction; a batch stored twice changes nothing twice."""
+        try:
+            with self.pool.connection() as conn, conn.transaction():
+                return store(conn, events, rejected)
+        except psycopg.OperationalError as exc:
+            raise RetryableSinkError(f"postgres unavailable: {exc}") from exc
+
+    def close(self) -> None:
+        self.pool.close()
+
+
+def store(conn: psycopg.Connection, events: Sequence[Event], rejected: Sequence[Rejected]) -> Stored:
+    """The batch write itself, inside the caller's transaction."""
+    result = Stored()
+    unique: dict[str, Event] = {}
+    repeats: dict[str, int] = {}
+    for event in events:
+        if event.dedup_key in unique:
+            repeats[event.dedup_key] = repeats.get(event.dedup_key, 0) + 1
+        else:
+            unique[event.dedup_key] = event
+    result.duplicates = sum(repeats.values())
+    if unique:
+        batch = list(unique.values())
+        rows = conn.execute(_EVENTS_SQL, (
+            [e.id for e in batch], [e.dedup_key for e in batch], [e.source for e in batch],
+            [e.event_type for e in batch], [e.entity_type for e in batch],
+            [e.entity_id for e in batch], [e.occurred_at for e in batch],
+            [e.received_at for e in batch], [repeats.get(e.dedup_key, 0) for e in batch],
+            [e.payload for e in batch],
+        )).fetchall()
+        inserted = {key for key, fresh in rows if fresh}
+        result.duplicates += len(rows) - len(inserted)
+        result.new = [e for e in batch if e.dedup_key in inserted]
+        _upsert_leads(conn, [e for e in result.new if e.lead is not None])
+        _upsert_deals(conn, [e for e in result.new if e.deal is not None])
+    if rejected:
+        conn.execute(_QUARANTINE_SQL, (
+            [r.id for r in rejected], [r.received_at for r in rejected],
+            [r.reason for r in rejected], [r.hint for r in rejected],
+            [r.payload for r in rejected],
+        ))
+        result.quarantined = len(rejected)
+    return result
+
+
+def _merge(rows: dict[str, dict[str, Any]], key: str, state: dict[str, Any], event_id: str) -> None:
+    """Fold one event's state into the batch's row for `key`; callers go oldest first."""
+    row = rows.setdefault(key, {})
+    for column, value in state.items():
+        if value is not None:
+            row[column] = value
+    row["last_event_id"] = event_id
+
+
+def _columns(rows: dict[str, dict[str, Any]], columns: Sequence[str],
+             types: dict[str, str]) -> list[list[Any]]:
+    out: list[list[Any]] = [list(rows)]
+    for column in (*columns, "updated_at", "last_event_id"):
+        values = [row.get(column) for row in rows.values()]
+        if types.get(column) == "jsonb":
+            values = [None if v is None else dump(v) for v in values]
+        out.append(values)
+    return out
+
+
+def _upsert_deals(conn: psycopg.Connection, events: list[Event]) -> None:
+    if not events:
+        return
+    rows: dict[str, dict[str, Any]] = {}
+    for event in sorted(events, key=lambda e: e.occurred_at):
+        assert event.deal is not None
+        state = {k: v for k, v in event.deal.items() if k != "id"}
+        _merge(rows, event.deal["id"], state, event.id)
+    conn.execute(_DEALS_SQL, _columns(rows, DEAL_COLUMNS, DEAL_TYPES))
+
+
+def _upsert_leads(conn: psycopg.Connection, events: list[Event]) -> None:
+    """A lead is the same lead across dialects: matched by uuid, else legacy id, else e-mail."""
+    if not events:
+        return
+    leads = [e.lead for e in events if e.lead is not None]
+    uuids = list({lead["uuid"] for lead in leads if lead["uuid"]})
+    legacy = list({lead["legacy_id"] for lead in leads if lead["legacy_id"]})
+    emails = list({lead["email"] for lead in leads if lead["email"]})
+    by_uuid: dict[str, str] = {}
+    by_legacy: dict[str, tuple[str, str | None]] = {}
+    by_email: dict[str, tuple[str, str | None]] = {}
+    for key, uuid, legacy_id, email in conn.execute(
+        "SELECT lead_key, uuid, legacy_id, email FROM leads "
+        "WHERE uuid = ANY(%s) OR legacy_id = ANY(%s) OR email = ANY(%s) ORDER BY created_at",
+        (uuids, legacy, emails),
+    ):
+        _remember(by_uuid, by_legacy, by_email, key, uuid, legacy_id, email)
+    rows: dict[str, dict[str, Any]] = {}
+    for event in sorted(events, key=lambda e: e.occurred_at):
+        lead = event.lead
+        assert lead is not None
+        key = _resolve(by_uuid, by_legacy, by_email, lead)
+        _remember(by_uuid, by_legacy, by_email, key, lead["uuid"], lead["legacy_id"],
+                  lead["email"])
+        _merge(rows, key, lead, event.id)
+    conn.execute(_LEADS_SQL, _columns(rows, LEAD_COLUMNS, LEAD_TYPES))
+
+
+def _remember(by_uuid: dict, by_legacy: dict, by_email: dict, key: str, uuid: str | None,
+              legacy_id: str | None, email: str | None) -> None:
+    if uuid:
+        by_uuid.setdefault(uuid, key)
+    if legacy_id:
+        by_legacy.setdefault(legacy_id, (key, uuid))
+    if email:
+        by_email.setdefault(email, (key, uuid))
+
+
+def _resolve(by_uuid: dict, by_legacy: dict, by_email: dict, lead: dict[str, Any]) -> str:
+    uuid = lead["uuid"]
+    if uuid and uuid in by_uuid:
+        return by_uuid[uuid]
+    for index, value in ((by_legacy, lead["legacy_id"]), (by_email, lead["email"])):
+        if value and value in index:
+            key, known_uuid = index[value]
+            if not uuid or not known_uuid or known_uuid == uuid:  # never merge two RD contacts
+                return key
+    if uuid:
+        return uuid
+    if lead["legacy_id"]:
+        return "id:" + lead["legacy_id"]
+    return "email:" + lead["email"]

@@ -1,0 +1,52 @@
+"""The Celery app, made from the same Settings as the rest of Leadpipe."""
+
+from __future__ import annotations
+
+from celery import Celery
+
+from config.settings import ConfigError, Settings
+from workers.runtime import Runtime
+
+
+class Leadpipe:
+    """Hangs off the Celery app: settings, and one Runtime per process, made on first use."""
+
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self._runtime: Runtime | None = None
+
+    def runtime(self) -> Runtime:
+        if self._runtime is None:
+            self._runtime = Runtime(self.settings)
+        return self._runtime
+
+
+def make_celery(settings: Settings | None = None) -> Celery:
+    """Build the Celery app; nothing connects until a worker or a publisher runs."""
+    settings = settings or Settings.from_env()
+    if not settings.redis_url:
+        raise ConfigError("LEADPIPE_REDIS_URL is not set")
+    app = Celery("leadpipe", broker=settings.redis_url, set_as_current=False)
+    app.conf.update(
+        task_acks_late=True,
+        task_reject_on_worker_lost=True,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        worker_prefetch_multiplier=1,
+        worker_send_task_events=True,
+        task_send_sent_event=True,
+        broker_connection_retry_on_startup=True,
+        broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
+        task_default_queue=f"{settings.namespace}.default",
+        task_routes={"leadpipe.process_batch": {"queue": settings.ingest_queue}},
+        worker_hijack_root_logger=False,
+        worker_redirect_stdouts=False,
+    )
+    app.leadpipe = Leadpipe(settings)  # type: ignore[attr-defined]
+    from workers.pump import PumpStep
+
+    app.steps["worker"].add(PumpStep)
+    import workers.tasks  # noqa: F401  (registers the shared tasks with this app)
+
+    return app

@@ -1,0 +1,67 @@
+"""The logic of one batch, free of Celery: fetch raw entries, normalise, store, acknowledge."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+import psycopg
+
+from ingest.queue import Entry
+from sinks.postgres import Stored
+from workers.events import Event, Rejected
+from workers.normalize import normalize, quarantine
+from workers.runtime import Runtime
+
+log = logging.getLogger("leadpipe.pipeline")
+
+
+def split(entries: Sequence[Entry]) -> tuple[list[Event], list[Rejected]]:
+    """Normalise entries; anything that cannot be understood becomes a Rejected, never a crash."""
+    events: list[Event] = []
+    rejected: list[Rejected] = []
+    for entry in entries:
+        try:
+            items = normalize(entry)
+        except Exception as exc:  # a bug must quarantine one body, not stall the stream
+            log.exception("normaliser failed", extra={"event_id": entry.event_id})
+            received = datetime.fromtimestamp(entry.received_ms / 1000, UTC)
+            items = [quarantine(entry, received, f"internal error: {type(exc).__name__}")]
+        for item in items:
+            (events if isinstance(item, Event) else rejected).append(item)
+    return events, rejected
+
+
+def store(runtime: Runtime, events: list[Event], rejected: list[Rejected]) -> Stored:
+    """Store a batch; if Postgres refuses some value, store the rest and quarantine the culprits."""
+    try:
+        return runtime.postgres.store(events, rejected)
+    except psycopg.OperationalError:
+        raise
+    except psycopg.Error as exc:
+        log.warning("batch refused by postgres, storing one by one: %s", type(exc).__name__)
+    total = Stored()
+    for item in [*events, *rejected]:
+        try:
+            one = runtime.postgres.store(*(([item], []) if isinstance(item, Event) else
+                                           ([], [item])))
+        except psycopg.OperationalError:
+            raise
+        except psycopg.Error as exc:
+            reason = f"postgres refused the event: {type(exc).__name__}: {exc}".strip()[:2000]
+            one = runtime.postgres.store([], [Rejected(item.id, item.received_at, reason,
+                                                       item.payload)])
+        total.new += one.new
+        total.duplicates += one.duplicates
+        total.quarantined += one.quarantined
+    return total
+
+
+def process(runtime: Runtime, entry_ids: list[str]) -> Stored:
+    """Handle one batch of stream entries end to end; running it twice changes nothing twice."""
+    entries = runtime.stream.fetch(entry_ids)
+    events, rejected = split(entries)
+    stored = store(runtime, events, rejected)
+    runtime.stream.done(entry_ids)
+    return stored

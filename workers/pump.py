@@ -1,0 +1,124 @@
+"""A worker bootstep that turns new ingest-stream entries into batch tasks, with back-pressure."""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import threading
+import time
+from typing import Any
+
+import redis
+from celery import Celery, bootsteps
+
+from config.settings import Settings
+from ingest.queue import IngestStream, make_redis
+
+log = logging.getLogger("leadpipe.pump")
+
+
+class Pump:
+    """Reads the stream as one consumer of the group and dispatches `process_batch` tasks.
+
+    Entries stay pending (owned by this consumer) until a task stores and acknowledges them;
+    entries idle longer than `claim_idle_seconds` (their worker died) are claimed and re-sent.
+    """
+
+    def __init__(self, app: Celery, settings: Settings, consumer: str | None = None):
+        assert settings.redis_url
+        self.app = app
+        self.settings = settings
+        self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
+        self.stream = IngestStream(make_redis(settings.redis_url, timeout=10),
+                                   settings.stream_key)
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self.run, name="leadpipe-pump", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread:
+            self._thread.join(timeout=5)
+
+    def dispatch(self, entry_ids: list[str]) -> None:
+        self.app.send_task("leadpipe.process_batch", args=[entry_ids, self.consumer],
+                           queue=self.settings.ingest_queue)
+
+    def run(self) -> None:
+        s = self.settings
+        failures = 0
+        next_claim = 0.0
+        while not self._stop.is_set():
+            try:
+                if failures:
+                    self.stream.ensure_group()
+                now = time.monotonic()
+                if now >= next_claim:
+                    stale = self.stream.claim_stale(self.consumer, s.claim_idle_seconds * 1000,
+                                                    s.batch_size)
+                    if stale:
+                        log.warning("re-dispatching %d entries left by a stopped worker",
+                                    len(stale))
+                        self.dispatch(stale)
+                        continue
+                    next_claim = now + max(1.0, s.claim_idle_seconds / 4)
+                if self.stream.pending_for(self.consumer) >= s.max_inflight_batches * s.batch_size:
+                    self._stop.wait(0.02)
+                    continue
+                batch = self.collect()
+                if batch:
+                    self.dispatch(batch)
+                failures = 0
+            except Exception as exc:  # the pump must outlive any one failure
+                failures += 1
+                delay = min(5.0, 0.1 * 2**failures)
+                if isinstance(exc, redis.RedisError | OSError):
+                    log.warning("pump cannot reach Redis (%s); retrying in %.1fs",
+                                type(exc).__name__, delay)
+                else:
+                    log.exception("pump failed; retrying in %.1fs", delay)
+                self._stop.wait(delay)
+
+    def collect(self) -> list[str]:
+        """Up to batch_size entries, waiting at most batch_window_ms after the first one."""
+        s = self.settings
+        ids = self.stream.read_new(self.consumer, s.batch_size, block_ms=500)
+        if not ids:
+            return ids
+        deadline = time.monotonic() + s.batch_window_ms / 1000
+        while len(ids) < s.batch_size:
+            remaining = int((deadline - time.monotonic()) * 1000)
+            if remaining <= 0 or self._stop.is_set():
+                break
+            ids += self.stream.read_new(self.consumer, s.batch_size - len(ids),
+                                        block_ms=remaining)
+        return ids
+
+
+class PumpStep(bootsteps.StartStopStep):
+    """Runs a Pump in each worker node that consumes the ingest queue."""
+
+    requires = {"celery.worker.components:Pool"}
+
+    def __init__(self, worker: Any, **kwargs: Any):
+        super().__init__(worker, **kwargs)
+        self.pump: Pump | None = None
+
+    def start(self, worker: Any) -> None:
+        settings: Settings = worker.app.leadpipe.settings
+        queues = worker.app.amqp.queues.consume_from or worker.app.amqp.queues
+        if settings.ingest_queue not in queues:
+            return
+        self.pump = Pump(worker.app, settings)
+        self.pump.stream.ensure_group()
+        self.pump.stream.register(self.pump.consumer)
+        self.pump.start()
+        log.info("pump started as consumer %s", self.pump.consumer)
+
+    def stop(self, worker: Any) -> None:
+        if self.pump:
+            self.pump.stop()

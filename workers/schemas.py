@@ -1,0 +1,149 @@
+"""Marshmallow schemas for the four body shapes RD Station sends (see the spec, section 2)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from marshmallow import INCLUDE, Schema, ValidationError, fields, validates_schema
+from marshmallow.validate import OneOf
+
+from workers.fields import Amount, Count, Flag, Obj, Tags, Text, When
+
+MKT_EVENTS = ("WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY")
+DEAL_EVENTS = ("crm_deal_created", "crm_deal_updated", "crm_deal_deleted")
+
+
+class Lenient(Schema):
+    """Unknown fields are kept: RD adds fields without notice."""
+
+    class Meta:
+        unknown = INCLUDE
+
+
+class CompanySchema(Lenient):
+    name = Text()
+
+
+class FunnelSchema(Lenient):
+    name = Text()
+    lifecycle_stage = Text()
+    opportunity = Flag()
+    contact_owner_email = Text()
+    interest = Count()
+    fit = Count()
+    origin = Text()
+
+
+class ContactSchema(Lenient):
+    """Marketing v2 `contact`; custom fields arrive flattened as cf_<api_id>."""
+
+    uuid = Text()
+    email = Text()
+    name = Text()
+    job_title = Text()
+    bio = Text()
+    website = Text()
+    personal_phone = Text()
+    mobile_phone = Text()
+    city = Text()
+    state = Text()
+    tags = Tags()
+    company = fields.Nested(CompanySchema, allow_none=True, load_default=None)
+    funnel = fields.Nested(FunnelSchema, allow_none=True, load_default=None)
+
+    @validates_schema
+    def _identified(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not data.get("uuid") and not data.get("email"):
+            raise ValidationError("A contact needs a uuid or an email.", "uuid")
+
+
+class MarketingV2Schema(Lenient):
+    """Dialect A: webhooks created through RD's API."""
+
+    event_type = fields.String(required=True, validate=OneOf(MKT_EVENTS))
+    entity_type = Text()
+    event_identifier = Text()
+    timestamp = When()
+    event_timestamp = When()
+    contact = fields.Nested(ContactSchema, required=True)
+
+
+class ConversionSchema(Lenient):
+    content = Obj()
+    created_at = When()
+    cumulative_sum = Count()
+    source = Text()
+    conversion_origin = Obj()
+
+
+class LegacyLeadSchema(Lenient):
+    """Dialect B: one lead of a `{"leads": [...]}` body; strings where v2 has types."""
+
+    id = Text()
+    uuid = Text()
+    email = Text()
+    name = Text()
+    company = Text()
+    job_title = Text()
+    bio = Text()
+    public_url = Text()
+    created_at = When()
+    opportunity = Flag()
+    number_conversions = Count()
+    user = Text()
+    first_conversion = fields.Nested(ConversionSchema, allow_none=True, load_default=None)
+    last_conversion = fields.Nested(ConversionSchema, allow_none=True, load_default=None)
+    custom_fields = Obj()
+    website = Text()
+    personal_phone = Text()
+    mobile_phone = Text()
+    city = Text()
+    state = Text()
+    lead_stage = Text()
+    tags = Tags()
+    last_marked_opportunity_date = When()
+    fit_score = Text()
+    interest = Count()
+
+    @validates_schema
+    def _identified(self, data: dict[str, Any], **kwargs: Any) -> None:
+        if not (data.get("uuid") or data.get("id") or data.get("email")):
+            raise ValidationError("A lead needs a uuid, an id or an email.", "uuid")
+
+
+class CustomFieldValueSchema(Lenient):
+    value = fields.Raw(allow_none=True, load_default=None)
+    custom_field = Obj()
+
+
+class DealSchema(Lenient):
+    """The `document` of crm_deal_* events (deleted ones carry only id and name)."""
+
+    id = Text(required=True, allow_none=False)
+    name = Text()
+    amount_monthly = Amount()
+    amount_unique = Amount()
+    amount_total = Amount()
+    prediction_date = Text()
+    created_at = When()
+    updated_at = When()
+    rating = Count()
+    status = Text()
+    closed_at = When()
+    user = Obj()
+    deal_stage = Obj()
+    deal_pipeline = Obj()
+    deal_source = Obj()
+    campaign = Obj()
+    deal_lost_reason = Obj()
+    deal_custom_fields = fields.List(fields.Nested(CustomFieldValueSchema), allow_none=True,
+                                     load_default=None)
+
+
+class CrmEnvelopeSchema(Lenient):
+    """Dialects C and D: `event_name` + `document`, for deals and every other CRM entity."""
+
+    event_name = fields.String(required=True)
+    document = Obj(required=True, allow_none=False)
+    event_timestamp = When()
+    transaction_uuid = Text()  # RD's own example is not a valid UUID: not checked

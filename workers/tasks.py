@@ -1,0 +1,44 @@
+"""Celery tasks: thin wrappers that unpack arguments, call the pipeline and decide on retries."""
+
+from __future__ import annotations
+
+import logging
+import random
+from typing import Any
+
+import psycopg
+import redis
+from celery import Task, shared_task
+
+from sinks.base import RetryableSinkError
+from workers import pipeline
+
+log = logging.getLogger("leadpipe.tasks")
+
+TRANSIENT = (RetryableSinkError, psycopg.OperationalError, redis.ConnectionError,
+             redis.TimeoutError)
+
+
+def backoff(retries: int, base: float = 1.0, cap: float = 60.0) -> float:
+    """Exponential backoff with full jitter."""
+    return random.uniform(0, min(cap, base * 2**retries))
+
+
+@shared_task(bind=True, name="leadpipe.process_batch", acks_late=True, ignore_result=True,
+             max_retries=None)
+def process_batch(self: Task, entry_ids: list[str], consumer: str) -> dict[str, Any]:
+    """Store one batch of ingest-stream entries in Postgres and acknowledge them."""
+    runtime = self.app.leadpipe.runtime()
+    try:
+        stored = pipeline.process(runtime, entry_ids)
+    except TRANSIENT as exc:
+        try:  # keep the entries ours while we wait, so no other worker re-dispatches them
+            runtime.stream.touch(consumer, entry_ids)
+        except redis.RedisError:
+            pass
+        log.warning("batch of %d will be retried: %s", len(entry_ids), type(exc).__name__)
+        raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+    summary = {"entries": len(entry_ids), "new": len(stored.new),
+               "duplicates": stored.duplicates, "quarantined": stored.quarantined}
+    log.info("batch stored", extra={"task_id": self.request.id, **summary})
+    return summary
