@@ -47,16 +47,20 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def api_command(settings: Settings, host: str, port: int, workers: int, server: str,
-                threads: int = 4) -> list[str]:
-    """The production server command line for the ingest app."""
+                threads: int = 4, app_spec: str = "ingest:create_app") -> list[str]:
+    """The production server command line for the ingest app.
+
+    `app_spec` names the app factory as "module:function"; another app (the benchmark's bare
+    Flask app) can be served by exactly the same command.
+    """
     if server == "granian":
         return [sys.executable, "-m", "granian", "--interface", "wsgi", "--factory",
                 "--host", host, "--port", str(port), "--workers", str(workers),
                 "--blocking-threads", str(threads), "--no-ws", "--log-level", "warning",
-                "ingest:create_app"]
+                app_spec]
     return [sys.executable, "-m", "gunicorn", "-b", f"{host}:{port}", "-w", str(workers),
             "-k", "gthread", "--threads", str(threads), "--log-level", "warning",
-            "ingest:create_app()"]
+            f"{app_spec}()"]
 
 
 def cmd_api(args: argparse.Namespace) -> int:
@@ -64,7 +68,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not settings.ingest_tokens:
         raise ConfigError("LEADPIPE_INGEST_TOKENS is not set: the endpoint would accept no one")
     cmd = api_command(settings, args.host, args.port, args.workers, args.server, args.threads)
-    os.execv(sys.executable, cmd)
+    os.execv(sys.executable, cmd)  # noqa: S606 (replace this process by the server)
     return 0  # not reached
 
 

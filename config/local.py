@@ -137,7 +137,7 @@ class LocalPostgres:
         return f"postgresql://leadpipe:{self.password}@127.0.0.1:{self.port}/{self.database}"
 
     def _data_dir(self) -> Path:
-        """The cluster's folder; as root, one the postgres user can reach even if ours is private."""
+        """The cluster's folder; as root, one the postgres user can reach if ours is private."""
         data = self.dir / "data"
         if not self.user:
             return data
@@ -148,7 +148,7 @@ class LocalPostgres:
         digest = hashlib.sha1(str(self.dir.resolve()).encode()).hexdigest()[:16]  # noqa: S324
         base = Path("/var/lib/leadpipe")
         base.mkdir(parents=True, exist_ok=True)
-        os.chmod(base, 0o755)
+        os.chmod(base, 0o755)  # noqa: S103 (the server user must traverse it)
         return base / digest
 
     def start(self) -> LocalPostgres:
@@ -180,7 +180,8 @@ class LocalPostgres:
         with open(self.dir / "postgres.log", "ab") as log:  # the server keeps its own copy
             self.proc = subprocess.Popen(
                 self._cmd(_pg_bin("postgres"), "-D", str(data), "-p", str(self.port),
-                          "-c", "listen_addresses=127.0.0.1", "-c", f"unix_socket_directories={sockets}",
+                          "-c", "listen_addresses=127.0.0.1",
+                          "-c", f"unix_socket_directories={sockets}",
                           "-c", "max_connections=200", "-c", "shared_buffers=256MB"),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )

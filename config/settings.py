@@ -86,7 +86,7 @@ class Settings:
     )
     ingest_tokens: tuple[str, ...] = setting(
         "INGEST_TOKENS", as_list, (),
-        "Comma-separated secrets accepted by POST /webhooks/rdstation (several at once for rotation).",
+        "Comma-separated secrets for POST /webhooks/rdstation (several at once, for rotation).",
     )
     ingest_token_header: str = setting(
         "INGEST_TOKEN_HEADER", as_str, "X-Leadpipe-Token",
@@ -183,7 +183,7 @@ class Settings:
 
 
 def documented() -> list[tuple[str, str, str]]:
-    """(variable, default, meaning) for every setting: feeds the README table and `leadpipe config`."""
+    """(variable, default, meaning) of every setting, for the README and `leadpipe config`."""
     rows = []
     for f in fields(Settings):
         default = f.default

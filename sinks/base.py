@@ -43,5 +43,5 @@ class Sink(ABC):
     def deliver(self, events: Sequence[Event]) -> None:
         """Deliver a batch of events; idempotent, since a batch may be delivered again."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections; the default has none."""

@@ -42,14 +42,18 @@ class Stored:
     quarantined: int = 0
 
 
+# tags travel as jsonb (unnest would flatten a text[][]) and become text[] again here
+_TAGS = ("CASE WHEN t.tags IS NULL THEN NULL "
+         "ELSE ARRAY(SELECT jsonb_array_elements_text(t.tags)) END")
+
+
 def _upsert_sql(table: str, key: str, columns: Sequence[str], types: dict[str, str]) -> str:
     """INSERT ... SELECT FROM unnest(...) that merges newer non-null values and never goes back."""
     all_cols = (key, *columns, "updated_at", "last_event_id")
     arrays = ", ".join(f"%s::{'jsonb' if types.get(c) == 'jsonb' else types.get(c, 'text')}[]"
                        for c in all_cols)
     select = ", ".join(
-        "CASE WHEN t.tags IS NULL THEN NULL ELSE ARRAY(SELECT jsonb_array_elements_text(t.tags)) END"
-        if c == "tags" else f"t.{c}" for c in all_cols)
+        _TAGS if c == "tags" else f"t.{c}" for c in all_cols)
     merge = ",\n        ".join(f"{c} = COALESCE(EXCLUDED.{c}, {table}.{c})" for c in columns)
     return f"""
     INSERT INTO {table} ({", ".join(all_cols)})
@@ -114,7 +118,8 @@ class PostgresSink(Sink):
         self.pool.close()
 
 
-def store(conn: psycopg.Connection, events: Sequence[Event], rejected: Sequence[Rejected]) -> Stored:
+def store(conn: psycopg.Connection, events: Sequence[Event],
+          rejected: Sequence[Rejected]) -> Stored:
     """The batch write itself, inside the caller's transaction."""
     result = Stored()
     unique: dict[str, Event] = {}

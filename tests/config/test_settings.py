@@ -1,0 +1,56 @@
+"""Settings: strict converters, one error naming the variable, and the documented table."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+from config.settings import ConfigError, Settings, documented
+from tests.conftest import ROOT
+
+
+def test_defaults():
+    s = Settings.from_env({})
+    assert s.max_body_bytes == 1024 * 1024
+    assert s.ingest_tokens == ()
+    assert s.ingest_token_header == "X-Leadpipe-Token"
+
+
+def test_values_are_converted():
+    s = Settings.from_env({"LEADPIPE_INGEST_TOKENS": " a, b ,,c ", "LEADPIPE_BATCH_SIZE": "1_000",
+                           "LEADPIPE_LOG_PII": "yes"})
+    assert s.ingest_tokens == ("a", "b", "c")
+    assert s.batch_size == 1000 and s.log_pii is True
+
+
+@pytest.mark.parametrize("name, value", [
+    ("LEADPIPE_LOG_PII", "yes-ish"), ("LEADPIPE_BATCH_SIZE", "0"),
+    ("LEADPIPE_MAX_BODY_BYTES", "1MB"), ("LEADPIPE_LOG_LEVEL", "loud"),
+    ("LEADPIPE_REDIS_TIMEOUT_SECONDS", "soon"),
+])
+def test_junk_is_refused_naming_the_variable(name, value):
+    with pytest.raises(ConfigError, match=name):
+        Settings.from_env({name: value})
+
+
+def test_round_trip_through_the_environment():
+    s = Settings(redis_url="redis://x/0", ingest_tokens=("a", "b"), log_pii=True, batch_size=7)
+    assert Settings.from_env(s.to_env()) == s
+
+
+def test_every_setting_is_documented_in_the_readme():
+    readme = (ROOT / "README.md").read_text()
+    for name, _, doc in documented():
+        assert doc
+        assert f"`{name}`" in readme, name
+
+
+def test_bad_setting_stops_a_command_with_a_clear_message():
+    env = {**os.environ, "LEADPIPE_BATCH_SIZE": "many"}
+    result = subprocess.run([sys.executable, "-m", "config.cli", "migrate"], cwd=ROOT, env=env,
+                            capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2
+    assert "LEADPIPE_BATCH_SIZE" in result.stderr and "Traceback" not in result.stderr

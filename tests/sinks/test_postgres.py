@@ -1,0 +1,134 @@
+"""The postgres sink against a real database: dedup, last writer wins, one lead across dialects."""
+
+from __future__ import annotations
+
+import itertools
+from datetime import UTC, datetime
+
+import orjson
+import psycopg
+
+from ingest.queue import Entry
+from sinks.postgres import PostgresSink
+from tests.conftest import count, fixture_bytes
+from workers.events import Event
+from workers.normalize import normalize
+
+_ids = itertools.count()
+
+
+def events(*bodies: dict | bytes, hint: str | None = None) -> list[Event]:
+    out = []
+    for body in bodies:
+        n = next(_ids)
+        raw = body if isinstance(body, bytes) else orjson.dumps(body)
+        for item in normalize(Entry(f"{n}-0", f"ev-{n}", 1_700_000_000_000 + n, raw, hint)):
+            assert isinstance(item, Event), item
+            out.append(item)
+    return out
+
+
+def legacy(**lead: object) -> dict:
+    return {"leads": [lead]}
+
+
+def test_batch_duplicates_and_redelivery_are_counted_not_stored(database_url, db):
+    sink = PostgresSink({"dsn": database_url})
+    body = fixture_bytes("mkt-v2-converted.json")
+    stored = sink.store(events(body, body, body), [])
+    assert (len(stored.new), stored.duplicates) == (1, 2)
+    again = sink.store(events(body), [])
+    assert (len(again.new), again.duplicates) == (0, 1)
+    assert count(db, "SELECT count(*) FROM events") == 1
+    assert count(db, "SELECT duplicates FROM events") == 3
+    sink.close()
+
+
+def test_lead_is_one_lead_across_dialects_and_identifiers(database_url, db):
+    sink = PostgresSink({"dsn": database_url})
+    first = legacy(id="77", email="Ana@Example.com", name="Ana",
+                   last_conversion={"created_at": "2024-01-01T10:00:00Z"})
+    sink.store(events(first), [])
+    assert db.execute("SELECT lead_key FROM leads").fetchone()[0] == "id:77"
+    with_uuid = legacy(id="77", uuid="U-1", city="Recife",
+                       last_conversion={"created_at": "2024-01-02T10:00:00Z"})
+    v2 = orjson.loads(fixture_bytes("mkt-v2-converted.json"))
+    v2["contact"].update(uuid="U-1", email="ana@example.com", job_title="CEO")
+    del v2["contact"]["city"]  # what the newest event lacks is kept from before
+    v2["event_timestamp"] = "2024-01-03T10:00:00Z"
+    sink.store(events(with_uuid, v2), [])
+    rows = db.execute("SELECT lead_key, uuid, legacy_id, email, name, city, job_title "
+                      "FROM leads").fetchall()
+    assert rows == [("id:77", "U-1", "77", "ana@example.com", v2["contact"]["name"], "Recife",
+                     "CEO")]
+    sink.close()
+
+
+def test_two_rd_contacts_sharing_an_email_are_not_merged(database_url, db):
+    sink = PostgresSink({"dsn": database_url})
+    sink.store(events(legacy(uuid="A", email="same@example.com"),
+                      legacy(uuid="B", email="same@example.com")), [])
+    assert count(db, "SELECT count(*) FROM leads") == 2
+    sink.close()
+
+
+def test_older_lead_event_never_overwrites_newer_state(database_url, db):
+    sink = PostgresSink({"dsn": database_url})
+    newer = legacy(uuid="U", lead_stage="Cliente", opportunity="true",
+                   last_conversion={"created_at": "2024-06-01T00:00:00Z"})
+    older = legacy(uuid="U", lead_stage="Lead", opportunity="false", city="Natal",
+                   last_conversion={"created_at": "2024-01-01T00:00:00Z"})
+    sink.store(events(newer), [])
+    sink.store(events(older), [])
+    row = db.execute("SELECT lifecycle_stage, opportunity, city, updated_at FROM leads").fetchone()
+    assert row == ("Cliente", True, None, datetime(2024, 6, 1, tzinfo=UTC))
+    sink.close()
+
+
+def test_older_and_newer_in_one_batch_apply_in_time_order(database_url, db):
+    sink = PostgresSink({"dsn": database_url})
+    newer = legacy(uuid="U", lead_stage="Cliente",
+                   last_conversion={"created_at": "2024-06-01T00:00:00Z"})
+    older = legacy(uuid="U", lead_stage="Lead", city="Natal",
+                   last_conversion={"created_at": "2024-01-01T00:00:00Z"})
+    sink.store(events(newer, older), [])
+    row = db.execute("SELECT lifecycle_stage, city FROM leads").fetchone()
+    assert row == ("Cliente", "Natal")  # newest wins; what it lacks is filled from the older
+    sink.close()
+
+
+def test_deleted_deal_keeps_its_row_and_stays_deleted(database_url, db):
+    sink = PostgresSink({"dsn": database_url})
+    won = orjson.loads(fixture_bytes("crm-deal-updated-won.json"))
+    deleted = {"event_name": "crm_deal_deleted", "transaction_uuid": "del-1",
+               "event_timestamp": "2025-04-01T00:00:00Z",
+               "document": {"id": won["document"]["id"], "name": "x"}}
+    sink.store(events(won), [])
+    sink.store(events(deleted), [])
+    sink.store(events({**won, "transaction_uuid": "late-old-update"}), [])
+    row = db.execute("SELECT status, deleted_at, amount_total FROM deals").fetchone()
+    assert row[0] == "won" and row[1] == datetime(2025, 4, 1, tzinfo=UTC)
+    assert float(row[2]) == 7500.0
+    sink.close()
+
+
+def test_sql_values_are_parameters(database_url, db):
+    sink = PostgresSink({"dsn": database_url})
+    nasty = "x'); DROP TABLE leads; --"
+    sink.store(events(legacy(uuid=nasty, name=nasty, email=nasty)), [])
+    assert db.execute("SELECT uuid, name FROM leads").fetchone() == (nasty, nasty)
+    sink.close()
+
+
+def test_unreachable_database_is_retryable(database_url):
+    import pytest
+
+    from sinks.base import RetryableSinkError
+
+    sink = PostgresSink({"dsn": database_url})
+    sink.pool.close()
+    sink.pool = __import__("sinks.db", fromlist=["make_pool"]).make_pool(
+        "postgresql://nobody:x@127.0.0.1:1/none")
+    sink.pool.timeout = 1
+    with pytest.raises((RetryableSinkError, psycopg.OperationalError)):
+        sink.store(events(fixture_bytes("mkt-v2-converted.json")), [])

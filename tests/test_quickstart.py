@@ -1,0 +1,61 @@
+"""A new user's first minutes: `leadpipe run` with nothing configured, the printed curl, a row."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+
+import orjson
+import psycopg
+import pytest
+
+from config.local import free_port
+from tests.conftest import ROOT, wait_for
+
+
+def listening(port: int) -> bool:
+    with socket.socket() as s:
+        return s.connect_ex(("127.0.0.1", port)) == 0
+
+
+@pytest.mark.slow
+def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEADPIPE_")}
+    env["LEADPIPE_DATA_DIR"] = str(tmp_path / "data")
+    port = free_port()
+    out = tmp_path / "run.out"
+    with open(out, "wb") as sink:
+        run = subprocess.Popen([sys.executable, "-m", "config.cli", "run", "--port", str(port)],
+                               cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
+                               start_new_session=True)
+    try:
+        wait_for(lambda: "Stop: Ctrl-C" in out.read_text(), timeout=120, what="the banner")
+        banner = out.read_text()
+        curl = re.search(r"^\s*(curl .*?--data-binary \S+)$", banner, re.S | re.M)
+        assert curl, banner
+        wait_for(lambda: listening(port), what="the API")
+        answer = subprocess.run(["bash", "-c", curl.group(1).replace("\\\n", " ")], cwd=ROOT,
+                                capture_output=True, text=True, timeout=30)
+        assert answer.returncode == 0, answer.stderr
+        event_id = orjson.loads(answer.stdout)["id"]
+
+        dsn = re.search(r"LEADPIPE_DATABASE_URL='([^']+)'",
+                        (tmp_path / "data" / "env").read_text()).group(1)
+
+        def stored() -> object:
+            with psycopg.connect(dsn) as conn:
+                return conn.execute("SELECT e.id, l.email FROM events e JOIN leads l "
+                                    "ON l.uuid = e.entity_id").fetchone()
+
+        assert wait_for(stored, timeout=30, what="the lead row") == (event_id,
+                                                                     "contact@example.com")
+        ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", banner)]
+    finally:
+        os.kill(run.pid, signal.SIGINT)  # Ctrl-C stops everything it started
+        assert run.wait(timeout=90) == 0
+    for p in ports:
+        assert not listening(p), f"port {p} still open after Ctrl-C"

@@ -1,0 +1,178 @@
+"""Dialect detection, lenient fields, dedup keys and quarantine reasons, without any server."""
+
+from __future__ import annotations
+
+import json
+from decimal import Decimal
+
+import orjson
+import pytest
+
+from ingest.queue import Entry
+from tests.conftest import fixture_bytes
+from workers.events import Event, Rejected
+from workers.normalize import normalize
+
+
+def run(body: bytes | dict, hint: str | None = None) -> list[Event | Rejected]:
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    return normalize(Entry("1-0", "ev-1", 1_700_000_000_000, raw, hint))
+
+
+def one(body: bytes | dict, hint: str | None = None) -> Event:
+    items = run(body, hint)
+    assert len(items) == 1 and isinstance(items[0], Event), items
+    return items[0]
+
+
+def rejected(body: bytes | dict) -> Rejected:
+    items = run(body)
+    assert len(items) == 1 and isinstance(items[0], Rejected), items
+    return items[0]
+
+
+def fixture(name: str) -> dict:
+    return orjson.loads(fixture_bytes(name))
+
+
+def test_v2_dedup_key_and_identity():
+    event = one(fixture_bytes("mkt-v2-converted.json"))
+    assert event.dedup_key == ("mkt:WEBHOOK.CONVERTED:c2f3d2b3-7250-4d27-97f4-eef38be32f7f:"
+                               "my-event-identifier:2018-03-13T14:07:04.254-03:00")
+    assert (event.source, event.entity_type) == ("MKT", "CONTACT")
+    assert event.occurred_at.isoformat() == "2018-03-13T14:07:04.254000-03:00"
+    assert event.payload == fixture_bytes("mkt-v2-converted.json").decode()
+
+
+def test_marked_opportunity_sets_opportunity_even_without_funnel():
+    body = fixture("mkt-v2-marked-opportunity.json")
+    body["contact"].pop("funnel", None)
+    assert one(body).lead["opportunity"] is True
+
+
+def test_legacy_strings_become_types():
+    body = fixture("legacy-leads-full.json")
+    body["leads"][0].update(opportunity="false", number_conversions="17", interest="3")
+    lead = one(body).lead
+    assert lead["opportunity"] is False
+    assert lead["number_conversions"] == 17 and lead["interest"] == 3
+
+
+def test_legacy_hint_sets_the_event_type():
+    event = one(fixture_bytes("legacy-leads-full.json"), hint="WEBHOOK.MARKED_OPPORTUNITY")
+    assert event.event_type == "WEBHOOK.MARKED_OPPORTUNITY"
+    assert event.lead["opportunity"] is True
+
+
+def test_legacy_with_several_leads_gives_one_event_each():
+    body = fixture("legacy-leads-full.json")
+    second = {**body["leads"][0], "uuid": "other", "email": "other@example.com"}
+    body["leads"].append(second)
+    items = run(body)
+    assert [i.id for i in items] == ["ev-1", "ev-1-1"]
+    assert all(isinstance(i, Event) for i in items)
+    assert orjson.loads(items[1].payload) == {"leads": [second]}
+
+
+def test_legacy_nulls_missing_fields_and_empty_conversions():
+    lead = {"id": "42", "email": "A@Example.com", "tags": None, "first_conversion": {},
+            "last_conversion": {}, "custom_fields": None, "opportunity": None}
+    event = one({"leads": [lead]})
+    assert event.lead["email"] == "a@example.com"
+    assert event.lead["tags"] == []
+    assert event.lead["legacy_id"] == "42" and event.lead["uuid"] is None
+    assert event.dedup_key.startswith("legacy:hash:")
+    assert event.entity_id == "42"
+
+
+def test_dedup_key_of_hash_ignores_key_order():
+    a = {"leads": [{"id": "1", "email": "x@example.com", "name": "X"}]}
+    b = {"leads": [{"name": "X", "email": "x@example.com", "id": "1"}]}
+    assert one(a).dedup_key == one(b).dedup_key
+
+
+def test_crm_deal_amounts_exact_and_malformed_transaction_uuid_kept():
+    event = one(fixture_bytes("crm-deal-created.json"))
+    assert event.dedup_key == "crm:f111b90-ec81-4353-8d52-ffd3b8df412d"
+    body = fixture("crm-deal-updated-won.json")
+    body["document"]["amount_total"] = 0.1
+    body["document"]["amount_unique"] = "1500.25"
+    deal = one(body).deal
+    assert deal["amount_total"] == Decimal("0.1")
+    assert deal["amount_unique"] == Decimal("1500.25")
+
+
+def test_deleted_deal_carries_deleted_at():
+    event = one(fixture_bytes("crm-deal-deleted.json"))
+    assert event.deal["deleted_at"] == event.occurred_at
+    assert event.deal["status"] is None
+
+
+def test_other_crm_entities_are_kept_raw():
+    body = {"event_name": "crm_organization_created", "document": {"id": "org-1", "name": "ACME"},
+            "event_timestamp": "2024-05-01T10:00:00Z", "transaction_uuid": "t-1"}
+    event = one(body)
+    assert (event.source, event.event_type, event.entity_type) == (
+        "CRM", "crm_organization_created", "ORGANIZATION")
+    assert event.deal is None and event.lead is None and event.entity_id == "org-1"
+
+
+def test_unknown_extra_fields_are_kept_in_the_payload():
+    body = fixture("mkt-v2-converted.json")
+    body["brand_new_field"] = {"x": 1}
+    body["contact"]["another"] = [1, 2]
+    event = one(body)
+    assert orjson.loads(event.payload)["brand_new_field"] == {"x": 1}
+
+
+def test_integers_beyond_64_bits_survive():
+    big = 2**70 + 1
+    raw = fixture_bytes("crm-deal-created.json").replace(
+        b'"event_name"', b'"platform_account_id": %d, "event_name"' % big)
+    event = one(raw)
+    assert json.loads(event.payload)["platform_account_id"] == big
+
+
+def test_nul_characters_are_removed_not_fatal():
+    body = fixture("mkt-v2-converted.json")
+    body["contact"]["name"] = "Ana\u0000Maria"
+    event = one(body)
+    assert event.lead["name"] == "AnaMaria"
+    assert "\\u0000" not in event.payload
+
+
+@pytest.mark.parametrize("body, word", [
+    ({"event_type": "WEBHOOK.CONVERTED", "event_timestamp": "2024-01-01T00:00:00Z"}, "contact"),
+    ({"event_type": "WEBHOOK.CONVERTED", "contact": {"name": "no id"}}, "uuid"),
+    ({"event_type": "WEBHOOK.SOMETHING", "contact": {"uuid": "u"}}, "event_type"),
+    ({"event_type": "WEBHOOK.CONVERTED", "contact": "text"}, "contact"),
+    ({"leads": []}, "leads"),
+    ({"leads": "x"}, "leads"),
+    ({"leads": [{"name": "nobody"}]}, "uuid"),
+    ({"event_name": "crm_deal_updated"}, "document"),
+    ({"event_name": "crm_deal_updated", "document": {"name": "no id"}}, "id"),
+    ({"event_name": "something_else", "document": {}}, "event_name"),
+    ({"hello": "world"}, "unknown shape"),
+    ({"event_type": "WEBHOOK.CONVERTED", "event_timestamp": "yesterday",
+      "contact": {"uuid": "u"}}, "event_timestamp"),
+])
+def test_what_cannot_be_understood_is_quarantined_with_a_reason(body, word):
+    item = rejected(body)
+    assert word in item.reason
+    assert orjson.loads(item.payload) == body
+    assert item.id == "ev-1"
+
+
+def test_one_bad_lead_does_not_sink_the_others():
+    body = fixture("legacy-leads-full.json")
+    body["leads"].append({"name": "nobody"})
+    items = run(body)
+    assert isinstance(items[0], Event) and isinstance(items[1], Rejected)
+    assert items[1].id == "ev-1-1"
+
+
+def test_deep_nesting_is_quarantined_not_a_crash():
+    nested = b"[" * 100_000 + b"]" * 100_000
+    deep = b'{"event_type": "WEBHOOK.CONVERTED", "contact": ' + nested + b"}"
+    item = run(deep)[0]
+    assert isinstance(item, Rejected)

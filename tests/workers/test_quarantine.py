@@ -1,0 +1,66 @@
+"""`leadpipe quarantine list` and `replay` against a real database."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from datetime import UTC, datetime
+
+import orjson
+
+from sinks.postgres import PostgresSink
+from tests.conftest import ROOT, count, fixture_bytes
+from workers.events import Rejected
+
+
+def leadpipe(settings, *args: str) -> subprocess.CompletedProcess:  # type: ignore[no-untyped-def]
+    return subprocess.run([sys.executable, "-m", "config.cli", *args], cwd=ROOT, text=True,
+                          capture_output=True, env={**os.environ, **settings.to_env()},
+                          timeout=60)
+
+
+def quarantine(settings, qid: str, payload: dict, reason: str = "old reason",  # type: ignore[no-untyped-def]
+               hint: str | None = None) -> None:
+    sink = PostgresSink({"dsn": settings.database_url})
+    sink.store([], [Rejected(qid, datetime(2024, 1, 1, tzinfo=UTC), reason,
+                             orjson.dumps(payload).decode(), hint)])
+    sink.close()
+
+
+def test_list_shows_id_and_reason(settings):
+    quarantine(settings, "q-1", {"hello": 1}, reason='{"contact": ["Missing data"]}')
+    result = leadpipe(settings, "quarantine", "list")
+    assert result.returncode == 0, result.stderr
+    assert "q-1" in result.stdout and "Missing data" in result.stdout
+
+
+def test_list_when_empty(settings):
+    result = leadpipe(settings, "quarantine", "list")
+    assert result.returncode == 0 and "empty" in result.stdout
+
+
+def test_replay_after_a_fix_stores_the_event_and_empties_quarantine(settings, db):
+    body = orjson.loads(fixture_bytes("legacy-leads-full.json"))
+    quarantine(settings, "q-2", body, hint="WEBHOOK.MARKED_OPPORTUNITY")
+    result = leadpipe(settings, "quarantine", "replay", "q-2")
+    assert result.returncode == 0, result.stderr
+    assert "1 event(s) stored" in result.stdout
+    assert count(db, "SELECT count(*) FROM quarantine") == 0
+    row = db.execute("SELECT id, event_type FROM events").fetchone()
+    assert row == ("q-2", "WEBHOOK.MARKED_OPPORTUNITY")
+
+
+def test_replay_of_what_is_still_bad_keeps_it_with_the_new_reason(settings, db):
+    quarantine(settings, "q-3", {"event_type": "WEBHOOK.CONVERTED"})
+    result = leadpipe(settings, "quarantine", "replay", "q-3")
+    assert result.returncode == 1
+    assert "contact" in result.stdout
+    reason, replays = db.execute("SELECT reason, replays FROM quarantine").fetchone()
+    assert "contact" in reason and replays == 1
+
+
+def test_replay_of_unknown_id_is_a_clear_error(settings):
+    result = leadpipe(settings, "quarantine", "replay", "nope")
+    assert result.returncode == 2
+    assert "no quarantined event with id 'nope'" in result.stderr
