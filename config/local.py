@@ -86,7 +86,32 @@ class LocalRedis:
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         _wait_port(self.port, self.proc, "redis-server", self.dir / "redis.log")
+        self._check_ours()
         return self
+
+    def _check_ours(self) -> None:
+        """The port answering is not enough (another server may hold it): ask for its folder."""
+        import redis
+
+        client = redis.Redis.from_url(self.url, socket_timeout=2)
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                _wait_port(self.port, self.proc, "redis-server", self.dir / "redis.log")
+            try:
+                found = client.config_get("dir").get("dir")
+                if found and Path(found).resolve() == self.dir.resolve():
+                    return
+                raise ConfigError(f"port {self.port} is another Redis (serving {found})")
+            except redis.BusyLoadingError:
+                pass  # replaying its AOF after a restart
+            except redis.ConnectionError:
+                if time.monotonic() > deadline:
+                    raise
+            finally:
+                client.close()
+            time.sleep(0.05)
 
     def stop(self, kill: bool = False) -> None:
         _stop(self.proc, signal.SIGKILL if kill else signal.SIGTERM, 30)
@@ -186,24 +211,36 @@ class LocalPostgres:
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         _wait_port(self.port, self.proc, "postgres", self.dir / "postgres.log")
+        self._check_ours()
         if fresh:
             self._create_database()
         return self
 
+    def _admin_url(self) -> str:
+        return self.url.rsplit("/", 1)[0] + "/postgres"
+
+    def _check_ours(self) -> None:
+        """The port answering is not enough (another server may hold it): log in as ourselves."""
+        import psycopg
+
+        deadline = time.monotonic() + 30
+        while True:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                _wait_port(self.port, self.proc, "postgres", self.dir / "postgres.log")
+            try:
+                psycopg.connect(self._admin_url(), connect_timeout=2).close()
+                return
+            except psycopg.OperationalError as exc:
+                if time.monotonic() > deadline:
+                    raise ConfigError(f"postgres on port {self.port} refused us: {exc}") from None
+                time.sleep(0.1)
+
     def _create_database(self) -> None:
         import psycopg
 
-        deadline = time.monotonic() + 20
-        while True:
-            try:
-                with psycopg.connect(self.url.rsplit("/", 1)[0] + "/postgres",
-                                     autocommit=True) as conn:
-                    conn.execute(f'CREATE DATABASE "{self.database}"')
-                return
-            except psycopg.OperationalError:
-                if time.monotonic() > deadline:
-                    raise
-                time.sleep(0.2)
+        with psycopg.connect(self._admin_url(), autocommit=True) as conn:
+            conn.execute(f'CREATE DATABASE "{self.database}"')
 
     def stop(self, kill: bool = False) -> None:
         _stop(self.proc, signal.SIGKILL if kill else signal.SIGINT, 60)

@@ -50,7 +50,7 @@ def redis_url(service_dir: Path) -> Iterator[str]:
     if os.environ.get("LEADPIPE_TEST_REDIS_URL"):
         yield os.environ["LEADPIPE_TEST_REDIS_URL"]
         return
-    server = LocalRedis(service_dir / "redis").start()
+    server = LocalRedis(service_dir / "redis", port=free_port()).start()
     yield server.url
     server.stop()
 
@@ -61,7 +61,7 @@ def postgres_admin_url(service_dir: Path) -> Iterator[str]:
     if os.environ.get("LEADPIPE_TEST_DATABASE_URL"):
         admin = os.environ["LEADPIPE_TEST_DATABASE_URL"]
     else:
-        server = LocalPostgres(service_dir / "postgres").start()
+        server = LocalPostgres(service_dir / "postgres", port=free_port()).start()
         admin = server.url
     template = admin.rsplit("/", 1)[0] + "/leadpipe_template"
     with psycopg.connect(admin, autocommit=True) as conn:
