@@ -12,14 +12,27 @@ from workers.events import Event
 
 
 class SinkError(Exception):
-    """A delivery failed; the subclass says whether trying again can help."""
+    """A delivery failed; the subclass says whether trying again can help.
+
+    `status` is the destination's answer (an HTTP status, an SMTP code) when there was one;
+    it is recorded with the attempt.
+    """
+
+    def __init__(self, message: str, status: int | None = None):
+        super().__init__(message)
+        self.status = status
 
 
 class RetryableSinkError(SinkError):
-    """The destination is unavailable or overloaded: try again later."""
+    """The destination is unavailable, slow or overloaded: try again later.
 
-    def __init__(self, message: str, retry_after: float | None = None):
-        super().__init__(message)
+    `retry_after` (seconds) is the destination's own request (HTTP Retry-After), honoured as
+    the least delay before the next attempt.
+    """
+
+    def __init__(self, message: str, status: int | None = None,
+                 retry_after: float | None = None):
+        super().__init__(message, status)
         self.retry_after = retry_after
 
 
@@ -28,20 +41,38 @@ class PermanentSinkError(SinkError):
 
 
 class Sink(ABC):
-    """A destination for events. Subclasses set `name` and `Options`, and implement `deliver`.
+    """A destination for events.
 
-    A sink never swallows an error: it raises RetryableSinkError or PermanentSinkError.
+    Subclasses set `name` (the type name used in the routing file) and `Options` (a marshmallow
+    schema for the instance's options), and implement `deliver`. `deliver` must be idempotent:
+    after a crash the same event may be delivered again, so a sink passes the event's
+    `dedup_key` on as an idempotency key wherever the destination accepts one. A sink never
+    swallows an error: it raises RetryableSinkError or PermanentSinkError (anything else is
+    treated as retryable).
     """
 
     name: ClassVar[str]
     Options: ClassVar[type[Schema]]
 
-    def __init__(self, options: dict[str, Any]):
-        self.options = options
+    def __init__(self, instance: str, options: dict[str, Any]):
+        self.instance = instance  # the name of this configured instance, e.g. "crm-sales"
+        self.options = options  # already loaded (validated) by Options
 
     @abstractmethod
-    def deliver(self, events: Sequence[Event]) -> None:
-        """Deliver a batch of events; idempotent, since a batch may be delivered again."""
+    def deliver(self, event: Event) -> None:
+        """Deliver one event, or raise RetryableSinkError / PermanentSinkError."""
+
+    def deliver_many(self, events: Sequence[Event]) -> list[BaseException | None]:
+        """Deliver a batch; one outcome per event (None = delivered). Override where the
+        destination takes batches (as Postgres does)."""
+        outcomes: list[BaseException | None] = []
+        for event in events:
+            try:
+                self.deliver(event)
+                outcomes.append(None)
+            except Exception as exc:  # recorded per event by the caller, never swallowed
+                outcomes.append(exc)
+        return outcomes
 
     def close(self) -> None:  # noqa: B027 (optional hook, not abstract)
         """Release connections; the default has none."""

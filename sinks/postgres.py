@@ -95,16 +95,20 @@ class PostgresSink(Sink):
     name = "postgres"
     Options = PostgresOptions
 
-    def __init__(self, options: dict[str, Any], pool: Any = None):
-        super().__init__(options)
+    def __init__(self, instance: str, options: dict[str, Any], pool: Any = None):
+        super().__init__(instance, options)
         if pool is None:
             from sinks.db import make_pool
 
             pool = make_pool(options["dsn"])
         self.pool = pool
 
-    def deliver(self, events: Sequence[Event]) -> None:
-        self.store(events, ())
+    def deliver(self, event: Event) -> None:
+        self.store([event], ())
+
+    def deliver_many(self, events: Sequence[Event]) -> list[BaseException | None]:
+        self.store(events, ())  # one transaction: all stored, or the error for all
+        return [None] * len(events)
 
     def store(self, events: Sequence[Event], rejected: Sequence[Rejected]) -> Stored:
         """Write one batch in one transaction; a batch stored twice changes nothing twice."""

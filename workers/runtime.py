@@ -25,4 +25,4 @@ class Runtime:
 
     @cached_property
     def postgres(self) -> PostgresSink:
-        return PostgresSink({"dsn": self.settings.database_url})
+        return PostgresSink("postgres", {"dsn": self.settings.database_url})

@@ -33,7 +33,7 @@ def legacy(**lead: object) -> dict:
 
 
 def test_batch_duplicates_and_redelivery_are_counted_not_stored(database_url, db):
-    sink = PostgresSink({"dsn": database_url})
+    sink = PostgresSink("postgres", {"dsn": database_url})
     body = fixture_bytes("mkt-v2-converted.json")
     stored = sink.store(events(body, body, body), [])
     assert (len(stored.new), stored.duplicates) == (1, 2)
@@ -45,7 +45,7 @@ def test_batch_duplicates_and_redelivery_are_counted_not_stored(database_url, db
 
 
 def test_lead_is_one_lead_across_dialects_and_identifiers(database_url, db):
-    sink = PostgresSink({"dsn": database_url})
+    sink = PostgresSink("postgres", {"dsn": database_url})
     first = legacy(id="77", email="Ana@Example.com", name="Ana",
                    last_conversion={"created_at": "2024-01-01T10:00:00Z"})
     sink.store(events(first), [])
@@ -65,7 +65,7 @@ def test_lead_is_one_lead_across_dialects_and_identifiers(database_url, db):
 
 
 def test_two_rd_contacts_sharing_an_email_are_not_merged(database_url, db):
-    sink = PostgresSink({"dsn": database_url})
+    sink = PostgresSink("postgres", {"dsn": database_url})
     sink.store(events(legacy(uuid="A", email="same@example.com"),
                       legacy(uuid="B", email="same@example.com")), [])
     assert count(db, "SELECT count(*) FROM leads") == 2
@@ -73,7 +73,7 @@ def test_two_rd_contacts_sharing_an_email_are_not_merged(database_url, db):
 
 
 def test_older_lead_event_never_overwrites_newer_state(database_url, db):
-    sink = PostgresSink({"dsn": database_url})
+    sink = PostgresSink("postgres", {"dsn": database_url})
     newer = legacy(uuid="U", lead_stage="Cliente", opportunity="true",
                    last_conversion={"created_at": "2024-06-01T00:00:00Z"})
     older = legacy(uuid="U", lead_stage="Lead", opportunity="false", city="Natal",
@@ -86,7 +86,7 @@ def test_older_lead_event_never_overwrites_newer_state(database_url, db):
 
 
 def test_older_and_newer_in_one_batch_apply_in_time_order(database_url, db):
-    sink = PostgresSink({"dsn": database_url})
+    sink = PostgresSink("postgres", {"dsn": database_url})
     newer = legacy(uuid="U", lead_stage="Cliente",
                    last_conversion={"created_at": "2024-06-01T00:00:00Z"})
     older = legacy(uuid="U", lead_stage="Lead", city="Natal",
@@ -98,7 +98,7 @@ def test_older_and_newer_in_one_batch_apply_in_time_order(database_url, db):
 
 
 def test_deleted_deal_keeps_its_row_and_stays_deleted(database_url, db):
-    sink = PostgresSink({"dsn": database_url})
+    sink = PostgresSink("postgres", {"dsn": database_url})
     won = orjson.loads(fixture_bytes("crm-deal-updated-won.json"))
     deleted = {"event_name": "crm_deal_deleted", "transaction_uuid": "del-1",
                "event_timestamp": "2025-04-01T00:00:00Z",
@@ -113,7 +113,7 @@ def test_deleted_deal_keeps_its_row_and_stays_deleted(database_url, db):
 
 
 def test_sql_values_are_parameters(database_url, db):
-    sink = PostgresSink({"dsn": database_url})
+    sink = PostgresSink("postgres", {"dsn": database_url})
     nasty = "x'); DROP TABLE leads; --"
     sink.store(events(legacy(uuid=nasty, name=nasty, email=nasty)), [])
     assert db.execute("SELECT uuid, name FROM leads").fetchone() == (nasty, nasty)
@@ -125,7 +125,7 @@ def test_unreachable_database_is_retryable(database_url):
 
     from sinks.base import RetryableSinkError
 
-    sink = PostgresSink({"dsn": database_url})
+    sink = PostgresSink("postgres", {"dsn": database_url})
     sink.pool.close()
     sink.pool = __import__("sinks.db", fromlist=["make_pool"]).make_pool(
         "postgresql://nobody:x@127.0.0.1:1/none")

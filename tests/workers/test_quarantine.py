@@ -22,7 +22,7 @@ def leadpipe(settings, *args: str) -> subprocess.CompletedProcess:  # type: igno
 
 def quarantine(settings, qid: str, payload: dict, reason: str = "old reason",  # type: ignore[no-untyped-def]
                hint: str | None = None) -> None:
-    sink = PostgresSink({"dsn": settings.database_url})
+    sink = PostgresSink("postgres", {"dsn": settings.database_url})
     sink.store([], [Rejected(qid, datetime(2024, 1, 1, tzinfo=UTC), reason,
                              orjson.dumps(payload).decode(), hint)])
     sink.close()
