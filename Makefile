@@ -15,12 +15,13 @@ system: ## install the Redis and PostgreSQL servers (Debian packages) when missi
 	command -v redis-server >/dev/null 2>&1 || need="$$need redis-server"; \
 	{ command -v postgres >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; } || need="$$need postgresql"; \
 	command -v runuser >/dev/null 2>&1 || need="$$need util-linux"; \
+	command -v openssl >/dev/null 2>&1 || need="$$need openssl"; \
 	if [ -n "$$need" ]; then echo "installing:$$need"; $(SUDO) apt-get update -qq && $(APT) $$need; fi
 
-$(BIN)/.installed: pyproject.toml
+$(BIN)/.installed: pyproject.toml tests/sinks/dummy_plugin/pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test]' -e tests/sinks/dummy_plugin
 	touch $@
 
 setup: system $(BIN)/.installed ## system packages, a virtualenv and Leadpipe in it

@@ -31,6 +31,16 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def worker_queues(settings: Settings) -> list[str]:
+    """The ingest queue, the default queue, and the queue of every sink that is not paused."""
+    from workers.runtime import Runtime, sink_queue
+
+    runtime = Runtime(settings)
+    paused = runtime.control.paused()
+    return [settings.ingest_queue, f"{settings.namespace}.default",
+            *(sink_queue(settings, name) for name in runtime.routing.sinks if name not in paused)]
+
+
 def cmd_worker(args: argparse.Namespace) -> int:
     from config.logs import setup
     from workers.app import make_celery
@@ -38,7 +48,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
     setup(settings.log_level)
     app = make_celery(settings)
-    queues = args.queues or f"{settings.ingest_queue},{settings.namespace}.default"
+    queues = args.queues or ",".join(worker_queues(settings))
     argv = ["worker", "-Q", queues, "-c", str(args.concurrency or settings.worker_concurrency),
             "-n", f"leadpipe-{os.getpid()}@%h", "--loglevel", settings.log_level,
             "--without-mingle", "--without-gossip"]
@@ -98,7 +108,98 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_routes(args: argparse.Namespace) -> int:
+    from workers.routing import load
+
+    if args.action == "check":
+        routing = load(args.file)
+        print(f"{args.file}: OK: {len(routing.sinks)} sink(s), {len(routing.routes)} route(s)")
+        for spec in routing.sinks.values():
+            rate = f", rate {spec.rate[0]}/{spec.rate[1]:g}s" if spec.rate else ""
+            print(f"  sink {spec.name} ({spec.type}): retries {list(spec.retry_schedule)}{rate}, "
+                  f"circuit {spec.circuit_failures} failures / {spec.circuit_cooldown:g}s")
+        for route in routing.routes:
+            print(f"  route {route.name!r} -> {', '.join(route.to)}")
+        return 0
+    return _explain(args.file, args.routes or _settings().routes_file, args.event_type)
+
+
+def _explain(fixture: str, routes_file: str | None, hint: str | None) -> int:
+    from ingest.queue import Entry
+    from workers.normalize import normalize
+    from workers.routing import load
+
+    routing = load(routes_file)
+    body = Path(fixture).read_bytes()
+    print(f"routing: {routing.source}")
+    for item in normalize(Entry("explain", "explain", int(time.time() * 1000), body, hint)):
+        if hasattr(item, "reason"):
+            print(f"quarantined: {item.reason}")
+            continue
+        print("\n".join(routing.explain(item)))  # type: ignore[arg-type]
+    return 0
+
+
+def _ops_runtime():  # type: ignore[no-untyped-def]
+    from workers.app import make_celery
+
+    settings = _settings()
+    if not settings.database_url:
+        raise ConfigError("LEADPIPE_DATABASE_URL is not set")
+    return make_celery(settings).leadpipe.runtime()
+
+
+def cmd_sinks(args: argparse.Namespace) -> int:
+    from workers import operations
+
+    runtime = _ops_runtime()
+    if args.action == "list":
+        for row in operations.sink_states(runtime):
+            print(f"{row['sink']:<20} {row['type']:<10} "
+                  f"{'PAUSED' if row['paused'] else 'running':<8} circuit={row['circuit']:<9} "
+                  f"pending={row['pending']} delivered={row['delivered']} dead={row['dead']}")
+        return 0
+    if not args.name:
+        raise ConfigError(f"sinks {args.action} needs a sink NAME (see `leadpipe sinks list`)")
+    getattr(operations, args.action)(runtime, args.name)
+    print(f"{args.name}: {'paused' if args.action == 'pause' else 'resumed'}")
+    return 0
+
+
+def cmd_dead_letters(args: argparse.Namespace) -> int:
+    from datetime import datetime
+
+    from workers import operations
+
+    runtime = _ops_runtime()
+    if args.action == "list":
+        rows = operations.dead_letters(runtime.settings.database_url, args.sink, args.limit)
+        if not rows:
+            print("no dead letters")
+        for r in rows:
+            print(f"{r['id']:>6}  {r['dead_at']:%Y-%m-%d %H:%M:%S}  {r['sink']:<16} "
+                  f"event={r['event_id']} attempts={r['attempts']} "
+                  f"status={r['status_code'] or '-'}  {r['error']}")
+        return 0
+    if not (args.ids or args.sink):
+        raise ConfigError("dead-letters replay needs IDs or --sink NAME")
+    since = datetime.fromisoformat(args.since) if args.since else None
+
+    def progress(done: int, total: int) -> None:
+        print(f"\rreplayed {done}/{total}", end="", file=sys.stderr, flush=True)
+
+    count = operations.replay(runtime, [int(i) for i in args.ids] or None, args.sink, since,
+                              progress)
+    print(f"\nreplayed {count} dead letter(s)")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
+    if args.markdown:
+        print("| variable | default | meaning |\n|---|---|---|")
+        for name, default, doc in documented():
+            print(f"| `{name}` | {f'`{default}`' if default else '—'} | {doc} |")
+        return 0
     width = max(len(name) for name, _, _ in documented())
     for name, default, doc in documented():
         print(f"{name:<{width}}  {default or '-':<12}  {doc}")
@@ -214,7 +315,26 @@ def parser() -> argparse.ArgumentParser:
     q.add_argument("id", nargs="?")
     q.add_argument("--limit", type=int, default=50)
     q.set_defaults(func=cmd_quarantine)
-    sub.add_parser("config", help="list every LEADPIPE_* setting").set_defaults(func=cmd_config)
+    cfg = sub.add_parser("config", help="list every LEADPIPE_* setting")
+    cfg.add_argument("--markdown", action="store_true", help="as the README's table")
+    cfg.set_defaults(func=cmd_config)
+    routes = sub.add_parser("routes", help="check a routing file; explain where an event goes")
+    routes.add_argument("action", choices=("check", "explain"))
+    routes.add_argument("file", help="check: the routing file; explain: an event body (JSON)")
+    routes.add_argument("--routes", help="explain: the routing file (default LEADPIPE_ROUTES_FILE)")
+    routes.add_argument("--event-type", help="explain: the ?event_type= of a legacy body")
+    routes.set_defaults(func=cmd_routes)
+    sinks = sub.add_parser("sinks", help="list sinks; pause or resume one")
+    sinks.add_argument("action", choices=("list", "pause", "resume"))
+    sinks.add_argument("name", nargs="?")
+    sinks.set_defaults(func=cmd_sinks)
+    dl = sub.add_parser("dead-letters", help="deliveries that failed for good; replay them")
+    dl.add_argument("action", choices=("list", "replay"))
+    dl.add_argument("ids", nargs="*", help="replay: dead-letter ids")
+    dl.add_argument("--sink")
+    dl.add_argument("--since", help="replay: only those dead since this ISO-8601 time")
+    dl.add_argument("--limit", type=int, default=100)
+    dl.set_defaults(func=cmd_dead_letters)
     return p
 
 
@@ -222,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (ConfigError, LookupError) as exc:
+    except (ConfigError, LookupError, ValueError, OSError) as exc:
         print(f"leadpipe: {exc}", file=sys.stderr)
         return 2
 

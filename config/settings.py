@@ -132,6 +132,19 @@ class Settings:
         "VISIBILITY_TIMEOUT_SECONDS", as_positive_int, 12 * 3600,
         "Celery's Redis visibility timeout; longer than the longest retry delay.",
     )
+    routes_file: str | None = setting(
+        "ROUTES_FILE", as_optional_str, None,
+        "Routing file (YAML or TOML): sink instances and which events reach them. Unset: "
+        "Postgres only.",
+    )
+    admin_tokens: tuple[str, ...] = setting(
+        "ADMIN_TOKENS", as_list, (),
+        "Bearer tokens for the operator API (/api/...: dead letters, sinks).",
+    )
+    relay_after_seconds: int = setting(
+        "RELAY_AFTER_SECONDS", as_positive_int, 300,
+        "A pending delivery with no task seen for this long is dispatched again.",
+    )
     data_dir: str = setting(
         "DATA_DIR", as_str, ".leadpipe",
         "Where `leadpipe run` keeps the Redis and Postgres it starts.",

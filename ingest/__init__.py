@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 from flask import Flask, Response
 
@@ -19,6 +20,7 @@ class Ingest:
     settings: Settings
     tokens: TokenSet
     stream: IngestStream
+    runtime: Any = None  # the workers' runtime, made by the operator API on first use
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -32,9 +34,11 @@ def create_app(settings: Settings | None = None) -> Flask:
     client = make_redis(settings.redis_url, timeout=settings.redis_timeout_seconds)
     app.extensions["leadpipe"] = Ingest(settings, TokenSet(settings.ingest_tokens),
                                         IngestStream(client, settings.stream_key))
+    from ingest.admin import bp as admin
     from ingest.views import bp
 
     app.register_blueprint(bp)
+    app.register_blueprint(admin)
     errors.register(app)
 
     @app.get("/healthz")

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -33,13 +33,24 @@ DEAL_TYPES = {"amount_monthly": "numeric", "amount_unique": "numeric", "amount_t
               "closed_at": "timestamptz", "deleted_at": "timestamptz", "updated_at": "timestamptz"}
 
 
+Router = Callable[[Event], list[str]]
+
+
 @dataclass
 class Stored:
-    """What one batch did: new events (to fan out), duplicates seen, bodies quarantined."""
+    """What one batch did: new events, their deliveries per sink, duplicates, quarantined."""
 
     new: list[Event] = field(default_factory=list)
     duplicates: int = 0
     quarantined: int = 0
+    deliveries: dict[str, list[str]] = field(default_factory=dict)  # sink -> event ids
+
+    def add(self, other: Stored) -> None:
+        self.new += other.new
+        self.duplicates += other.duplicates
+        self.quarantined += other.quarantined
+        for sink, ids in other.deliveries.items():
+            self.deliveries.setdefault(sink, []).extend(ids)
 
 
 # tags travel as jsonb (unnest would flatten a text[][]) and become text[] again here
@@ -110,11 +121,16 @@ class PostgresSink(Sink):
         self.store(events, ())  # one transaction: all stored, or the error for all
         return [None] * len(events)
 
-    def store(self, events: Sequence[Event], rejected: Sequence[Rejected]) -> Stored:
-        """Write one batch in one transaction; a batch stored twice changes nothing twice."""
+    def store(self, events: Sequence[Event], rejected: Sequence[Rejected],
+              route: Router | None = None) -> Stored:
+        """Write one batch in one transaction; a batch stored twice changes nothing twice.
+
+        `route` names the sinks each new event goes to; their deliveries are written in the
+        same transaction (an outbox), so no event is stored without its deliveries.
+        """
         try:
             with self.pool.connection() as conn, conn.transaction():
-                return store(conn, events, rejected)
+                return store(conn, events, rejected, route)
         except psycopg.OperationalError as exc:
             raise RetryableSinkError(f"postgres unavailable: {exc}") from exc
 
@@ -123,7 +139,7 @@ class PostgresSink(Sink):
 
 
 def store(conn: psycopg.Connection, events: Sequence[Event],
-          rejected: Sequence[Rejected]) -> Stored:
+          rejected: Sequence[Rejected], route: Router | None = None) -> Stored:
     """The batch write itself, inside the caller's transaction."""
     result = Stored()
     unique: dict[str, Event] = {}
@@ -136,6 +152,7 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
     result.duplicates = sum(repeats.values())
     if unique:
         batch = list(unique.values())
+        _resolve_leads(conn, [e for e in batch if e.lead is not None])
         rows = conn.execute(_EVENTS_SQL, (
             [e.id for e in batch], [e.dedup_key for e in batch], [e.source for e in batch],
             [e.event_type for e in batch], [e.entity_type for e in batch],
@@ -148,6 +165,8 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
         result.new = [e for e in batch if e.dedup_key in inserted]
         _upsert_leads(conn, [e for e in result.new if e.lead is not None])
         _upsert_deals(conn, [e for e in result.new if e.deal is not None])
+        if route is not None:
+            _outbox(conn, result, route)
     if rejected:
         conn.execute(_QUARANTINE_SQL, (
             [r.id for r in rejected], [r.received_at for r in rejected],
@@ -156,6 +175,16 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
         ))
         result.quarantined = len(rejected)
     return result
+
+
+def _outbox(conn: psycopg.Connection, result: Stored, route: Router) -> None:
+    pairs = [(e.id, sink) for e in result.new for sink in route(e)]
+    if pairs:
+        conn.execute("INSERT INTO deliveries (event_id, sink) SELECT * FROM unnest(%s::text[], "
+                     "%s::text[]) ON CONFLICT DO NOTHING",
+                     ([p[0] for p in pairs], [p[1] for p in pairs]))
+    for event_id, sink in pairs:
+        result.deliveries.setdefault(sink, []).append(event_id)
 
 
 def _merge(rows: dict[str, dict[str, Any]], key: str, state: dict[str, Any], event_id: str) -> None:
@@ -189,8 +218,9 @@ def _upsert_deals(conn: psycopg.Connection, events: list[Event]) -> None:
     conn.execute(_DEALS_SQL, _columns(rows, DEAL_COLUMNS, DEAL_TYPES))
 
 
-def _upsert_leads(conn: psycopg.Connection, events: list[Event]) -> None:
-    """A lead is the same lead across dialects: matched by uuid, else legacy id, else e-mail."""
+def _resolve_leads(conn: psycopg.Connection, events: list[Event]) -> None:
+    """Set each lead event's entity_id to its lead's key: the same lead across dialects is
+    matched by uuid, else legacy id, else e-mail, so every sink sees one identity."""
     if not events:
         return
     leads = [e.lead for e in events if e.lead is not None]
@@ -206,14 +236,23 @@ def _upsert_leads(conn: psycopg.Connection, events: list[Event]) -> None:
         (uuids, legacy, emails),
     ):
         _remember(by_uuid, by_legacy, by_email, key, uuid, legacy_id, email)
-    rows: dict[str, dict[str, Any]] = {}
     for event in sorted(events, key=lambda e: e.occurred_at):
         lead = event.lead
         assert lead is not None
         key = _resolve(by_uuid, by_legacy, by_email, lead)
         _remember(by_uuid, by_legacy, by_email, key, lead["uuid"], lead["legacy_id"],
                   lead["email"])
-        _merge(rows, key, lead, event.id)
+        event.entity_id = key
+
+
+def _upsert_leads(conn: psycopg.Connection, events: list[Event]) -> None:
+    """Fold new lead events, oldest first, into one row per lead key, then upsert."""
+    if not events:
+        return
+    rows: dict[str, dict[str, Any]] = {}
+    for event in sorted(events, key=lambda e: e.occurred_at):
+        assert event.lead is not None and event.entity_id is not None
+        _merge(rows, event.entity_id, event.lead, event.id)
     conn.execute(_LEADS_SQL, _columns(rows, LEAD_COLUMNS, LEAD_TYPES))
 
 

@@ -46,7 +46,10 @@ def sink_class(type_name: str) -> type[Sink]:
 
 def load_options(instance: str, type_name: str, options: dict[str, Any]) -> dict[str, Any]:
     """Validate an instance's options with its type's schema; errors name sink and option."""
-    cls = sink_class(type_name)
+    try:
+        cls = sink_class(type_name)
+    except SinkConfigError as exc:
+        raise SinkConfigError(f"sink {instance!r}: {exc}") from None
     try:
         return cls.Options().load(options or {})
     except ValidationError as exc:

@@ -11,13 +11,14 @@ from workers.runtime import Runtime
 class Leadpipe:
     """Hangs off the Celery app: settings, and one Runtime per process, made on first use."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, app: Celery):
         self.settings = settings
+        self.app = app
         self._runtime: Runtime | None = None
 
     def runtime(self) -> Runtime:
         if self._runtime is None:
-            self._runtime = Runtime(self.settings)
+            self._runtime = Runtime(self.settings, self.app)
         return self._runtime
 
 
@@ -43,7 +44,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
-    app.leadpipe = Leadpipe(settings)  # type: ignore[attr-defined]
+    app.leadpipe = Leadpipe(settings, app)  # type: ignore[attr-defined]
     from workers.pump import PumpStep
 
     app.steps["worker"].add(PumpStep)

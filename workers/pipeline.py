@@ -35,8 +35,9 @@ def split(entries: Sequence[Entry]) -> tuple[list[Event], list[Rejected]]:
 
 def store(runtime: Runtime, events: list[Event], rejected: list[Rejected]) -> Stored:
     """Store a batch; if Postgres refuses some value, store the rest and quarantine the culprits."""
+    route = runtime.routing.sinks_for
     try:
-        return runtime.postgres.store(events, rejected)
+        return runtime.postgres.store(events, rejected, route)
     except psycopg.OperationalError:
         raise
     except psycopg.Error as exc:
@@ -45,16 +46,14 @@ def store(runtime: Runtime, events: list[Event], rejected: list[Rejected]) -> St
     for item in [*events, *rejected]:
         try:
             one = runtime.postgres.store(*(([item], []) if isinstance(item, Event) else
-                                           ([], [item])))
+                                           ([], [item])), route)
         except psycopg.OperationalError:
             raise
         except psycopg.Error as exc:
             reason = f"postgres refused the event: {type(exc).__name__}: {exc}".strip()[:2000]
             one = runtime.postgres.store([], [Rejected(item.id, item.received_at, reason,
                                                        item.payload)])
-        total.new += one.new
-        total.duplicates += one.duplicates
-        total.quarantined += one.quarantined
+        total.add(one)
     return total
 
 
@@ -63,5 +62,12 @@ def process(runtime: Runtime, entry_ids: list[str]) -> Stored:
     entries = runtime.stream.fetch(entry_ids)
     events, rejected = split(entries)
     stored = store(runtime, events, rejected)
+    fan_out(runtime, stored)
     runtime.stream.done(entry_ids)
     return stored
+
+
+def fan_out(runtime: Runtime, stored: Stored) -> None:
+    """Queue the deliveries the batch's transaction recorded (a lost publish is relayed later)."""
+    for sink, event_ids in stored.deliveries.items():
+        runtime.publish(sink, event_ids)

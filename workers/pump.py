@@ -14,6 +14,8 @@ from celery import Celery, bootsteps
 
 from config.settings import Settings
 from ingest.queue import IngestStream, make_redis
+from workers import operations
+from workers.runtime import Runtime
 
 log = logging.getLogger("leadpipe.pump")
 
@@ -32,6 +34,7 @@ class Pump:
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.stream = IngestStream(make_redis(settings.redis_url, timeout=10),
                                    settings.stream_key)
+        self.runtime = Runtime(settings, app)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -52,11 +55,17 @@ class Pump:
         s = self.settings
         failures = 0
         next_claim = 0.0
+        next_relay = time.monotonic() + 5
         while not self._stop.is_set():
             try:
                 if failures:
                     self.stream.ensure_group()
                 now = time.monotonic()
+                if now >= next_relay:
+                    next_relay = now + max(5.0, s.relay_after_seconds / 10)
+                    relayed = operations.relay(self.runtime)
+                    if relayed:
+                        log.warning("relayed %d deliveries whose task was lost", relayed)
                 if now >= next_claim:
                     stale = self.stream.claim_stale(self.consumer, s.claim_idle_seconds * 1000,
                                                     s.batch_size)

@@ -3,26 +3,85 @@
 from __future__ import annotations
 
 from functools import cached_property
+from typing import Any
+
+from psycopg_pool import ConnectionPool
 
 from config.settings import ConfigError, Settings
 from ingest.queue import IngestStream, make_redis
+from sinks.base import Sink
+from sinks.db import make_pool
 from sinks.postgres import PostgresSink
+from sinks.registry import sink_class
+from workers.control import SinkControl
+from workers.routing import Routing, load
+
+
+def sink_queue(settings: Settings, sink: str) -> str:
+    return f"{settings.namespace}.sink.{sink}"
 
 
 class Runtime:
-    """Settings plus the lazily opened Redis stream and Postgres sink of one process."""
+    """Settings plus the lazily opened Redis, Postgres, routing and sinks of one process."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, app: Any = None):
         if not settings.redis_url or not settings.database_url:
             raise ConfigError("LEADPIPE_REDIS_URL and LEADPIPE_DATABASE_URL must both be set")
         self.settings = settings
+        self.app = app
+        self._sinks: dict[str, Sink] = {}
+
+    @cached_property
+    def redis(self):  # type: ignore[no-untyped-def]
+        assert self.settings.redis_url
+        return make_redis(self.settings.redis_url, timeout=10)
 
     @cached_property
     def stream(self) -> IngestStream:
-        assert self.settings.redis_url
-        return IngestStream(make_redis(self.settings.redis_url, timeout=10),
-                            self.settings.stream_key)
+        return IngestStream(self.redis, self.settings.stream_key)
 
     @cached_property
     def postgres(self) -> PostgresSink:
         return PostgresSink("postgres", {"dsn": self.settings.database_url})
+
+    @cached_property
+    def pool(self) -> ConnectionPool:
+        """Autocommit connections for deliveries: every attempt is recorded at once."""
+        assert self.settings.database_url
+        pool = make_pool(self.settings.database_url)
+        pool.kwargs["autocommit"] = True
+        return pool
+
+    @cached_property
+    def routing(self) -> Routing:
+        return load(self.settings.routes_file)
+
+    @cached_property
+    def control(self) -> SinkControl:
+        return SinkControl(self.redis, self.settings.namespace)
+
+    def sink(self, name: str) -> Sink:
+        if name not in self._sinks:
+            spec = self.routing.sinks[name]
+            cls = sink_class(spec.type)
+            kwargs: dict[str, Any] = {}
+            if spec.type == "email":  # the once-per-recipient ledger lives in our database
+                from sinks.email import PostgresLedger
+
+                kwargs["ledger"] = PostgresLedger(self.settings.database_url)
+            self._sinks[name] = cls(name, spec.options, **kwargs)
+        return self._sinks[name]
+
+    def publish(self, sink: str, event_ids: list[str], round_: int = 0,
+                countdown: float = 0.0) -> None:
+        """Queue deliveries to one sink, in chunks, on that sink's own queue."""
+        assert self.app is not None, "publishing needs the Celery app"
+        for start in range(0, len(event_ids), 100):
+            self.app.send_task("leadpipe.deliver", args=[sink, event_ids[start:start + 100],
+                                                         round_],
+                               queue=sink_queue(self.settings, sink),
+                               countdown=countdown or None)
+
+    def close(self) -> None:
+        for sink in self._sinks.values():
+            sink.close()

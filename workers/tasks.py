@@ -11,7 +11,7 @@ import redis
 from celery import Task, shared_task
 
 from sinks.base import RetryableSinkError
-from workers import pipeline
+from workers import delivery, pipeline
 
 log = logging.getLogger("leadpipe.tasks")
 
@@ -41,4 +41,28 @@ def process_batch(self: Task, entry_ids: list[str], consumer: str) -> dict[str, 
     summary = {"entries": len(entry_ids), "new": len(stored.new),
                "duplicates": stored.duplicates, "quarantined": stored.quarantined}
     log.info("batch stored", extra={"task_id": self.request.id, **summary})
+    return summary
+
+
+@shared_task(bind=True, name="leadpipe.deliver", acks_late=True, ignore_result=True,
+             max_retries=None)
+def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0) -> dict[str, Any]:
+    """One round of deliveries of stored events to one sink; schedules the next round."""
+    runtime = self.app.leadpipe.runtime()
+    spec = runtime.routing.sinks.get(sink)
+    if spec is None:  # the sink left the routing file: its deliveries wait for it to return
+        log.warning("deliveries for unknown sink %s left pending", sink)
+        return {"sink": sink, "unknown": len(event_ids)}
+    try:
+        with runtime.pool.connection() as conn:
+            plan = delivery.run(conn, runtime.sink(sink), spec, runtime.control, event_ids,
+                                round_)
+    except TRANSIENT as exc:  # our own Postgres or Redis: try the same round again soon
+        raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+    if plan.retry_ids:
+        runtime.publish(sink, plan.retry_ids, plan.next_round, plan.countdown)
+    summary = {"sink": sink, "round": round_, "delivered": plan.delivered, "dead": plan.dead,
+               "again": len(plan.retry_ids), "in_seconds": round(plan.countdown, 2),
+               "why": plan.reason}
+    log.info("deliveries", extra={"task_id": self.request.id, **summary})
     return summary

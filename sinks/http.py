@@ -1,0 +1,172 @@
+"""What the HTTP sinks share: option fields, the JSON body, one request and its outcome mapping."""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from collections.abc import Mapping
+from datetime import UTC
+from email.utils import parsedate_to_datetime
+from http import HTTPStatus
+from typing import Any
+from urllib.parse import urlsplit
+
+import requests
+from marshmallow import ValidationError, fields
+from marshmallow.validate import Range
+
+from sinks.base import PermanentSinkError, RetryableSinkError
+
+USER_AGENT = "leadpipe"
+
+# Answers worth another try; every other non-2xx is final (RFC 9110: 408, 429, 5xx).
+RETRYABLE_STATUSES = frozenset({408, 429})
+# Answers whose Retry-After is honoured (RFC 9110 section 10.2.3; RFC 6585 for 429).
+RETRY_AFTER_STATUSES = frozenset({429, 503})
+
+_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP field name (RFC 9110 5.1)
+_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")  # visible ASCII, space and tab: no CR/LF
+
+
+# ---------------------------------------------------------------------------------------------
+# Option fields
+
+
+def http_url(*, allow_query: bool = True, **kwargs: Any) -> fields.Url:
+    """An absolute http(s) URL option, with no credentials in it (they would end up in logs)."""
+
+    def check(value: str) -> None:
+        parts = urlsplit(value)
+        if parts.username is not None or parts.password is not None:
+            raise ValidationError("Must not carry credentials; use the auth options instead.")
+        if not allow_query and (parts.query or parts.fragment):
+            raise ValidationError("Must not have a query string or fragment.")
+
+    return fields.Url(schemes={"http", "https"}, require_tld=False, validate=check, **kwargs)
+
+
+def timeout_field(default: float = 5.0) -> fields.Float:
+    """Seconds to wait for the connection and for each read of the answer (requests' meaning)."""
+    return fields.Float(load_default=default,
+                        validate=Range(min=0, min_inclusive=False, max=300))
+
+
+def header_name(value: str) -> None:
+    """Validator: an HTTP field name."""
+    if not _TOKEN.match(value):
+        raise ValidationError("Not a valid HTTP header name.")
+
+
+def header_value(value: str) -> None:
+    """Validator: a header value requests can send (ASCII, no line breaks). Never echoes it."""
+    if not _HEADER_VALUE.match(value):
+        raise ValidationError("Must be printable ASCII without line breaks.")
+
+
+# ---------------------------------------------------------------------------------------------
+# Bodies and headers
+
+
+def json_body(data: Any) -> bytes:
+    """The deterministic JSON encoding every HTTP sink sends.
+
+    Python's `json.dumps` with separators `(",", ":")`, `ensure_ascii=False` (UTF-8 text, not
+    \\u escapes) and keys in the order they were built; NaN and Infinity are refused. Text that
+    UTF-8 cannot encode (a lone surrogate from a body RD sent) falls back to `ensure_ascii=True`.
+    """
+    text = json.dumps(data, ensure_ascii=False, separators=(",", ":"), allow_nan=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:
+        return json.dumps(data, ensure_ascii=True, separators=(",", ":"),
+                          allow_nan=False).encode("ascii")
+
+
+def retry_after(value: str | None, now: float | None = None) -> float | None:
+    """A Retry-After header (delay-seconds or an HTTP-date) as seconds from now; None if unusable.
+
+    A date in the past means "now" (0).
+    """
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(int(value))
+    try:
+        when = parsedate_to_datetime(value)
+    except (TypeError, ValueError, IndexError):
+        return None
+    if when.tzinfo is None:  # "-0000": RFC 5322's "UTC, source zone unknown"
+        when = when.replace(tzinfo=UTC)
+    now = time.time() if now is None else now
+    return max(0.0, when.timestamp() - now)
+
+
+def new_session() -> requests.Session:
+    """One connection pool per sink instance. requests does not retry by itself (max_retries 0),
+    so one call to `send` is one request on the wire."""
+    session = requests.Session()
+    session.headers["User-Agent"] = USER_AGENT
+    return session
+
+
+# ---------------------------------------------------------------------------------------------
+# One request, one outcome
+
+
+def send(session: requests.Session, method: str, url: str, *, body: bytes,
+         headers: Mapping[str, str], timeout: float, label: str) -> requests.Response:
+    """Make exactly one request; return the answer if it is 2xx, else raise the sink error.
+
+    - 2xx: returned.
+    - 408, 429, 5xx, a connection that fails or breaks, a timeout: RetryableSinkError with the
+      status (None without an answer) and, for 429 and 503, the Retry-After in seconds.
+    - anything else (other 4xx, and 3xx: redirects are not followed, configure the final URL):
+      PermanentSinkError with the status.
+
+    Messages hold `label`, the status and a short reason only: never the URL (an entity key may be
+    an e-mail), the body or what the destination answered, so they are safe to log.
+    """
+    try:
+        response = session.request(method, url, data=body, headers=dict(headers),
+                                   timeout=timeout, allow_redirects=False)
+    except requests.Timeout:
+        raise RetryableSinkError(f"{label}: no answer within {timeout:g} s") from None
+    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
+            requests.exceptions.ContentDecodingError) as exc:
+        raise RetryableSinkError(f"{label}: connection failed ({_cause(exc)})") from None
+    except requests.RequestException as exc:  # unexpected: keep the event, try again later
+        raise RetryableSinkError(f"{label}: request failed ({type(exc).__name__})") from None
+    status = response.status_code
+    if 200 <= status < 300:
+        return response
+    message = f"{label}: HTTP {status} {_phrase(status)}".rstrip()
+    if status in RETRYABLE_STATUSES or 500 <= status < 600:
+        delay = (retry_after(response.headers.get("Retry-After"))
+                 if status in RETRY_AFTER_STATUSES else None)
+        raise RetryableSinkError(message, status=status, retry_after=delay)
+    raise PermanentSinkError(message, status=status)
+
+
+def _phrase(status: int) -> str:
+    """The standard reason phrase: the destination's own could carry anything."""
+    try:
+        return HTTPStatus(status).phrase
+    except ValueError:
+        return ""
+
+
+def _cause(exc: BaseException) -> str:
+    """The operating system's reason behind a requests error ("Connection refused"), else the
+    exception class; never its text, which holds the URL."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        if isinstance(current, OSError) and current.strerror:
+            return current.strerror
+        reason = getattr(current, "reason", None)
+        nxt = reason if isinstance(reason, BaseException) else None
+        current = nxt or current.__cause__ or current.__context__
+    return type(exc).__name__

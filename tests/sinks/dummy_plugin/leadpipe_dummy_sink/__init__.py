@@ -1,0 +1,34 @@
+"""A sink that appends each event to a JSON-lines file; it exists to test the plugin path."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from marshmallow import RAISE, Schema, fields, validate
+
+from sinks.base import PermanentSinkError, RetryableSinkError, Sink
+
+
+class DummyOptions(Schema):
+    class Meta:
+        unknown = RAISE
+
+    path = fields.String(required=True)
+    fail = fields.String(load_default=None, validate=validate.OneOf(["retryable", "permanent"]))
+
+
+class DummySink(Sink):
+    """Writes `{"id", "dedup_key", "type"}` per delivered event to `path`."""
+
+    name = "dummy"
+    Options = DummyOptions
+
+    def deliver(self, event: Any) -> None:
+        if self.options["fail"] == "retryable":
+            raise RetryableSinkError("dummy is down", status=503)
+        if self.options["fail"] == "permanent":
+            raise PermanentSinkError("dummy refuses", status=400)
+        with open(self.options["path"], "a") as out:
+            out.write(json.dumps({"id": event.id, "dedup_key": event.dedup_key,
+                                  "type": event.event_type}) + "\n")

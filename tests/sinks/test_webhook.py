@@ -1,0 +1,195 @@
+"""The webhook sink against a real local receiver that verifies Standard Webhooks signatures."""
+
+from __future__ import annotations
+
+import base64
+import itertools
+import json
+import time
+from collections.abc import Iterator
+from typing import Any
+
+import orjson
+import pytest
+from standardwebhooks import Webhook
+from standardwebhooks.webhooks import WebhookVerificationError
+
+from ingest.queue import Entry
+from sinks.base import PermanentSinkError, RetryableSinkError
+from sinks.registry import SinkConfigError, build, load_options, sink_class
+from sinks.webhook import WebhookSink
+from tests.conftest import fixture_bytes
+from tests.support.http_server import HttpServer, Reply
+from workers.events import Event
+from workers.normalize import normalize
+
+_ids = itertools.count()
+SECRET = "whsec_" + base64.b64encode(b"leadpipe-test-signing-key-0123456789").decode()
+OTHER_SECRET = "whsec_" + base64.b64encode(b"some-other-signing-key-0123456789ab").decode()
+
+
+def events(body: dict | bytes, hint: str | None = None) -> list[Event]:
+    n = next(_ids)
+    raw = body if isinstance(body, bytes) else orjson.dumps(body)
+    out = normalize(Entry(f"{n}-0", f"ev-{n}", 1_700_000_000_000 + n, raw, hint))
+    assert all(isinstance(item, Event) for item in out), out
+    return out  # type: ignore[return-value]
+
+
+def event(body: dict | bytes) -> Event:
+    (only,) = events(body)
+    return only
+
+
+@pytest.fixture
+def server() -> Iterator[HttpServer]:
+    with HttpServer() as srv:
+        yield srv
+
+
+@pytest.fixture
+def make_sink(server: HttpServer) -> Iterator[Any]:
+    sinks: list[WebhookSink] = []
+
+    def make(**options: Any) -> WebhookSink:
+        sink = build("hook-test", "webhook",
+                     {"url": server.url + "/hooks/leadpipe?k=1", "secret": SECRET, **options})
+        assert isinstance(sink, WebhookSink)
+        sinks.append(sink)
+        return sink
+
+    yield make
+    for sink in sinks:
+        sink.close()
+
+
+def test_registry_knows_webhook():
+    assert sink_class("webhook") is WebhookSink
+
+
+def test_receiver_verifies_the_signature_and_reads_the_event(server, make_sink):
+    raw = fixture_bytes("mkt-v2-converted.json")
+    ev = event(raw)
+    before = int(time.time())
+    make_sink().deliver(ev)
+    (got,) = server.requests
+    assert (got.method, got.path) == ("POST", "/hooks/leadpipe?k=1")
+    assert got.header("Content-Type") == "application/json"
+    assert before <= int(got.header("webhook-timestamp")) <= time.time()
+    assert got.header("webhook-signature").startswith("v1,")
+    received = Webhook(SECRET).verify(got.body, got.headers)
+    assert received == {"event_type": "WEBHOOK.CONVERTED", "event_id": ev.id,
+                        "occurred_at": "2018-03-13T14:07:04.254000-03:00",
+                        "payload": json.loads(raw)}
+    assert got.body.startswith(
+        b'{"event_type":"WEBHOOK.CONVERTED","event_id":"' + ev.id.encode()
+        + b'","occurred_at":"2018-03-13T14:07:04.254000-03:00","payload":{"event_type":')
+    assert "Florianópolis".encode() in got.body  # UTF-8, not \u escapes
+
+
+def test_a_wrong_secret_or_a_changed_body_fails_verification(server, make_sink):
+    make_sink().deliver(event(fixture_bytes("crm-deal-created.json")))
+    (got,) = server.requests
+    with pytest.raises(WebhookVerificationError):
+        Webhook(OTHER_SECRET).verify(got.body, got.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(got.body.replace(b"ongoing", b"won"), got.headers)
+
+
+def test_redelivery_carries_the_same_webhook_id(server, make_sink):
+    sink = make_sink()
+    body = fixture_bytes("crm-deal-updated-won.json")
+    sink.deliver(event(body))
+    sink.deliver(event(body))  # the same RD event again: same dedup key
+    sink.deliver(event(fixture_bytes("crm-deal-created.json")))
+    first, again, other = (r.header("webhook-id") for r in server.requests)
+    assert first == again != other
+    assert first.startswith("evt_") and len(first) == 36
+    for got in server.requests:
+        Webhook(SECRET).verify(got.body, got.headers)
+
+
+def test_each_lead_of_a_legacy_body_is_its_own_event(server, make_sink):
+    (lead,) = orjson.loads(fixture_bytes("legacy-leads-full.json"))["leads"]
+    other = {**lead, "uuid": "another-uuid", "id": "999", "email": "other@example.com"}
+    sink = make_sink()
+    evs = events({"leads": [lead, other]})
+    for ev in evs:
+        sink.deliver(ev)
+    received = [Webhook(SECRET).verify(r.body, r.headers) for r in server.requests]
+    assert [r["payload"] for r in received] == [{"leads": [lead]}, {"leads": [other]}]
+    assert [r["event_id"] for r in received] == [evs[0].id, evs[0].id + "-1"]
+    assert len({r.header("webhook-id") for r in server.requests}) == 2
+
+
+def test_static_headers_are_sent_but_cannot_replace_the_signature(server, make_sink):
+    make_sink(headers={"X-Tenant": "acme"}).deliver(event(fixture_bytes("mkt-v2-converted.json")))
+    assert server.requests[0].header("X-Tenant") == "acme"
+    with pytest.raises(SinkConfigError, match="headers"):
+        load_options("hook-x", "webhook", {"url": server.url, "secret": SECRET,
+                                           "headers": {"webhook-signature": "v1,forged"}})
+
+
+# -- outcomes ----------------------------------------------------------------------------------
+
+
+def test_410_gone_is_permanent(server, make_sink):
+    server.script(410)
+    with pytest.raises(PermanentSinkError) as caught:
+        make_sink().deliver(event(fixture_bytes("mkt-v2-converted.json")))
+    assert caught.value.status == 410
+
+
+def test_503_with_retry_after_is_retryable(server, make_sink):
+    server.script(Reply(503, headers={"Retry-After": "7"}))
+    with pytest.raises(RetryableSinkError) as caught:
+        make_sink().deliver(event(fixture_bytes("mkt-v2-converted.json")))
+    assert (caught.value.status, caught.value.retry_after) == (503, 7)
+    assert len(server.requests) == 1
+
+
+def test_refused_and_slow_receivers_are_retryable(server, make_sink):
+    ev = event(fixture_bytes("mkt-v2-converted.json"))
+    server.script(Reply(200, delay=3))
+    started = time.monotonic()
+    with pytest.raises(RetryableSinkError):
+        make_sink(timeout=0.3).deliver(ev)
+    assert time.monotonic() - started < 2
+    sink = make_sink()
+    server.stop()
+    with pytest.raises(RetryableSinkError) as caught:
+        sink.deliver(ev)
+    assert caught.value.status is None
+
+
+# -- options -----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("options", "option"), [
+    ({"secret": SECRET}, "url"),
+    ({"url": "not a url", "secret": SECRET}, "url"),
+    ({"url": "ftp://hooks.example.com", "secret": SECRET}, "url"),
+    ({"url": "https://hooks.example.com"}, "secret"),
+    ({"url": "https://hooks.example.com", "secret": "plain-password"}, "secret"),
+    ({"url": "https://hooks.example.com", "secret": "whsec_not*base64!"}, "secret"),
+    ({"url": "https://hooks.example.com", "secret": "whsec_" + base64.b64encode(b"short").decode()},
+     "secret"),
+    ({"url": "https://hooks.example.com", "secret": SECRET, "timeout": -1}, "timeout"),
+    ({"url": "https://hooks.example.com", "secret": SECRET, "header": {}}, "header"),
+    ({"url": "https://hooks.example.com", "secret": SECRET, "headers": {"X-A": "a\nb"}},
+     "headers"),
+])
+def test_bad_options_name_the_sink_and_the_option(options, option):
+    with pytest.raises(SinkConfigError) as caught:
+        load_options("hook-x", "webhook", options)
+    text = str(caught.value)
+    assert text.startswith("sink 'hook-x' (type webhook): ")
+    assert f"option '{option}" in text, text
+    secret = options.get("secret", "")
+    assert not secret or secret[6:] not in text
+
+
+def test_defaults():
+    loaded = load_options("hook-x", "webhook", {"url": "https://hooks.example.com/x",
+                                                "secret": SECRET})
+    assert (loaded["timeout"], loaded["headers"]) == (5.0, {})

@@ -1,0 +1,1 @@
+"""Test helpers that are real local services, not mocks."""

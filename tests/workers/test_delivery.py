@@ -1,0 +1,70 @@
+"""Fan-out through real workers: outbox rows, per-sink queues, attempts, dead letters."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+from tests.conftest import ROOT, count, fixture_bytes, post, wait_for
+from tests.test_pipeline import FIXTURE_EVENTS
+
+
+def routes_file(tmp_path: Path) -> Path:
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump({
+        "sinks": {
+            "audit": {"type": "dummy", "options": {"path": str(tmp_path / "audit.jsonl")}},
+            "refuser": {"type": "dummy", "options": {"path": "x", "fail": "permanent"}},
+            "flaky": {"type": "dummy", "options": {"path": "x", "fail": "retryable"},
+                      "retry_schedule": [0.2, 0.2], "quick_retries": 2,
+                      "circuit_breaker": {"failures": 100, "cooldown": 1}},
+        },
+        "routes": [
+            {"name": "all", "to": ["audit"]},
+            {"name": "deals", "to": ["refuser"], "when": {"match": ["deal.id exists"]}},
+            {"name": "conversions", "to": ["flaky"],
+             "when": {"event_type": ["WEBHOOK.CONVERTED"],
+                      "event_identifiers": ["my-event-identifier"]}},
+        ],
+    }))
+    return path
+
+
+def test_fan_out_dead_letters_and_attempts(client, settings, tmp_path, worker_factory, db):
+    custom = settings.with_(routes_file=str(routes_file(tmp_path)))
+    worker_factory(custom)
+    for name in FIXTURE_EVENTS:
+        assert post(client, fixture_bytes(name)).status_code == 202
+    post(client, fixture_bytes("crm-deal-created.json"))  # a duplicate: delivered once only
+
+    wait_for(lambda: count(db, "SELECT count(*) FROM deliveries WHERE status = 'pending'") == 0
+             and count(db, "SELECT count(*) FROM deliveries") == 7 + 3 + 1, timeout=60,
+             what="every delivery settled")
+    audit = [json.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert len(audit) == 7 and len({a["dedup_key"] for a in audit}) == 7
+    assert count(db, "SELECT count(*) FROM deliveries WHERE sink = 'audit' "
+                     "AND status = 'delivered'") == 7
+
+    dead = db.execute("SELECT sink, attempts, status_code, error FROM dead_letters "
+                      "ORDER BY sink, event_id").fetchall()
+    assert [d[:3] for d in dead] == [("flaky", 6, 503), ("refuser", 1, 400),
+                                     ("refuser", 1, 400), ("refuser", 1, 400)]
+    assert "retries exhausted after 3 rounds" in dead[0][3]
+    assert dead[1][3].startswith("permanent: PermanentSinkError")
+    outcomes = db.execute("SELECT outcome, count(*) FROM delivery_attempts WHERE sink = 'flaky' "
+                          "GROUP BY outcome").fetchall()
+    assert outcomes == [("retryable", 6)]
+    assert count(db, "SELECT count(*) FROM delivery_attempts WHERE duration_ms IS NULL "
+                     "OR started_at IS NULL") == 0
+
+    env = {**os.environ, **custom.to_env()}
+    listing = subprocess.run([sys.executable, "-m", "config.cli", "dead-letters", "list",
+                              "--sink", "refuser"], cwd=ROOT, env=env, text=True,
+                             capture_output=True, timeout=60)
+    assert listing.returncode == 0, listing.stderr
+    assert listing.stdout.count("refuser") == 3 and "status=400" in listing.stdout

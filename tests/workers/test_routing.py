@@ -1,0 +1,141 @@
+"""The routing file: validation messages, filters, conditions and `routes explain`."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import orjson
+import pytest
+import yaml
+
+from ingest.queue import Entry
+from tests.conftest import FIXTURES, ROOT, fixture_bytes
+from workers.events import Event
+from workers.normalize import normalize
+from workers.routing import RoutingError, load, parse
+
+EXAMPLE = ROOT / "docs" / "routes.example.yaml"
+
+
+def event(name: str, hint: str | None = None, **changes: object) -> Event:
+    body = orjson.loads(fixture_bytes(name))
+    body.update(changes)
+    item = normalize(Entry("1-0", "ev", 0, orjson.dumps(body), hint))[0]
+    assert isinstance(item, Event)
+    return item
+
+
+def routing(tmp_path: Path, routes: list[dict], sinks: dict | None = None):  # type: ignore[no-untyped-def]
+    sinks = sinks or {name: {"type": "dummy", "options": {"path": str(tmp_path / name)}}
+                      for name in ("a", "b", "c")}
+    return parse({"sinks": sinks, "routes": routes})
+
+
+def test_example_file_is_valid():
+    r = load(EXAMPLE)
+    assert set(r.sinks) == {"crm", "sales-email"}
+    assert r.sinks["crm"].rate == (10, 1.0)
+
+
+def test_by_event_type_identifier_and_condition(tmp_path):
+    r = routing(tmp_path, [
+        {"to": ["a"], "when": {"event_type": ["WEBHOOK.CONVERTED"],
+                               "event_identifiers": ["my-event-identifier"]}},
+        {"to": ["b"], "when": {"match": ["funnel.opportunity == true"]}},
+        {"to": ["c", "a"], "when": {"match": ["deal.status in [won, lost]"]}},
+    ])
+    assert r.sinks_for(event("mkt-v2-converted.json")) == ["a"]
+    assert r.sinks_for(event("mkt-v2-converted.json", event_identifier="other")) == []
+    assert r.sinks_for(event("mkt-v2-marked-opportunity.json")) == ["b"]
+    assert r.sinks_for(event("legacy-leads-full.json")) == ["b"]  # "true" string, normalised
+    assert r.sinks_for(event("crm-deal-updated-won.json")) == ["c", "a"]
+    assert r.sinks_for(event("crm-deal-created.json")) == []
+
+
+def test_legacy_identifier_comes_from_the_last_conversion(tmp_path):
+    r = routing(tmp_path, [{"to": ["a"], "when": {"event_identifiers": ["Formulário - LP"]}}])
+    assert r.sinks_for(event("legacy-leads-full.json")) == ["a"]
+    assert r.sinks_for(event("legacy-leads-official.json")) == []
+
+
+def test_identifiers_only_filter_conversions_like_rd(tmp_path):
+    r = routing(tmp_path, [{"to": ["a"], "when": {"event_identifiers": ["x"]}}])
+    assert r.sinks_for(event("mkt-v2-marked-opportunity.json")) == ["a"]
+
+
+@pytest.mark.parametrize("condition, expected", [
+    ("lead.interest >= 45", True), ("lead.interest > 45", False),
+    ("lead.city == São Paulo", True), ("lead.city != São Paulo", False),
+    ("lead.state not in [SP, RJ]", False), ("lead.website missing", True),
+    ("lead.email exists", True), ("contact.cf_segmento == Varejo", True),
+    ("deal.status == won", False), ("event.source == MKT", True),
+])
+def test_conditions(tmp_path, condition, expected):
+    r = routing(tmp_path, [{"to": ["a"], "when": {"match": [condition]}}])
+    assert bool(r.sinks_for(event("mkt-v2-marked-opportunity.json"))) is expected
+
+
+@pytest.mark.parametrize("doc, words", [
+    ({"sinks": {"a": {"type": "nope"}}}, ["'a'", "unknown sink type 'nope'"]),
+    ({"sinks": {"a": {"type": "dummy", "options": {}}}}, ["'a'", "option 'path'"]),
+    ({"sinks": {"a": {"type": "dummy", "options": {"path": "x", "colour": 1}}}},
+     ["'a'", "option 'colour'"]),
+    ({"sinks": {}, "routes": [{"to": ["ghost"]}]}, ["unknown sink 'ghost'"]),
+    ({"routes": [{"to": []}]}, ["to"]),
+    ({"sinks": {"a": {"type": "dummy", "options": {"path": "x"}}},
+      "routes": [{"to": ["a"], "when": {"match": ["deal.status is won"]}}]},
+     ["deal.status is won"]),
+    ({"sinks": {"a": {"type": "dummy", "options": {"path": "x"}}},
+      "routes": [{"to": ["a"], "when": {"match": ["weird.path == 1"]}}]}, ["path must start"]),
+    ({"sinks": {"a": {"type": "dummy", "options": {"path": "x"}, "rate_limit": "fast"}}},
+     ["rate_limit"]),
+    ({"sinkz": {}}, ["sinkz"]),
+])
+def test_bad_files_are_refused_with_a_clear_message(doc, words):
+    with pytest.raises(RoutingError) as info:
+        parse(doc)
+    for word in words:
+        assert word in str(info.value)
+
+
+def test_toml_files_work_too(tmp_path):
+    path = tmp_path / "routes.toml"
+    path.write_text(f'[sinks.a]\ntype = "dummy"\noptions = {{ path = "{tmp_path / "a"}" }}\n'
+                    '[[routes]]\nto = ["a"]\n')
+    assert load(path).sinks_for(event("crm-deal-created.json")) == ["a"]
+
+
+def leadpipe(*args: str, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "config.cli", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=60, env={**os.environ, **(env or {})})
+
+
+def test_routes_check_command():
+    ok = leadpipe("routes", "check", str(EXAMPLE))
+    assert ok.returncode == 0, ok.stderr
+    assert "OK: 2 sink(s), 3 route(s)" in ok.stdout
+
+
+def test_routes_check_command_refuses_a_bad_file(tmp_path):
+    bad = tmp_path / "bad.yaml"
+    bad.write_text(yaml.safe_dump({"sinks": {"crm": {"type": "crm", "options": {}}}}))
+    result = leadpipe("routes", "check", str(bad))
+    assert result.returncode == 2
+    assert "crm" in result.stderr and "base_url" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_routes_explain_says_which_sinks_and_why():
+    result = leadpipe("routes", "explain", str(FIXTURES / "crm-deal-updated-won.json"),
+                      "--routes", str(EXAMPLE))
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert "route 'every lead and deal to the CRM' -> crm: MATCH" in out
+    assert "route 'opportunities and won deals to sales' -> sales-email: no match" in out
+    assert "`funnel.opportunity == true` fails: funnel.opportunity is missing" in out
+    assert "route 'won deals to sales' -> sales-email: MATCH" in out
+    assert "`deal.status in [won]` holds: deal.status is 'won'" in out
+    assert out.strip().endswith("=> sinks: postgres, crm, sales-email")

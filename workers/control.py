@@ -1,0 +1,90 @@
+"""Per-sink state shared by every worker through Redis: pause, rate limit, circuit breaker."""
+
+from __future__ import annotations
+
+import time
+
+import redis
+
+# GCRA: one event every `interval` ms, no burst. Returns 0 when allowed, else ms to wait.
+_RATE_LUA = """
+local now = redis.call('TIME')
+local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local interval = tonumber(ARGV[1])
+local tat = tonumber(redis.call('GET', KEYS[1]) or now_ms)
+if tat < now_ms then tat = now_ms end
+if tat > now_ms then return tat - now_ms end
+redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil(interval) + 1000)
+return 0
+"""
+
+
+class SinkControl:
+    """Pause flags, rate limits and circuit breakers of all sinks in one namespace."""
+
+    def __init__(self, client: redis.Redis, namespace: str):
+        self.client = client
+        self.ns = namespace
+        self._rate = client.register_script(_RATE_LUA)
+
+    # -- pause -------------------------------------------------------------------------------
+    @property
+    def _paused_key(self) -> str:
+        return f"{self.ns}:paused"
+
+    def pause(self, sink: str) -> None:
+        self.client.sadd(self._paused_key, sink)
+
+    def resume(self, sink: str) -> None:
+        self.client.srem(self._paused_key, sink)
+
+    def paused(self) -> set[str]:
+        return {m.decode() for m in self.client.smembers(self._paused_key)}
+
+    def is_paused(self, sink: str) -> bool:
+        return bool(self.client.sismember(self._paused_key, sink))
+
+    # -- rate limit ----------------------------------------------------------------------------
+    def rate_wait(self, sink: str, events: int, per_seconds: float) -> float:
+        """0 when one more delivery may go now (and it is counted), else seconds to wait."""
+        interval_ms = per_seconds * 1000 / events
+        waited = self._rate(keys=[f"{self.ns}:rate:{sink}"], args=[interval_ms])
+        return float(waited) / 1000
+
+    # -- circuit breaker -----------------------------------------------------------------------
+    def _circuit(self, sink: str) -> str:
+        return f"{self.ns}:circuit:{sink}"
+
+    def circuit_wait(self, sink: str, cooldown: float) -> float:
+        """0 when a call may go (closed, or this caller is the one half-open probe), else the
+        seconds until the next probe may be tried."""
+        open_until = self.client.hget(self._circuit(sink), "open_until")
+        if open_until is None:
+            return 0.0
+        remaining = float(open_until) - time.time()
+        if remaining > 0:
+            return remaining
+        # half-open: one probe at a time
+        if self.client.set(f"{self._circuit(sink)}:probe", 1, nx=True,
+                           px=int(cooldown * 1000)):
+            return 0.0
+        return max(0.5, cooldown / 4)
+
+    def circuit_success(self, sink: str) -> None:
+        self.client.delete(self._circuit(sink), f"{self._circuit(sink)}:probe")
+
+    def circuit_failure(self, sink: str, threshold: int, cooldown: float) -> bool:
+        """Count a failure; True when the circuit is (now) open."""
+        key = self._circuit(sink)
+        failures = self.client.hincrby(key, "failures", 1)
+        if failures >= threshold:
+            self.client.hset(key, "open_until", time.time() + cooldown)
+            self.client.delete(f"{key}:probe")
+            return True
+        return False
+
+    def circuit_state(self, sink: str) -> str:
+        open_until = self.client.hget(self._circuit(sink), "open_until")
+        if open_until is None:
+            return "closed"
+        return "open" if float(open_until) > time.time() else "half-open"

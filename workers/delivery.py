@@ -1,0 +1,171 @@
+"""Delivering stored events to one sink: quick retries, attempts, backoff rounds, dead letters."""
+
+from __future__ import annotations
+
+import logging
+import random
+import time
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from typing import Any
+
+import psycopg
+from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
+
+from ingest.queue import Entry
+from sinks.base import PermanentSinkError, Sink
+from workers.events import Event
+from workers.normalize import normalize
+from workers.routing import SinkSpec
+
+log = logging.getLogger("leadpipe.delivery")
+
+
+@dataclass
+class Plan:
+    """What the task must do next: nothing, or send `event_ids` again after `countdown`."""
+
+    delivered: int = 0
+    dead: int = 0
+    retry_ids: list[str] = field(default_factory=list)
+    countdown: float = 0.0
+    next_round: int = 0
+    reason: str = ""
+
+
+def load_events(conn: psycopg.Connection, sink: str, event_ids: list[str]) -> list[Event]:
+    """Pending deliveries of `sink` among `event_ids`, rebuilt from the stored raw events."""
+    rows = conn.execute(
+        "SELECT e.id, e.event_type, e.entity_id, e.received_at, e.payload::text "
+        "FROM deliveries d "
+        "JOIN events e ON e.id = d.event_id "
+        "WHERE d.sink = %s AND d.event_id = ANY(%s) AND d.status = 'pending' "
+        "ORDER BY e.received_at, e.id", (sink, event_ids)).fetchall()
+    events = []
+    for event_id, event_type, entity_id, received_at, payload in rows:
+        entry = Entry("stored", event_id, int(received_at.timestamp() * 1000), payload.encode(),
+                      event_type if event_type.startswith("WEBHOOK.") else None)
+        for event in normalize(entry):
+            if isinstance(event, Event):
+                event.entity_id = entity_id  # the resolved identity, as stored
+                events.append(event)
+    return events
+
+
+def _quick_retry(exc: BaseException) -> bool:
+    """Worth another try within this call: not permanent, and the sink did not ask us to wait."""
+    return not isinstance(exc, PermanentSinkError) and getattr(exc, "retry_after", None) is None
+
+
+def _record(conn: psycopg.Connection, event: Event, sink: str, started: datetime,
+            seconds: float, exc: BaseException | None) -> None:
+    outcome = ("delivered" if exc is None else
+               "permanent" if isinstance(exc, PermanentSinkError) else "retryable")
+    error = None if exc is None else f"{type(exc).__name__}: {exc}"[:1000]
+    conn.execute(
+        "WITH d AS (UPDATE deliveries SET attempts = attempts + 1, last_error = %s "
+        "           WHERE event_id = %s AND sink = %s RETURNING attempts) "
+        "INSERT INTO delivery_attempts (event_id, sink, attempt, started_at, duration_ms, "
+        "                               outcome, status_code, error) "
+        "SELECT %s, %s, d.attempts, %s, %s, %s, %s, %s FROM d",
+        (error, event.id, sink, event.id, sink, started, seconds * 1000, outcome,
+         getattr(exc, "status", None), error))
+
+
+def _dead(conn: psycopg.Connection, event_id: str, sink: str, exc: BaseException | None,
+          reason: str) -> None:
+    conn.execute(
+        "WITH d AS (UPDATE deliveries SET status = 'dead' WHERE event_id = %s AND sink = %s "
+        "           AND status = 'pending' RETURNING attempts) "
+        "INSERT INTO dead_letters (event_id, sink, error, status_code, attempts, "
+        "                          first_attempt_at, last_attempt_at) "
+        "SELECT %s, %s, %s, %s, d.attempts, "
+        "  (SELECT min(started_at) FROM delivery_attempts WHERE event_id = %s AND sink = %s), "
+        "  (SELECT max(started_at) FROM delivery_attempts WHERE event_id = %s AND sink = %s) "
+        "FROM d",
+        (event_id, sink, event_id, sink, reason[:1000], getattr(exc, "status", None),
+         event_id, sink, event_id, sink))
+
+
+def attempt(conn: psycopg.Connection, sink: Sink, spec: SinkSpec,
+            event: Event) -> BaseException | None:
+    """Deliver one event with a few quick tries (tenacity), recording every try."""
+    outcome: BaseException | None = None
+    retrying = Retrying(stop=stop_after_attempt(spec.quick_retries),
+                        wait=wait_exponential(multiplier=0.2, max=2),
+                        retry=retry_if_exception(_quick_retry), reraise=True)
+    try:
+        for try_ in retrying:
+            with try_:
+                started = datetime.now(UTC)
+                t0 = time.perf_counter()
+                try:
+                    sink.deliver(event)
+                except Exception as exc:
+                    _record(conn, event, spec.name, started, time.perf_counter() - t0, exc)
+                    raise
+                _record(conn, event, spec.name, started, time.perf_counter() - t0, None)
+    except Exception as exc:  # every try failed: the caller decides (retry round or dead)
+        outcome = exc
+    return outcome
+
+
+def run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any, event_ids: list[str],
+        round_: int) -> Plan:
+    """One round of deliveries to one sink; tells the task what to schedule next."""
+    plan = Plan(next_round=round_)
+    events = load_events(conn, spec.name, event_ids)
+    if control.is_paused(spec.name):
+        return Plan(retry_ids=[e.id for e in events], countdown=2.0, next_round=round_,
+                    reason="paused")
+    waits: list[float] = []
+    failed: list[tuple[Event, BaseException]] = []
+    for n, event in enumerate(events):
+        blocked = control.circuit_wait(spec.name, spec.circuit_cooldown)
+        if blocked > 0:  # the sink is known down: do not hammer it, back off as a whole
+            rest = events[n:]
+            failed += [(e, RuntimeError("circuit open")) for e in rest]
+            waits.append(blocked)
+            break
+        if spec.rate:
+            wait = control.rate_wait(spec.name, *spec.rate)
+            if wait > 1.0:  # a long wait is a scheduled task, not a sleeping worker
+                plan.retry_ids = [e.id for e in events[n:]]
+                plan.countdown = wait
+                plan.reason = "rate limited"
+                break
+            while wait > 0:
+                time.sleep(wait)
+                wait = control.rate_wait(spec.name, *spec.rate)
+        exc = attempt(conn, sink, spec, event)
+        if exc is None:
+            control.circuit_success(spec.name)
+            conn.execute("UPDATE deliveries SET status = 'delivered', delivered_at = now() "
+                         "WHERE event_id = %s AND sink = %s", (event.id, spec.name))
+            plan.delivered += 1
+        elif isinstance(exc, PermanentSinkError):
+            _dead(conn, event.id, spec.name, exc, f"permanent: {type(exc).__name__}: {exc}")
+            plan.dead += 1
+        else:
+            control.circuit_failure(spec.name, spec.circuit_failures, spec.circuit_cooldown)
+            failed.append((event, exc))
+            if getattr(exc, "retry_after", None):
+                waits.append(float(exc.retry_after))  # type: ignore[attr-defined]
+    if failed:
+        if round_ >= len(spec.retry_schedule):
+            for event, exc in failed:
+                _dead(conn, event.id, spec.name, exc,
+                      f"retries exhausted after {round_ + 1} rounds: {type(exc).__name__}: "
+                      f"{exc}")
+                plan.dead += 1
+        else:
+            base = spec.retry_schedule[round_] * random.uniform(0.8, 1.2)  # noqa: S311 (jitter)
+            plan.retry_ids = [e.id for e, _ in failed] + plan.retry_ids
+            plan.countdown = max([base, plan.countdown, *waits])
+            plan.next_round = round_ + 1
+            plan.reason = "retrying"
+    if plan.retry_ids:
+        conn.execute("UPDATE deliveries SET dispatched_at = now() + make_interval(secs => %s) "
+                     "WHERE sink = %s AND event_id = ANY(%s)",
+                     (plan.countdown, spec.name, plan.retry_ids))
+    return plan

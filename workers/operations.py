@@ -1,0 +1,113 @@
+"""Operator actions shared by the CLI and the HTTP API: sinks, dead letters, the relay."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from datetime import datetime
+from typing import Any
+
+import psycopg
+
+from workers.runtime import Runtime, sink_queue
+
+
+def sink_states(runtime: Runtime) -> list[dict[str, Any]]:
+    """Every configured sink with its pause/circuit state and delivery counts."""
+    paused = runtime.control.paused()
+    counts: dict[tuple[str, str], int] = {}
+    with runtime.pool.connection() as conn:
+        for sink, status, n in conn.execute(
+                "SELECT sink, status, count(*) FROM deliveries GROUP BY sink, status"):
+            counts[(sink, status)] = n
+    return [{"sink": name, "type": spec.type, "paused": name in paused,
+             "circuit": runtime.control.circuit_state(name),
+             "pending": counts.get((name, "pending"), 0),
+             "delivered": counts.get((name, "delivered"), 0),
+             "dead": counts.get((name, "dead"), 0)}
+            for name, spec in runtime.routing.sinks.items()]
+
+
+def _known(runtime: Runtime, sink: str) -> None:
+    if sink not in runtime.routing.sinks:
+        raise LookupError(f"no sink {sink!r} in {runtime.routing.source}; configured: "
+                          f"{', '.join(sorted(runtime.routing.sinks)) or 'none'}")
+
+
+def pause(runtime: Runtime, sink: str) -> None:
+    """Hold a sink's deliveries: its queue is no longer consumed; they wait in order."""
+    _known(runtime, sink)
+    runtime.control.pause(sink)
+    if runtime.app is not None:
+        runtime.app.control.cancel_consumer(sink_queue(runtime.settings, sink))
+
+
+def resume(runtime: Runtime, sink: str) -> None:
+    _known(runtime, sink)
+    runtime.control.resume(sink)
+    if runtime.app is not None:
+        runtime.app.control.add_consumer(sink_queue(runtime.settings, sink))
+
+
+def dead_letters(dsn: str, sink: str | None = None, limit: int = 100,
+                 include_replayed: bool = False) -> list[dict[str, Any]]:
+    with psycopg.connect(dsn) as conn:
+        cur = conn.execute(
+            "SELECT id, event_id, sink, error, status_code, attempts, first_attempt_at, "
+            "last_attempt_at, dead_at, replayed_at FROM dead_letters "
+            "WHERE (%(sink)s::text IS NULL OR sink = %(sink)s) "
+            "AND (%(all)s OR replayed_at IS NULL) ORDER BY id LIMIT %(limit)s",
+            {"sink": sink, "all": include_replayed, "limit": limit})
+        names = [c.name for c in cur.description or ()]
+        return [dict(zip(names, row, strict=True)) for row in cur]
+
+
+def replay(runtime: Runtime, ids: list[int] | None = None, sink: str | None = None,
+           since: datetime | None = None,
+           progress: Callable[[int, int], None] | None = None) -> int:
+    """Send dead letters back to their sinks as fresh deliveries; returns how many."""
+    with runtime.pool.connection() as conn:
+        rows = conn.execute(
+            "SELECT id, event_id, sink FROM dead_letters WHERE replayed_at IS NULL "
+            "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
+            "AND (%(sink)s::text IS NULL OR sink = %(sink)s) "
+            "AND (%(since)s::timestamptz IS NULL OR dead_at >= %(since)s) ORDER BY id",
+            {"ids": ids, "sink": sink, "since": since}).fetchall()
+        done = 0
+        for start in range(0, len(rows), 500):
+            chunk = rows[start:start + 500]
+            with conn.transaction():
+                conn.execute("UPDATE dead_letters SET replayed_at = now() WHERE id = ANY(%s)",
+                             ([r[0] for r in chunk],))
+                conn.execute(
+                    "UPDATE deliveries d SET status = 'pending', dispatched_at = now() "
+                    "FROM unnest(%s::text[], %s::text[]) AS t(event_id, sink) "
+                    "WHERE d.event_id = t.event_id AND d.sink = t.sink",
+                    ([r[1] for r in chunk], [r[2] for r in chunk]))
+            by_sink: dict[str, list[str]] = {}
+            for _, event_id, sink_name in chunk:
+                by_sink.setdefault(sink_name, []).append(event_id)
+            for sink_name, event_ids in by_sink.items():
+                runtime.publish(sink_name, event_ids)
+            done += len(chunk)
+            if progress:
+                progress(done, len(rows))
+    return done
+
+
+def relay(runtime: Runtime, limit: int = 1000) -> int:
+    """Dispatch pending deliveries whose task was lost (a crash between commit and publish)."""
+    with runtime.pool.connection() as conn, conn.transaction():
+        rows = conn.execute(
+            "UPDATE deliveries SET dispatched_at = now() WHERE (event_id, sink) IN ("
+            "  SELECT event_id, sink FROM deliveries WHERE status = 'pending' "
+            "  AND dispatched_at < now() - make_interval(secs => %s) "
+            "  ORDER BY dispatched_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+            "RETURNING event_id, sink",
+            (runtime.settings.relay_after_seconds, limit)).fetchall()
+    by_sink: dict[str, list[str]] = {}
+    for event_id, sink in rows:
+        by_sink.setdefault(sink, []).append(event_id)
+    for sink, event_ids in by_sink.items():
+        if sink in runtime.routing.sinks:
+            runtime.publish(sink, event_ids)
+    return len(rows)

@@ -1,0 +1,276 @@
+"""The routing file: which sink instances exist, and which events go to which of them, and why."""
+
+from __future__ import annotations
+
+import operator
+import re
+import tomllib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
+
+from sinks.registry import SinkConfigError, load_options
+from workers.events import Event
+from workers.view import MISSING, identifier, lookup, view
+
+DEFAULT_SCHEDULE = (5.0, 60.0, 300.0, 1800.0, 7200.0, 21600.0)
+ROOTS = ("event", "lead", "funnel", "deal", "contact", "document")
+_CONDITION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s+(==|!=|>=|<=|>|<|not in|in)\s+(.+?)\s*$")
+_PRESENCE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s+(exists|missing)\s*$")
+_RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
+_PERIODS = {"s": 1, "sec": 1, "second": 1, "m": 60, "min": 60, "minute": 60, "h": 3600,
+            "hour": 3600}
+_COMPARE = {"==": operator.eq, "!=": operator.ne, ">=": operator.ge, "<=": operator.le,
+            ">": operator.gt, "<": operator.lt}
+
+
+class RoutingError(ValueError):
+    """The routing file is wrong; the message says where and how."""
+
+
+@dataclass(frozen=True)
+class Condition:
+    """`path op value`, e.g. `funnel.opportunity == true` or `deal.status in [won, lost]`."""
+
+    text: str
+    path: str
+    op: str
+    value: Any = None
+
+    @classmethod
+    def parse(cls, text: str) -> Condition:
+        presence = _PRESENCE.match(text)
+        if presence:
+            return cls(text, presence.group(1), presence.group(2))
+        found = _CONDITION.match(text)
+        if not found:
+            raise RoutingError(f"condition {text!r}: expected `path op value` with op one of "
+                               "==, !=, >, >=, <, <=, in, not in, or `path exists|missing`")
+        path, op, raw = found.groups()
+        if path.split(".")[0] not in ROOTS:
+            raise RoutingError(f"condition {text!r}: path must start with one of {ROOTS}")
+        try:
+            value = yaml.safe_load(raw)
+        except yaml.YAMLError:
+            raise RoutingError(f"condition {text!r}: cannot read the value {raw!r}") from None
+        if op in ("in", "not in") and not isinstance(value, list):
+            raise RoutingError(f"condition {text!r}: `{op}` needs a list like [a, b]")
+        return cls(text, path, op, value)
+
+    def holds(self, data: dict[str, Any]) -> tuple[bool, str]:
+        actual = lookup(data, self.path)
+        if self.op == "exists":
+            return actual is not MISSING and actual is not None, f"{self.path} is {_show(actual)}"
+        if self.op == "missing":
+            return actual is MISSING or actual is None, f"{self.path} is {_show(actual)}"
+        if actual is MISSING:
+            return False, f"{self.path} is missing"
+        if self.op == "in":
+            return actual in self.value, f"{self.path} is {_show(actual)}"
+        if self.op == "not in":
+            return actual not in self.value, f"{self.path} is {_show(actual)}"
+        try:
+            return bool(_COMPARE[self.op](actual, self.value)), f"{self.path} is {_show(actual)}"
+        except TypeError:
+            return False, f"{self.path} is {_show(actual)}, not comparable with {self.value!r}"
+
+
+def _show(value: Any) -> str:
+    return "missing" if value is MISSING else repr(value)
+
+
+@dataclass(frozen=True)
+class Route:
+    """Events that pass every filter go to every sink in `to`."""
+
+    name: str
+    to: tuple[str, ...]
+    event_types: frozenset[str] | None = None
+    event_identifiers: frozenset[str] | None = None
+    conditions: tuple[Condition, ...] = ()
+
+    def explain(self, event: Event, data: dict[str, Any]) -> tuple[bool, list[str]]:
+        reasons = []
+        if self.event_types is not None:
+            ok = event.event_type in self.event_types
+            reasons.append(f"event type {event.event_type} {'is' if ok else 'is not'} in "
+                           f"{sorted(self.event_types)}")
+            if not ok:
+                return False, reasons
+        if self.event_identifiers and event.event_type == "WEBHOOK.CONVERTED":
+            ident = identifier(event)
+            ok = ident in self.event_identifiers
+            reasons.append(f"conversion identifier {ident!r} {'is' if ok else 'is not'} in "
+                           f"{sorted(self.event_identifiers)}")
+            if not ok:
+                return False, reasons
+        for condition in self.conditions:
+            ok, why = condition.holds(data)
+            reasons.append(f"`{condition.text}` {'holds' if ok else 'fails'}: {why}")
+            if not ok:
+                return False, reasons
+        if not reasons:
+            reasons.append("no filter: every event")
+        return True, reasons
+
+
+@dataclass(frozen=True)
+class SinkSpec:
+    """One configured sink instance and its delivery policy."""
+
+    name: str
+    type: str
+    options: dict[str, Any]
+    retry_schedule: tuple[float, ...] = DEFAULT_SCHEDULE
+    quick_retries: int = 3
+    rate: tuple[int, float] | None = None  # (events, per seconds)
+    circuit_failures: int = 5
+    circuit_cooldown: float = 30.0
+
+
+@dataclass(frozen=True)
+class Routing:
+    sinks: dict[str, SinkSpec] = field(default_factory=dict)
+    routes: tuple[Route, ...] = ()
+    source: str = "(no routing file: events are stored in Postgres only)"
+
+    def sinks_for(self, event: Event) -> list[str]:
+        """The sink instances an event goes to, each once, in the order routes name them."""
+        if not self.routes:
+            return []
+        data = view(event)
+        out: list[str] = []
+        for route in self.routes:
+            ok, _ = route.explain(event, data)
+            if ok:
+                out += [name for name in route.to if name not in out]
+        return out
+
+    def explain(self, event: Event) -> list[str]:
+        data = view(event)
+        lines = [f"event {event.id} {event.event_type} ({event.source} {event.entity_type} "
+                 f"{event.entity_id}):", "  postgres: always (events, leads, deals)"]
+        for route in self.routes:
+            ok, reasons = route.explain(event, data)
+            lines.append(f"  route {route.name!r} -> {', '.join(route.to)}: "
+                         f"{'MATCH' if ok else 'no match'}")
+            lines += [f"    - {r}" for r in reasons]
+        lines.append(f"  => sinks: {', '.join(['postgres', *self.sinks_for(event)])}")
+        return lines
+
+
+class _Circuit(Schema):
+    class Meta:
+        unknown = RAISE
+
+    failures = fields.Integer(load_default=5, validate=validate.Range(min=1))
+    cooldown = fields.Float(load_default=30.0, validate=validate.Range(min=0.01))
+
+
+class _SinkSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    type = fields.String(required=True)
+    options = fields.Dict(keys=fields.String(), load_default=dict)
+    retry_schedule = fields.List(fields.Float(validate=validate.Range(min=0)),
+                                 load_default=list(DEFAULT_SCHEDULE))
+    quick_retries = fields.Integer(load_default=3, validate=validate.Range(min=1, max=10))
+    rate_limit = fields.String(load_default=None, allow_none=True)
+    circuit_breaker = fields.Nested(_Circuit, load_default=lambda: {"failures": 5,
+                                                                   "cooldown": 30.0})
+
+    @validates("rate_limit")
+    def _rate(self, value: str | None, **kwargs: Any) -> None:
+        if value is not None and not _RATE.match(value):
+            raise ValidationError("expected N/s, N/min or N/hour, e.g. 10/s")
+
+
+class _When(Schema):
+    class Meta:
+        unknown = RAISE
+
+    event_type = fields.List(fields.String(), load_default=None)
+    event_identifiers = fields.List(fields.String(), load_default=None)
+    match = fields.List(fields.String(), load_default=list)
+
+
+class _RouteSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    name = fields.String(load_default=None)
+    to = fields.List(fields.String(), required=True, validate=validate.Length(min=1))
+    when = fields.Nested(_When, load_default=lambda: {"match": []})
+
+
+class _FileSchema(Schema):
+    class Meta:
+        unknown = RAISE
+
+    sinks = fields.Dict(keys=fields.String(), values=fields.Nested(_SinkSchema),
+                        load_default=dict)
+    routes = fields.List(fields.Nested(_RouteSchema), load_default=list)
+
+
+def parse(data: Any, source: str = "<routing>") -> Routing:
+    """Validate a routing document (already read from YAML or TOML)."""
+    try:
+        doc = _FileSchema().load(data or {})
+    except ValidationError as exc:
+        raise RoutingError(f"{source}: {exc.messages}") from None
+    sinks = {}
+    for name, spec in doc["sinks"].items():
+        if name == "postgres" or not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", name):
+            raise RoutingError(f"{source}: sink name {name!r}: use a-z, 0-9, - and _ "
+                               "(and not 'postgres', which always stores every event)")
+        try:
+            options = load_options(name, spec["type"], spec["options"])
+        except SinkConfigError as exc:
+            raise RoutingError(f"{source}: {exc}") from None
+        rate = None
+        if spec["rate_limit"]:
+            count, unit = _RATE.match(spec["rate_limit"]).groups()  # type: ignore[union-attr]
+            rate = (int(count), float(_PERIODS[unit]))
+        sinks[name] = SinkSpec(name, spec["type"], options, tuple(spec["retry_schedule"]),
+                               spec["quick_retries"], rate,
+                               spec["circuit_breaker"]["failures"],
+                               spec["circuit_breaker"]["cooldown"])
+    routes = []
+    for n, raw in enumerate(doc["routes"]):
+        name = raw["name"] or f"route {n + 1}"
+        for target in raw["to"]:
+            if target not in sinks:
+                raise RoutingError(f"{source}: route {name!r} sends to unknown sink {target!r}; "
+                                   f"defined: {sorted(sinks) or 'none'}")
+        when = raw["when"]
+        try:
+            conditions = tuple(Condition.parse(text) for text in when.get("match") or [])
+        except RoutingError as exc:
+            raise RoutingError(f"{source}: route {name!r}: {exc}") from None
+        routes.append(Route(
+            name, tuple(raw["to"]),
+            frozenset(when["event_type"]) if when.get("event_type") is not None else None,
+            frozenset(when["event_identifiers"]) if when.get("event_identifiers") else None,
+            conditions))
+    return Routing(sinks, tuple(routes), source)
+
+
+def load(path: str | Path | None) -> Routing:
+    """Read a routing file (.yaml/.yml or .toml); no path means no sinks besides Postgres."""
+    if not path:
+        return Routing()
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise RoutingError(f"{p}: cannot read the routing file: {exc.strerror}") from None
+    try:
+        data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
+    except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
+        raise RoutingError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: "
+                           f"{exc}") from None
+    return parse(data, str(p))
