@@ -59,8 +59,11 @@ class Sink(ABC):
         self.options = options  # already loaded (validated) by Options
 
     @abstractmethod
-    def deliver(self, event: Event) -> None:
-        """Deliver one event, or raise RetryableSinkError / PermanentSinkError."""
+    def deliver(self, event: Event) -> int | None:
+        """Deliver one event, or raise RetryableSinkError / PermanentSinkError.
+
+        Returns the destination's answer code when there is one (an HTTP status), for the
+        attempt record."""
 
     def deliver_many(self, events: Sequence[Event]) -> list[BaseException | None]:
         """Deliver a batch; one outcome per event (None = delivered). Override where the

@@ -226,13 +226,13 @@ class CrmSink(Sink):
         }
         return url, json_body(self.body(event, kind)), headers, kind
 
-    def deliver(self, event: Event) -> None:
+    def deliver(self, event: Event) -> int | None:
         request = self.request(event)
         if request is None:
-            return
+            return None
         url, body, headers, kind = request
-        send(self.session, "PUT", url, body=body, headers=headers,
-             timeout=self.options["timeout"], label=f"{self.label} PUT {kind}")
+        return send(self.session, "PUT", url, body=body, headers=headers,
+                    timeout=self.options["timeout"], label=f"{self.label} PUT {kind}").status_code
 
     def close(self) -> None:
         self.session.close()

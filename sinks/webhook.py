@@ -114,10 +114,10 @@ class WebhookSink(Sink):
         }
         return data, headers
 
-    def deliver(self, event: Event) -> None:
+    def deliver(self, event: Event) -> int | None:
         data, headers = self.request(event)
-        send(self.session, "POST", self.options["url"], body=data, headers=headers,
-             timeout=self.options["timeout"], label=f"{self.label} POST")
+        return send(self.session, "POST", self.options["url"], body=data, headers=headers,
+                    timeout=self.options["timeout"], label=f"{self.label} POST").status_code
 
     def close(self) -> None:
         self.session.close()

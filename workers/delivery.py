@@ -33,14 +33,26 @@ class Plan:
     reason: str = ""
 
 
-def load_events(conn: psycopg.Connection, sink: str, event_ids: list[str]) -> list[Event]:
-    """Pending deliveries of `sink` among `event_ids`, rebuilt from the stored raw events."""
+def _lock_key(sink: str, event_id: str) -> str:
+    return f"{sink}:{event_id}"
+
+
+def load_events(conn: psycopg.Connection, sink: str,
+                event_ids: list[str]) -> tuple[list[Event], list[str]]:
+    """Pending deliveries of `sink` among `event_ids`, rebuilt from the stored raw events.
+
+    Each is first locked for this session (`release` unlocks; Postgres does if the process
+    dies), then checked to be still pending, so two tasks never deliver one event at once.
+    Returns the events and the ids this session now holds locks for.
+    """
+    locked = [event_id for event_id, ok in conn.execute(
+        "SELECT id, pg_try_advisory_lock(hashtextextended(%s || ':' || id, 0)) "
+        "FROM unnest(%s::text[]) AS id", (sink, event_ids)) if ok]
     rows = conn.execute(
         "SELECT e.id, e.event_type, e.entity_id, e.received_at, e.payload::text "
-        "FROM deliveries d "
-        "JOIN events e ON e.id = d.event_id "
+        "FROM deliveries d JOIN events e ON e.id = d.event_id "
         "WHERE d.sink = %s AND d.event_id = ANY(%s) AND d.status = 'pending' "
-        "ORDER BY e.received_at, e.id", (sink, event_ids)).fetchall()
+        "ORDER BY e.received_at, e.id", (sink, locked)).fetchall()
     events = []
     for event_id, event_type, entity_id, received_at, payload in rows:
         entry = Entry("stored", event_id, int(received_at.timestamp() * 1000), payload.encode(),
@@ -49,7 +61,12 @@ def load_events(conn: psycopg.Connection, sink: str, event_ids: list[str]) -> li
             if isinstance(event, Event):
                 event.entity_id = entity_id  # the resolved identity, as stored
                 events.append(event)
-    return events
+    return events, locked
+
+
+def release(conn: psycopg.Connection, sink: str, locked: list[str]) -> None:
+    conn.execute("SELECT pg_advisory_unlock(hashtextextended(%s || ':' || id, 0)) "
+                 "FROM unnest(%s::text[]) AS id", (sink, locked))
 
 
 def _quick_retry(exc: BaseException) -> bool:
@@ -58,7 +75,7 @@ def _quick_retry(exc: BaseException) -> bool:
 
 
 def _record(conn: psycopg.Connection, event: Event, sink: str, started: datetime,
-            seconds: float, exc: BaseException | None) -> None:
+            seconds: float, exc: BaseException | None, status: int | None = None) -> None:
     outcome = ("delivered" if exc is None else
                "permanent" if isinstance(exc, PermanentSinkError) else "retryable")
     error = None if exc is None else f"{type(exc).__name__}: {exc}"[:1000]
@@ -69,7 +86,7 @@ def _record(conn: psycopg.Connection, event: Event, sink: str, started: datetime
         "                               outcome, status_code, error) "
         "SELECT %s, %s, d.attempts, %s, %s, %s, %s, %s FROM d",
         (error, event.id, sink, event.id, sink, started, seconds * 1000, outcome,
-         getattr(exc, "status", None), error))
+         getattr(exc, "status", status), error))
 
 
 def _dead(conn: psycopg.Connection, event_id: str, sink: str, exc: BaseException | None,
@@ -100,11 +117,12 @@ def attempt(conn: psycopg.Connection, sink: Sink, spec: SinkSpec,
                 started = datetime.now(UTC)
                 t0 = time.perf_counter()
                 try:
-                    sink.deliver(event)
+                    status = sink.deliver(event)
                 except Exception as exc:
                     _record(conn, event, spec.name, started, time.perf_counter() - t0, exc)
                     raise
-                _record(conn, event, spec.name, started, time.perf_counter() - t0, None)
+                _record(conn, event, spec.name, started, time.perf_counter() - t0, None,
+                        status if isinstance(status, int) else None)
     except Exception as exc:  # every try failed: the caller decides (retry round or dead)
         outcome = exc
     return outcome
@@ -113,8 +131,16 @@ def attempt(conn: psycopg.Connection, sink: Sink, spec: SinkSpec,
 def run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any, event_ids: list[str],
         round_: int) -> Plan:
     """One round of deliveries to one sink; tells the task what to schedule next."""
+    events, locked = load_events(conn, spec.name, event_ids)
+    try:
+        return _run(conn, sink, spec, control, events, round_)
+    finally:
+        release(conn, spec.name, locked)
+
+
+def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
+         events: list[Event], round_: int) -> Plan:
     plan = Plan(next_round=round_)
-    events = load_events(conn, spec.name, event_ids)
     if control.is_paused(spec.name):
         return Plan(retry_ids=[e.id for e in events], countdown=2.0, next_round=round_,
                     reason="paused")

@@ -95,15 +95,17 @@ def replay(runtime: Runtime, ids: list[int] | None = None, sink: str | None = No
 
 
 def relay(runtime: Runtime, limit: int = 1000) -> int:
-    """Dispatch pending deliveries whose task was lost (a crash between commit and publish)."""
+    """Dispatch pending deliveries whose task was lost (a crash between commit and publish, or
+    a worker killed holding it); paused sinks keep theirs in their queue."""
     with runtime.pool.connection() as conn, conn.transaction():
         rows = conn.execute(
             "UPDATE deliveries SET dispatched_at = now() WHERE (event_id, sink) IN ("
             "  SELECT event_id, sink FROM deliveries WHERE status = 'pending' "
-            "  AND dispatched_at < now() - make_interval(secs => %s) "
+            "  AND dispatched_at < now() - make_interval(secs => %s) AND sink <> ALL(%s) "
             "  ORDER BY dispatched_at LIMIT %s FOR UPDATE SKIP LOCKED) "
             "RETURNING event_id, sink",
-            (runtime.settings.relay_after_seconds, limit)).fetchall()
+            (runtime.settings.relay_after_seconds, sorted(runtime.control.paused()),
+             limit)).fetchall()
     by_sink: dict[str, list[str]] = {}
     for event_id, sink in rows:
         by_sink.setdefault(sink, []).append(event_id)
