@@ -54,7 +54,9 @@ def test_sinks_pause_resume_and_dead_letter_replay(routed, worker_factory, db):
     worker_factory(routed)
     client = create_app(routed).test_client()
     post(client, fixture_bytes("crm-deal-updated-won.json"))
-    wait_for(lambda: count(db, "SELECT count(*) FROM dead_letters") == 1, what="a dead letter")
+    wait_for(lambda: count(db, "SELECT count(*) FROM dead_letters") == 1
+             and count(db, "SELECT count(*) FROM deliveries WHERE status = 'delivered'") == 1,
+             what="a dead letter and a delivery")
 
     sinks = {s["sink"]: s for s in client.get("/api/sinks", headers=auth()).get_json()["sinks"]}
     assert sinks["audit"]["delivered"] == 1 and sinks["refuser"]["dead"] == 1

@@ -29,13 +29,15 @@ def test_sigkill_mid_batch_then_restart_stores_all_2000_exactly_once(
         ids.append(response.get_json()["id"])
 
     first = worker_factory(custom)
-    wait_for(lambda: count(db, "SELECT count(*) FROM events") > 0, interval=0.002,
-             what="the first batch")
+    def in_flight() -> int:
+        return redis_client.xpending(settings.stream_key, GROUP)["pending"]
+
+    wait_for(lambda: count(db, "SELECT count(*) FROM events") > 0 and in_flight() > 0,
+             interval=0.002, what="a batch stored while others are in flight")
     first.kill()  # SIGKILL to the whole process group: main process and pool children
     stored_at_kill = count(db, "SELECT count(*) FROM events")
-    pending = redis_client.xpending(settings.stream_key, GROUP)["pending"]
     assert stored_at_kill < 2000, "the worker finished before it was killed"
-    assert pending > 0, "no batch was in flight when the worker died"
+    assert in_flight() > 0, "no batch was in flight when the worker died"
 
     worker_factory(custom)  # a new consumer: it must claim what the dead one held
     wait_for(lambda: count(db, "SELECT count(*) FROM events") == 2000
