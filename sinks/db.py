@@ -12,10 +12,14 @@ import migrations
 MIGRATIONS = Path(migrations.__file__).resolve().parent
 
 
-def make_pool(dsn: str, max_size: int = 4) -> ConnectionPool:
-    """A small pool per process, opened lazily (never at import or before a fork)."""
-    return ConnectionPool(dsn, min_size=1, max_size=max_size, open=True,
-                          kwargs={"autocommit": False}, name="leadpipe")
+def make_pool(dsn: str, max_size: int = 4, timeout: float = 5.0) -> ConnectionPool:
+    """A small pool per process, made on first use (never at import or before a fork).
+
+    A caller waits at most `timeout` seconds for a connection (PoolTimeout), so a database
+    that is down makes a retryable error, not a stuck worker."""
+    return ConnectionPool(dsn, min_size=1, max_size=max_size, open=True, timeout=timeout,
+                          kwargs={"autocommit": False, "connect_timeout": max(1, int(timeout))},
+                          name="leadpipe")
 
 
 def _alembic_config(connection: psycopg.Connection | None = None):  # type: ignore[no-untyped-def]

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 from marshmallow import Schema, fields
+from psycopg_pool import PoolTimeout
 
 from sinks.base import RetryableSinkError, Sink
 from workers.events import Event, Rejected
@@ -118,7 +119,10 @@ class PostgresSink(Sink):
         self.store([event], ())
 
     def deliver_many(self, events: Sequence[Event]) -> list[BaseException | None]:
-        self.store(events, ())  # one transaction: all stored, or the error for all
+        try:  # one transaction: all stored, or the same error for all
+            self.store(events, ())
+        except Exception as exc:
+            return [exc] * len(events)
         return [None] * len(events)
 
     def store(self, events: Sequence[Event], rejected: Sequence[Rejected],
@@ -131,8 +135,8 @@ class PostgresSink(Sink):
         try:
             with self.pool.connection() as conn, conn.transaction():
                 return store(conn, events, rejected, route)
-        except psycopg.OperationalError as exc:
-            raise RetryableSinkError(f"postgres unavailable: {exc}") from exc
+        except (psycopg.OperationalError, PoolTimeout) as exc:
+            raise RetryableSinkError(f"postgres unavailable: {type(exc).__name__}") from exc
 
     def close(self) -> None:
         self.pool.close()

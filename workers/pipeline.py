@@ -9,6 +9,7 @@ from datetime import UTC, datetime
 import psycopg
 
 from ingest.queue import Entry
+from sinks.base import RetryableSinkError
 from sinks.postgres import Stored
 from workers.events import Event, Rejected
 from workers.normalize import normalize, quarantine
@@ -38,7 +39,7 @@ def store(runtime: Runtime, events: list[Event], rejected: list[Rejected]) -> St
     route = runtime.routing.sinks_for
     try:
         return runtime.postgres.store(events, rejected, route)
-    except psycopg.OperationalError:
+    except (psycopg.OperationalError, RetryableSinkError):
         raise
     except psycopg.Error as exc:
         log.warning("batch refused by postgres, storing one by one: %s", type(exc).__name__)
@@ -47,7 +48,7 @@ def store(runtime: Runtime, events: list[Event], rejected: list[Rejected]) -> St
         try:
             one = runtime.postgres.store(*(([item], []) if isinstance(item, Event) else
                                            ([], [item])), route)
-        except psycopg.OperationalError:
+        except (psycopg.OperationalError, RetryableSinkError):
             raise
         except psycopg.Error as exc:
             reason = f"postgres refused the event: {type(exc).__name__}: {exc}".strip()[:2000]

@@ -9,13 +9,14 @@ from typing import Any
 import psycopg
 import redis
 from celery import Task, shared_task
+from psycopg_pool import PoolTimeout
 
 from sinks.base import RetryableSinkError
 from workers import delivery, pipeline
 
 log = logging.getLogger("leadpipe.tasks")
 
-TRANSIENT = (RetryableSinkError, psycopg.OperationalError, redis.ConnectionError,
+TRANSIENT = (RetryableSinkError, psycopg.OperationalError, PoolTimeout, redis.ConnectionError,
              redis.TimeoutError)
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 from marshmallow import RAISE, Schema, fields, validate
@@ -29,6 +30,10 @@ class DummySink(Sink):
             raise RetryableSinkError("dummy is down", status=503)
         if self.options["fail"] == "permanent":
             raise PermanentSinkError("dummy refuses", status=400)
-        with open(self.options["path"], "a") as out:
+        path = Path(self.options["path"])
+        if path.exists() and any(json.loads(line)["dedup_key"] == event.dedup_key
+                                 for line in path.read_text().splitlines()):
+            return  # idempotent: delivered before
+        with path.open("a") as out:
             out.write(json.dumps({"id": event.id, "dedup_key": event.dedup_key,
                                   "type": event.event_type}) + "\n")
