@@ -108,6 +108,10 @@ class Settings:
         "REDIS_TIMEOUT_SECONDS", as_float, 2.0,
         "Socket timeout of the ingest path's Redis calls (RD gives up after 5 s).",
     )
+    group_commit: bool = setting(
+        "GROUP_COMMIT", as_bool, True,
+        "Concurrent requests of one API process share one pipelined Redis write (and fsync).",
+    )
     batch_size: int = setting(
         "BATCH_SIZE", as_positive_int, 500,
         "Most events one batch task handles.",

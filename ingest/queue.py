@@ -42,16 +42,26 @@ def make_redis(url: str, timeout: float | None = None) -> redis.Redis:
 class IngestStream:
     """Appends to and consumes from one Redis Stream with one consumer group."""
 
-    def __init__(self, client: redis.Redis, key: str):
+    def __init__(self, client: redis.Redis, key: str, group_commit: bool = False,
+                 commit_timeout: float = 5.0):
         self.client = client
         self.key = key
+        self._commit = None
+        if group_commit:
+            from ingest.commit import GroupCommit
+
+            self._commit = GroupCommit(client, key, timeout=commit_timeout)
 
     def append(self, event_id: str, body: bytes, hint: str | None = None) -> None:
+        """Durably add one raw body; returns only once Redis has it (raises RedisError if not)."""
         fields: dict[str, bytes | str | int] = {"i": event_id, "t": time.time_ns() // 1_000_000,
                                                  "b": body}
         if hint:
             fields["h"] = hint
-        self.client.xadd(self.key, fields)  # type: ignore[arg-type]
+        if self._commit is not None:
+            self._commit.append(fields)
+        else:
+            self.client.xadd(self.key, fields)  # type: ignore[arg-type]
 
     def ensure_group(self) -> None:
         try:
