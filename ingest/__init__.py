@@ -31,7 +31,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     if not settings.ingest_tokens:
         raise ConfigError("LEADPIPE_INGEST_TOKENS is not set: the endpoint would accept no one")
     app = Flask(__name__)
-    client = make_redis(settings.redis_url, timeout=settings.redis_timeout_seconds)
+    client = make_redis(settings.redis_url, timeout=settings.redis_timeout_seconds, retries=0)
     stream = IngestStream(client, settings.stream_key, group_commit=settings.group_commit,
                           commit_timeout=settings.redis_timeout_seconds + 1)
     app.extensions["leadpipe"] = Ingest(settings, TokenSet(settings.ingest_tokens), stream)

@@ -7,6 +7,8 @@ import time
 from dataclasses import dataclass
 
 import redis
+from redis.backoff import ExponentialWithJitterBackoff
+from redis.retry import Retry
 
 GROUP = "workers"
 
@@ -33,9 +35,11 @@ class Entry:
     hint: str | None
 
 
-def make_redis(url: str, timeout: float | None = None) -> redis.Redis:
+def make_redis(url: str, timeout: float | None = None, retries: int = 3) -> redis.Redis:
+    """A client; the ingest path asks for no retries so an outage becomes a prompt 503."""
     return redis.Redis.from_url(
-        url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30
+        url, socket_timeout=timeout, socket_connect_timeout=timeout, health_check_interval=30,
+        retry=Retry(ExponentialWithJitterBackoff(), retries),
     )
 
 

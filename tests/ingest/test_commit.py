@@ -9,6 +9,7 @@ import redis
 
 from config.local import free_port
 from ingest.commit import GroupCommit
+from ingest.queue import make_redis
 
 
 def test_concurrent_appends_all_land_and_each_caller_waits_for_its_own(redis_client, settings):
@@ -35,7 +36,7 @@ def test_concurrent_appends_all_land_and_each_caller_waits_for_its_own(redis_cli
 
 
 def test_a_failed_write_fails_every_waiting_caller():
-    dead = redis.Redis(port=free_port(), socket_connect_timeout=0.5, socket_timeout=0.5)
+    dead = make_redis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5, retries=0)
     commit = GroupCommit(dead, "nowhere", timeout=3)
     failures: list[BaseException] = []
 
