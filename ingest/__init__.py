@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+import orjson
 from flask import Flask, Response
 
 from config.settings import ConfigError, Settings
@@ -44,6 +45,18 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/healthz")
     def healthz() -> Response:
+        """The process is up (for liveness probes); touches nothing."""
         return Response(b'{"status":"ok"}', mimetype="application/json")
+
+    @app.get("/readyz")
+    def readyz() -> Response:
+        """Redis and Postgres reachable and migrations current (for load balancers)."""
+        from ingest.health import readiness
+
+        checks = readiness(settings, client)
+        ok = all(checks.values())
+        body = orjson.dumps({"status": "ok" if ok else "unavailable",
+                             "checks": {k: "ok" if v else "failing" for k, v in checks.items()}})
+        return Response(body, status=200 if ok else 503, mimetype="application/json")
 
     return app

@@ -29,11 +29,13 @@ class GroupCommit:
     """
 
     def __init__(self, client: redis.Redis, key: str, max_batch: int = 256,
-                 timeout: float = 5.0, clock: Callable[[], float] = time.monotonic):
+                 timeout: float = 5.0, linger: float = 0.0005,
+                 clock: Callable[[], float] = time.monotonic):
         self.client = client
         self.key = key
         self.max_batch = max_batch
         self.timeout = timeout
+        self.linger = linger
         self._cv = threading.Condition()
         self._queue: list[_Pending] = []
         self._pid = 0
@@ -59,12 +61,17 @@ class GroupCommit:
             raise pending.error
 
     def _run(self) -> None:
+        last = 1
         while True:
             with self._cv:
                 while not self._queue:
                     self._cv.wait()
+                if last > 1 and len(self._queue) < last:
+                    # callers come back one by one after a batch: give them a moment to join
+                    self._cv.wait(self.linger)
                 batch = self._queue[:self.max_batch]
                 del self._queue[:self.max_batch]
+            last = len(batch)
             try:
                 pipe = self.client.pipeline(transaction=False)
                 for pending in batch:
