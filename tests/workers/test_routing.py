@@ -139,3 +139,16 @@ def test_routes_explain_says_which_sinks_and_why():
     assert "route 'won deals to sales' -> sales-email: MATCH" in out
     assert "`deal.status in [won]` holds: deal.status is 'won'" in out
     assert out.strip().endswith("=> sinks: postgres, crm, sales-email")
+
+
+def test_a_worker_with_a_bad_routing_file_does_not_start(settings, tmp_path):
+    bad = tmp_path / "routes.yaml"
+    bad.write_text(yaml.safe_dump({"sinks": {"crm": {"type": "crm", "options": {
+        "base_url": "https://crm.example", "auth_value": "x", "colour": "red"}}}}))
+    result = leadpipe("worker", env=settings.with_(routes_file=str(bad)).to_env())
+    assert result.returncode == 2
+    assert "sink 'crm'" in result.stderr and "option 'colour'" in result.stderr
+    unknown = tmp_path / "unknown.yaml"
+    unknown.write_text(yaml.safe_dump({"sinks": {"x": {"type": "carrier-pigeon"}}}))
+    result = leadpipe("worker", env=settings.with_(routes_file=str(unknown)).to_env())
+    assert result.returncode == 2 and "unknown sink type 'carrier-pigeon'" in result.stderr
