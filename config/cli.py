@@ -335,6 +335,9 @@ def parser() -> argparse.ArgumentParser:
     dl.add_argument("--since", help="replay: only those dead since this ISO-8601 time")
     dl.add_argument("--limit", type=int, default=100)
     dl.set_defaults(func=cmd_dead_letters)
+    from ingest import tokens  # here, not at the top: it loads Flask and Redis
+
+    tokens.add_cli(sub)
     return p
 
 

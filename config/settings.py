@@ -145,6 +145,19 @@ class Settings:
         "ADMIN_TOKENS", as_list, (),
         "Bearer tokens for the operator API (/api/...: dead letters, sinks).",
     )
+    platform_account_id: int = setting(
+        "PLATFORM_ACCOUNT_ID", as_int, 0,
+        "RD account id shown as platform_account_id by /integrations/webhooks (exact past 2^53).",
+    )
+    subscription_probe: bool = setting(
+        "SUBSCRIPTION_PROBE", as_bool, True,
+        "Like RD, POST {} to a subscriber URL on create (or a new URL) and refuse it without a "
+        "2xx within 5 s.",
+    )
+    ssrf_allow: tuple[str, ...] = setting(
+        "SSRF_ALLOW", as_list, (),
+        "CIDRs and host names subscriber URLs may reach although not public (comma-separated).",
+    )
     relay_after_seconds: int = setting(
         "RELAY_AFTER_SECONDS", as_positive_int, 300,
         "A pending delivery with no task seen for this long is dispatched again.",

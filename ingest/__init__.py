@@ -37,10 +37,14 @@ def create_app(settings: Settings | None = None) -> Flask:
                           commit_timeout=settings.redis_timeout_seconds + 1)
     app.extensions["leadpipe"] = Ingest(settings, TokenSet(settings.ingest_tokens), stream)
     from ingest.admin import bp as admin
+    from ingest.openapi import bp as openapi
+    from ingest.subscriptions import bp as subscriptions
     from ingest.views import bp
 
     app.register_blueprint(bp)
     app.register_blueprint(admin)
+    app.register_blueprint(subscriptions)
+    app.register_blueprint(openapi)
     errors.register(app)
 
     @app.get("/healthz")

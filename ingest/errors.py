@@ -33,7 +33,8 @@ def register(app: Flask) -> None:
     def _http(exc: HTTPException) -> Response:
         status = exc.code or 500
         message = exc.description or exc.name
-        return error(status, _TYPES.get(status, "ERROR"), message)
+        headers = {k: v for k, v in exc.get_headers() if k.lower() != "content-type"}
+        return error(status, _TYPES.get(status, "ERROR"), message, headers=headers)
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
