@@ -1,0 +1,204 @@
+"""Benchmarks: `python -m bench.ingest` (endpoint vs a bare Flask app) and `python -m bench.drain`.
+
+This module holds what both share: the project paths, a registry of the processes a benchmark
+starts (each in a process group of its own, all stopped on exit, error or Ctrl-C), and the
+description of the machine and the software versions printed with every result.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import re
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT.parent / "shared" / "fixtures" / "rdstation"
+
+
+class BenchError(RuntimeError):
+    """The benchmark could not run or its result failed verification."""
+
+
+class Processes:
+    """Every process a benchmark starts, each the leader of its own process group.
+
+    `stop_all()` signals whole groups (a gunicorn arbiter and its workers, a Celery node and its
+    pool), newest first, and escalates to SIGKILL when a group does not exit in time.
+    """
+
+    def __init__(self) -> None:
+        self.procs: list[tuple[str, subprocess.Popen]] = []
+
+    def start(self, name: str, cmd: Sequence[str], log: Path, env: dict[str, str] | None = None,
+              cwd: Path = ROOT) -> subprocess.Popen:
+        with open(log, "ab") as out:  # the child keeps its own descriptor
+            proc = subprocess.Popen(list(cmd), env=env, cwd=cwd, stdout=out,
+                                    stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
+                                    start_new_session=True)
+        self.procs.append((name, proc))
+        return proc
+
+    def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM,
+             timeout: float = 20) -> None:
+        if proc.poll() is None:
+            try:
+                os.killpg(proc.pid, sig)
+            except ProcessLookupError:
+                pass
+            try:
+                proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                try:
+                    os.killpg(proc.pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+                proc.wait(timeout=10)
+        # a group's other members (pool children) may outlive its leader for a moment
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        self.procs = [(n, p) for n, p in self.procs if p is not proc]
+
+    def stop_all(self) -> None:
+        for _, proc in reversed(list(self.procs)):
+            self.stop(proc)
+
+
+@contextmanager
+def terminate_as_interrupt() -> Iterator[None]:
+    """Turn SIGTERM into KeyboardInterrupt so `finally` blocks clean up on `kill` as on Ctrl-C."""
+
+    def handler(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def wait_until(check: Callable[[], object], timeout: float, what: str,
+               interval: float = 0.05) -> object:
+    deadline = time.monotonic() + timeout
+    while True:
+        result = check()
+        if result:
+            return result
+        if time.monotonic() > deadline:
+            raise BenchError(f"timed out after {timeout:.0f}s waiting for {what}")
+        time.sleep(interval)
+
+
+def tail(path: Path, lines: int = 15) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError:
+        return ""
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by the live processes of one process group."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in os.scandir("/proc"):
+        if not entry.name.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry.name}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+        except OSError:  # gone meanwhile
+            continue
+        if int(fields[2]) == pgid:  # fields after the command: state ppid pgrp ... utime stime
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
+
+
+def _dist(name: str) -> str:
+    try:
+        return metadata.version(name)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def _command_version(cmd: Sequence[str], pattern: str) -> str:
+    try:
+        out = subprocess.run(list(cmd), capture_output=True, text=True, timeout=10,
+                             check=False)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not found"
+    match = re.search(pattern, out.stdout + out.stderr)
+    return match.group(1) if match else (out.stdout + out.stderr).strip()[:60]
+
+
+def versions() -> dict[str, str]:
+    """The software a result depends on, as installed on this machine."""
+    from config.local import _pg_bin
+
+    try:
+        import redis.utils
+
+        hiredis = "with hiredis" if redis.utils.HIREDIS_AVAILABLE else "pure-Python parser"
+    except ImportError:
+        hiredis = "?"
+    try:
+        postgres = _command_version([_pg_bin("postgres"), "--version"], r"(\d+(?:\.\d+)+)")
+    except Exception:  # ConfigError when not installed: report, do not fail here
+        postgres = "not found"
+    return {
+        "python": platform.python_version(),
+        "redis-server": _command_version(["redis-server", "--version"], r"v=(\S+)"),
+        "postgres": postgres,
+        "celery": _dist("celery"),
+        "redis-py": f"{_dist('redis')} ({hiredis}, hiredis {_dist('hiredis')})",
+        "psycopg": _dist("psycopg"),
+        "flask": _dist("flask"),
+        "gunicorn": _dist("gunicorn"),
+        "granian": _dist("granian"),
+        "wrk": _command_version(["wrk", "--version"], r"wrk (?:debian/)?(\S+)"),
+    }
+
+
+def _cpu_times() -> tuple[int, int]:
+    with open("/proc/stat") as stat:
+        values = [int(x) for x in stat.readline().split()[1:]]
+    idle = values[3] + (values[4] if len(values) > 4 else 0)  # idle + iowait
+    return sum(values) - idle, sum(values)
+
+
+def cpu_busy(seconds: float = 1.0) -> float | None:
+    """Share of all CPUs busy over `seconds` (other work skews a benchmark); None off Linux."""
+    try:
+        busy0, total0 = _cpu_times()
+        time.sleep(seconds)
+        busy1, total1 = _cpu_times()
+    except (OSError, ValueError, IndexError):
+        return None
+    return (busy1 - busy0) / max(1, total1 - total0)
+
+
+def machine() -> str:
+    load = ", ".join(f"{x:.2f}" for x in os.getloadavg())
+    busy = cpu_busy()
+    idle = "" if busy is None else f"; {busy:.0%} of the CPUs busy in the second before the run"
+    warning = " (OTHER WORK IS RUNNING: numbers will be low and noisy)" if (busy or 0) > 0.15 \
+        else ""
+    return (f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}, "
+            f"{platform.machine()}; load average {load}{idle}{warning}")
+
+
+def print_versions(keys: Sequence[str]) -> None:
+    found = versions()
+    print("  versions     " + ", ".join(f"{k} {found[k]}" for k in keys))
+    print(f"  machine      {machine()}")
+    sys.stdout.flush()
