@@ -10,12 +10,13 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-system: ## install the Redis and PostgreSQL servers (Debian packages) when missing
+system: ## install the Redis and PostgreSQL servers, openssl and wrk (Debian packages) when missing
 	@need=""; \
 	command -v redis-server >/dev/null 2>&1 || need="$$need redis-server"; \
 	{ command -v postgres >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; } || need="$$need postgresql"; \
 	command -v runuser >/dev/null 2>&1 || need="$$need util-linux"; \
 	command -v openssl >/dev/null 2>&1 || need="$$need openssl"; \
+	command -v wrk >/dev/null 2>&1 || need="$$need wrk"; \
 	if [ -n "$$need" ]; then echo "installing:$$need"; $(SUDO) apt-get update -qq && $(APT) $$need; fi
 
 $(BIN)/.installed: pyproject.toml tests/sinks/dummy_plugin/pyproject.toml
@@ -33,7 +34,6 @@ test: setup ## set up, then run the test suite against real Redis, Postgres and 
 	$(BIN)/pytest
 
 bench: setup ## run the benchmarks (ingest vs bare endpoint, drain) and print their numbers
-	@command -v wrk >/dev/null 2>&1 || { $(SUDO) apt-get update -qq && $(APT) wrk; }
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.drain
 

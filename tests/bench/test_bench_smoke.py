@@ -3,11 +3,8 @@
 from __future__ import annotations
 
 import re
-import shutil
 import subprocess
 import sys
-
-import pytest
 
 from tests.conftest import ROOT
 
@@ -20,7 +17,6 @@ def run_bench(*argv: str, timeout: float) -> str:
     return result.stdout
 
 
-@pytest.mark.skipif(shutil.which("wrk") is None, reason="wrk is not installed")
 def test_ingest_bench_prints_both_apps_and_the_ratio():
     out = run_bench("bench.ingest", "--duration", "2", "--warmup", "1", timeout=90)
     assert "configuration" in out and "gunicorn" in out and "python 3." in out
