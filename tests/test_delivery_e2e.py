@@ -181,8 +181,9 @@ def test_a_dead_crm_does_not_slow_the_others_and_its_deliveries_replay_once(
     crm.stop()  # connection refused from now on
     without_crm = phase(500)
     assert without_crm <= with_crm * 1.5 + 2, (with_crm, without_crm)
-    assert count(db, "SELECT count(*) FROM deliveries WHERE sink = 'sales-email' "
-                     "AND status = 'delivered'") == 1000
+    wait_for(lambda: count(db, "SELECT count(*) FROM deliveries WHERE sink = 'sales-email' "
+                               "AND status = 'delivered'") == 1000,  # sent, then recorded
+             what="every e-mail delivery recorded")
 
     settled(db, "crm", 1000, timeout=120)  # the shortened schedule runs out: dead letters
     assert count(db, "SELECT count(*) FROM dead_letters WHERE sink = 'crm'") == 500
