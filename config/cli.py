@@ -297,7 +297,9 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--port", type=int, default=port)
         sp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
         sp.add_argument("--threads", type=int, default=4)
-        sp.add_argument("--server", choices=SERVERS, default="gunicorn")
+        sp.add_argument("--server", choices=SERVERS, default="granian",
+                        help="granian (default: measured fastest here, see docs/PERFORMANCE.md) "
+                             "or gunicorn (gthread)")
 
     run = sub.add_parser("run", help="all-in-one: local Redis/Postgres if unset, API and worker")
     add_server_options(run, 8000)

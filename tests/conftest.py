@@ -209,7 +209,7 @@ class ApiProcess:
     """`leadpipe api` under its production server, on a free port."""
 
     def __init__(self, settings: Settings, log_path: Path, workers: int = 1,
-                 server: str = "gunicorn"):
+                 server: str | None = None):
         self.settings = settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
@@ -217,7 +217,7 @@ class ApiProcess:
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
                 [sys.executable, "-m", "config.cli", "api", "--port", str(self.port),
-                 "--workers", str(workers), "--server", server],
+                 "--workers", str(workers), *(["--server", server] if server else [])],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
         import requests
 

@@ -8,7 +8,7 @@ import requests
 
 from config.local import free_port
 from ingest import create_app
-from tests.conftest import OTHER_TOKEN, TOKEN, fixture_bytes, post
+from tests.conftest import OTHER_TOKEN, TOKEN, ApiProcess, fixture_bytes, post
 
 CONVERTED = fixture_bytes("mkt-v2-converted.json")
 
@@ -80,7 +80,17 @@ def test_body_over_limit_is_413(redis_url, database_url, redis_client, settings)
     assert stream_len(redis_client, settings) <= 1
 
 
-def test_chunked_body_over_limit_is_413_on_a_real_server(settings, redis_client, live_api):
+@pytest.mark.parametrize("server", ["granian", "gunicorn"])
+def test_chunked_body_over_limit_is_413_on_a_real_server(settings, redis_client, tmp_path,
+                                                         server):
+    live_api = ApiProcess(settings, tmp_path / "api.log", server=server)
+    try:
+        chunked_checks(settings, redis_client, live_api)
+    finally:
+        live_api.stop()
+
+
+def chunked_checks(settings, redis_client, live_api):  # type: ignore[no-untyped-def]
     def chunks():  # no Content-Length: the size is only known while reading
         yield b'{"pad": "'
         for _ in range(int(settings.max_body_bytes / 1000) + 10):
