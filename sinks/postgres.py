@@ -62,7 +62,7 @@ _TAGS = ("CASE WHEN t.tags IS NULL THEN NULL "
 def _upsert_sql(table: str, key: str, columns: Sequence[str], types: dict[str, str]) -> str:
     """INSERT ... SELECT FROM unnest(...) that merges newer non-null values and never goes back."""
     all_cols = (key, *columns, "updated_at", "last_event_id")
-    arrays = ", ".join(f"%s::{'jsonb' if types.get(c) == 'jsonb' else types.get(c, 'text')}[]"
+    arrays = ", ".join(f"%b::{'jsonb' if types.get(c) == 'jsonb' else types.get(c, 'text')}[]"
                        for c in all_cols)
     select = ", ".join(
         _TAGS if c == "tags" else f"t.{c}" for c in all_cols)
@@ -83,8 +83,8 @@ _DEALS_SQL = _upsert_sql("deals", "id", DEAL_COLUMNS, DEAL_TYPES)
 _EVENTS_SQL = """
     INSERT INTO events (id, dedup_key, source, event_type, entity_type, entity_id, occurred_at,
                         received_at, duplicates, payload)
-    SELECT * FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[], %s::text[], %s::text[],
-                         %s::timestamptz[], %s::timestamptz[], %s::int[], %s::jsonb[])
+    SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
+                         %b::timestamptz[], %b::timestamptz[], %b::int[], %b::jsonb[])
     ON CONFLICT (dedup_key) DO UPDATE SET
         duplicates = events.duplicates + EXCLUDED.duplicates + 1,
         last_duplicate_at = now()
@@ -92,7 +92,7 @@ _EVENTS_SQL = """
 """
 _QUARANTINE_SQL = """
     INSERT INTO quarantine (id, received_at, reason, event_type_hint, payload)
-    SELECT * FROM unnest(%s::text[], %s::timestamptz[], %s::text[], %s::text[], %s::jsonb[])
+    SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::text[], %b::text[], %b::jsonb[])
     ON CONFLICT (id) DO NOTHING
 """
 
@@ -184,8 +184,8 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
 def _outbox(conn: psycopg.Connection, result: Stored, route: Router) -> None:
     pairs = [(e.id, sink) for e in result.new for sink in route(e)]
     if pairs:
-        conn.execute("INSERT INTO deliveries (event_id, sink) SELECT * FROM unnest(%s::text[], "
-                     "%s::text[]) ON CONFLICT DO NOTHING",
+        conn.execute("INSERT INTO deliveries (event_id, sink) SELECT * FROM unnest(%b::text[], "
+                     "%b::text[]) ON CONFLICT DO NOTHING",
                      ([p[0] for p in pairs], [p[1] for p in pairs]))
     for event_id, sink in pairs:
         result.deliveries.setdefault(sink, []).append(event_id)
