@@ -13,7 +13,7 @@ from marshmallow.validate import Length
 
 from sinks.base import PermanentSinkError, Sink
 from sinks.http import (
-    header_name,
+    free_header,
     header_value,
     http_url,
     json_body,
@@ -142,10 +142,7 @@ class CrmMappings(Schema):
     deal = _mapping(DEFAULT_DEAL_MAPPING)
 
 
-def _auth_header(value: str) -> None:
-    header_name(value)
-    if value.lower() in _OWN_HEADERS:
-        raise ValidationError(f"{value!r} is a header the sink sets itself.")
+_auth_header = free_header(_OWN_HEADERS)
 
 
 class CrmOptions(Schema):

@@ -58,6 +58,17 @@ def header_name(value: str) -> None:
         raise ValidationError("Not a valid HTTP header name.")
 
 
+def free_header(own: frozenset[str]):  # type: ignore[no-untyped-def]
+    """Validator factory: a header name that is valid and not one the sink sets itself."""
+
+    def check(value: str) -> None:
+        header_name(value)
+        if value.lower() in own:
+            raise ValidationError(f"{value!r} is a header the sink sets itself.")
+
+    return check
+
+
 def header_value(value: str) -> None:
     """Validator: a header value requests can send (ASCII, no line breaks). Never echoes it."""
     if not _HEADER_VALUE.match(value):

@@ -14,7 +14,7 @@ from standardwebhooks import Webhook
 
 from sinks.base import Sink
 from sinks.http import (
-    header_name,
+    free_header,
     header_value,
     http_url,
     json_body,
@@ -46,10 +46,7 @@ def whsec_secret(value: str) -> None:
         raise ValidationError(f"Must decode to at least {MIN_SECRET_BYTES} bytes.")
 
 
-def _extra_header(value: str) -> None:
-    header_name(value)
-    if value.lower() in _OWN_HEADERS:
-        raise ValidationError(f"{value!r} is a header the sink sets itself.")
+_extra_header = free_header(_OWN_HEADERS)
 
 
 class WebhookOptions(Schema):
