@@ -107,10 +107,9 @@ def tail(path: Path, lines: int = 15) -> str:
         return ""
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system) used so far by the live processes of one process group."""
-    tick = os.sysconf("SC_CLK_TCK")
-    total = 0
+def _proc_stats() -> dict[int, tuple[int, int, int]]:
+    """pid -> (ppid, pgrp, utime + stime in clock ticks) of every live process."""
+    stats = {}
     for entry in os.scandir("/proc"):
         if not entry.name.isdigit():
             continue
@@ -119,9 +118,32 @@ def group_cpu_seconds(pgid: int) -> float:
                 fields = stat.read().rpartition(")")[2].split()
         except OSError:  # gone meanwhile
             continue
-        if int(fields[2]) == pgid:  # fields after the command: state ppid pgrp ... utime stime
-            total += int(fields[11]) + int(fields[12])
-    return total / tick
+        # fields after the command: state ppid pgrp session ... utime(11) stime(12)
+        stats[int(entry.name)] = (int(fields[1]), int(fields[2]),
+                                  int(fields[11]) + int(fields[12]))
+    return stats
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """CPU time (user + system) used so far by the live processes of one process group."""
+    ticks = sum(cpu for _, group, cpu in _proc_stats().values() if group == pgid)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time used so far by a live process and all its live descendants (Postgres backends
+    leave their parent's process group, so a group is not enough there)."""
+    stats = _proc_stats()
+    children: dict[int, list[int]] = {}
+    for pid, (ppid, _, _) in stats.items():
+        children.setdefault(ppid, []).append(pid)
+    total, todo = 0, [root]
+    while todo:
+        pid = todo.pop()
+        if pid in stats:
+            total += stats[pid][2]
+        todo.extend(children.get(pid, ()))
+    return total / os.sysconf("SC_CLK_TCK")
 
 
 def _dist(name: str) -> str:
@@ -197,8 +219,9 @@ def machine() -> str:
             f"{platform.machine()}; load average {load}{idle}{warning}")
 
 
-def print_versions(keys: Sequence[str]) -> None:
+def print_versions(keys: Sequence[str], machine_text: str | None = None) -> None:
+    """The versions line and the machine line (measure `machine()` early when setup is busy)."""
     found = versions()
     print("  versions     " + ", ".join(f"{k} {found[k]}" for k in keys))
-    print(f"  machine      {machine()}")
+    print(f"  machine      {machine_text or machine()}")
     sys.stdout.flush()

@@ -42,9 +42,11 @@ from bench import (
     FIXTURES,
     BenchError,
     Processes,
+    machine,
     print_versions,
     tail,
     terminate_as_interrupt,
+    tree_cpu_seconds,
     wait_until,
 )
 from config.local import LocalPostgres, LocalRedis
@@ -57,6 +59,8 @@ FIXTURE_NAMES = (
 )
 NAMESPACE = uuid.UUID("6f1c3c52-3d0e-4a57-9b1e-2f6a0c0b7d11")
 BASE_TIME = datetime(2024, 1, 1, tzinfo=UTC)
+IDLE_FRAMES = ("Condition.wait ", "Event.wait ", "_epoll.poll ", "poll ", "select ",
+               "Connection._recv (billiard")  # threads parked, not working
 PROJECT_CODE = ("workers/", "sinks/", "ingest/")  # frames shown in the inclusive profile
 TARGET, LATER_TARGET = 5_000, 10_000  # stored events per second (issue 2, later)
 
@@ -250,7 +254,7 @@ class Profiler:
             return
         own: Counter = Counter()
         inclusive: Counter = Counter()
-        total = 0
+        total = idle = 0
         for line in self.out.read_text(errors="replace").splitlines():
             stack, _, count_text = line.rpartition(" ")
             if not stack or not count_text.isdigit():
@@ -260,6 +264,9 @@ class Profiler:
                       and not f.startswith("thread ")]
             if not frames:
                 continue
+            if frames[-1].startswith(IDLE_FRAMES):
+                idle += count
+                continue
             total += count
             own[frames[-1]] += count
             for frame in set(frames):
@@ -267,8 +274,9 @@ class Profiler:
         if not total:
             print("profile: no samples")
             return
-        print(f"profile (py-spy, one worker node and its pool, {total} samples; idle threads "
-              "included)")
+        print(f"profile (py-spy, one worker node and its pool: {total} busy samples, {idle} "
+              "samples of threads parked in a wait left out; time waiting for a Redis or "
+              "Postgres reply is counted)")
         print("  own time")
         for frame, count in own.most_common(top):
             print(f"    {100 * count / total:5.1f}%  {frame}")
@@ -311,6 +319,7 @@ def main(argv: list[str] | None = None) -> int:
     profiler: Profiler | None = None
     try:
         with terminate_as_interrupt():
+            machine_text = machine()  # before our own set-up keeps the CPUs busy
             data = build(args.events, args.duplicates, args.seed)
             warm = build(args.warm, 0.0, args.seed + 1, offset=10**9) if args.warm else None
             redis_server = LocalRedis(tmp / "redis")
@@ -358,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             print("  timing       workers booted and warmed first; backlog appended in one "
                   "MULTI/EXEC; clock from EXEC's reply to an empty stream")
             print_versions(["python", "redis-server", "postgres", "celery", "redis-py",
-                            "psycopg"])
+                            "psycopg"], machine_text)
             sys.stdout.flush()
 
             booted = time.perf_counter()
@@ -380,8 +389,12 @@ def main(argv: list[str] | None = None) -> int:
             if args.profile:
                 profiler = Profiler(nodes[0].pid, tmp / "profile.txt", tmp / "py-spy.log")
             timeout = args.timeout or 120 + args.events / 500
+            roots = {"workers": [n.pid for n in nodes], "postgres": [pg.proc.pid],
+                     "redis": [redis_server.proc.pid]} if pg.proc and redis_server.proc else {}
             load_s = append_all(client, key, data.bodies, transaction=True)
+            cpu0 = {k: sum(tree_cpu_seconds(p) for p in v) for k, v in roots.items()}
             elapsed, first = wait_drained(client, key, len(data.bodies), timeout, nodes, tmp)
+            cpu = {k: sum(tree_cpu_seconds(p) for p in v) - cpu0[k] for k, v in roots.items()}
             if profiler:
                 profiler.stop()
             counts = db.counts()
@@ -393,6 +406,11 @@ def main(argv: list[str] | None = None) -> int:
                   f"acknowledged after {1000 * (first or 0):.0f} ms)")
             print(f"rate: {data.unique / elapsed:.0f} events/s (unique events stored), "
                   f"{len(data.bodies) / elapsed:.0f} entries/s (stream entries drained)")
+            if cpu:
+                print("cpu during the drain: " + ", ".join(
+                    f"{k} {v:.1f} s ({1e6 * v / data.unique:.0f} us/event)" for k, v in cpu.items())
+                    + f"; wall {elapsed:.1f} s x {os.cpu_count()} CPUs = "
+                    f"{elapsed * (os.cpu_count() or 1):.1f} CPU-s available")
             print(f"rows: events {counts['events']}, leads {counts['leads']}, deals "
                   f"{counts['deals']}, duplicates counted {counts['duplicates']}, quarantine "
                   f"{counts['quarantine']}, stream length {client.xlen(key)}, pending {pending}")

@@ -1,6 +1,6 @@
 """Ingest vs bare: the webhook endpoint against a Flask app that does nothing, same server and load.
 
-    python -m bench.ingest [--duration 15] [--server gunicorn|granian] [--rounds 1]
+    python -m bench.ingest [--duration 15] [--server granian|gunicorn] [--rounds 1]
 
 Starts a LocalRedis (AOF, appendfsync always) in a temporary folder, then serves (a) Leadpipe's
 `ingest:create_app` and (b) `bench.bare:create_app` with the command line `leadpipe api` uses
@@ -30,6 +30,7 @@ from bench import (
     BenchError,
     Processes,
     group_cpu_seconds,
+    machine,
     print_versions,
     tail,
     terminate_as_interrupt,
@@ -197,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="measure ours and bare this many times, alternating order (1)")
     p.add_argument("--connections", type=int, default=32)
     p.add_argument("--wrk-threads", type=int, default=2)
-    p.add_argument("--server", choices=SERVERS, default="gunicorn")
+    p.add_argument("--server", choices=SERVERS, default="granian",
+                   help="the production server (default: as `leadpipe api`, granian)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="server worker processes (default: as `leadpipe api`, the CPU count)")
     p.add_argument("--server-threads", type=int, default=4,
@@ -214,6 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     redis_server: LocalRedis | None = None
     try:
         with terminate_as_interrupt():
+            machine_text = machine()  # before our own servers boot and keep the CPUs busy
             redis_server = LocalRedis(tmp / "redis")  # assigned first: stopped even if start fails
             redis_server.start()
             if any("=" not in item for item in args.env):
@@ -243,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{given}: group_commit {settings.group_commit}, redis_timeout_seconds "
                   f"{settings.redis_timeout_seconds}, log_level {settings.log_level}")
             print_versions(["python", "redis-server", "postgres", "celery", "redis-py",
-                            "flask", "gunicorn", "granian", "wrk"])
+                            "flask", "gunicorn", "granian", "wrk"], machine_text)
             sys.stdout.flush()
             results = run_rounds(args, settings, servers, redis_server, tmp)
             return report(args, results)

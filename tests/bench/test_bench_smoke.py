@@ -19,7 +19,7 @@ def run_bench(*argv: str, timeout: float) -> str:
 
 def test_ingest_bench_prints_both_apps_and_the_ratio():
     out = run_bench("bench.ingest", "--duration", "2", "--warmup", "1", timeout=90)
-    assert "configuration" in out and "gunicorn" in out and "python 3." in out
+    assert "configuration" in out and "granian" in out and "python 3." in out
     for name in ("ours", "bare"):
         assert re.search(rf"^  {name}\s+req/s\s+[\d.]+\s+p50\s+[\d.]+ ms\s+p99\s+[\d.]+ ms",
                          out, re.M), out
