@@ -14,6 +14,11 @@ from pathlib import Path
 from config.settings import ConfigError, Settings, documented
 
 SERVERS = ("gunicorn", "granian")
+# A Marketing v2 conversion as RD Station sends it, small enough for a copy-paste curl.
+SAMPLE = ('{"event_type":"WEBHOOK.CONVERTED","entity_type":"CONTACT",'
+          '"event_identifier":"quickstart","timestamp":"2026-01-01T12:00:01Z",'
+          '"event_timestamp":"2026-01-01T12:00:00Z","contact":{"uuid":"quickstart-0001",'
+          '"email":"ana@example.com","name":"Ana","funnel":{"opportunity":false}}}')
 
 
 def _settings() -> Settings:
@@ -250,7 +255,7 @@ Leadpipe is running. Post an RD Station webhook:
 
   curl -s -X POST "{url}?token=$(cat {data / 'ingest-token'})" \\
        -H 'Content-Type: application/json' \\
-       --data-binary @../shared/fixtures/rdstation/mkt-v2-converted.json
+       -d '{SAMPLE}'
 
 Settings for other shells: source {data / 'env'}     Stop: Ctrl-C
 """, flush=True)

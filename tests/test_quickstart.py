@@ -35,7 +35,7 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path)
     try:
         wait_for(lambda: "Stop: Ctrl-C" in out.read_text(), timeout=120, what="the banner")
         banner = out.read_text()
-        curl = re.search(r"^\s*(curl .*?--data-binary \S+)$", banner, re.S | re.M)
+        curl = re.search(r"^\s*(curl .*?-d '[^']+')$", banner, re.S | re.M)
         assert curl, banner
         wait_for(lambda: listening(port), what="the API")
         answer = subprocess.run(["bash", "-c", curl.group(1).replace("\\\n", " ")], cwd=ROOT,
@@ -52,10 +52,18 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path)
                                     "ON l.uuid = e.entity_id").fetchone()
 
         assert wait_for(stored, timeout=30, what="the lead row") == (event_id,
-                                                                     "contact@example.com")
+                                                                     "ana@example.com")
         ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", banner)]
     finally:
         os.kill(run.pid, signal.SIGINT)  # Ctrl-C stops everything it started
         assert run.wait(timeout=90) == 0
     for p in ports:
         assert not listening(p), f"port {p} still open after Ctrl-C"
+
+
+def test_the_readme_posts_the_same_sample_the_banner_prints():
+    from config.cli import SAMPLE
+
+    readme = (ROOT / "README.md").read_text()
+    assert f"-d '{SAMPLE}'" in readme
+    assert "make run" in readme and "make test" in readme
