@@ -20,6 +20,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from config.local import stop_group
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT.parent / "shared" / "fixtures" / "rdstation"
 
@@ -49,19 +51,7 @@ class Processes:
 
     def stop(self, proc: subprocess.Popen, sig: int = signal.SIGTERM,
              timeout: float = 20) -> None:
-        if proc.poll() is None:
-            try:
-                os.killpg(proc.pid, sig)
-            except ProcessLookupError:
-                pass
-            try:
-                proc.wait(timeout=timeout)
-            except subprocess.TimeoutExpired:
-                try:
-                    os.killpg(proc.pid, signal.SIGKILL)
-                except ProcessLookupError:
-                    pass
-                proc.wait(timeout=10)
+        stop_group(proc, sig, timeout)
         # a group's other members (pool children) may outlive its leader for a moment
         try:
             os.killpg(proc.pid, signal.SIGKILL)

@@ -131,6 +131,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
 
 def _explain(fixture: str, routes_file: str | None, hint: str | None) -> int:
     from ingest.queue import Entry
+    from workers.events import Rejected
     from workers.normalize import normalize
     from workers.routing import load
 
@@ -138,10 +139,10 @@ def _explain(fixture: str, routes_file: str | None, hint: str | None) -> int:
     body = Path(fixture).read_bytes()
     print(f"routing: {routing.source}")
     for item in normalize(Entry("explain", "explain", int(time.time() * 1000), body, hint)):
-        if hasattr(item, "reason"):
+        if isinstance(item, Rejected):
             print(f"quarantined: {item.reason}")
-            continue
-        print("\n".join(routing.explain(item)))  # type: ignore[arg-type]
+        else:
+            print("\n".join(routing.explain(item)))
     return 0
 
 

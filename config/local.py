@@ -45,8 +45,10 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, log: Path,
     raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f}s")
 
 
-def _stop(proc: subprocess.Popen | None, sig: int, timeout: float) -> None:
-    """Signal the server's whole process group (it runs in a session of its own) and wait."""
+def stop_group(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
+               timeout: float = 30) -> None:
+    """Signal a process started in a session of its own (its whole group) and wait for it;
+    SIGKILL the group if it is still there after `timeout`."""
     if proc is None or proc.poll() is not None:
         return
     try:
@@ -56,7 +58,10 @@ def _stop(proc: subprocess.Popen | None, sig: int, timeout: float) -> None:
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
         proc.wait(timeout=10)
 
 
@@ -114,7 +119,7 @@ class LocalRedis:
             time.sleep(0.05)
 
     def stop(self, kill: bool = False) -> None:
-        _stop(self.proc, signal.SIGKILL if kill else signal.SIGTERM, 30)
+        stop_group(self.proc, signal.SIGKILL if kill else signal.SIGTERM, 30)
 
 
 def _pg_bin(name: str) -> str:
@@ -243,4 +248,4 @@ class LocalPostgres:
             conn.execute(f'CREATE DATABASE "{self.database}"')
 
     def stop(self, kill: bool = False) -> None:
-        _stop(self.proc, signal.SIGKILL if kill else signal.SIGINT, 60)
+        stop_group(self.proc, signal.SIGKILL if kill else signal.SIGINT, 60)

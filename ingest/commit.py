@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import threading
-import time
-from collections.abc import Callable
 
 import redis
 
@@ -29,8 +27,7 @@ class GroupCommit:
     """
 
     def __init__(self, client: redis.Redis, key: str, max_batch: int = 256,
-                 timeout: float = 5.0, linger: float = 0.0005,
-                 clock: Callable[[], float] = time.monotonic):
+                 timeout: float = 5.0, linger: float = 0.0005):
         self.client = client
         self.key = key
         self.max_batch = max_batch
@@ -39,7 +36,6 @@ class GroupCommit:
         self._cv = threading.Condition()
         self._queue: list[_Pending] = []
         self._pid = 0
-        self._clock = clock
 
     def _ensure_writer(self) -> None:
         # one writer per process, started after a fork (gunicorn forks after loading the app)

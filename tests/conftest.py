@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import signal
 import subprocess
 import sys
 import tempfile
@@ -16,7 +17,7 @@ import psycopg
 import pytest
 import redis
 
-from config.local import LocalPostgres, LocalRedis, free_port
+from config.local import LocalPostgres, LocalRedis, free_port, stop_group
 from config.settings import Settings
 from sinks.db import migrate
 
@@ -158,17 +159,10 @@ class WorkerProcess:
 
     def kill(self) -> None:
         assert self.proc is not None
-        os.killpg(self.proc.pid, 9)
-        self.proc.wait(timeout=30)
+        stop_group(self.proc, signal.SIGKILL)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                os.killpg(self.proc.pid, 9)
-                self.proc.wait(timeout=10)
+        stop_group(self.proc)
 
 
 @pytest.fixture
@@ -232,9 +226,7 @@ class ApiProcess:
         wait_for(up, timeout=30, what="api start")
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            os.killpg(self.proc.pid, 15)
-            self.proc.wait(timeout=30)
+        stop_group(self.proc)
 
 
 @pytest.fixture
