@@ -37,12 +37,13 @@ def cmd_migrate(args: argparse.Namespace) -> int:
 
 
 def worker_queues(settings: Settings) -> list[str]:
-    """The ingest queue, the default queue, and the queue of every sink that is not paused."""
-    from workers.runtime import Runtime, sink_queue
+    """The ingest queue, the default queue, the subscriptions' queue, and the queue of every sink
+    that is not paused."""
+    from workers.runtime import Runtime, sink_queue, subscriptions_queue
 
     runtime = Runtime(settings)
     paused = runtime.control.paused()
-    return [settings.ingest_queue, f"{settings.namespace}.default",
+    return [settings.ingest_queue, f"{settings.namespace}.default", subscriptions_queue(settings),
             *(sink_queue(settings, name) for name in runtime.routing.sinks if name not in paused)]
 
 

@@ -158,6 +158,15 @@ class Settings:
         "SSRF_ALLOW", as_list, (),
         "CIDRs and host names subscriber URLs may reach although not public (comma-separated).",
     )
+    subscription_suspend_after: int = setting(
+        "SUBSCRIPTION_SUSPEND_AFTER", as_positive_int, 20,
+        "Consecutive failed deliveries (each after its quick tries) that suspend a subscription; "
+        "its missed events wait in dead letters until a PUT re-activates it.",
+    )
+    subscription_secret_grace_seconds: int = setting(
+        "SUBSCRIPTION_SECRET_GRACE_SECONDS", as_positive_int, 24 * 3600,
+        "After a subscription's signing secret is rotated, the old one also signs for this long.",
+    )
     relay_after_seconds: int = setting(
         "RELAY_AFTER_SECONDS", as_positive_int, 300,
         "A pending delivery with no task seen for this long is dispatched again.",

@@ -81,6 +81,7 @@ def document() -> dict[str, Any]:
                          ("Webhook", schemas.WebhookSchema),
                          ("CreatedWebhook", schemas.CreatedWebhookSchema),
                          ("WebhookList", schemas.WebhookListSchema),
+                         ("RotatedSecret", schemas.RotatedSecretSchema),
                          ("ErrorDetail", schemas.ErrorDetailSchema),
                          ("Error", schemas.ErrorSchema),
                          ("FieldErrors", schemas.FieldErrorsSchema)):
@@ -111,6 +112,14 @@ def document() -> dict[str, Any]:
         "delete": {"operationId": "deleteWebhook", "summary": "Unsubscribe.",
                    "responses": _responses({"204": {"description": "Deleted."},
                                             "404": _not_found()})},
+    })
+    spec.path(path=BASE + "/{uuid}/secret/rotate", parameters=[uuid], operations={
+        "post": {"operationId": "rotateWebhookSecret",
+                 "summary": "A new signing secret (Leadpipe's addition; RD signs nothing). The "
+                            "old one keeps signing during the grace period.",
+                 "responses": _responses({"200": _body("The new secret, shown only here.",
+                                                       "RotatedSecret"),
+                                          "404": _not_found()})},
     })
     return spec.to_dict()
 

@@ -177,6 +177,16 @@ class CreatedWebhookSchema(WebhookSchema):
                        "once, on creation."})
 
 
+class RotatedSecretSchema(Schema):
+    """The answer to a secret rotation: the new secret, shown only this once."""
+
+    uuid = fields.UUID(dump_only=True, required=True)
+    secret = fields.String(dump_only=True, required=True, metadata={
+        "description": "The new Standard Webhooks signing secret (whsec_...)."})
+    previous_secret_expires_at = UtcMillis(dump_only=True, required=True, metadata={
+        "description": "Until then deliveries carry a signature by the old secret too."})
+
+
 class WebhookListSchema(Schema):
     webhooks = fields.List(fields.Nested(WebhookSchema), required=True)
 

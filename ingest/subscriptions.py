@@ -25,6 +25,7 @@ from ingest import ssrf, tokens
 from ingest.errors import error
 from ingest.subscription_schemas import (
     CreatedWebhookSchema,
+    RotatedSecretSchema,
     WebhookInputSchema,
     WebhookSchema,
     rd_errors,
@@ -36,6 +37,7 @@ PROBE_TIMEOUT = 5.0  # RD's own limit for an answer
 _INPUT = WebhookInputSchema()
 _WEBHOOK = WebhookSchema()
 _CREATED = CreatedWebhookSchema()
+_ROTATED = RotatedSecretSchema()
 _COLUMNS = ("uuid, event_type, entity_type, url, http_method, event_identifiers, "
             "include_relations, status, source, created_at, updated_at")
 
@@ -300,3 +302,22 @@ def delete_webhook(webhook_uuid: str) -> Response:
     response = Response(status=204)
     del response.headers["Content-Type"]
     return response
+
+
+@bp.post("/<webhook_uuid>/secret/rotate")
+def rotate_secret(webhook_uuid: str) -> Response:
+    """A new signing secret, shown once; the old one also signs until the grace period ends
+    (LEADPIPE_SUBSCRIPTION_SECRET_GRACE_SECONDS), so the receiver can switch without a gap."""
+    key = _uuid(webhook_uuid)
+    grace = _option("subscription_secret_grace_seconds", 24 * 3600)
+    with _db().cursor(row_factory=dict_row) as cur:
+        cur.execute(
+            "UPDATE subscriptions SET previous_secret = secret, secret = %s, "
+            "previous_secret_expires_at = now() + make_interval(secs => %s), updated_at = now() "
+            "WHERE uuid = %s RETURNING uuid, event_type, url, secret, previous_secret_expires_at",
+            (new_secret(), grace, key))
+        row = cur.fetchone()
+    if row is None:
+        raise _not_found(key)
+    _audit("secret rotated", row)
+    return _json(_ROTATED.dump(row))

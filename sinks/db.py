@@ -12,13 +12,16 @@ import migrations
 MIGRATIONS = Path(migrations.__file__).resolve().parent
 
 
-def make_pool(dsn: str, max_size: int = 4, timeout: float = 5.0) -> ConnectionPool:
+def make_pool(dsn: str, max_size: int = 4, timeout: float = 5.0,
+              autocommit: bool = False) -> ConnectionPool:
     """A small pool per process, made on first use (never at import or before a fork).
 
     A caller waits at most `timeout` seconds for a connection (PoolTimeout), so a database
-    that is down makes a retryable error, not a stuck worker."""
+    that is down makes a retryable error, not a stuck worker. `autocommit` is fixed here, before
+    the pool opens its first connection."""
     return ConnectionPool(dsn, min_size=1, max_size=max_size, open=True, timeout=timeout,
-                          kwargs={"autocommit": False, "connect_timeout": max(1, int(timeout))},
+                          kwargs={"autocommit": autocommit,
+                                  "connect_timeout": max(1, int(timeout))},
                           name="leadpipe")
 
 

@@ -9,10 +9,11 @@ import time
 from datetime import UTC, datetime
 from typing import Any
 
-from marshmallow import RAISE, Schema, ValidationError, fields
+from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from standardwebhooks import Webhook
 
-from sinks.base import Sink
+from ingest import ssrf
+from sinks.base import PermanentSinkError, Sink
 from sinks.http import (
     free_header,
     header_value,
@@ -24,6 +25,7 @@ from sinks.http import (
 )
 from workers.events import Event
 from workers.normalize import parse_body
+from workers.rdshape import COMPANY, CONTACT_FUNNEL, rd_body
 
 SECRET_PREFIX = "whsec_"  # noqa: S105 (the format's prefix, not a secret)
 MIN_SECRET_BYTES = 24  # the Standard Webhooks spec asks for 24 to 64 random bytes
@@ -59,6 +61,16 @@ class WebhookOptions(Schema):
     headers = fields.Dict(keys=fields.String(validate=_extra_header),
                           values=fields.String(validate=header_value),
                           load_default=lambda: {})
+    # "envelope": Leadpipe's {event_type, event_id, occurred_at, payload}; "rd": RD's own body
+    body = fields.String(load_default="envelope", validate=validate.OneOf(("envelope", "rd")))
+    include_relations = fields.List(
+        fields.String(validate=validate.OneOf((COMPANY, CONTACT_FUNNEL))),
+        load_default=lambda: [])
+    # rotation: the old secret also signs until it expires, so receivers can switch at leisure
+    previous_secret = fields.String(load_default=None, allow_none=True, validate=whsec_secret)
+    previous_secret_expires_at = fields.AwareDateTime(load_default=None, allow_none=True)
+    # set: check the URL's addresses before every request (DNS may have changed since)
+    ssrf_allow = fields.List(fields.String(), load_default=None, allow_none=True)
 
 
 def webhook_id(dedup_key: str) -> str:
@@ -68,10 +80,10 @@ def webhook_id(dedup_key: str) -> str:
 
 
 def event_body(event: Event) -> dict[str, Any]:
-    """What is POSTed, in this key order:
+    """The "envelope" body, in this key order:
 
     {"event_type": ..., "event_id": ..., "occurred_at": ISO-8601, "payload": <the raw event as
-    RD sent it>}. (A later change moves Marketing events to RD's own v2 shape.)
+    RD sent it>}. (The "rd" body is `workers.rdshape.rd_body`.)
     """
     return {
         "event_type": event.event_type,
@@ -82,9 +94,10 @@ def event_body(event: Event) -> dict[str, Any]:
 
 
 class WebhookSink(Sink):
-    """POST {url} with `event_body(event)` encoded by sinks.http.json_body, and the headers
-    webhook-id (stable per event), webhook-timestamp (Unix seconds of this attempt) and
-    webhook-signature (v1, HMAC-SHA256 by the standardwebhooks package)."""
+    """POST {url} with the event's body (`body` option) encoded by sinks.http.json_body, and the
+    headers webhook-id (stable per event), webhook-timestamp (Unix seconds of this attempt) and
+    webhook-signature (v1, HMAC-SHA256 by the standardwebhooks package; during a secret's
+    rotation grace, one signature per secret, space-separated, as the spec allows)."""
 
     name = "webhook"
     Options = WebhookOptions
@@ -92,16 +105,35 @@ class WebhookSink(Sink):
     def __init__(self, instance: str, options: dict[str, Any]):
         super().__init__(instance, options)
         self.signer = Webhook(options["secret"])
+        previous = options.get("previous_secret")
+        self.previous = Webhook(previous) if previous else None
+        allow = options.get("ssrf_allow")
+        self.allow = None if allow is None else ssrf.AllowList.parse(allow)
         self.session = new_session()
         self.label = f"webhook sink {instance!r}"
 
+    def body(self, event: Event) -> dict[str, Any]:
+        if self.options.get("body") == "rd":
+            return rd_body(event, self.options.get("include_relations") or ())
+        return event_body(event)
+
+    def signature(self, msg_id: str, timestamp: int, data: bytes) -> str:
+        """The webhook-signature value: the current secret's, plus the previous one's while its
+        grace lasts."""
+        moment = datetime.fromtimestamp(timestamp, UTC)
+        text = data.decode("utf-8")
+        signatures = [self.signer.sign(msg_id, moment, text)]
+        expires = self.options.get("previous_secret_expires_at")
+        if self.previous is not None and (expires is None or moment < expires):
+            signatures.append(self.previous.sign(msg_id, moment, text))
+        return " ".join(signatures)
+
     def request(self, event: Event, now: float | None = None) -> tuple[bytes, dict[str, str]]:
         """(body, headers) of the request for `event`, signed at `now` (default: the clock)."""
-        data = json_body(event_body(event))
+        data = json_body(self.body(event))
         msg_id = webhook_id(event.dedup_key)
         timestamp = int(time.time() if now is None else now)
-        signature = self.signer.sign(msg_id, datetime.fromtimestamp(timestamp, UTC),
-                                     data.decode("utf-8"))
+        signature = self.signature(msg_id, timestamp, data)
         headers = {
             **self.options["headers"],
             "Content-Type": "application/json",
@@ -112,6 +144,11 @@ class WebhookSink(Sink):
         return data, headers
 
     def deliver(self, event: Event) -> int | None:
+        if self.allow is not None:
+            try:  # the URL was checked when subscribed; its DNS may point elsewhere now
+                ssrf.check_url(self.options["url"], self.allow)
+            except ssrf.Refused as exc:
+                raise PermanentSinkError(f"{self.label}: refused: {exc}") from None
         data, headers = self.request(event)
         return send(self.session, "POST", self.options["url"], body=data, headers=headers,
                     timeout=self.options["timeout"], label=f"{self.label} POST").status_code

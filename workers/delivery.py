@@ -7,7 +7,7 @@ import random
 import time
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
-from typing import Any
+from typing import Any, Protocol
 
 import psycopg
 from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_exponential
@@ -90,8 +90,9 @@ def _record(conn: psycopg.Connection, event: Event, sink: str, started: datetime
 
 
 def _dead(conn: psycopg.Connection, event_id: str, sink: str, exc: BaseException | None,
-          reason: str) -> None:
-    conn.execute(
+          reason: str) -> int:
+    """Dead-letter one pending delivery; 1 if it was pending, else 0."""
+    return conn.execute(
         "WITH d AS (UPDATE deliveries SET status = 'dead' WHERE event_id = %s AND sink = %s "
         "           AND status = 'pending' RETURNING attempts) "
         "INSERT INTO dead_letters (event_id, sink, error, status_code, attempts, "
@@ -101,7 +102,7 @@ def _dead(conn: psycopg.Connection, event_id: str, sink: str, exc: BaseException
         "  (SELECT max(started_at) FROM delivery_attempts WHERE event_id = %s AND sink = %s) "
         "FROM d",
         (event_id, sink, event_id, sink, reason[:1000], getattr(exc, "status", None),
-         event_id, sink, event_id, sink))
+         event_id, sink, event_id, sink)).rowcount
 
 
 def attempt(conn: psycopg.Connection, sink: Sink, spec: SinkSpec,
@@ -128,18 +129,35 @@ def attempt(conn: psycopg.Connection, sink: Sink, spec: SinkSpec,
     return outcome
 
 
+class Health(Protocol):
+    """Watches a target's outcomes; `failed` returns a reason when the target must stop
+    receiving (a subscription suspended), and its undelivered events go to dead letters."""
+
+    def succeeded(self, conn: psycopg.Connection) -> None: ...
+
+    def failed(self, conn: psycopg.Connection, exc: BaseException) -> str | None: ...
+
+
 def run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any, event_ids: list[str],
-        round_: int) -> Plan:
+        round_: int, health: Health | None = None) -> Plan:
     """One round of deliveries to one sink; tells the task what to schedule next."""
     events, locked = load_events(conn, spec.name, event_ids)
     try:
-        return _run(conn, sink, spec, control, events, round_)
+        return _run(conn, sink, spec, control, events, round_, health)
     finally:
         release(conn, spec.name, locked)
 
 
+def bury(conn: psycopg.Connection, sink: str, event_ids: list[str], reason: str) -> int:
+    """Move pending deliveries straight to dead letters (their target cannot receive now)."""
+    dead = 0
+    for event_id in event_ids:
+        dead += _dead(conn, event_id, sink, None, reason)
+    return dead
+
+
 def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
-         events: list[Event], round_: int) -> Plan:
+         events: list[Event], round_: int, health: Health | None = None) -> Plan:
     plan = Plan(next_round=round_)
     if control.is_paused(spec.name):
         return Plan(retry_ids=[e.id for e in events], countdown=2.0, next_round=round_,
@@ -166,9 +184,17 @@ def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
         exc = attempt(conn, sink, spec, event)
         if exc is None:
             control.circuit_success(spec.name)
+            if health is not None:
+                health.succeeded(conn)
             conn.execute("UPDATE deliveries SET status = 'delivered', delivered_at = now() "
                          "WHERE event_id = %s AND sink = %s", (event.id, spec.name))
             plan.delivered += 1
+        elif health is not None and (stop := health.failed(conn, exc)):
+            # the target stops receiving: this event, the rest and the failed go to dead letters
+            for item, item_exc in [(event, exc), *failed, *((e, None) for e in events[n + 1:])]:
+                plan.dead += _dead(conn, item.id, spec.name, item_exc,
+                                   f"{stop}: {type(exc).__name__}: {exc}")
+            return plan
         elif isinstance(exc, PermanentSinkError):
             _dead(conn, event.id, spec.name, exc, f"permanent: {type(exc).__name__}: {exc}")
             plan.dead += 1

@@ -8,6 +8,7 @@ from typing import Any
 
 import psycopg
 
+from workers import subscribers
 from workers.runtime import Runtime, sink_queue
 
 
@@ -110,6 +111,6 @@ def relay(runtime: Runtime, limit: int = 1000) -> int:
     for event_id, sink in rows:
         by_sink.setdefault(sink, []).append(event_id)
     for sink, event_ids in by_sink.items():
-        if sink in runtime.routing.sinks:
+        if sink in runtime.routing.sinks or subscribers.is_target(sink):
             runtime.publish(sink, event_ids)
     return len(rows)

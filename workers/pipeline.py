@@ -36,7 +36,7 @@ def split(entries: Sequence[Entry]) -> tuple[list[Event], list[Rejected]]:
 
 def store(runtime: Runtime, events: list[Event], rejected: list[Rejected]) -> Stored:
     """Store a batch; if Postgres refuses some value, store the rest and quarantine the culprits."""
-    route = runtime.routing.sinks_for
+    route = runtime.router()
     try:
         return runtime.postgres.store(events, rejected, route)
     except (psycopg.OperationalError, RetryableSinkError):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from dataclasses import dataclass
 from functools import cached_property
 from typing import Any
 
@@ -13,12 +15,31 @@ from sinks.base import Sink
 from sinks.db import make_pool
 from sinks.postgres import PostgresSink
 from sinks.registry import sink_class
+from workers import subscribers
 from workers.control import SinkControl
-from workers.routing import Routing, load
+from workers.events import Event
+from workers.routing import Routing, SinkSpec, load
 
 
 def sink_queue(settings: Settings, sink: str) -> str:
+    """The Celery queue of a sink's deliveries; every subscription shares one."""
+    if subscribers.is_target(sink):
+        return subscriptions_queue(settings)
     return f"{settings.namespace}.sink.{sink}"
+
+
+def subscriptions_queue(settings: Settings) -> str:
+    return f"{settings.namespace}.subscriptions"
+
+
+@dataclass
+class Target:
+    """Where one delivery task sends: the sink, its policy, and (subscriptions) its health."""
+
+    sink: Sink | None
+    spec: SinkSpec
+    health: subscribers.Health | None = None
+    gone: str = ""  # why the target cannot receive now (its deliveries go to dead letters)
 
 
 class Runtime:
@@ -30,6 +51,7 @@ class Runtime:
         self.settings = settings
         self.app = app
         self._sinks: dict[str, Sink] = {}
+        self._subscriptions: dict[str, tuple[subscribers.Subscription, Sink]] = {}
 
     @cached_property
     def redis(self):  # type: ignore[no-untyped-def]
@@ -48,9 +70,7 @@ class Runtime:
     def pool(self) -> ConnectionPool:
         """Autocommit connections for deliveries: every attempt is recorded at once."""
         assert self.settings.database_url
-        pool = make_pool(self.settings.database_url)
-        pool.kwargs["autocommit"] = True
-        return pool
+        return make_pool(self.settings.database_url, autocommit=True)
 
     @cached_property
     def routing(self) -> Routing:
@@ -72,6 +92,39 @@ class Runtime:
             self._sinks[name] = cls(name, spec.options, **kwargs)
         return self._sinks[name]
 
+    def router(self) -> Callable[[Event], list[str]]:
+        """Where each event of the next batch goes: the routing file's sinks, then the
+        subscriptions (read once per batch, so a new subscription gets the next batch)."""
+        with self.pool.connection() as conn:
+            match = subscribers.matcher(conn)
+        sinks_for = self.routing.sinks_for
+        return lambda event: sinks_for(event) + match(event)
+
+    def target(self, conn: Any, name: str) -> Target | None:
+        """The sink behind a delivery target name; None for a sink no longer configured."""
+        if not subscribers.is_target(name):
+            spec = self.routing.sinks.get(name)
+            return None if spec is None else Target(self.sink(name), spec)
+        spec = subscribers.spec(name)
+        sub = subscribers.load(conn, name)
+        if sub is None:
+            self._drop_subscription(name)
+            return Target(None, spec, gone="subscription deleted")
+        if sub.status != "active":
+            return Target(None, spec, gone=f"subscription {sub.status}")
+        cached = self._subscriptions.get(name)
+        if cached is None or cached[0] != sub:  # new, or its URL, relations or secrets changed
+            self._drop_subscription(name)
+            sink = sink_class("webhook")(name, sub.options(self.settings))
+            cached = self._subscriptions[name] = (sub, sink)
+        return Target(cached[1], spec,
+                      subscribers.Health(sub, self.settings.subscription_suspend_after))
+
+    def _drop_subscription(self, name: str) -> None:
+        old = self._subscriptions.pop(name, None)
+        if old is not None:
+            old[1].close()
+
     def publish(self, sink: str, event_ids: list[str], round_: int = 0,
                 countdown: float = 0.0) -> None:
         """Queue deliveries to one sink, in chunks, on that sink's own queue."""
@@ -85,3 +138,5 @@ class Runtime:
     def close(self) -> None:
         for sink in self._sinks.values():
             sink.close()
+        for name in list(self._subscriptions):
+            self._drop_subscription(name)

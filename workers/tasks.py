@@ -50,14 +50,17 @@ def process_batch(self: Task, entry_ids: list[str], consumer: str) -> dict[str, 
 def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0) -> dict[str, Any]:
     """One round of deliveries of stored events to one sink; schedules the next round."""
     runtime = self.app.leadpipe.runtime()
-    spec = runtime.routing.sinks.get(sink)
-    if spec is None:  # the sink left the routing file: its deliveries wait for it to return
-        log.warning("deliveries for unknown sink %s left pending", sink)
-        return {"sink": sink, "unknown": len(event_ids)}
     try:
         with runtime.pool.connection() as conn:
-            plan = delivery.run(conn, runtime.sink(sink), spec, runtime.control, event_ids,
-                                round_)
+            target = runtime.target(conn, sink)
+            if target is None:  # the sink left the routing file: its deliveries wait for it
+                log.warning("deliveries for unknown sink %s left pending", sink)
+                return {"sink": sink, "unknown": len(event_ids)}
+            if target.sink is None:  # a deleted or suspended subscription
+                dead = delivery.bury(conn, sink, event_ids, target.gone)
+                return {"sink": sink, "dead": dead, "why": target.gone}
+            plan = delivery.run(conn, target.sink, target.spec, runtime.control, event_ids,
+                                round_, target.health)
     except TRANSIENT as exc:  # our own Postgres or Redis: try the same round again soon
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
     if plan.retry_ids:

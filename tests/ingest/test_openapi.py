@@ -44,7 +44,8 @@ def test_document_is_valid_openapi_3_and_needs_a_token(settings, api_token):
     assert operations == {("get", "/integrations/webhooks"), ("post", "/integrations/webhooks"),
                           ("get", "/integrations/webhooks/{uuid}"),
                           ("put", "/integrations/webhooks/{uuid}"),
-                          ("delete", "/integrations/webhooks/{uuid}")}
+                          ("delete", "/integrations/webhooks/{uuid}"),
+                          ("post", "/integrations/webhooks/{uuid}/secret/rotate")}
     del client.environ_base["HTTP_AUTHORIZATION"]
     assert client.get("/openapi.json").status_code == 401
 

@@ -298,7 +298,8 @@ def test_unknown_uuid_is_404_resource_not_found(client, key):
 
 REQUESTS = [("GET", HOOKS), ("GET", HOOKS + "/"), ("POST", HOOKS),
             ("GET", f"{HOOKS}/{uuid.uuid4()}"), ("PUT", f"{HOOKS}/{uuid.uuid4()}"),
-            ("DELETE", f"{HOOKS}/{uuid.uuid4()}"), ("GET", "/openapi.json")]
+            ("DELETE", f"{HOOKS}/{uuid.uuid4()}"),
+            ("POST", f"{HOOKS}/{uuid.uuid4()}/secret/rotate"), ("GET", "/openapi.json")]
 
 
 @pytest.mark.parametrize(("authorization", "error"), [
@@ -328,7 +329,7 @@ def test_the_route_table_has_no_unauthenticated_subscription_route(make_client):
     client.environ_base.pop("HTTP_AUTHORIZATION")
     rules = [r for r in client.application.url_map.iter_rules()
              if r.endpoint.startswith(("subscriptions.", "openapi."))]
-    assert len(rules) == 6
+    assert len(rules) == 7
     for rule in rules:
         path = rule.rule.replace("<webhook_uuid>", str(uuid.uuid4()))
         for method in sorted(rule.methods - {"HEAD", "OPTIONS"}):
@@ -483,4 +484,5 @@ def test_subscriptions_table_matches_the_api(database_url):
             "WHERE table_name = 'subscriptions'")}
     assert {"uuid", "event_type", "entity_type", "url", "http_method", "event_identifiers",
             "include_relations", "status", "source", "created_at", "updated_at", "secret",
-            "previous_secret", "previous_secret_expires_at", "consecutive_failures"} == columns
+            "previous_secret", "previous_secret_expires_at", "consecutive_failures",
+            "suspended_at", "last_error"} == columns

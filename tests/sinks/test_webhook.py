@@ -193,3 +193,50 @@ def test_defaults():
     loaded = load_options("hook-x", "webhook", {"url": "https://hooks.example.com/x",
                                                 "secret": SECRET})
     assert (loaded["timeout"], loaded["headers"]) == (5.0, {})
+
+
+# -- RD's body, secret rotation, the SSRF re-check (what subscriptions use) --------------------
+
+
+def test_rd_body_option_sends_rds_own_shape_with_the_relations_asked_for(server, make_sink):
+    raw = fixture_bytes("mkt-v2-converted.json")
+    make_sink(body="rd", include_relations=["COMPANY"]).deliver(event(raw))
+    (got,) = server.requests
+    expected = json.loads(raw)
+    del expected["contact"]["funnel"]
+    assert Webhook(SECRET).verify(got.body, got.headers) == expected
+
+
+def test_during_the_grace_period_both_secrets_sign(server, make_sink):
+    from datetime import UTC, datetime, timedelta
+
+    soon = datetime.now(UTC) + timedelta(hours=1)
+    make_sink(secret=OTHER_SECRET, previous_secret=SECRET,
+              previous_secret_expires_at=soon.isoformat()).deliver(
+        event(fixture_bytes("crm-deal-created.json")))
+    (got,) = server.requests
+    assert len(got.header("webhook-signature").split(" ")) == 2
+    Webhook(SECRET).verify(got.body, got.headers)  # a receiver not yet switched
+    Webhook(OTHER_SECRET).verify(got.body, got.headers)  # a receiver already switched
+
+
+def test_after_the_grace_period_only_the_new_secret_signs(server, make_sink):
+    from datetime import UTC, datetime, timedelta
+
+    past = datetime.now(UTC) - timedelta(seconds=1)
+    make_sink(secret=OTHER_SECRET, previous_secret=SECRET,
+              previous_secret_expires_at=past.isoformat()).deliver(
+        event(fixture_bytes("crm-deal-created.json")))
+    (got,) = server.requests
+    assert " " not in got.header("webhook-signature")
+    Webhook(OTHER_SECRET).verify(got.body, got.headers)
+    with pytest.raises(WebhookVerificationError):
+        Webhook(SECRET).verify(got.body, got.headers)
+
+
+def test_the_ssrf_guard_is_checked_again_before_each_request(server, make_sink):
+    with pytest.raises(PermanentSinkError, match="loopback"):
+        make_sink(ssrf_allow=[]).deliver(event(fixture_bytes("crm-deal-created.json")))
+    assert server.requests == []  # refused before connecting
+    make_sink(ssrf_allow=["127.0.0.1"]).deliver(event(fixture_bytes("crm-deal-created.json")))
+    assert len(server.requests) == 1

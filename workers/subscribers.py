@@ -1,0 +1,130 @@
+"""Subscriptions as delivery targets: which events they get, their webhook sink, their health."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+import psycopg
+
+from config.settings import Settings
+from workers.events import Event
+from workers.routing import SinkSpec
+from workers.view import identifier
+
+log = logging.getLogger("leadpipe.subscribers")
+
+PREFIX = "subscription:"  # deliveries.sink of a subscription is "subscription:<uuid>"
+CONVERTED = "WEBHOOK.CONVERTED"
+
+Matcher = Callable[[Event], list[str]]
+
+
+def target(uuid: Any) -> str:
+    """The delivery target name (deliveries.sink, dead_letters.sink) of a subscription."""
+    return f"{PREFIX}{uuid}"
+
+
+def is_target(name: str) -> bool:
+    return name.startswith(PREFIX)
+
+
+def matcher(conn: psycopg.Connection) -> Matcher:
+    """Which subscriptions an event goes to, from one read of the table.
+
+    An event goes to every subscription of its type (suspended ones too: their deliveries go
+    to dead letters, to be replayed after a PUT re-activates them); a WEBHOOK.CONVERTED
+    subscription with `event_identifiers` only gets conversions with one of them.
+    """
+    by_type: dict[str, list[tuple[str, frozenset[str]]]] = {}
+    for uuid, event_type, identifiers in conn.execute(
+            "SELECT uuid, event_type, event_identifiers FROM subscriptions "
+            "WHERE status <> 'inactive' ORDER BY created_at, uuid"):
+        by_type.setdefault(event_type, []).append((target(uuid), frozenset(identifiers)))
+    if not by_type:
+        return lambda event: []
+
+    def match(event: Event) -> list[str]:
+        found = by_type.get(event.event_type)
+        if not found:
+            return []
+        ident = identifier(event) if event.event_type == CONVERTED else None
+        return [name for name, wanted in found
+                if not wanted or event.event_type != CONVERTED or ident in wanted]
+
+    return match
+
+
+@dataclass(frozen=True)
+class Subscription:
+    """The row a delivery needs."""
+
+    uuid: str
+    event_type: str
+    url: str
+    include_relations: tuple[str, ...]
+    status: str
+    secret: str
+    previous_secret: str | None
+    previous_secret_expires_at: Any
+
+    @property
+    def target(self) -> str:
+        return target(self.uuid)
+
+    def options(self, settings: Settings) -> dict[str, Any]:
+        """Options of the webhook sink that delivers to this subscription."""
+        return {"url": self.url, "secret": self.secret, "timeout": 5.0, "headers": {},
+                "body": "rd", "include_relations": list(self.include_relations),
+                "previous_secret": self.previous_secret,
+                "previous_secret_expires_at": self.previous_secret_expires_at,
+                "ssrf_allow": list(settings.ssrf_allow)}
+
+
+def load(conn: psycopg.Connection, name: str) -> Subscription | None:
+    """The subscription behind a target name, or None when it was deleted."""
+    row = conn.execute(
+        "SELECT uuid::text, event_type, url, include_relations, status, secret, "
+        "previous_secret, previous_secret_expires_at FROM subscriptions WHERE uuid::text = %s",
+        (name[len(PREFIX):],)).fetchone()
+    return None if row is None else Subscription(row[0], row[1], row[2], tuple(row[3]), *row[4:])
+
+
+def spec(name: str) -> SinkSpec:
+    """The delivery policy of every subscription: RD's 5 s answer limit, Leadpipe's rounds."""
+    return SinkSpec(name, "webhook", {})
+
+
+class Health:
+    """Counts a subscription's consecutive failed deliveries; suspends it at the threshold."""
+
+    def __init__(self, subscription: Subscription, threshold: int):
+        self.uuid = subscription.uuid
+        self.threshold = threshold
+
+    def succeeded(self, conn: psycopg.Connection) -> None:
+        conn.execute("UPDATE subscriptions SET consecutive_failures = 0 "
+                     "WHERE uuid::text = %s AND consecutive_failures <> 0", (self.uuid,))
+
+    def failed(self, conn: psycopg.Connection, exc: BaseException) -> str | None:
+        """Record one failed delivery; the suspension reason once the threshold is reached."""
+        row = conn.execute(
+            "UPDATE subscriptions SET consecutive_failures = consecutive_failures + 1, "
+            "  status = CASE WHEN status = 'active' AND consecutive_failures + 1 >= %s "
+            "           THEN 'suspended' ELSE status END, "
+            "  suspended_at = CASE WHEN status = 'active' AND consecutive_failures + 1 >= %s "
+            "           THEN now() ELSE suspended_at END, "
+            "  last_error = %s "
+            "WHERE uuid::text = %s RETURNING consecutive_failures, status",
+            (self.threshold, self.threshold, f"{type(exc).__name__}: {exc}"[:1000],
+             self.uuid)).fetchone()
+        if row is None:
+            return "subscription deleted"
+        failures, status = row
+        if status != "active":
+            log.warning("subscription suspended", extra={"subscription": self.uuid,
+                                                         "failures": failures})
+            return f"subscription suspended after {failures} consecutive failed deliveries"
+        return None
