@@ -201,6 +201,38 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_purge(args: argparse.Namespace) -> int:
+    from workers import retention
+
+    runtime = _ops_runtime()
+    kept = retention.retention(runtime.settings)
+    if not kept:
+        print("no retention is set (LEADPIPE_RETAIN_*_DAYS): nothing to purge")
+        return 0
+
+    def progress(store: str, done: int) -> None:
+        print(f"\r{store}: {done} row(s)", end="", file=sys.stderr, flush=True)
+
+    with runtime.pool.connection() as conn:
+        done = retention.purge(conn, runtime.settings, progress)
+    print(file=sys.stderr)
+    for store, n in done.items():
+        print(f"{store}: purged {n} row(s) older than {kept[store]} day(s)")
+    return 0
+
+
+def cmd_erase(args: argparse.Namespace) -> int:
+    from workers import retention
+
+    runtime = _ops_runtime()
+    with runtime.pool.connection() as conn:
+        touched = retention.erase(conn, runtime.stream, args.email)
+    for store, n in touched.items():
+        print(f"{store}: {n}")
+    print(f"erased: {sum(touched.values())} row(s) or entries in {len(touched)} stores")
+    return 0
+
+
 def cmd_config(args: argparse.Namespace) -> int:
     if args.markdown:
         print("| variable | default | meaning |\n|---|---|---|")
@@ -344,6 +376,11 @@ def parser() -> argparse.ArgumentParser:
     dl.add_argument("--since", help="replay: only those dead since this ISO-8601 time")
     dl.add_argument("--limit", type=int, default=100)
     dl.set_defaults(func=cmd_dead_letters)
+    sub.add_parser("purge", help="apply the retention settings (LEADPIPE_RETAIN_*_DAYS) now"
+                   ).set_defaults(func=cmd_purge)
+    erase = sub.add_parser("erase", help="remove one person from every store Leadpipe keeps")
+    erase.add_argument("--email", required=True)
+    erase.set_defaults(func=cmd_erase)
     from ingest import tokens  # here, not at the top: it loads Flask and Redis
 
     tokens.add_cli(sub)

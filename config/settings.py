@@ -36,6 +36,13 @@ def as_positive_int(raw: str) -> int:
     return value
 
 
+def as_days(raw: str) -> int:
+    value = as_int(raw)
+    if value < 0:
+        raise ConfigError(f"expected a number of days, 0 or more, got {raw!r}")
+    return value
+
+
 def as_float(raw: str) -> float:
     try:
         return float(raw.strip())
@@ -170,6 +177,27 @@ class Settings:
     relay_after_seconds: int = setting(
         "RELAY_AFTER_SECONDS", as_positive_int, 300,
         "A pending delivery with no task seen for this long is dispatched again.",
+    )
+    retain_payload_days: int = setting(
+        "RETAIN_PAYLOAD_DAYS", as_days, 0,
+        "Raw bodies (events.payload) older than this are emptied by `leadpipe purge` once "
+        "nothing waits to deliver them; leads and deals keep their state. 0: keep.",
+    )
+    retain_quarantine_days: int = setting(
+        "RETAIN_QUARANTINE_DAYS", as_days, 0,
+        "Quarantined bodies older than this are deleted by `leadpipe purge`. 0: keep.",
+    )
+    retain_dead_letters_days: int = setting(
+        "RETAIN_DEAD_LETTERS_DAYS", as_days, 0,
+        "Dead letters older than this are deleted by `leadpipe purge`. 0: keep.",
+    )
+    retain_attempts_days: int = setting(
+        "RETAIN_ATTEMPTS_DAYS", as_days, 0,
+        "Delivery attempts older than this are deleted by `leadpipe purge`. 0: keep.",
+    )
+    purge_interval_seconds: int = setting(
+        "PURGE_INTERVAL_SECONDS", as_positive_int, 3600,
+        "How often one worker runs the purge task (when any retention is set).",
     )
     data_dir: str = setting(
         "DATA_DIR", as_str, ".leadpipe",

@@ -1,4 +1,4 @@
-"""The operator API under /api: sinks (state, pause, resume) and dead letters (list, replay)."""
+"""The operator API under /api: sinks (pause, resume), dead letters (replay), erasure."""
 
 from __future__ import annotations
 
@@ -94,3 +94,21 @@ def replay_many() -> Response:
         except ValueError:
             return error(400, "INVALID", "since must be an ISO-8601 time.")
     return _json({"replayed": operations.replay(_runtime(), sink=body["sink"], since=since)})
+
+
+@bp.post("/erase")
+def erase() -> Response:
+    """Remove one person everywhere: {"email": ...} -> {"erased": {store: rows touched}}."""
+    from workers import retention
+
+    body = request.get_json(silent=True)
+    if not isinstance(body, dict) or not isinstance(body.get("email"), str):
+        return error(400, "INVALID", 'Send {"email": ADDRESS}.')
+    runtime = _runtime()
+    try:
+        with runtime.pool.connection() as conn:
+            touched = retention.erase(conn, runtime.stream, body["email"])
+    except ValueError as exc:
+        return error(400, "INVALID", str(exc))
+    current_app.logger.info("erasure done", extra={"touched": touched})  # no address logged
+    return _json({"erased": touched})

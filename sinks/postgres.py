@@ -13,6 +13,7 @@ from psycopg_pool import PoolTimeout
 from sinks.base import RetryableSinkError, Sink
 from workers.events import Event, Rejected
 from workers.normalize import dump
+from workers.retention import email_digest, erased_key
 
 LEAD_COLUMNS = (
     "uuid", "legacy_id", "email", "name", "company", "job_title", "mobile_phone",
@@ -44,12 +45,14 @@ class Stored:
     new: list[Event] = field(default_factory=list)
     duplicates: int = 0
     quarantined: int = 0
+    erased: int = 0  # events of a person erased since (or redeliveries of erased events)
     deliveries: dict[str, list[str]] = field(default_factory=dict)  # sink -> event ids
 
     def add(self, other: Stored) -> None:
         self.new += other.new
         self.duplicates += other.duplicates
         self.quarantined += other.quarantined
+        self.erased += other.erased
         for sink, ids in other.deliveries.items():
             self.deliveries.setdefault(sink, []).extend(ids)
 
@@ -154,8 +157,12 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
         else:
             unique[event.dedup_key] = event
     result.duplicates = sum(repeats.values())
-    if unique:
-        batch = list(unique.values())
+    batch = list(unique.values())
+    gone = _erased(conn, batch) if batch else set()
+    if gone:
+        result.erased = len(gone)
+        batch = [e for e in batch if e.dedup_key not in gone]
+    if batch:
         _resolve_leads(conn, [e for e in batch if e.lead is not None])
         rows = conn.execute(_EVENTS_SQL, (
             [e.id for e in batch], [e.dedup_key for e in batch], [e.source for e in batch],
@@ -179,6 +186,31 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
         ))
         result.quarantined = len(rejected)
     return result
+
+
+def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
+    """Dedup keys of the batch that must not be stored: redeliveries of an erased event, and
+    events of an erased person received before their erasure (`leadpipe erase`)."""
+    hashed = {erased_key(e.dedup_key): e.dedup_key for e in batch}
+    emails = {email_digest(e.lead["email"]) for e in batch if e.lead and e.lead.get("email")}
+    gone: set[str] = set()
+    erased_at: dict[str, Any] = {}
+    for key, digest, when in conn.execute(
+            "SELECT dedup_key, NULL, NULL FROM events WHERE dedup_key = ANY(%s) UNION ALL "
+            "SELECT NULL, email_sha256, max(erased_at) FROM erasures "
+            "WHERE email_sha256 = ANY(%s) GROUP BY email_sha256",
+            (list(hashed), list(emails))):
+        if key is not None:
+            gone.add(hashed[key])
+        else:
+            erased_at[digest] = when
+    if erased_at:
+        for event in batch:
+            email = event.lead.get("email") if event.lead else None
+            when = erased_at.get(email_digest(email)) if email else None
+            if when is not None and event.received_at <= when:
+                gone.add(event.dedup_key)
+    return gone
 
 
 def _outbox(conn: psycopg.Connection, result: Stored, route: Router) -> None:

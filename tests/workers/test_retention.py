@@ -1,0 +1,176 @@
+"""Retention purges and erasure of one person, against real Postgres and Redis."""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+import time
+from typing import Any
+
+import orjson
+import pytest
+
+from ingest import create_app
+from ingest.queue import Entry, IngestStream
+from tests.conftest import ROOT, count, fixture_bytes
+from workers import pipeline
+from workers.runtime import Runtime
+
+V2 = orjson.loads(fixture_bytes("mkt-v2-converted.json"))
+LEGACY = orjson.loads(fixture_bytes("legacy-leads-full.json"))
+PERSON = "Maria.Erased@Example.com"  # mixed case: matched without regard to case
+OTHER = "someone.else@example.com"
+ADMIN = "admin-token-abcdef"
+
+
+def leadpipe(settings: Any, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "config.cli", *args], cwd=ROOT, text=True,
+                          capture_output=True, timeout=120,
+                          env={**os.environ, **settings.to_env()})
+
+
+@pytest.fixture
+def runtime(settings):  # type: ignore[no-untyped-def]
+    made = Runtime(settings)
+    yield made
+    made.close()
+
+
+_n = iter(range(10**6))
+
+
+def entry(body: dict[str, Any], received_ms: int | None = None) -> Entry:
+    n = next(_n)
+    return Entry(f"{n}-0", f"ret-{n}", received_ms or int(time.time() * 1000),
+                 orjson.dumps(body), None)
+
+
+def conversion(email: str, uuid: str, second: int) -> dict[str, Any]:
+    body = copy.deepcopy(V2)
+    body["contact"].update(email=email, uuid=uuid)
+    body["event_timestamp"] = f"2025-05-01T10:00:{second:02d}.000-03:00"
+    return body
+
+
+def legacy(email: str) -> dict[str, Any]:
+    body = copy.deepcopy(LEGACY)
+    body["leads"][0].update(email=email, uuid=None, id=None)  # identity by e-mail alone
+    return body
+
+
+def store(runtime: Runtime, *entries: Entry):  # type: ignore[no-untyped-def]
+    events, rejected = pipeline.split(list(entries))
+    return pipeline.store(runtime, events, rejected)
+
+
+def mentions(db: Any, text: str) -> dict[str, int]:
+    """Rows of every table whose text holds `text` (any case): where the person still is."""
+    found = {}
+    for (table,) in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"):
+        n = count(db, f'SELECT count(*) FROM "{table}" t WHERE lower(t::text) LIKE %s',  # noqa: S608
+                  f"%{text.lower()}%")
+        if n:
+            found[table] = n
+    return found
+
+
+def test_erase_removes_the_person_from_every_store_and_nothing_comes_back(
+        runtime, settings, db, redis_client):
+    person_v2 = entry(conversion(PERSON, "aaaaaaaa-0000-4000-8000-000000000001", 1))
+    person_legacy = entry(legacy(PERSON.lower()))
+    other = entry(conversion(OTHER, "bbbbbbbb-0000-4000-8000-000000000002", 2))
+    stored = store(runtime, person_v2, person_legacy, other,
+          entry({"event_type": "WEBHOOK.CONVERTED", "note": PERSON}))  # quarantined
+    assert (len(stored.new), stored.quarantined) == (3, 1)
+    first_event = db.execute("SELECT id, dedup_key FROM events WHERE payload->'contact'->>'uuid'"
+                             " = %s", ("aaaaaaaa-0000-4000-8000-000000000001",)).fetchone()
+    db.execute("INSERT INTO deliveries (event_id, sink, status) VALUES (%s, 'crm', 'dead')",
+               (first_event[0],))
+    db.execute("INSERT INTO dead_letters (event_id, sink, error, attempts) "
+               "VALUES (%s, 'crm', 'HTTP 400', 1)", (first_event[0],))
+    db.execute("INSERT INTO email_sent (dedup_key, recipient, message_id) "
+               "VALUES (%s, 'sales@example.com', '<m@leadpipe>')", (first_event[1],))
+    stream = IngestStream(redis_client, settings.stream_key)
+    stream.ensure_group()
+    stream.append("waiting-1", orjson.dumps(conversion(PERSON.upper(), "cc", 3)))  # not read yet
+    stream.append("waiting-2", orjson.dumps(conversion(OTHER, "dd", 4)))
+    assert set(mentions(db, PERSON)) == {"events", "leads", "quarantine"}
+
+    result = leadpipe(settings, "erase", "--email", PERSON)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ") for line in result.stdout.splitlines()[:-1])
+    assert lines == {"email_sent": "1", "delivery_attempts": "0", "dead_letters": "1",
+                     "deliveries": "1", "events": "2", "leads": "1", "quarantine": "1",
+                     "stream": "1"}
+    assert mentions(db, PERSON) == {}
+    assert mentions(db, OTHER) == {"events": 1, "leads": 1}  # nobody else touched
+    left = [f[b"b"] for _, f in redis_client.xrange(settings.stream_key)]
+    assert len(left) == 1 and OTHER.encode() in left[0]
+    assert count(db, "SELECT count(*) FROM events WHERE payload = '{\"erased\": true}'") == 2
+
+    # a redelivery of an erased event, and a body received before the erasure but stored after
+    late = store(runtime, entry(conversion(PERSON, "aaaaaaaa-0000-4000-8000-000000000001", 1)),
+                 entry(conversion(PERSON, "eeeeeeee-0000-4000-8000-000000000005", 9),
+                       received_ms=int(time.time() * 1000) - 60_000))
+    assert (late.erased, late.new) == (2, [])
+    assert mentions(db, PERSON) == {}
+    # a new conversion after the erasure is new data, stored as any other
+    fresh = store(runtime, entry(conversion(PERSON, "ffffffff-0000-4000-8000-000000000006", 7)))
+    assert len(fresh.new) == 1
+    assert count(db, "SELECT count(*) FROM erasures") == 1
+    (digest,) = db.execute("SELECT email_sha256 FROM erasures").fetchone()
+    assert PERSON.lower() not in digest  # the erasure record keeps a hash, not the address
+
+
+def test_erase_through_the_operator_api(runtime, settings, db):
+    store(runtime, entry(conversion(PERSON, "aaaaaaaa-0000-4000-8000-000000000001", 1)))
+    client = create_app(settings.with_(admin_tokens=(ADMIN,))).test_client()
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    assert client.post("/api/erase", json={"email": PERSON}).status_code == 401
+    bad = client.post("/api/erase", json={"email": "not an address"}, headers=auth)
+    assert bad.status_code == 400 and bad.get_json()["errors"]["error_type"] == "INVALID"
+    answer = client.post("/api/erase", json={"email": PERSON}, headers=auth)
+    assert answer.status_code == 200
+    assert answer.get_json()["erased"]["leads"] == 1
+    assert mentions(db, PERSON) == {}
+
+
+def test_purge_applies_each_retention_in_batches_and_spares_what_is_still_needed(
+        runtime, settings, db):
+    store(runtime, *(entry(conversion(f"p{n}@example.com", f"u-{n}", n)) for n in range(6)),
+          entry({"unknown": "shape"}), entry({"unknown": "shape 2"}))
+    ids = [i for (i,) in db.execute("SELECT id FROM events ORDER BY id")]
+    db.execute("UPDATE events SET received_at = now() - interval '40 days' WHERE id = ANY(%s)",
+               (ids[:4],))
+    db.execute("INSERT INTO deliveries (event_id, sink) VALUES (%s, 'crm')", (ids[0],))  # pending
+    db.execute("INSERT INTO dead_letters (event_id, sink, error, attempts, dead_at) VALUES "
+               "(%s, 'crm', 'x', 1, now() - interval '40 days'), "
+               "(%s, 'crm', 'x', 1, now())", (ids[1], ids[4]))  # ids[1]'s letter is open
+    db.execute("INSERT INTO delivery_attempts (event_id, sink, attempt, started_at, "
+               "duration_ms, outcome) SELECT %s, 'crm', n, "
+               "now() - make_interval(days => 40 - n, hours => 12), 1, 'retryable' "
+               "FROM generate_series(1, 5) AS n", (ids[2],))  # 39.5 .. 35.5 days old
+    db.execute("UPDATE quarantine SET received_at = now() - interval '40 days' "
+               "WHERE id = (SELECT min(id) FROM quarantine)")
+
+    kept = settings.with_(retain_payload_days=30, retain_quarantine_days=30,
+                          retain_dead_letters_days=30, retain_attempts_days=37)
+    assert "nothing to purge" in leadpipe(settings, "purge").stdout
+    result = leadpipe(kept, "purge")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == [
+        "events.payload: purged 2 row(s) older than 30 day(s)",
+        "quarantine: purged 1 row(s) older than 30 day(s)",
+        "dead_letters: purged 1 row(s) older than 30 day(s)",
+        "delivery_attempts: purged 3 row(s) older than 37 day(s)"]
+    assert "events.payload:" in result.stderr  # the progress line
+    purged = {i for (i,) in db.execute("SELECT id FROM events WHERE purged_at IS NOT NULL")}
+    # ids[0] waits for a delivery, ids[1] for its dead letter's replay: their bodies are kept;
+    # the dead letter itself was old, so it went, and ids[1] goes at the next purge
+    assert purged == {ids[2], ids[3]}
+    assert count(db, "SELECT count(*) FROM leads") == 6  # state is not raw data: kept
+    assert count(db, "SELECT count(*) FROM quarantine") == 1
+    again = leadpipe(kept, "purge")
+    assert "events.payload: purged 1 row(s)" in again.stdout  # ids[1], its letter now gone
