@@ -60,6 +60,24 @@ def as_list(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def as_port(raw: str) -> int:
+    value = as_int(raw)
+    if not 0 < value < 65536:
+        raise ConfigError(f"expected a TCP port (1-65535), got {raw!r}")
+    return value
+
+
+def as_credentials(raw: str) -> tuple[str, ...]:
+    """Comma-separated user:password pairs; the error never repeats the value (a secret)."""
+    pairs = as_list(raw)
+    for pair in pairs:
+        user, _, password = pair.partition(":")
+        if not user or not password:
+            raise ConfigError("expected user:password pairs separated by commas "
+                              "(the value is not shown: it holds passwords)")
+    return pairs
+
+
 def as_log_level(raw: str) -> str:
     value = raw.strip().upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -161,6 +179,14 @@ class Settings:
     relay_after_seconds: int = setting(
         "RELAY_AFTER_SECONDS", as_positive_int, 300,
         "A pending delivery with no task seen for this long is dispatched again.",
+    )
+    flower_basic_auth: tuple[str, ...] = setting(
+        "FLOWER_BASIC_AUTH", as_credentials, (),
+        "user:password pairs (comma-separated) for `leadpipe flower`; unset, it refuses to start "
+        "unless told --no-auth.",
+    )
+    flower_port: int = setting(
+        "FLOWER_PORT", as_port, 5555, "Port of `leadpipe flower` (its --port wins).",
     )
     data_dir: str = setting(
         "DATA_DIR", as_str, ".leadpipe",
