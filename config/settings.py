@@ -78,6 +78,19 @@ def as_credentials(raw: str) -> tuple[str, ...]:
     return pairs
 
 
+def as_networks(raw: str) -> tuple[str, ...]:
+    """Comma-separated addresses or CIDRs (10.0.0.0/8, ::1)."""
+    import ipaddress
+
+    networks = as_list(raw)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"expected addresses or CIDRs, got {network!r}") from None
+    return networks
+
+
 def as_log_level(raw: str) -> str:
     value = raw.strip().upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -162,6 +175,15 @@ class Settings:
     admin_tokens: tuple[str, ...] = setting(
         "ADMIN_TOKENS", as_list, (),
         "Bearer tokens for the operator API (/api/...: dead letters, sinks).",
+    )
+    metrics_tokens: tuple[str, ...] = setting(
+        "METRICS_TOKENS", as_list, (),
+        "Bearer tokens for GET /metrics (the admin tokens are accepted too).",
+    )
+    metrics_allow: tuple[str, ...] = setting(
+        "METRICS_ALLOW", as_networks, (),
+        "Client addresses/CIDRs that may read /metrics without a token (the direct peer's "
+        "address; X-Forwarded-For is not trusted).",
     )
     platform_account_id: int = setting(
         "PLATFORM_ACCOUNT_ID", as_int, 0,

@@ -14,6 +14,7 @@ from sinks.db import make_pool
 from sinks.postgres import PostgresSink
 from sinks.registry import sink_class
 from workers.control import SinkControl
+from workers.metrics import MeasuredSink, Recorder
 from workers.routing import Routing, load
 
 
@@ -57,6 +58,10 @@ class Runtime:
         return load(self.settings.routes_file)
 
     @cached_property
+    def metrics(self) -> Recorder:
+        return Recorder(self.redis, self.settings.namespace)
+
+    @cached_property
     def control(self) -> SinkControl:
         return SinkControl(self.redis, self.settings.namespace)
 
@@ -69,7 +74,7 @@ class Runtime:
                 from sinks.email import PostgresLedger
 
                 kwargs["ledger"] = PostgresLedger(self.settings.database_url)
-            self._sinks[name] = cls(name, spec.options, **kwargs)
+            self._sinks[name] = MeasuredSink(cls(name, spec.options, **kwargs), self.metrics)
         return self._sinks[name]
 
     def publish(self, sink: str, event_ids: list[str], round_: int = 0,
