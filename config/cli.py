@@ -195,6 +195,23 @@ def cmd_sinks(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_status(args: argparse.Namespace) -> int:
+    """The pipeline at a glance; exit status 1 when Redis or Postgres could not be read."""
+    import json
+    from dataclasses import asdict
+
+    from workers import status
+
+    runtime = _ops_runtime()
+    state = status.collect(runtime, delivered=True)
+    workers = status.workers(runtime.app, args.timeout)
+    if args.json:
+        print(json.dumps({**asdict(state), "workers": workers}, indent=2, default=str))
+    else:
+        print(status.render(state, workers, args.timeout))
+    return 0 if state.redis_up and state.postgres_up else 1
+
+
 def cmd_dead_letters(args: argparse.Namespace) -> int:
     from datetime import datetime
 
@@ -365,6 +382,11 @@ def parser() -> argparse.ArgumentParser:
     sinks.add_argument("action", choices=("list", "pause", "resume"))
     sinks.add_argument("name", nargs="?")
     sinks.set_defaults(func=cmd_sinks)
+    st = sub.add_parser("status", help="ingest stream, sinks, quarantine and workers at a glance")
+    st.add_argument("--timeout", type=float, default=1.0,
+                    help="seconds to wait for workers to answer (Celery inspect)")
+    st.add_argument("--json", action="store_true", help="as JSON")
+    st.set_defaults(func=cmd_status)
     dl = sub.add_parser("dead-letters", help="deliveries that failed for good; replay them")
     dl.add_argument("action", choices=("list", "replay"))
     dl.add_argument("ids", nargs="*", help="replay: dead-letter ids")

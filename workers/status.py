@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
+import kombu.exceptions
 import psycopg
 import redis
 from psycopg_pool import PoolTimeout
@@ -110,3 +112,72 @@ def _postgres(runtime: Runtime, state: PipelineState, delivered: bool) -> None:
             for name, n in conn.execute("SELECT sink, count(*) FROM deliveries "
                                         "WHERE status = 'delivered' GROUP BY sink"):
                 sink(name).delivered = n
+
+
+def workers(app: Any, timeout: float) -> dict[str, dict[str, Any]]:
+    """This namespace's Celery workers that answered within `timeout` (per inspect call): the
+    queues they consume, their pool size and the tasks they have run, by name."""
+    prefix = app.leadpipe.settings.namespace + "."
+    inspect = app.control.inspect(timeout=timeout)
+    try:
+        queues = inspect.active_queues() or {}
+        stats = inspect.stats() or {}
+    except (OSError, kombu.exceptions.KombuError, redis.RedisError) as exc:
+        log.warning("status: workers could not be asked: %s", type(exc).__name__)
+        return {}
+    found = {}
+    for name, consumed in sorted(queues.items()):
+        ours = sorted(q["name"] for q in consumed if q["name"].startswith(prefix))
+        if not ours:
+            continue  # a worker of another namespace on the same broker
+        info = stats.get(name, {})
+        found[name] = {"queues": ours,
+                       "pool": (info.get("pool") or {}).get("max-concurrency"),
+                       "processed": {task.removeprefix("leadpipe."): n
+                                     for task, n in sorted((info.get("total") or {}).items())}}
+    return found
+
+
+def age(seconds: float | None) -> str:
+    """4s, 3m05s, 2h10m, 3d04h; "-" for none."""
+    if not seconds:
+        return "-"
+    s = int(seconds)
+    if s < 60:
+        return f"{s}s"
+    if s < 3600:
+        return f"{s // 60}m{s % 60:02d}s"
+    if s < 86400:
+        return f"{s // 3600}h{s % 3600 // 60:02d}m"
+    return f"{s // 86400}d{s % 86400 // 3600:02d}h"
+
+
+def render(state: PipelineState, found: dict[str, dict[str, Any]], timeout: float) -> str:
+    """The terminal summary of `leadpipe status`."""
+    lines = []
+    if state.redis_up:
+        lines.append(f"ingest stream  depth {state.ingest_depth}  unread {state.ingest_unread}  "
+                     f"oldest {age(state.ingest_oldest_seconds)}")
+    else:
+        lines.append("ingest stream  REDIS UNREACHABLE")
+    lines.append(f"quarantine     {state.quarantined if state.postgres_up else '?'}")
+    if not state.postgres_up:
+        lines.append("POSTGRES UNREACHABLE: sink counts unknown")
+    header = ("sink", "state", "circuit", "pending", "oldest", "oldest lead", "delivered", "dead")
+    rows = [header] + [
+        (s.sink, "PAUSED" if s.paused else "running", s.circuit, str(s.pending),
+         age(s.oldest_pending_seconds), age(s.oldest_lead_seconds),
+         "?" if s.delivered is None else str(s.delivered), str(s.dead))
+        for s in sorted(state.sinks.values(), key=lambda s: s.sink)]
+    if len(rows) == 1:
+        lines.append("sinks          none (Postgres only: no routing file)")
+    else:
+        widths = [max(len(row[i]) for row in rows) for i in range(len(header))]
+        lines += ["  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
+                  for row in rows]
+    lines.append(f"workers        {len(found)} answered within {timeout:g}s")
+    for name, info in found.items():
+        done = ", ".join(f"{task} {n}" for task, n in info["processed"].items()) or "none yet"
+        lines.append(f"  {name}  pool {info['pool']}  queues {len(info['queues'])}  "
+                     f"tasks run: {done}")
+    return "\n".join(lines)
