@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import ipaddress
 from collections.abc import Callable, Iterable, Iterator
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from flask import Blueprint, Flask, Response, current_app, request
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -15,7 +15,9 @@ from ingest.auth import TokenSet
 from ingest.errors import error
 from ingest.queue import make_redis
 from workers.metrics import Recorder
-from workers.status import PipelineState, collect
+
+if TYPE_CHECKING:  # the runtime and its queries load on the first scrape, not with the API
+    from workers.status import PipelineState
 
 bp = Blueprint("metrics", __name__)
 INGEST_PATH = "/webhooks/rdstation"
@@ -79,6 +81,7 @@ def metrics() -> Response:
         response.headers["WWW-Authenticate"] = 'Bearer realm="leadpipe"'
         return response
     from ingest.admin import _runtime as workers_runtime  # the same lazily built runtime
+    from workers.status import collect
 
     registry = CollectorRegistry(auto_describe=False)
     registry.register(_Scrape(recorder, collect(workers_runtime())))  # type: ignore[arg-type]
