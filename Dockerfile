@@ -14,7 +14,7 @@ COPY workers/ workers/
 COPY sinks/ sinks/
 COPY config/ config/
 COPY migrations/ migrations/
-RUN /opt/leadpipe/bin/pip install ".[flower]"
+RUN /opt/leadpipe/bin/pip install .
 
 # Runtime stage: the venv only (no sources, no build tools), run by an unprivileged user.
 FROM python:3.11-slim
@@ -31,7 +31,7 @@ COPY --from=build /opt/leadpipe /opt/leadpipe
 USER 10001:10001
 WORKDIR /home/leadpipe
 
-# 8000: ingest API (`leadpipe api`); 5555: Flower (`celery -A workers.entry flower`)
+# 8000: ingest API (`leadpipe api`); 5555: Flower (`leadpipe flower`)
 EXPOSE 8000 5555
 
 CMD ["leadpipe", "api", "--host", "0.0.0.0", "--port", "8000"]

@@ -1,4 +1,4 @@
-"""The `leadpipe` command: run, api, worker, migrate, quarantine, config."""
+"""The `leadpipe` command: run, api, worker, flower, migrate, quarantine, config, ..."""
 
 from __future__ import annotations
 
@@ -60,6 +60,29 @@ def cmd_worker(args: argparse.Namespace) -> int:
             "--without-mingle", "--without-gossip"]
     app.worker_main(argv)
     return 0
+
+
+def flower_argv(settings: Settings, host: str, port: int | None, no_auth: bool) -> list[str]:
+    """`celery flower` arguments for our app; the credentials stay inside this process (no
+    command line or environment of a child shows them)."""
+    if not settings.flower_basic_auth and not no_auth:
+        raise ConfigError("LEADPIPE_FLOWER_BASIC_AUTH is not set (user:password): Flower would "
+                          "show every worker and task, and control them, to anyone who can "
+                          "reach it; pass --no-auth to run it open on purpose")
+    argv = ["flower", f"--address={host}", f"--port={port or settings.flower_port}"]
+    if settings.flower_basic_auth:
+        argv.append("--basic_auth=" + ",".join(settings.flower_basic_auth))
+    return argv
+
+
+def cmd_flower(args: argparse.Namespace) -> int:
+    from config.logs import setup
+    from workers.app import make_celery
+
+    settings = _settings()
+    argv = flower_argv(settings, args.host, args.port, args.no_auth)
+    setup(settings.log_level)
+    return int(make_celery(settings).start(argv) or 0)
 
 
 def api_command(settings: Settings, host: str, port: int, workers: int, server: str,
@@ -171,6 +194,23 @@ def cmd_sinks(args: argparse.Namespace) -> int:
     getattr(operations, args.action)(runtime, args.name)
     print(f"{args.name}: {'paused' if args.action == 'pause' else 'resumed'}")
     return 0
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    """The pipeline at a glance; exit status 1 when Redis or Postgres could not be read."""
+    import json
+    from dataclasses import asdict
+
+    from workers import status
+
+    runtime = _ops_runtime()
+    state = status.collect(runtime, delivered=True)
+    workers = status.workers(runtime.app, args.timeout)
+    if args.json:
+        print(json.dumps({**asdict(state), "workers": workers}, indent=2, default=str))
+    else:
+        print(status.render(state, workers, args.timeout))
+    return 0 if state.redis_up and state.postgres_up else 1
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
@@ -350,6 +390,12 @@ def parser() -> argparse.ArgumentParser:
     worker.add_argument("--concurrency", type=int)
     worker.add_argument("--queues", help="comma-separated Celery queues (default: all of ours)")
     worker.set_defaults(func=cmd_worker)
+    flower = sub.add_parser("flower", help="Flower (Celery's monitor) on our broker, basic auth")
+    flower.add_argument("--host", default="127.0.0.1")
+    flower.add_argument("--port", type=int, help="default LEADPIPE_FLOWER_PORT")
+    flower.add_argument("--no-auth", action="store_true",
+                        help="run without LEADPIPE_FLOWER_BASIC_AUTH (open to anyone)")
+    flower.set_defaults(func=cmd_flower)
     sub.add_parser("migrate", help="apply database migrations").set_defaults(func=cmd_migrate)
     q = sub.add_parser("quarantine", help="bodies that could not be understood")
     q.add_argument("action", choices=("list", "replay"))
@@ -369,6 +415,11 @@ def parser() -> argparse.ArgumentParser:
     sinks.add_argument("action", choices=("list", "pause", "resume"))
     sinks.add_argument("name", nargs="?")
     sinks.set_defaults(func=cmd_sinks)
+    st = sub.add_parser("status", help="ingest stream, sinks, quarantine and workers at a glance")
+    st.add_argument("--timeout", type=float, default=1.0,
+                    help="seconds to wait for workers to answer (Celery inspect)")
+    st.add_argument("--json", action="store_true", help="as JSON")
+    st.set_defaults(func=cmd_status)
     dl = sub.add_parser("dead-letters", help="deliveries that failed for good; replay them")
     dl.add_argument("action", choices=("list", "replay"))
     dl.add_argument("ids", nargs="*", help="replay: dead-letter ids")

@@ -67,6 +67,37 @@ def as_list(raw: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in raw.split(",") if part.strip())
 
 
+def as_port(raw: str) -> int:
+    value = as_int(raw)
+    if not 0 < value < 65536:
+        raise ConfigError(f"expected a TCP port (1-65535), got {raw!r}")
+    return value
+
+
+def as_credentials(raw: str) -> tuple[str, ...]:
+    """Comma-separated user:password pairs; the error never repeats the value (a secret)."""
+    pairs = as_list(raw)
+    for pair in pairs:
+        user, _, password = pair.partition(":")
+        if not user or not password:
+            raise ConfigError("expected user:password pairs separated by commas "
+                              "(the value is not shown: it holds passwords)")
+    return pairs
+
+
+def as_networks(raw: str) -> tuple[str, ...]:
+    """Comma-separated addresses or CIDRs (10.0.0.0/8, ::1)."""
+    import ipaddress
+
+    networks = as_list(raw)
+    for network in networks:
+        try:
+            ipaddress.ip_network(network, strict=False)
+        except ValueError:
+            raise ConfigError(f"expected addresses or CIDRs, got {network!r}") from None
+    return networks
+
+
 def as_log_level(raw: str) -> str:
     value = raw.strip().upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -152,6 +183,15 @@ class Settings:
         "ADMIN_TOKENS", as_list, (),
         "Bearer tokens for the operator API (/api/...: dead letters, sinks).",
     )
+    metrics_tokens: tuple[str, ...] = setting(
+        "METRICS_TOKENS", as_list, (),
+        "Bearer tokens for GET /metrics (the admin tokens are accepted too).",
+    )
+    metrics_allow: tuple[str, ...] = setting(
+        "METRICS_ALLOW", as_networks, (),
+        "Client addresses/CIDRs that may read /metrics without a token (the direct peer's "
+        "address; X-Forwarded-For is not trusted).",
+    )
     platform_account_id: int = setting(
         "PLATFORM_ACCOUNT_ID", as_int, 0,
         "RD account id shown as platform_account_id by /integrations/webhooks (exact past 2^53).",
@@ -198,6 +238,14 @@ class Settings:
     purge_interval_seconds: int = setting(
         "PURGE_INTERVAL_SECONDS", as_positive_int, 3600,
         "How often one worker runs the purge task (when any retention is set).",
+    )
+    flower_basic_auth: tuple[str, ...] = setting(
+        "FLOWER_BASIC_AUTH", as_credentials, (),
+        "user:password pairs (comma-separated) for `leadpipe flower`; unset, it refuses to start "
+        "unless told --no-auth.",
+    )
+    flower_port: int = setting(
+        "FLOWER_PORT", as_port, 5555, "Port of `leadpipe flower` (its --port wins).",
     )
     data_dir: str = setting(
         "DATA_DIR", as_str, ".leadpipe",

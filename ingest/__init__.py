@@ -46,6 +46,7 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(subscriptions)
     app.register_blueprint(openapi)
     errors.register(app)
+    from ingest import metrics
 
     @app.get("/healthz")
     def healthz() -> Response:
@@ -63,4 +64,5 @@ def create_app(settings: Settings | None = None) -> Flask:
                              "checks": {k: "ok" if v else "failing" for k, v in checks.items()}})
         return Response(body, status=200 if ok else 503, mimetype="application/json")
 
+    metrics.install(app, settings)  # last: it counts what every layer of wsgi_app answers
     return app

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections import Counter
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,7 +13,7 @@ from psycopg_pool import PoolTimeout
 
 from sinks.base import RetryableSinkError, Sink
 from workers.events import Event, Rejected
-from workers.normalize import dump
+from workers.normalize import claimed_type, dump
 from workers.retention import email_digest, erased_key
 
 LEAD_COLUMNS = (
@@ -47,12 +48,15 @@ class Stored:
     quarantined: int = 0
     erased: int = 0  # events of a person erased since (or redeliveries of erased events)
     deliveries: dict[str, list[str]] = field(default_factory=dict)  # sink -> event ids
+    # (event type, "accepted" | "duplicate" | "quarantined") -> how many, for the metrics
+    outcomes: Counter[tuple[str, str]] = field(default_factory=Counter)
 
     def add(self, other: Stored) -> None:
         self.new += other.new
         self.duplicates += other.duplicates
         self.quarantined += other.quarantined
         self.erased += other.erased
+        self.outcomes.update(other.outcomes)
         for sink, ids in other.deliveries.items():
             self.deliveries.setdefault(sink, []).extend(ids)
 
@@ -161,6 +165,7 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
     gone = _erased(conn, batch) if batch else set()
     if gone:
         result.erased = len(gone)
+        result.outcomes.update((e.event_type, "erased") for e in batch if e.dedup_key in gone)
         batch = [e for e in batch if e.dedup_key not in gone]
     if batch:
         _resolve_leads(conn, [e for e in batch if e.lead is not None])
@@ -174,6 +179,11 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
         inserted = {key for key, fresh in rows if fresh}
         result.duplicates += len(rows) - len(inserted)
         result.new = [e for e in batch if e.dedup_key in inserted]
+        for e in batch:
+            result.outcomes[(e.event_type, "accepted" if e.dedup_key in inserted else
+                             "duplicate")] += 1
+            if e.dedup_key in repeats:
+                result.outcomes[(e.event_type, "duplicate")] += repeats[e.dedup_key]
         _upsert_leads(conn, [e for e in result.new if e.lead is not None])
         _upsert_deals(conn, [e for e in result.new if e.deal is not None])
         if route is not None:
@@ -185,6 +195,7 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
             [r.payload for r in rejected],
         ))
         result.quarantined = len(rejected)
+        result.outcomes.update((claimed_type(r.payload, r.hint), "quarantined") for r in rejected)
     return result
 
 

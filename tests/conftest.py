@@ -199,34 +199,46 @@ __all__ = ["FIXTURES", "TOKEN", "OTHER_TOKEN", "wait_for", "fixture_bytes", "pos
            "free_port", "WorkerProcess"]
 
 
-class ApiProcess:
-    """`leadpipe api` under its production server, on a free port."""
+class ServerProcess:
+    """`leadpipe COMMAND --port P ARGS...` on a free port in its own process group; ready once
+    `health` answers 200."""
 
-    def __init__(self, settings: Settings, log_path: Path, workers: int = 1,
-                 server: str | None = None):
+    def __init__(self, settings: Settings, log_path: Path, command: list[str], health: str,
+                 timeout: float = 30):
+        import requests
+
         self.settings = settings
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, **settings.to_env()}
         with open(log_path, "ab") as log:
             self.proc = subprocess.Popen(
-                [sys.executable, "-m", "config.cli", "api", "--port", str(self.port),
-                 "--workers", str(workers), *(["--server", server] if server else [])],
+                [sys.executable, "-m", "config.cli", command[0], "--port", str(self.port),
+                 *command[1:]],
                 env=env, stdout=log, stderr=subprocess.STDOUT, cwd=ROOT, start_new_session=True)
-        import requests
 
         def up() -> bool:
             if self.proc.poll() is not None:
-                raise AssertionError(f"api exited: {log_path.read_text()[-3000:]}")
+                raise AssertionError(f"{command[0]} exited: {log_path.read_text()[-3000:]}")
             try:
-                return requests.get(self.url + "/healthz", timeout=1).status_code == 200
+                return requests.get(self.url + health, timeout=1).status_code == 200
             except requests.ConnectionError:
                 return False
 
-        wait_for(up, timeout=30, what="api start")
+        wait_for(up, timeout=timeout, what=f"{command[0]} start")
 
     def stop(self) -> None:
         stop_group(self.proc)
+
+
+class ApiProcess(ServerProcess):
+    """`leadpipe api` under its production server, on a free port."""
+
+    def __init__(self, settings: Settings, log_path: Path, workers: int = 1,
+                 server: str | None = None):
+        super().__init__(settings, log_path,
+                         ["api", "--workers", str(workers),
+                          *(["--server", server] if server else [])], "/healthz")
 
 
 @pytest.fixture

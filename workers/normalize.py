@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 from datetime import UTC, datetime
 from typing import Any
 
@@ -100,6 +101,27 @@ def normalize(entry: Entry) -> list[Event | Rejected]:
         return [quarantine(entry, received, exc.messages)]
     except RecursionError:
         return [quarantine(entry, received, "body nested too deeply")]
+
+
+_CRM_NAME = re.compile(r"crm_[a-z]{1,40}_(created|updated|deleted)")
+_V2_TYPES = frozenset({"WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY"})
+
+
+def claimed_type(payload: str, hint: str | None = None) -> str:
+    """The event type a quarantined body claims, when it is one RD sends, else "unknown": a
+    bounded set, fit for a metric label (a junk body cannot invent new ones)."""
+    try:
+        data = orjson.loads(payload)
+    except orjson.JSONDecodeError:
+        return "unknown"
+    if not isinstance(data, dict):
+        return "unknown"
+    if "leads" in data:
+        return hint if hint in _V2_TYPES else "WEBHOOK.CONVERTED"
+    claimed = data.get("event_type", data.get("event_name"))
+    if isinstance(claimed, str) and (claimed in _V2_TYPES or _CRM_NAME.fullmatch(claimed)):
+        return claimed
+    return "unknown"
 
 
 def _payload(entry: Entry, data: dict) -> str:

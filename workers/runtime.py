@@ -18,6 +18,7 @@ from sinks.registry import sink_class
 from workers import subscribers
 from workers.control import SinkControl
 from workers.events import Event
+from workers.metrics import MeasuredSink, Recorder
 from workers.routing import Routing, SinkSpec, load
 
 
@@ -77,6 +78,10 @@ class Runtime:
         return load(self.settings.routes_file)
 
     @cached_property
+    def metrics(self) -> Recorder:
+        return Recorder(self.redis, self.settings.namespace)
+
+    @cached_property
     def control(self) -> SinkControl:
         return SinkControl(self.redis, self.settings.namespace)
 
@@ -89,7 +94,7 @@ class Runtime:
                 from sinks.email import PostgresLedger
 
                 kwargs["ledger"] = PostgresLedger(self.settings.database_url)
-            self._sinks[name] = cls(name, spec.options, **kwargs)
+            self._sinks[name] = MeasuredSink(cls(name, spec.options, **kwargs), self.metrics)
         return self._sinks[name]
 
     def router(self) -> Callable[[Event], list[str]]:
@@ -115,7 +120,8 @@ class Runtime:
         cached = self._subscriptions.get(name)
         if cached is None or cached[0] != sub:  # new, or its URL, relations or secrets changed
             self._drop_subscription(name)
-            sink = sink_class("webhook")(name, sub.options(self.settings))
+            sink = MeasuredSink(sink_class("webhook")(name, sub.options(self.settings)),
+                                self.metrics)
             cached = self._subscriptions[name] = (sub, sink)
         return Target(cached[1], spec,
                       subscribers.Health(sub, self.settings.subscription_suspend_after))

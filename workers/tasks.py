@@ -12,7 +12,7 @@ from celery import Task, shared_task
 from psycopg_pool import PoolTimeout
 
 from sinks.base import RetryableSinkError
-from workers import delivery, pipeline
+from workers import delivery, metrics, pipeline
 
 log = logging.getLogger("leadpipe.tasks")
 
@@ -39,6 +39,7 @@ def process_batch(self: Task, entry_ids: list[str], consumer: str) -> dict[str, 
             pass
         log.warning("batch of %d will be retried: %s", len(entry_ids), type(exc).__name__)
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+    metrics.count_batch(runtime.metrics, stored.outcomes)
     summary = {"entries": len(entry_ids), "new": len(stored.new),
                "duplicates": stored.duplicates, "quarantined": stored.quarantined}
     log.info("batch stored", extra={"task_id": self.request.id, **summary})
@@ -65,6 +66,8 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0) -> dic
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
     if plan.retry_ids:
         runtime.publish(sink, plan.retry_ids, plan.next_round, plan.countdown)
+    metrics.count_round(runtime.metrics, sink, plan.delivered, plan.dead, len(plan.retry_ids),
+                        plan.reason)
     summary = {"sink": sink, "round": round_, "delivered": plan.delivered, "dead": plan.dead,
                "again": len(plan.retry_ids), "in_seconds": round(plan.countdown, 2),
                "why": plan.reason}

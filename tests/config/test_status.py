@@ -1,0 +1,101 @@
+"""`leadpipe status`: the summary in the terminal, from real Redis, Postgres and workers."""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from config.settings import Settings
+from ingest import create_app
+from tests.conftest import ROOT, count, fixture_bytes, post, wait_for
+from workers.status import age
+
+NO_CONTACT = b'{"event_type": "WEBHOOK.CONVERTED", "event_identifier": "x"}'
+
+
+def status(settings: Settings, *args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "config.cli", "status", *args], cwd=ROOT,
+                          env={**os.environ, **settings.to_env()}, capture_output=True,
+                          text=True, timeout=60)
+
+
+@pytest.fixture
+def routed(settings: Settings, tmp_path) -> Settings:  # type: ignore[no-untyped-def]
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump({
+        "sinks": {"audit": {"type": "dummy", "options": {"path": str(tmp_path / "a.jsonl")}},
+                  "refuser": {"type": "dummy", "options": {"path": "x", "fail": "permanent"}},
+                  "held": {"type": "dummy", "options": {"path": str(tmp_path / "h.jsonl")}}},
+        "routes": [{"to": ["audit", "held"]},
+                   {"to": ["refuser"], "when": {"match": ["deal.id exists"]}}],
+    }))
+    return settings.with_(routes_file=str(path))
+
+
+def row(output: str, sink: str) -> list[str]:
+    (line,) = [line for line in output.splitlines() if line.split()[:1] == [sink]]
+    return line.split()
+
+
+def test_status_shows_stream_sinks_quarantine_and_workers(routed, worker_factory, db):
+    worker = worker_factory(routed)
+    client = create_app(routed).test_client()
+    paused = subprocess.run([sys.executable, "-m", "config.cli", "sinks", "pause", "held"],
+                            cwd=ROOT, env={**os.environ, **routed.to_env()}, capture_output=True,
+                            text=True, timeout=60)
+    assert paused.returncode == 0, paused.stderr
+    for body in ("mkt-v2-converted.json", "crm-deal-created.json"):
+        post(client, fixture_bytes(body))
+    post(client, NO_CONTACT)
+    wait_for(lambda: count(db, "SELECT count(*) FROM deliveries WHERE status <> 'pending'") == 3
+             and count(db, "SELECT count(*) FROM quarantine") == 1,
+             what="deliveries done and one body quarantined")
+
+    result = status(routed)
+    assert result.returncode == 0, result.stderr
+    out = result.stdout
+    assert re.search(r"^ingest stream\s+depth 0\s+unread 0\s+oldest -$", out, re.M), out
+    assert re.search(r"^quarantine\s+1$", out, re.M), out
+    #                  sink       state      circuit  pending oldest lead delivered dead
+    assert row(out, "audit") == ["audit", "running", "closed", "0", "-", "-", "2", "0"]
+    assert row(out, "refuser") == ["refuser", "running", "closed", "0", "-", "-", "0", "1"]
+    held = row(out, "held")
+    assert held[:4] == ["held", "PAUSED", "closed", "2"] and held[6:] == ["0", "0"]
+    assert held[4] != "-" and held[5] != "-"  # waiting: the oldest delivery and lead have an age
+    name = f"leadpipe-{worker.proc.pid}@"
+    assert re.search(r"^workers\s+1 answered within 1s$", out, re.M), out
+    (line,) = [line for line in out.splitlines() if line.strip().startswith(name)]
+    assert "pool 2" in line and "process_batch" in line and "deliver" in line
+    assert "@example.com" not in out + result.stderr  # no lead data in the summary
+
+    as_json = json.loads(status(routed, "--json", "--timeout", "0.5").stdout)
+    assert as_json["sinks"]["held"]["pending"] == 2 and as_json["quarantined"] == 1
+    assert [w for w in as_json["workers"] if w.startswith(name)]
+
+
+def test_status_without_routing_or_workers(settings):
+    result = status(settings, "--timeout", "0.3")
+    assert result.returncode == 0, result.stderr
+    assert "sinks          none" in result.stdout
+    assert "workers        0 answered within 0.3s" in result.stdout
+
+
+def test_status_exits_1_when_postgres_is_unreachable(settings):
+    from config.local import free_port
+
+    down = settings.with_(database_url=f"postgresql://x:y@127.0.0.1:{free_port()}/none")
+    result = status(down, "--timeout", "0.3")
+    assert result.returncode == 1
+    assert "POSTGRES UNREACHABLE" in result.stdout
+
+
+@pytest.mark.parametrize("seconds, text", [(0, "-"), (None, "-"), (4.2, "4s"), (185, "3m05s"),
+                                           (7800, "2h10m"), (273600, "3d04h")])
+def test_ages_read_at_a_glance(seconds, text):
+    assert age(seconds) == text
