@@ -35,8 +35,8 @@ log = logging.getLogger("leadpipe.metrics")
 # name (without _total) -> (help, label names)
 COUNTERS: dict[str, tuple[str, tuple[str, ...]]] = {
     "leadpipe_ingest_requests": ("Requests to POST /webhooks/rdstation by answer.", ("status",)),
-    "leadpipe_events": ("Events stored by the batch tasks: accepted (new), duplicate, or "
-                        "quarantined, erased (a redelivery of an erased person's event).",
+    "leadpipe_events": ("Events stored by the batch tasks: accepted (new), duplicate, "
+                        "quarantined, or erased (of a person erased since).",
                         ("event_type", "outcome")),
     "leadpipe_deliveries": ("Deliveries that ended a round: delivered, retrying (failed, "
                             "another round is scheduled), postponed (paused or rate limited), "
