@@ -114,3 +114,18 @@ def relay(runtime: Runtime, limit: int = 1000) -> int:
         if sink in runtime.routing.sinks or subscribers.is_target(sink):
             runtime.publish(sink, event_ids)
     return len(rows)
+
+
+def schedule_purge(runtime: Runtime) -> bool:
+    """Send the purge task if retention is set and no worker sent it this interval (a Redis
+    key with the interval as its expiry is the turn, so N workers purge once, not N times)."""
+    from workers.retention import retention
+
+    settings = runtime.settings
+    if not retention(settings) or runtime.app is None:
+        return False
+    turn = runtime.redis.set(f"{settings.namespace}:purge-turn", "1", nx=True,
+                             ex=settings.purge_interval_seconds)
+    if turn:
+        runtime.app.send_task("leadpipe.purge", queue=f"{settings.namespace}.default")
+    return bool(turn)

@@ -66,6 +66,7 @@ class Pump:
                     relayed = operations.relay(self.runtime)
                     if relayed:
                         log.warning("relayed %d deliveries whose task was lost", relayed)
+                    operations.schedule_purge(self.runtime)
                 if now >= next_claim:
                     stale = self.stream.claim_stale(self.consumer, s.claim_idle_seconds * 1000,
                                                     s.batch_size)

@@ -73,3 +73,16 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0) -> dic
                "why": plan.reason}
     log.info("deliveries", extra={"task_id": self.request.id, **summary})
     return summary
+
+
+@shared_task(bind=True, name="leadpipe.purge", acks_late=True, ignore_result=True)
+def purge(self: Task) -> dict[str, int]:
+    """Apply the retention settings (the pump sends this every LEADPIPE_PURGE_INTERVAL_SECONDS,
+    from one worker at a time)."""
+    from workers import retention
+
+    runtime = self.app.leadpipe.runtime()
+    with runtime.pool.connection() as conn:
+        done = retention.purge(conn, runtime.settings)
+    log.info("purged", extra={"task_id": self.request.id, **done})
+    return done

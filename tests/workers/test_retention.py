@@ -14,7 +14,7 @@ import pytest
 
 from ingest import create_app
 from ingest.queue import Entry, IngestStream
-from tests.conftest import ROOT, count, fixture_bytes
+from tests.conftest import ROOT, count, fixture_bytes, wait_for
 from workers import pipeline
 from workers.runtime import Runtime
 
@@ -174,3 +174,14 @@ def test_purge_applies_each_retention_in_batches_and_spares_what_is_still_needed
     assert count(db, "SELECT count(*) FROM quarantine") == 1
     again = leadpipe(kept, "purge")
     assert "events.payload: purged 1 row(s)" in again.stdout  # ids[1], its letter now gone
+
+
+def test_workers_purge_by_themselves_once_per_interval(runtime, settings, db, redis_client,
+                                                      worker_factory):
+    store(runtime, entry({"unknown": "shape"}))
+    db.execute("UPDATE quarantine SET received_at = now() - interval '3 days'")
+    kept = settings.with_(retain_quarantine_days=2, purge_interval_seconds=3600)
+    worker_factory(kept)
+    wait_for(lambda: count(db, "SELECT count(*) FROM quarantine") == 0, timeout=60,
+             what="the pump's purge task")
+    assert 0 < redis_client.ttl(f"{settings.namespace}:purge-turn") <= 3600  # the next turn
