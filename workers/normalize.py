@@ -68,13 +68,20 @@ def _raw(value: Any) -> str:
     return value if isinstance(value, str) else dump(value)
 
 
+def as_json_string(body: bytes) -> str:
+    """Any bytes as a JSON string Postgres' jsonb accepts: invalid UTF-8 as \\xNN text, NUL
+    characters as the six characters \\u0000 (jsonb refuses the escape), nothing lost."""
+    text = body.decode("utf-8", "backslashreplace").replace("\x00", "\\u0000")
+    return json.dumps(text)
+
+
 def quarantine(entry: Entry, received: datetime, reason: Any, payload: str | None = None,
                 suffix: str = "") -> Rejected:
     if payload is None:
         try:
             payload = dump(parse_body(entry.body))
         except Exception:  # not storable as JSON: keep the bytes as a JSON string
-            payload = json.dumps(entry.body.decode("utf-8", "backslashreplace"))
+            payload = as_json_string(entry.body)
     text = reason if isinstance(reason, str) else dump(reason)
     return Rejected(entry.event_id + suffix, received, text, payload, entry.hint)
 
@@ -125,8 +132,11 @@ def claimed_type(payload: str, hint: str | None = None) -> str:
 
 
 def _payload(entry: Entry, data: dict) -> str:
-    # the body as received is the exact record; re-serialise only what was cleaned of NULs
-    return dump(data) if b"\\u0000" in entry.body else entry.body.decode()
+    # the body as received is the exact record; re-serialise only what was cleaned of NULs or
+    # starts with a byte order mark (jsonb refuses both)
+    if b"\\u0000" in entry.body or entry.body.startswith(b"\xef\xbb\xbf"):
+        return dump(data)
+    return entry.body.decode()
 
 
 def _v2(entry: Entry, received: datetime, data: dict) -> Event:

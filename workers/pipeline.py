@@ -12,7 +12,7 @@ from ingest.queue import Entry
 from sinks.base import RetryableSinkError
 from sinks.postgres import Stored
 from workers.events import Event, Rejected
-from workers.normalize import normalize, quarantine
+from workers.normalize import as_json_string, normalize, quarantine
 from workers.runtime import Runtime
 
 log = logging.getLogger("leadpipe.pipeline")
@@ -50,12 +50,23 @@ def store(runtime: Runtime, events: list[Event], rejected: list[Rejected]) -> St
                                            ([], [item])), route)
         except (psycopg.OperationalError, RetryableSinkError):
             raise
-        except psycopg.Error as exc:
-            reason = f"postgres refused the event: {type(exc).__name__}: {exc}".strip()[:2000]
-            one = runtime.postgres.store([], [Rejected(item.id, item.received_at, reason,
-                                                       item.payload)])
+        except psycopg.Error as exc:  # Postgres refuses this body (NaN, a lone surrogate...)
+            one = runtime.postgres.store([], [refused(item, exc)])
         total.add(one)
     return total
+
+
+def refused(item: Event | Rejected, exc: psycopg.Error) -> Rejected:
+    """A quarantine row for what Postgres would not store: the reason, and the body kept as a
+    JSON string (which jsonb always accepts), so nothing is lost and the batch goes on."""
+    why = f"postgres refused the event: {type(exc).__name__}: {exc}".strip()
+    if isinstance(item, Rejected):
+        why = f"{item.reason}; {why}"
+        hint = item.hint
+    else:
+        hint = item.event_type if "leads" in item.data else None  # a legacy body's type
+    return Rejected(item.id, item.received_at, why[:2000],
+                    as_json_string(item.payload.encode("utf-8", "surrogatepass")), hint)
 
 
 def process(runtime: Runtime, entry_ids: list[str]) -> Stored:

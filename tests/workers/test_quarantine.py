@@ -64,3 +64,36 @@ def test_replay_of_unknown_id_is_a_clear_error(settings):
     result = leadpipe(settings, "quarantine", "replay", "nope")
     assert result.returncode == 2
     assert "no quarantined event with id 'nope'" in result.stderr
+
+
+def test_bodies_postgres_refuses_are_quarantined_and_the_batch_goes_on(settings, db):
+    """Valid JSON that jsonb refuses (found by the fuzz run): a byte order mark, NaN, a lone
+    surrogate escape, a NUL in a key. One batch with a good event: the good one is stored,
+    each other body is stored or quarantined with its text, and nothing raises."""
+    from ingest.queue import Entry
+    from workers import pipeline
+    from workers.runtime import Runtime
+
+    good = fixture_bytes("crm-deal-created.json")
+    hostile = [b"\xef\xbb\xbf" + fixture_bytes("crm-deal-updated-won.json"),
+               b'{"event_name": "crm_deal_updated", "transaction_uuid": "t-nan", '
+               b'"document": {"id": "d1", "amount_total": NaN}}',
+               b'{"event_name": "crm_deal_created", "transaction_uuid": "t-sur", '
+               b'"document": {"id": "d2", "name": "\\ud800"}}',
+               b'{"leads": [{"email": "nul@example.com", "k\\u0000": "v"}]}']
+    entries = [Entry(f"{n}-0", f"hostile-{n}", 1_700_000_000_000 + n, body, None)
+               for n, body in enumerate([good, *hostile])]
+    runtime = Runtime(settings)
+    try:
+        events, rejected = pipeline.split(entries)
+        stored = pipeline.store(runtime, events, rejected)
+    finally:
+        runtime.close()
+    assert len(stored.new) + stored.quarantined == 5
+    ids = {i for (i,) in db.execute("SELECT id FROM events UNION ALL SELECT id FROM quarantine")}
+    assert ids == {f"hostile-{n}" for n in range(5)}
+    assert count(db, "SELECT count(*) FROM events WHERE id = 'hostile-0'") == 1
+    assert count(db, "SELECT count(*) FROM events WHERE id = 'hostile-1'") == 1  # BOM dropped
+    reasons = [r for (r,) in db.execute("SELECT reason FROM quarantine ORDER BY id")]
+    assert len(reasons) == 2 and any("Not a finite number" in r for r in reasons), reasons
+    assert any(r.startswith("postgres refused") and "surrogate" in r for r in reasons), reasons
