@@ -53,6 +53,7 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
 }
 
 _recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
+MINUTE_TTL_SECONDS = 2 * 3600  # per-minute buckets (the dashboard's last hour) expire after this
 
 
 class Recorder:
@@ -109,10 +110,13 @@ class Recorder:
             pending, self._pending = self._pending, {}
         if not pending:
             return False
+        minute = self.minute_key(int(time.time() // 60))
         try:
             pipe = self.client.pipeline(transaction=False)
             for field, amount in pending.items():
                 pipe.hincrbyfloat(self.key, field, amount)
+                pipe.hincrbyfloat(minute, field, amount)
+            pipe.expire(minute, MINUTE_TTL_SECONDS)
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("metrics not flushed, kept for the next try: %s", type(exc).__name__)
@@ -120,6 +124,27 @@ class Recorder:
                 for field, amount in pending.items():
                     self._pending[field] = self._pending.get(field, 0.0) + amount
         return True
+
+    def minute_key(self, minute: int) -> str:
+        """The hash of what was flushed during one minute (minutes since the epoch)."""
+        return f"{self.key}:minute:{minute}"
+
+    def minutes(self, last: int = 60) -> list[tuple[int, list[tuple[str, dict[str, str], Any,
+                                                                    float]]]]:
+        """The last `last` minutes, oldest first: (minute, [(name, labels, bucket, value)])."""
+        now = int(time.time() // 60)
+        span = range(now - last + 1, now + 1)
+        pipe = self.client.pipeline(transaction=False)
+        for minute in span:
+            pipe.hgetall(self.minute_key(minute))
+        result = []
+        for minute, fields in zip(span, pipe.execute(), strict=True):
+            rows = []
+            for raw, value in fields.items():
+                name, labels, extra = orjson.loads(raw)
+                rows.append((name, dict(labels), extra, float(value)))
+            result.append((minute, rows))
+        return result
 
     def families(self) -> Iterator[Metric]:
         """Every counter and histogram, summed over all processes, as prometheus_client metrics."""
