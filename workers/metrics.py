@@ -71,6 +71,13 @@ class Recorder:
         self._lock = threading.Lock()
         self._pending: dict[bytes, float] = {}
         self._thread: threading.Thread | None = None
+        self._discarded = False
+
+    def discard(self) -> None:
+        """Drop what is buffered and stop flushing (an app thrown away, as in tests)."""
+        with self._lock:
+            self._pending.clear()
+            self._discarded = True
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         assert tuple(sorted(labels)) == tuple(sorted(COUNTERS[name][1])), (name, labels)
@@ -87,7 +94,7 @@ class Recorder:
         with self._lock:
             for field, amount in zip(pairs[::2], pairs[1::2], strict=True):
                 self._pending[field] = self._pending.get(field, 0.0) + amount
-            if self._thread is None:
+            if self._thread is None and not self._discarded:
                 self._thread = threading.Thread(target=self._loop, name="leadpipe-metrics",
                                                 daemon=True)
                 self._thread.start()
@@ -97,6 +104,8 @@ class Recorder:
         idle = 0
         while True:
             time.sleep(self.interval)
+            if self._discarded:
+                return
             idle = 0 if self.flush() else idle + 1
             if idle >= 30:
                 with self._lock:
