@@ -10,13 +10,14 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
 
-system: ## install the Redis and PostgreSQL servers, openssl and wrk (Debian packages) when missing
+system: ## install the Redis and PostgreSQL servers, openssl, wrk and chromium (Debian packages) when missing
 	@need=""; \
 	command -v redis-server >/dev/null 2>&1 || need="$$need redis-server"; \
 	{ command -v postgres >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; } || need="$$need postgresql"; \
 	command -v runuser >/dev/null 2>&1 || need="$$need util-linux"; \
 	command -v openssl >/dev/null 2>&1 || need="$$need openssl"; \
 	command -v wrk >/dev/null 2>&1 || need="$$need wrk"; \
+	command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
 	if [ -n "$$need" ]; then echo "installing:$$need"; $(SUDO) apt-get update -qq && $(APT) $$need; fi
 
 $(BIN)/.installed: pyproject.toml tests/sinks/dummy_plugin/pyproject.toml

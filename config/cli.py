@@ -52,10 +52,12 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.app import make_celery
 
     settings = _settings()
-    setup(settings.log_level)
+    setup(settings.log_level, settings.log_pii)
     app = make_celery(settings)
     queues = args.queues or ",".join(worker_queues(settings))
-    argv = ["worker", "-Q", queues, "-c", str(args.concurrency or settings.worker_concurrency),
+    # --quiet: no banner on stdout, so every line the worker writes is JSON
+    argv = ["--quiet", "worker", "-Q", queues, "-c",
+            str(args.concurrency or settings.worker_concurrency),
             "-n", f"leadpipe-{os.getpid()}@%h", "--loglevel", settings.log_level,
             "--without-mingle", "--without-gossip"]
     app.worker_main(argv)
@@ -81,12 +83,12 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
     settings = _settings()
     argv = flower_argv(settings, args.host, args.port, args.no_auth)
-    setup(settings.log_level)
+    setup(settings.log_level, settings.log_pii)
     return int(make_celery(settings).start(argv) or 0)
 
 
 def api_command(settings: Settings, host: str, port: int, workers: int, server: str,
-                threads: int = 4, app_spec: str = "ingest:create_app") -> list[str]:
+                threads: int = 4, app_spec: str = "ingest.wsgi:create_app") -> list[str]:
     """The production server command line for the ingest app.
 
     `app_spec` names the app factory as "module:function"; another app (the benchmark's bare

@@ -247,6 +247,24 @@ class Settings:
     flower_port: int = setting(
         "FLOWER_PORT", as_port, 5555, "Port of `leadpipe flower` (its --port wins).",
     )
+    flower_url: str | None = setting(
+        "FLOWER_URL", as_optional_str, None,
+        "Where operators open Flower (e.g. https://ops.example.com/flower/); /ops links to it.",
+    )
+    ops_session_key: str | None = setting(
+        "OPS_SESSION_KEY", as_optional_str, None,
+        "Key that signs the /ops session cookie. Unset: derived from LEADPIPE_ADMIN_TOKENS, so "
+        "changing those signs every operator out.",
+    )
+    ops_session_hours: int = setting(
+        "OPS_SESSION_HOURS", as_positive_int, 12,
+        "How long an /ops sign-in lasts.",
+    )
+    ops_secure_cookie: bool = setting(
+        "OPS_SECURE_COOKIE", as_bool, False,
+        "Mark the /ops session cookie Secure even when the request came over plain HTTP (behind "
+        "a proxy that terminates TLS); it is Secure anyway on HTTPS requests.",
+    )
     data_dir: str = setting(
         "DATA_DIR", as_str, ".leadpipe",
         "Where `leadpipe run` keeps the Redis and Postgres it starts.",

@@ -37,7 +37,9 @@ def create_app(settings: Settings | None = None) -> Flask:
                           commit_timeout=settings.redis_timeout_seconds + 1)
     app.extensions["leadpipe"] = Ingest(settings, TokenSet(settings.ingest_tokens), stream)
     from ingest.admin import bp as admin
+    from ingest.dashboard import bp as dashboard
     from ingest.openapi import bp as openapi
+    from ingest.ops import bp as ops
     from ingest.subscriptions import bp as subscriptions
     from ingest.views import bp
 
@@ -45,6 +47,8 @@ def create_app(settings: Settings | None = None) -> Flask:
     app.register_blueprint(admin)
     app.register_blueprint(subscriptions)
     app.register_blueprint(openapi)
+    app.register_blueprint(dashboard)
+    app.register_blueprint(ops)
     errors.register(app)
     from ingest import metrics
 

@@ -2,15 +2,17 @@
 
 from __future__ import annotations
 
+import logging
 from datetime import datetime
 from typing import Any
 
 import orjson
 from flask import Blueprint, Response, current_app, request
 
-from ingest.auth import TokenSet
 from ingest.errors import error
+from ingest.session import current_operator, require_operator
 
+log = logging.getLogger("leadpipe.ops")
 bp = Blueprint("admin", __name__, url_prefix="/api")
 
 
@@ -28,16 +30,13 @@ def _runtime():  # type: ignore[no-untyped-def]
     return ext.runtime
 
 
-@bp.before_request
-def _authenticate() -> Response | None:
-    ext = current_app.extensions["leadpipe"]
-    header = request.headers.get("Authorization", "")
-    token = header[7:] if header.lower().startswith("bearer ") else None
-    if not TokenSet(ext.settings.admin_tokens).accepts(token):
-        response = error(401, "UNAUTHORIZED", "Invalid token.")
-        response.headers["WWW-Authenticate"] = 'Bearer realm="leadpipe"'
-        return response
-    return None
+bp.before_request(require_operator)  # a Bearer admin token, or the /ops session and CSRF token
+
+
+def _audit(what: str, **details: Any) -> None:
+    """Who changed what, by the token's fingerprint (never the token)."""
+    operator = current_operator()
+    log.info(what, extra={"operator": operator.who if operator else None, **details})
 
 
 @bp.get("/sinks")
@@ -55,6 +54,7 @@ def sink_action(name: str, action: str) -> Response:
         getattr(operations, action)(_runtime(), name)
     except LookupError as exc:
         return error(404, "RESOURCE_NOT_FOUND", str(exc))
+    _audit(f"sink {action}d", sink=name)
     return _json({"sink": name, "paused": action == "pause"})
 
 
@@ -77,6 +77,7 @@ def replay_one(letter_id: int) -> Response:
     replayed = operations.replay(_runtime(), ids=[letter_id])
     if not replayed:
         return error(404, "RESOURCE_NOT_FOUND", f"No dead letter {letter_id} waiting for replay.")
+    _audit("dead letter replayed", dead_letter=letter_id)
     return _json({"replayed": replayed})
 
 
@@ -93,7 +94,9 @@ def replay_many() -> Response:
             since = datetime.fromisoformat(str(body["since"]))
         except ValueError:
             return error(400, "INVALID", "since must be an ISO-8601 time.")
-    return _json({"replayed": operations.replay(_runtime(), sink=body["sink"], since=since)})
+    replayed = operations.replay(_runtime(), sink=body["sink"], since=since)
+    _audit("dead letters replayed", sink=body["sink"], replayed=replayed)
+    return _json({"replayed": replayed})
 
 
 @bp.post("/erase")

@@ -40,6 +40,18 @@ def wait_for(check: Callable[[], object], timeout: float = 30, interval: float =
         time.sleep(interval)
 
 
+@pytest.fixture(autouse=True)
+def _discard_recorders() -> Iterator[None]:
+    """Apps a test made in this process stop flushing metrics when it ends: one whose Redis the
+    test stopped would otherwise retry for the rest of the run, from a background thread."""
+    from workers import metrics
+
+    before = set(metrics._recorders)
+    yield
+    for recorder in set(metrics._recorders) - before:
+        recorder.discard()
+
+
 @pytest.fixture(scope="session")
 def service_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="leadpipe-tests-"))

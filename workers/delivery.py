@@ -87,12 +87,16 @@ def _record(conn: psycopg.Connection, event: Event, sink: str, started: datetime
         "SELECT %s, %s, d.attempts, %s, %s, %s, %s, %s FROM d",
         (error, event.id, sink, event.id, sink, started, seconds * 1000, outcome,
          getattr(exc, "status", status), error))
+    log.info("delivery attempt", extra={
+        "event_id": event.id, "sink": sink, "outcome": outcome,
+        "duration_ms": round(seconds * 1000, 1), "status_code": getattr(exc, "status", status),
+        "error": error})
 
 
 def _dead(conn: psycopg.Connection, event_id: str, sink: str, exc: BaseException | None,
           reason: str) -> int:
     """Dead-letter one pending delivery; 1 if it was pending, else 0."""
-    return conn.execute(
+    dead = conn.execute(
         "WITH d AS (UPDATE deliveries SET status = 'dead' WHERE event_id = %s AND sink = %s "
         "           AND status = 'pending' RETURNING attempts) "
         "INSERT INTO dead_letters (event_id, sink, error, status_code, attempts, "
@@ -103,6 +107,10 @@ def _dead(conn: psycopg.Connection, event_id: str, sink: str, exc: BaseException
         "FROM d",
         (event_id, sink, event_id, sink, reason[:1000], getattr(exc, "status", None),
          event_id, sink, event_id, sink)).rowcount
+    if dead:
+        log.warning("dead letter", extra={"event_id": event_id, "sink": sink,
+                                          "reason": reason[:1000]})
+    return dead
 
 
 def attempt(conn: psycopg.Connection, sink: Sink, spec: SinkSpec,

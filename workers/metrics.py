@@ -53,6 +53,7 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
 }
 
 _recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
+MINUTE_TTL_SECONDS = 2 * 3600  # per-minute buckets (the dashboard's last hour) expire after this
 
 
 class Recorder:
@@ -70,6 +71,13 @@ class Recorder:
         self._lock = threading.Lock()
         self._pending: dict[bytes, float] = {}
         self._thread: threading.Thread | None = None
+        self._discarded = False
+
+    def discard(self) -> None:
+        """Drop what is buffered and stop flushing (an app thrown away, as in tests)."""
+        with self._lock:
+            self._pending.clear()
+            self._discarded = True
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
         assert tuple(sorted(labels)) == tuple(sorted(COUNTERS[name][1])), (name, labels)
@@ -86,7 +94,7 @@ class Recorder:
         with self._lock:
             for field, amount in zip(pairs[::2], pairs[1::2], strict=True):
                 self._pending[field] = self._pending.get(field, 0.0) + amount
-            if self._thread is None:
+            if self._thread is None and not self._discarded:
                 self._thread = threading.Thread(target=self._loop, name="leadpipe-metrics",
                                                 daemon=True)
                 self._thread.start()
@@ -96,6 +104,8 @@ class Recorder:
         idle = 0
         while True:
             time.sleep(self.interval)
+            if self._discarded:
+                return
             idle = 0 if self.flush() else idle + 1
             if idle >= 30:
                 with self._lock:
@@ -109,10 +119,13 @@ class Recorder:
             pending, self._pending = self._pending, {}
         if not pending:
             return False
+        minute = self.minute_key(int(time.time() // 60))
         try:
             pipe = self.client.pipeline(transaction=False)
             for field, amount in pending.items():
                 pipe.hincrbyfloat(self.key, field, amount)
+                pipe.hincrbyfloat(minute, field, amount)
+            pipe.expire(minute, MINUTE_TTL_SECONDS)
             pipe.execute()
         except redis.RedisError as exc:
             log.warning("metrics not flushed, kept for the next try: %s", type(exc).__name__)
@@ -120,6 +133,27 @@ class Recorder:
                 for field, amount in pending.items():
                     self._pending[field] = self._pending.get(field, 0.0) + amount
         return True
+
+    def minute_key(self, minute: int) -> str:
+        """The hash of what was flushed during one minute (minutes since the epoch)."""
+        return f"{self.key}:minute:{minute}"
+
+    def minutes(self, last: int = 60) -> list[tuple[int, list[tuple[str, dict[str, str], Any,
+                                                                    float]]]]:
+        """The last `last` minutes, oldest first: (minute, [(name, labels, bucket, value)])."""
+        now = int(time.time() // 60)
+        span = range(now - last + 1, now + 1)
+        pipe = self.client.pipeline(transaction=False)
+        for minute in span:
+            pipe.hgetall(self.minute_key(minute))
+        result = []
+        for minute, fields in zip(span, pipe.execute(), strict=True):
+            rows = []
+            for raw, value in fields.items():
+                name, labels, extra = orjson.loads(raw)
+                rows.append((name, dict(labels), extra, float(value)))
+            result.append((minute, rows))
+        return result
 
     def families(self) -> Iterator[Metric]:
         """Every counter and histogram, summed over all processes, as prometheus_client metrics."""

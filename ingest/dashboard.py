@@ -1,0 +1,65 @@
+"""The JSON the /ops page polls: overview, workers, quarantine, and revealing one record's PII."""
+
+from __future__ import annotations
+
+import logging
+
+from flask import Blueprint, Response, request
+
+from ingest.admin import _json, _runtime
+from ingest.errors import error
+from ingest.session import current_operator, require_operator
+
+log = logging.getLogger("leadpipe.ops")
+bp = Blueprint("dashboard", __name__, url_prefix="/api")
+bp.before_request(require_operator)
+
+
+@bp.get("/dashboard")
+def overview() -> Response:
+    """Rates, totals, the last hour per minute, sinks, dead letters and quarantine (PII masked)."""
+    from workers import dashboard
+
+    return _json(dashboard.overview(_runtime()))
+
+
+@bp.get("/workers")
+def workers() -> Response:
+    """This namespace's Celery workers that answer inspect within `timeout` s (default 1, max 3)."""
+    from workers import status
+
+    try:
+        timeout = min(max(float(request.args.get("timeout", "1")), 0.1), 3.0)
+    except ValueError:
+        return error(400, "INVALID", "timeout must be a number of seconds.")
+    runtime = _runtime()
+    return _json({"workers": status.workers(runtime.app, timeout), "timeout": timeout})
+
+
+@bp.get("/quarantine")
+def quarantine() -> Response:
+    from workers import dashboard
+
+    limit = request.args.get("limit", "20")
+    if not limit.isdigit() or not 0 < int(limit) <= 500:
+        return error(400, "INVALID", "limit must be a number from 1 to 500.")
+    return _json({"quarantine": dashboard.quarantine(_runtime(), int(limit))})
+
+
+@bp.post("/reveal")
+def reveal() -> Response:
+    """{"kind": "dead_letter" | "quarantine", "id": ...} -> the person unmasked; audited."""
+    from workers import dashboard
+
+    body = request.get_json(silent=True)
+    if (not isinstance(body, dict) or body.get("kind") not in dashboard.REVEALABLE
+            or not isinstance(body.get("id"), str | int)):
+        return error(400, "INVALID", 'Send {"kind": "dead_letter" or "quarantine", "id": ID}.')
+    kind, record_id = body["kind"], str(body["id"])
+    person = dashboard.reveal(_runtime(), kind, record_id)
+    if person is None:
+        return error(404, "RESOURCE_NOT_FOUND", f"No {kind} {record_id}.")
+    operator = current_operator()
+    log.info("pii revealed", extra={  # who saw whose record; never the values
+        "operator": operator.who if operator else None, "kind": kind, "record_id": record_id})
+    return _json({"kind": kind, "id": record_id, "person": person})
