@@ -3,11 +3,12 @@
     python -m bench.chaos [--events 50000] [--window 300] [--seed 7]
 
 One run against real processes: Redis (AOF, appendfsync always) and Postgres started in a
-temporary folder, `leadpipe api` (granian, 2 processes), 2 `leadpipe worker` nodes, a CRM
-(local HTTP server), an SMTP server (aiosmtpd) and one subscriber made through the
-subscription API. A load generator posts --events bodies built from the fixtures (unique ids,
-10 % exact duplicates, shuffled) at an even pace over --window seconds; like RD, it retries a
-body until it gets a 2xx. Meanwhile a fault injector, on a fixed schedule drawn from --seed:
+temporary folder, `leadpipe api` (granian, 2 processes), 2 `leadpipe worker` nodes (4
+processes each), a CRM (local HTTP server), an SMTP server (aiosmtpd) and one subscriber made
+through the subscription API. A load generator posts --events bodies built from the fixtures
+(unique ids, 10 % exact duplicates, shuffled) at an even pace over --window seconds; like RD,
+it retries a body until it gets a 2xx. Meanwhile a fault injector, on a fixed schedule drawn
+from --seed:
 - SIGKILLs a worker node 5 times, restarting it each time;
 - kills Redis with SIGKILL once and starts it again on the same AOF files;
 - stops Postgres for 15 s;
@@ -68,7 +69,7 @@ class Figures:
 class Pipeline:
     """The processes of one run and how to hurt them."""
 
-    def __init__(self, root: Path, seed: int):
+    def __init__(self, root: Path, seed: int, concurrency: int = 4):
         self.root = root
         self.procs = Processes()
         self.redis = LocalRedis(root / "redis", port=free_port())
@@ -80,6 +81,7 @@ class Pipeline:
         self.api_port = free_port()
         self.env: dict[str, str] = {}
         self.workers: list[Any] = []
+        self.concurrency = concurrency
 
     @property
     def api(self) -> str:
@@ -133,7 +135,7 @@ class Pipeline:
 
     def _worker(self, n: int) -> Any:
         return self.procs.start(f"worker-{n}", [sys.executable, "-m", "config.cli", "worker",
-                                                "--concurrency", "2"],
+                                                "--concurrency", str(self.concurrency)],
                                 self.root / f"worker-{n}.log", env=self.env)
 
     def _subscribe(self) -> None:
@@ -376,11 +378,14 @@ def main(argv: list[str] | None = None) -> int:
                         help="seconds over which the events are posted and faults happen")
     parser.add_argument("--seed", type=int, default=7)
     parser.add_argument("--nodes", type=int, default=2)
+    parser.add_argument("--concurrency", type=int, default=4,
+                        help="Celery processes per worker node (deliveries wait on receivers)")
     parser.add_argument("--settle", type=float, default=600.0,
                         help="longest wait for the queues to drain after the load")
     args = parser.parse_args(argv)
     print(f"configuration: {args.events} events (10 % duplicates) over {args.window:.0f} s, "
-          f"seed {args.seed}, {args.nodes} worker nodes x 2 processes, API granian x 2")
+          f"seed {args.seed}, {args.nodes} worker nodes x {args.concurrency} processes, "
+          "API granian x 2")
     print_versions(("python", "redis-server", "postgres", "celery", "redis-py", "psycopg",
                     "granian"), machine())
     rng = random.Random(args.seed)
@@ -388,7 +393,7 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[BaseException] = []
     figures = Figures()
     with terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="leadpipe-chaos-") as tmp:
-        pipe = Pipeline(Path(tmp), args.seed)
+        pipe = Pipeline(Path(tmp), args.seed, args.concurrency)
         try:
             pipe.start(args.nodes)
             plan = schedule(rng, args.window, pipe, args.nodes)
