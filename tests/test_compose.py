@@ -24,8 +24,8 @@ APP_SERVICES = ("migrate", "api", "worker", "flower")
 LEADPIPE_COMMANDS = ("migrate", "api", "worker", "flower")
 SCALED = ("worker",)
 # Read by `docker compose` for interpolation only, never a key of an environment block, so no
-# Leadpipe process ever sees them. (None at present: secrets keep their setting's name.)
-INTERPOLATION_ONLY: set[str] = set()
+# Leadpipe process ever sees them (secrets keep their setting's name).
+INTERPOLATION_ONLY: set[str] = {"LEADPIPE_API_PORTS"}  # host ports of the api replicas
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 LEADPIPE_NAME = re.compile(r"\bLEADPIPE_[A-Z0-9_]+")
 
@@ -194,6 +194,17 @@ def test_scaled_services_have_no_container_name_or_host_ports(
     service = services[name]
     assert "container_name" not in service
     assert not service.get("ports")
+
+
+def test_api_scales_on_a_host_port_range(services: dict[str, dict[str, Any]]) -> None:
+    """`--scale api=N` needs a host port per replica: a range, not one fixed port."""
+    api = services["api"]
+    assert "container_name" not in api
+    (port,) = api["ports"]
+    host, container = str(port).rsplit(":", 1)
+    assert container == "8000"
+    first, last = host.split(":-")[-1].rstrip("}").split("-")
+    assert int(last) > int(first) == 8000
 
 
 @pytest.mark.parametrize("name", LEADPIPE_COMMANDS)

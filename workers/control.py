@@ -53,7 +53,9 @@ class SinkControl:
 
     # -- circuit breaker -----------------------------------------------------------------------
     def _circuit(self, sink: str) -> str:
-        return f"{self.ns}:circuit:{sink}"
+        # a hash tag: the state and its ":probe" key share a Redis Cluster slot, so the one
+        # two-key command (DEL when the circuit closes) is cluster-safe
+        return f"{self.ns}:circuit:{{{sink}}}"
 
     def circuit_wait(self, sink: str, cooldown: float) -> float:
         """0 when a call may go (closed, or this caller is the one half-open probe), else the
