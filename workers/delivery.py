@@ -31,6 +31,13 @@ class Plan:
     countdown: float = 0.0
     next_round: int = 0
     reason: str = ""
+    rest_ids: list[str] = field(default_factory=list)  # not tried: the task's time was up
+
+
+# One task delivers for at most this long, then hands the rest to a new task of the same round:
+# a slow receiver must not hold a worker process for minutes, so the storing of new events
+# (the ingest queue, served by the same processes) keeps its turns.
+TASK_BUDGET_SECONDS = 5.0
 
 
 def _lock_key(sink: str, event_id: str) -> str:
@@ -172,7 +179,11 @@ def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
                     reason="paused")
     waits: list[float] = []
     failed: list[tuple[Event, BaseException]] = []
+    deadline = time.monotonic() + TASK_BUDGET_SECONDS
     for n, event in enumerate(events):
+        if n and time.monotonic() > deadline:
+            plan.rest_ids = [e.id for e in events[n:]]
+            break
         blocked = control.circuit_wait(spec.name, spec.circuit_cooldown)
         if blocked > 0:  # the sink is known down: do not hammer it, back off as a whole
             rest = events[n:]
@@ -228,4 +239,7 @@ def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
         conn.execute("UPDATE deliveries SET dispatched_at = now() + make_interval(secs => %s) "
                      "WHERE sink = %s AND event_id = ANY(%s)",
                      (plan.countdown, spec.name, plan.retry_ids))
+    if plan.rest_ids:
+        conn.execute("UPDATE deliveries SET dispatched_at = now() "
+                     "WHERE sink = %s AND event_id = ANY(%s)", (spec.name, plan.rest_ids))
     return plan

@@ -66,10 +66,13 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0) -> dic
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
     if plan.retry_ids:
         runtime.publish(sink, plan.retry_ids, plan.next_round, plan.countdown)
+    if plan.rest_ids:  # the time budget ran out: the rest go on at once, in the same round
+        runtime.publish(sink, plan.rest_ids, round_)
     metrics.count_round(runtime.metrics, sink, plan.delivered, plan.dead, len(plan.retry_ids),
                         plan.reason)
     summary = {"sink": sink, "round": round_, "delivered": plan.delivered, "dead": plan.dead,
                "again": len(plan.retry_ids), "in_seconds": round(plan.countdown, 2),
+               "rest": len(plan.rest_ids),
                "why": plan.reason}
     log.info("deliveries", extra={"task_id": self.request.id, **summary})
     return summary

@@ -68,3 +68,35 @@ def test_fan_out_dead_letters_and_attempts(client, settings, tmp_path, worker_fa
                              capture_output=True, timeout=60)
     assert listing.returncode == 0, listing.stderr
     assert listing.stdout.count("refuser") == 3 and "status=400" in listing.stdout
+
+
+def test_a_slow_receiver_gets_its_events_over_several_tasks_none_twice(
+        client, settings, tmp_path, worker_factory, db):
+    """A task delivers for at most TASK_BUDGET_SECONDS, then hands the rest to a new task, so
+    a slow receiver cannot hold a worker process (and the storing of new events) for long."""
+    from tests.support.http_server import HttpServer, Reply
+    from workers.delivery import TASK_BUDGET_SECONDS
+
+    with HttpServer() as hook:
+        hook.set_default(Reply(200, delay=0.5))
+        path = tmp_path / "routes.yaml"
+        path.write_text(yaml.safe_dump({
+            "sinks": {"slow": {"type": "crm", "options": {"base_url": hook.url,
+                                                          "auth_value": "Bearer x"}}},
+            "routes": [{"to": ["slow"]}]}))
+        worker = worker_factory(settings.with_(routes_file=str(path), batch_window_ms=1000))
+        events = 24
+        for n in range(events):
+            body = json.loads(fixture_bytes("crm-deal-created.json"))
+            body["transaction_uuid"] = f"slow-{n}"
+            body["document"]["id"] = f"deal{n:04d}"
+            post(client, json.dumps(body).encode())
+        wait_for(lambda: count(db, "SELECT count(*) FROM deliveries WHERE status = "
+                                   "'delivered'") == events, timeout=90, what="every delivery")
+        assert len(hook.requests) == events  # none twice
+        assert len({r.path for r in hook.requests}) == events
+    rests = [json.loads(line)["rest"] for line in worker.log_path.read_text().splitlines()
+             if line.startswith("{") and '"msg":"deliveries"' in line
+             and json.loads(line).get("rest")]
+    assert rests, "no task handed the rest of its events on"
+    assert max(rests) <= events - TASK_BUDGET_SECONDS / 0.5 + 1
