@@ -10,6 +10,8 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from ingest.commit import GroupCommit, ThreadWriter
+
 GROUP = "workers"
 
 
@@ -46,15 +48,19 @@ def make_redis(url: str, timeout: float | None = None, retries: int = 3) -> redi
 class IngestStream:
     """Appends to and consumes from one Redis Stream with one consumer group."""
 
-    def __init__(self, client: redis.Redis, key: str, group_commit: bool = False,
+    def __init__(self, client: redis.Redis, key: str, writer: str | None = None,
                  commit_timeout: float = 5.0):
+        """`writer`: None (the client's own XADD), "group" (GroupCommit) or "thread"
+        (ThreadWriter: one connection per request thread), the latter two for the request path."""
         self.client = client
         self.key = key
-        self._commit = None
-        if group_commit:
-            from ingest.commit import GroupCommit
-
+        self._commit: GroupCommit | ThreadWriter | None = None
+        if writer == "group":
             self._commit = GroupCommit(client, key, timeout=commit_timeout)
+        elif writer == "thread":
+            self._commit = ThreadWriter(client, key)
+        elif writer is not None:
+            raise ValueError(f"unknown stream writer {writer!r}")
 
     def append(self, event_id: str, body: bytes, hint: str | None = None) -> None:
         """Durably add one raw body; returns only once Redis has it (raises RedisError if not)."""

@@ -1,4 +1,4 @@
-"""Group commit: many request threads, one pipelined write, and no 2xx for a failed write."""
+"""Stream writers of the request path: every entry lands, and no 2xx for a failed write."""
 
 from __future__ import annotations
 
@@ -7,13 +7,17 @@ import threading
 import pytest
 import redis
 
-from config.local import free_port
-from ingest.commit import GroupCommit
+from config.local import LocalRedis, free_port
+from ingest.commit import GroupCommit, ThreadWriter
 from ingest.queue import make_redis
 
+WRITERS = [GroupCommit, ThreadWriter]
 
-def test_concurrent_appends_all_land_and_each_caller_waits_for_its_own(redis_client, settings):
-    commit = GroupCommit(redis_client, settings.stream_key)
+
+@pytest.mark.parametrize("writer", WRITERS)
+def test_concurrent_appends_all_land_and_each_caller_waits_for_its_own(redis_client, settings,
+                                                                       writer):
+    commit = writer(redis_client, settings.stream_key)
     errors: list[BaseException] = []
 
     def writer(n: int) -> None:
@@ -54,3 +58,20 @@ def test_a_failed_write_fails_every_waiting_caller():
     assert len(failures) == 8
     with pytest.raises(redis.ConnectionError):
         commit.append({"i": "y", "t": 1, "b": b"{}"})
+
+
+def test_a_thread_writer_fails_while_redis_is_down_and_recovers(tmp_path):
+    server = LocalRedis(tmp_path / "redis").start()
+    try:
+        client = make_redis(server.url, timeout=0.5, retries=0)
+        writer = ThreadWriter(client, "s")
+        writer.append({"i": "a", "t": 1, "b": b"{}"})
+        server.stop(kill=True)
+        with pytest.raises(redis.ConnectionError):
+            writer.append({"i": "b", "t": 1, "b": b"{}"})
+        server = LocalRedis(tmp_path / "redis", port=server.port).start()
+        writer.append({"i": "c", "t": 1, "b": b"{}"})  # the thread's connection is made again
+        ids = [f[b"i"] for _, f in client.xrange("s")]
+        assert ids == [b"a", b"c"]  # the AOF kept what was acknowledged before the kill
+    finally:
+        server.stop()
