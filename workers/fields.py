@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
-from marshmallow import ValidationError, fields
+from marshmallow import ValidationError, fields, missing
 
 _TRUE = {"true", "1", "yes", "sim", "t"}
 _FALSE = {"false", "0", "no", "nao", "não", "f"}
@@ -21,6 +21,25 @@ class Optional(fields.Field):
         if not kwargs.get("required"):
             kwargs.setdefault("load_default", None)
         super().__init__(**kwargs)
+        if callable(self.load_default) or self.pre_load or self.post_load:
+            self.deserialize = super().deserialize  # type: ignore[method-assign]
+
+    def deserialize(self, value: Any, attr: str | None = None, data: Any = None,
+                    **kwargs: Any) -> Any:
+        """Field.deserialize without its per-call work these fields never need (most of a
+        body's declared fields are missing or null): same checks, same error messages."""
+        if value is missing:
+            if self.required:
+                raise self.make_error("required")
+            return self.load_default
+        if value is None:
+            if not self.allow_none:
+                raise self.make_error("null")
+            return None
+        output = self._deserialize(value, attr, data, **kwargs)
+        if self.validators:  # Field._validate builds an And() of them on every call
+            self._validate(output)
+        return output
 
 
 class Text(Optional):

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from marshmallow import INCLUDE, Schema, ValidationError, fields, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, fields, validates_schema
 from marshmallow.validate import OneOf
 
 from workers.fields import Amount, Count, Flag, Obj, Tags, Text, When
@@ -14,10 +14,11 @@ DEAL_EVENTS = ("crm_deal_created", "crm_deal_updated", "crm_deal_deleted")
 
 
 class Lenient(Schema):
-    """Unknown fields are kept: RD adds fields without notice."""
+    """Unknown fields are no error (RD adds fields without notice); they are not copied into
+    the loaded dict, which nothing reads them from: the stored payload is the body as sent."""
 
     class Meta:
-        unknown = INCLUDE
+        unknown = EXCLUDE
 
 
 class CompanySchema(Lenient):
