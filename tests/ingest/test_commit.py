@@ -14,10 +14,10 @@ from ingest.queue import make_redis
 WRITERS = [GroupCommit, ThreadWriter]
 
 
-@pytest.mark.parametrize("writer", WRITERS)
+@pytest.mark.parametrize("kind", WRITERS)
 def test_concurrent_appends_all_land_and_each_caller_waits_for_its_own(redis_client, settings,
-                                                                       writer):
-    commit = writer(redis_client, settings.stream_key)
+                                                                       kind):
+    commit = kind(redis_client, settings.stream_key)
     errors: list[BaseException] = []
 
     def writer(n: int) -> None:
@@ -34,6 +34,7 @@ def test_concurrent_appends_all_land_and_each_caller_waits_for_its_own(redis_cli
         t.start()
     for t in threads:
         t.join()
+    commit.close()
     assert errors == []
     ids = {f[b"i"].decode() for _, f in redis_client.xrange(settings.stream_key)}
     assert ids == {f"{n}-{i}" for n in range(16) for i in range(50)}
@@ -58,6 +59,7 @@ def test_a_failed_write_fails_every_waiting_caller():
     assert len(failures) == 8
     with pytest.raises(redis.ConnectionError):
         commit.append({"i": "y", "t": 1, "b": b"{}"})
+    commit.close()
 
 
 def test_a_thread_writer_fails_while_redis_is_down_and_recovers(tmp_path):
@@ -73,5 +75,6 @@ def test_a_thread_writer_fails_while_redis_is_down_and_recovers(tmp_path):
         writer.append({"i": "c", "t": 1, "b": b"{}"})  # the thread's connection is made again
         ids = [f[b"i"] for _, f in client.xrange("s")]
         assert ids == [b"a", b"c"]  # the AOF kept what was acknowledged before the kill
+        writer.close()
     finally:
         server.stop()
