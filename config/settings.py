@@ -110,7 +110,8 @@ class Settings:
     )
     group_commit: bool = setting(
         "GROUP_COMMIT", as_bool, True,
-        "Concurrent requests of one API process share one pipelined Redis write (and fsync).",
+        "Concurrent requests of one API process share one pipelined Redis write (and fsync); "
+        "false: each request thread writes on a connection of its own.",
     )
     ingest_fast_path: bool = setting(
         "INGEST_FAST_PATH", as_bool, True,
