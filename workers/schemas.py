@@ -5,10 +5,10 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from marshmallow import EXCLUDE, Schema, ValidationError, fields, missing, validates_schema
+from marshmallow import EXCLUDE, Schema, ValidationError, missing, validates_schema
 from marshmallow.validate import OneOf
 
-from workers.fields import Amount, Count, Flag, Obj, Tags, Text, When
+from workers.fields import Amount, Count, Flag, List, Nested, Obj, Raw, String, Tags, Text, When
 
 MKT_EVENTS = ("WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY")
 DEAL_EVENTS = ("crm_deal_created", "crm_deal_updated", "crm_deal_deleted")
@@ -80,8 +80,8 @@ class ContactSchema(Lenient):
     city = Text()
     state = Text()
     tags = Tags()
-    company = fields.Nested(CompanySchema, allow_none=True, load_default=None)
-    funnel = fields.Nested(FunnelSchema, allow_none=True, load_default=None)
+    company = Nested(CompanySchema, allow_none=True, load_default=None)
+    funnel = Nested(FunnelSchema, allow_none=True, load_default=None)
 
     @validates_schema
     def _identified(self, data: dict[str, Any], **kwargs: Any) -> None:
@@ -92,12 +92,12 @@ class ContactSchema(Lenient):
 class MarketingV2Schema(Lenient):
     """Dialect A: webhooks created through RD's API."""
 
-    event_type = fields.String(required=True, validate=OneOf(MKT_EVENTS))
+    event_type = String(required=True, validate=OneOf(MKT_EVENTS))
     entity_type = Text()
     event_identifier = Text()
     timestamp = When()
     event_timestamp = When()
-    contact = fields.Nested(ContactSchema, required=True)
+    contact = Nested(ContactSchema, required=True)
 
 
 class ConversionSchema(Lenient):
@@ -123,8 +123,8 @@ class LegacyLeadSchema(Lenient):
     opportunity = Flag()
     number_conversions = Count()
     user = Text()
-    first_conversion = fields.Nested(ConversionSchema, allow_none=True, load_default=None)
-    last_conversion = fields.Nested(ConversionSchema, allow_none=True, load_default=None)
+    first_conversion = Nested(ConversionSchema, allow_none=True, load_default=None)
+    last_conversion = Nested(ConversionSchema, allow_none=True, load_default=None)
     custom_fields = Obj()
     website = Text()
     personal_phone = Text()
@@ -144,7 +144,7 @@ class LegacyLeadSchema(Lenient):
 
 
 class CustomFieldValueSchema(Lenient):
-    value = fields.Raw(allow_none=True, load_default=None)
+    value = Raw(allow_none=True, load_default=None)
     custom_field = Obj()
 
 
@@ -168,14 +168,14 @@ class DealSchema(Lenient):
     deal_source = Obj()
     campaign = Obj()
     deal_lost_reason = Obj()
-    deal_custom_fields = fields.List(fields.Nested(CustomFieldValueSchema), allow_none=True,
+    deal_custom_fields = List(Nested(CustomFieldValueSchema), allow_none=True,
                                      load_default=None)
 
 
 class CrmEnvelopeSchema(Lenient):
     """Dialects C and D: `event_name` + `document`, for deals and every other CRM entity."""
 
-    event_name = fields.String(required=True)
+    event_name = String(required=True)
     document = Obj(required=True, allow_none=False)
     event_timestamp = When()
     transaction_uuid = Text()  # RD's own example is not a valid UUID: not checked
