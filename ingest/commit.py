@@ -47,10 +47,10 @@ class GroupCommit:
         # one writer per process, started after a fork (gunicorn forks after loading the app)
         with self._start:
             if self._pid != os.getpid():
-                self._pid = os.getpid()
                 self._queue = queue.SimpleQueue()
                 threading.Thread(target=self._run, args=(self._queue,), daemon=True,
                                  name="leadpipe-group-commit").start()
+                self._pid = os.getpid()  # last: a caller that sees it finds the new queue
 
     def append(self, fields: dict) -> None:
         """Write one entry; returns when it is on the stream, raises RedisError if it is not."""

@@ -41,6 +41,7 @@ def fast_ingest(app: Flask) -> WSGIApp:
     accepts = ext.tokens.accepts
     limit = settings.max_body_bytes
     token_key = environ_key(settings.ingest_token_header)
+    log = app.logger  # the logger and handler the Flask view logs to
     json_types: dict[str, bool] = {}  # Content-Type header -> JSON to werkzeug; a few distinct
 
     def json_type(content_type: str) -> bool:
@@ -84,7 +85,7 @@ def fast_ingest(app: Flask) -> WSGIApp:
         body = environ["wsgi.input"].read(size)
         if len(body) != size or body_shape(body) != "object":
             return flask_app({**environ, "wsgi.input": io.BytesIO(body)}, start_response)
-        event_id = store(ext, body, hint)
+        event_id = store(ext, body, hint, log)
         if event_id is None:
             return unavailable(settings)(environ, start_response)
         answer = b'{"id":"%s"}' % event_id.encode()

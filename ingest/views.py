@@ -74,19 +74,19 @@ def receive() -> Response:
     if hint is not None and hint not in KNOWN_HINTS:
         return error(400, "INVALID", "event_type must be WEBHOOK.CONVERTED or "
                                      "WEBHOOK.MARKED_OPPORTUNITY.")
-    event_id = store(ext, body, hint)
+    event_id = store(ext, body, hint, current_app.logger)
     if event_id is None:
         return unavailable(settings)
     return Response(b'{"id":"%s"}' % event_id.encode(), status=202, mimetype="application/json")
 
 
-def store(ext: Ingest, body: bytes, hint: str | None) -> str | None:
+def store(ext: Ingest, body: bytes, hint: str | None, log: logging.Logger) -> str | None:
     """Durably append a body to the stream: its new event id, or None if Redis cannot take it."""
     event_id = new_event_id()
     try:
         ext.stream.append(event_id, body, hint)
     except redis.RedisError:
-        logging.getLogger("ingest").warning("ingest stream unavailable; answered 503")
+        log.warning("ingest stream unavailable; answered 503")
         return None
     return event_id
 
