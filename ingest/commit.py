@@ -3,21 +3,22 @@
 from __future__ import annotations
 
 import os
-import queue
 import threading
 import weakref
+from typing import Any
 
 import redis
 
 
 class _Pending:
-    __slots__ = ("command", "done", "error")
+    __slots__ = ("command", "done", "error", "lead")
 
     def __init__(self, command: tuple):
         self.command = command
         self.done = threading.Lock()
-        self.done.acquire()  # released by the writer once the entry is written, or failed
+        self.done.acquire()  # released once the entry is written or failed, or to hand the lead
         self.error: BaseException | None = None
+        self.lead = False
 
 
 class GroupCommit:
@@ -25,11 +26,11 @@ class GroupCommit:
 
     Each caller blocks until its entry is written (with the server's fsync policy applied, as a
     single XADD would), but the callers waiting at the same moment share one pipelined round
-    trip on the writer thread's own connection and, with `appendfsync always`, one fsync. A
+    trip and, with `appendfsync always`, one fsync. There is no writer thread: the caller that
+    finds no write in progress leads, writing every entry queued by then, and hands the lead to
+    the first caller queued behind that write; the others just wait for their own entry. A
     caller whose write failed (or whose reply never came) gets the error, so no caller is ever
-    answered 2xx for an entry that is not on the stream. The hand-off is a C queue and a plain
-    lock per call: no Condition or Event objects, whose Python-level locking cost more per
-    request than the shared write saved.
+    answered 2xx for an entry that is not on the stream.
     """
 
     def __init__(self, client: redis.Redis, key: str, max_batch: int = 256,
@@ -39,18 +40,11 @@ class GroupCommit:
         self.key = key
         self.max_batch = max_batch
         self.timeout = timeout
-        self._queue: queue.SimpleQueue[_Pending | None] = queue.SimpleQueue()
-        self._pid = 0
-        self._start = threading.Lock()
-
-    def _ensure_writer(self) -> None:
-        # one writer per process, started after a fork (gunicorn forks after loading the app)
-        with self._start:
-            if self._pid != os.getpid():
-                self._queue = queue.SimpleQueue()
-                threading.Thread(target=self._run, args=(self._queue,), daemon=True,
-                                 name="leadpipe-group-commit").start()
-                self._pid = os.getpid()  # last: a caller that sees it finds the new queue
+        self._mutex = threading.Lock()
+        self._queue: list[_Pending] = []
+        self._busy = False  # a leader is writing
+        self._conn: Any = None  # used by the leader only
+        self._pid = os.getpid()
 
     def append(self, fields: dict) -> None:
         """Write one entry; returns when it is on the stream, raises RedisError if it is not."""
@@ -58,54 +52,66 @@ class GroupCommit:
         for item in fields.items():
             command += item
         pending = _Pending(tuple(command))
-        if self._pid != os.getpid():
-            self._ensure_writer()
-        self._queue.put(pending)
-        if not pending.done.acquire(timeout=self.timeout):
-            raise redis.TimeoutError("the stream write did not complete in time")
+        with self._mutex:
+            if self._pid != os.getpid():  # a forked child shares no socket and no waiters
+                self._queue, self._busy, self._conn = [], False, None
+                self._pid = os.getpid()
+            self._queue.append(pending)
+            lead = not self._busy
+            self._busy = True
+        if not lead:
+            if not pending.done.acquire(timeout=self.timeout):
+                with self._mutex:
+                    if not pending.lead:
+                        if pending in self._queue:  # never written; nobody will lead it now
+                            self._queue.remove(pending)
+                        raise redis.TimeoutError("the stream write did not complete in time")
+                pending.done.acquire()  # the lead was handed over just now: take it
+            if not pending.lead:
+                if pending.error is not None:
+                    raise pending.error
+                return
+        self._write()
         if pending.error is not None:
             raise pending.error
 
-    def close(self) -> None:
-        """Stop the writer once what is queued is written, and close its connection."""
-        self._queue.put(None)
-
-    def _run(self, waiting: queue.SimpleQueue[_Pending | None]) -> None:
-        conn = None
-        while True:
-            first = waiting.get()
-            if first is None:
-                if conn is not None:
-                    conn.disconnect()
-                return
-            batch = [first]
-            while len(batch) < self.max_batch:
-                try:
-                    more = waiting.get_nowait()
-                except queue.Empty:
-                    break
-                if more is None:
-                    waiting.put(more)  # close() after this batch
-                    break
-                batch.append(more)
-            answered = 0
-            try:
-                if conn is None:
-                    conn = self._connect()
-                conn.send_packed_command(conn.pack_commands([p.command for p in batch]))
-                for pending in batch:
-                    try:
-                        conn.read_response()
-                    except redis.ResponseError as exc:  # this entry refused, the rest not
-                        pending.error = exc
-                    answered += 1
-            except Exception as exc:  # no reply: written or not, those callers get the error
-                if conn is not None:
-                    conn.disconnect()
-                for pending in batch[answered:]:
-                    pending.error = exc
+    def _write(self) -> None:
+        """As leader: write what is queued, hand the lead on, release the callers written for."""
+        with self._mutex:
+            batch = self._queue[:self.max_batch]
+            del self._queue[:self.max_batch]
+        answered = 0
+        try:
+            if self._conn is None:
+                self._conn = self._connect()
+            self._conn.send_packed_command(self._conn.pack_commands([p.command for p in batch]))
             for pending in batch:
-                pending.done.release()
+                try:
+                    self._conn.read_response()
+                except redis.ResponseError as exc:  # this entry refused, the rest not
+                    pending.error = exc
+                answered += 1
+        except Exception as exc:  # no reply: written or not, those callers get the error
+            if self._conn is not None:
+                self._conn.disconnect()
+            for pending in batch[answered:]:
+                pending.error = exc
+        finally:
+            with self._mutex:
+                if self._queue:  # callers came while this write ran: the first one leads next
+                    self._queue[0].lead = True
+                    self._queue[0].done.release()
+                else:
+                    self._busy = False
+            for pending in batch:
+                if not pending.lead:
+                    pending.done.release()
+
+    def close(self) -> None:
+        """Close the connection (the next append opens a new one)."""
+        with self._mutex:
+            if self._conn is not None and not self._busy:
+                self._conn.disconnect()
 
 
 class ThreadWriter:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 
 import pytest
 import redis
@@ -78,3 +80,43 @@ def test_a_thread_writer_fails_while_redis_is_down_and_recovers(tmp_path):
         writer.close()
     finally:
         server.stop()
+
+
+def test_callers_behind_a_stuck_write_time_out_and_the_next_write_still_runs():
+    """A Redis that accepts and never answers: the leader's socket times out, the callers
+    queued behind it give up on their own timeout, and nothing is left waiting for a lead."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    accepting = threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True)
+    accepting.start()
+    port = silent.getsockname()[1]
+    client = make_redis(f"redis://127.0.0.1:{port}/0", timeout=1.0, retries=0)
+    commit = GroupCommit(client, "s", timeout=0.3)
+    outcomes: list[str] = []
+
+    def writer() -> None:
+        try:
+            commit.append({"i": "x", "t": 1, "b": b"{}"})
+            outcomes.append("ok")
+        except redis.RedisError as exc:
+            outcomes.append(type(exc).__name__)
+
+    try:
+        threads = [threading.Thread(target=writer) for _ in range(8)]
+        started = time.monotonic()
+        for t in threads:
+            t.start()
+            time.sleep(0.01)  # the first leads; the others queue behind its write
+        for t in threads:
+            t.join(5)
+        assert not any(t.is_alive() for t in threads)
+        assert outcomes.count("ok") == 0 and len(outcomes) == 8
+        assert time.monotonic() - started < 3
+        assert set(outcomes) <= {"TimeoutError", "ConnectionError"}
+        writer()  # no lead was lost: a new write starts (and times out) on its own
+        assert len(outcomes) == 9 and outcomes[-1] != "ok"
+    finally:
+        commit.close()
+        for conn in held:
+            conn.close()
+        silent.close()
