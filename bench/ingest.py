@@ -36,7 +36,7 @@ from bench import (
     terminate_as_interrupt,
     wait_until,
 )
-from config.cli import SERVERS, api_command
+from config.cli import SERVERS, THREADS, api_command
 from config.local import LocalRedis, free_port
 from config.settings import PREFIX, Settings
 
@@ -202,8 +202,11 @@ def main(argv: list[str] | None = None) -> int:
                    help="the production server (default: as `leadpipe api`, granian)")
     p.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="server worker processes (default: as `leadpipe api`, the CPU count)")
-    p.add_argument("--server-threads", type=int, default=4,
-                   help="threads per worker (default: as `leadpipe api`, 4)")
+    p.add_argument("--server-threads", type=int, default=THREADS,
+                   help=f"threads per worker (default: as `leadpipe api`, {THREADS})")
+    p.add_argument("--redis-fsync", choices=("always", "everysec"), default="always",
+                   help="Redis appendfsync for this run (default always, as `leadpipe run`; "
+                        "everysec only to measure the trade-off)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment of both servers, e.g. LEADPIPE_GROUP_COMMIT=false")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, AOF)")
@@ -219,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
             machine_text = machine()  # before our own servers boot and keep the CPUs busy
             redis_server = LocalRedis(tmp / "redis")  # assigned first: stopped even if start fails
             redis_server.start()
+            if args.redis_fsync != "always":
+                from ingest.queue import make_redis
+
+                admin = make_redis(redis_server.url, timeout=5)
+                admin.config_set("appendfsync", args.redis_fsync)
+                admin.close()
             if any("=" not in item for item in args.env):
                 raise BenchError("--env takes NAME=VALUE")
             extra = dict(item.split("=", 1) for item in args.env)
@@ -239,11 +248,13 @@ def main(argv: list[str] | None = None) -> int:
                   f"{args.rounds} round(s)")
             print(f"  request      POST {PATH.split('?')[0]}?token=... Content-Type "
                   f"application/json, body {BODY.name} ({BODY.stat().st_size} bytes)")
-            print(f"  redis        LocalRedis {redis_server.url} (AOF, appendfsync always), "
+            print(f"  redis        LocalRedis {redis_server.url} (AOF, appendfsync "
+                  f"{args.redis_fsync}), "
                   f"stream {settings.stream_key}")
             given = "".join(" " + e for e in args.env)
             print(f"  ours         LEADPIPE_* defaults except REDIS_URL/INGEST_TOKENS/NAMESPACE"
-                  f"{given}: group_commit {settings.group_commit}, redis_timeout_seconds "
+                  f"{given}: ingest_fast_path {settings.ingest_fast_path}, group_commit "
+                  f"{settings.group_commit}, redis_timeout_seconds "
                   f"{settings.redis_timeout_seconds}, log_level {settings.log_level}")
             print_versions(["python", "redis-server", "postgres", "celery", "redis-py",
                             "flask", "gunicorn", "granian", "wrk"], machine_text)

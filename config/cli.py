@@ -14,6 +14,9 @@ from pathlib import Path
 from config.settings import ConfigError, Settings, documented
 
 SERVERS = ("gunicorn", "granian")
+# Request threads per API process: they mostly wait for Redis' fsync, and the more wait at
+# once, the more requests share one write (docs/PERFORMANCE.md: 16 against 4).
+THREADS = 16
 # A Marketing v2 conversion as RD Station sends it, small enough for a copy-paste curl.
 SAMPLE = ('{"event_type":"WEBHOOK.CONVERTED","entity_type":"CONTACT",'
           '"event_identifier":"quickstart","timestamp":"2026-01-01T12:00:01Z",'
@@ -88,7 +91,7 @@ def cmd_flower(args: argparse.Namespace) -> int:
 
 
 def api_command(settings: Settings, host: str, port: int, workers: int, server: str,
-                threads: int = 4, app_spec: str = "ingest.wsgi:create_app") -> list[str]:
+                threads: int = THREADS, app_spec: str = "ingest.wsgi:create_app") -> list[str]:
     """The production server command line for the ingest app.
 
     `app_spec` names the app factory as "module:function"; another app (the benchmark's bare
@@ -377,7 +380,7 @@ def parser() -> argparse.ArgumentParser:
         sp.add_argument("--host", default="127.0.0.1")
         sp.add_argument("--port", type=int, default=port)
         sp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-        sp.add_argument("--threads", type=int, default=4)
+        sp.add_argument("--threads", type=int, default=THREADS)
         sp.add_argument("--server", choices=SERVERS, default="granian",
                         help="granian (default: measured fastest here, see docs/PERFORMANCE.md) "
                              "or gunicorn (gthread)")

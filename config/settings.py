@@ -148,7 +148,13 @@ class Settings:
     )
     group_commit: bool = setting(
         "GROUP_COMMIT", as_bool, True,
-        "Concurrent requests of one API process share one pipelined Redis write (and fsync).",
+        "Concurrent requests of one API process share one pipelined Redis write (and fsync); "
+        "false: each request thread writes on a connection of its own.",
+    )
+    ingest_fast_path: bool = setting(
+        "INGEST_FAST_PATH", as_bool, True,
+        "Answer the common 202 case of the webhook in plain WSGI, skipping Flask (False: Flask "
+        "answers every request; the answers are the same).",
     )
     batch_size: int = setting(
         "BATCH_SIZE", as_positive_int, 500,

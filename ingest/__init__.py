@@ -33,7 +33,8 @@ def create_app(settings: Settings | None = None) -> Flask:
         raise ConfigError("LEADPIPE_INGEST_TOKENS is not set: the endpoint would accept no one")
     app = Flask(__name__)
     client = make_redis(settings.redis_url, timeout=settings.redis_timeout_seconds, retries=0)
-    stream = IngestStream(client, settings.stream_key, group_commit=settings.group_commit,
+    stream = IngestStream(client, settings.stream_key,
+                          writer="group" if settings.group_commit else "thread",
                           commit_timeout=settings.redis_timeout_seconds + 1)
     app.extensions["leadpipe"] = Ingest(settings, TokenSet(settings.ingest_tokens), stream)
     from ingest.admin import bp as admin
@@ -68,5 +69,9 @@ def create_app(settings: Settings | None = None) -> Flask:
                              "checks": {k: "ok" if v else "failing" for k, v in checks.items()}})
         return Response(body, status=200 if ok else 503, mimetype="application/json")
 
+    if settings.ingest_fast_path:
+        from ingest.fast import fast_ingest
+
+        app.wsgi_app = fast_ingest(app)  # type: ignore[method-assign]
     metrics.install(app, settings)  # last: it counts what every layer of wsgi_app answers
     return app

@@ -10,6 +10,8 @@ import redis
 from redis.backoff import ExponentialWithJitterBackoff
 from redis.retry import Retry
 
+from ingest.commit import GroupCommit, ThreadWriter
+
 GROUP = "workers"
 
 
@@ -46,15 +48,19 @@ def make_redis(url: str, timeout: float | None = None, retries: int = 3) -> redi
 class IngestStream:
     """Appends to and consumes from one Redis Stream with one consumer group."""
 
-    def __init__(self, client: redis.Redis, key: str, group_commit: bool = False,
+    def __init__(self, client: redis.Redis, key: str, writer: str | None = None,
                  commit_timeout: float = 5.0):
+        """`writer`: None (the client's own XADD), "group" (GroupCommit) or "thread"
+        (ThreadWriter: one connection per request thread), the latter two for the request path."""
         self.client = client
         self.key = key
-        self._commit = None
-        if group_commit:
-            from ingest.commit import GroupCommit
-
+        self._commit: GroupCommit | ThreadWriter | None = None
+        if writer == "group":
             self._commit = GroupCommit(client, key, timeout=commit_timeout)
+        elif writer == "thread":
+            self._commit = ThreadWriter(client, key)
+        elif writer is not None:
+            raise ValueError(f"unknown stream writer {writer!r}")
 
     def append(self, event_id: str, body: bytes, hint: str | None = None) -> None:
         """Durably add one raw body; returns only once Redis has it (raises RedisError if not)."""
@@ -105,17 +111,28 @@ class IngestStream:
         return 0
 
     def fetch(self, entry_ids: list[str]) -> list[Entry]:
-        """The entries still on the stream among `entry_ids` (acknowledged ones are gone)."""
-        pipe = self.client.pipeline(transaction=False)
-        for entry_id in entry_ids:
-            pipe.xrange(self.key, entry_id, entry_id)
-        entries = []
-        for rows in pipe.execute():
-            for entry_id, f in rows:
-                hint = f.get(b"h")
-                entries.append(Entry(_s(entry_id), _s(f[b"i"]), int(f[b"t"]), f[b"b"],
-                                     hint.decode() if hint else None))
-        return entries
+        """The entries still on the stream among `entry_ids` (acknowledged ones are gone), in
+        the order given.
+
+        A batch is mostly a run of neighbouring entries, so one XRANGE over its span, capped at
+        twice its size, usually finds them all; ids past where the cap stopped it (entries of
+        other consumers in between) are read one XRANGE each, in one pipeline.
+        """
+        if not entry_ids:
+            return []
+        ordered = sorted(entry_ids, key=_id_order)
+        cap = 2 * len(ordered)
+        rows = self.client.xrange(self.key, ordered[0], ordered[-1], count=cap)
+        found = {entry.entry_id: entry for entry in map(_entry, rows)}
+        if len(rows) == cap:  # stopped early: what lies past the last row is not seen yet
+            last = _id_order(_s(rows[-1][0]))
+            pipe = self.client.pipeline(transaction=False)
+            for entry_id in ordered:
+                if _id_order(entry_id) > last:
+                    pipe.xrange(self.key, entry_id, entry_id)
+            for one in pipe.execute():
+                found.update((entry.entry_id, entry) for entry in map(_entry, one))
+        return [found[entry_id] for entry_id in entry_ids if entry_id in found]
 
     def done(self, entry_ids: list[str]) -> None:
         """Acknowledge and delete entries in one transaction: they are safely stored elsewhere."""
@@ -128,6 +145,17 @@ class IngestStream:
 
     def depth(self) -> int:
         return int(self.client.xlen(self.key))
+
+
+def _entry(row: tuple[bytes, dict[bytes, bytes]]) -> Entry:
+    entry_id, f = row
+    hint = f.get(b"h")
+    return Entry(_s(entry_id), _s(f[b"i"]), int(f[b"t"]), f[b"b"], hint.decode() if hint else None)
+
+
+def _id_order(entry_id: str) -> tuple[int, int]:
+    ms, _, seq = entry_id.partition("-")
+    return int(ms), int(seq or 0)
 
 
 def _s(value: bytes | str) -> str:

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import logging
+from typing import TYPE_CHECKING
 
 import orjson
 import redis
@@ -11,17 +13,21 @@ from flask import Blueprint, Response, current_app, request
 from ingest.errors import error
 from ingest.queue import new_event_id
 
+if TYPE_CHECKING:
+    from config.settings import Settings
+    from ingest import Ingest
+
 bp = Blueprint("ingest", __name__)
 
 _EMPTY_OK = Response(b'{"status":"ok"}', status=200, mimetype="application/json")
-_KNOWN_HINTS = frozenset({"WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY"})
+KNOWN_HINTS = frozenset({"WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY"})
 
 
-def _is_json(mimetype: str) -> bool:
+def is_json(mimetype: str) -> bool:
     return mimetype == "application/json" or mimetype.endswith("+json")
 
 
-def _shape(body: bytes) -> str:
+def body_shape(body: bytes) -> str:
     """"object", "empty" ({}), "other" (JSON but not an object) or "invalid"."""
     try:
         value = orjson.loads(body)
@@ -55,9 +61,9 @@ def receive() -> Response:
         body = request.get_data(cache=False)
     if not body.strip():
         return _EMPTY_OK  # RD probes a URL with an empty POST before subscribing it
-    if not _is_json(request.mimetype):
+    if not is_json(request.mimetype):
         return error(415, "UNSUPPORTED_MEDIA_TYPE", "Content-Type must be application/json.")
-    shape = _shape(body)
+    shape = body_shape(body)
     if shape == "invalid":
         return error(400, "BAD_REQUEST", "Body is not valid JSON.")
     if shape == "other":
@@ -65,14 +71,27 @@ def receive() -> Response:
     if shape == "empty":
         return _EMPTY_OK
     hint = request.args.get("event_type")
-    if hint is not None and hint not in _KNOWN_HINTS:
+    if hint is not None and hint not in KNOWN_HINTS:
         return error(400, "INVALID", "event_type must be WEBHOOK.CONVERTED or "
                                      "WEBHOOK.MARKED_OPPORTUNITY.")
+    event_id = store(ext, body, hint, current_app.logger)
+    if event_id is None:
+        return unavailable(settings)
+    return Response(b'{"id":"%s"}' % event_id.encode(), status=202, mimetype="application/json")
+
+
+def store(ext: Ingest, body: bytes, hint: str | None, log: logging.Logger) -> str | None:
+    """Durably append a body to the stream: its new event id, or None if Redis cannot take it."""
     event_id = new_event_id()
     try:
         ext.stream.append(event_id, body, hint)
     except redis.RedisError:
-        current_app.logger.warning("ingest stream unavailable; answered 503")
-        return error(503, "SERVICE_UNAVAILABLE", "Storage unavailable; retry later.",
-                     headers={"Retry-After": str(settings.retry_after_seconds)})
-    return Response(b'{"id":"%s"}' % event_id.encode(), status=202, mimetype="application/json")
+        log.warning("ingest stream unavailable; answered 503")
+        return None
+    return event_id
+
+
+def unavailable(settings: Settings) -> Response:
+    """503 with Retry-After: never a 2xx for a body that is not on the stream."""
+    return error(503, "SERVICE_UNAVAILABLE", "Storage unavailable; retry later.",
+                 headers={"Retry-After": str(settings.retry_after_seconds)})

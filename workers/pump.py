@@ -39,6 +39,11 @@ class Pump:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
         self.queues = SinkQueues(worker, self.runtime) if worker is not None else None
+        # An upper bound of this consumer's pending entries: what Redis last said plus what was
+        # dispatched since (tasks only ever lower the real count, by acknowledging). Redis is
+        # asked again only when the bound reaches the limit, and at start, so entries left
+        # pending by an earlier life of this consumer count too.
+        self._inflight: int | None = None
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="leadpipe-pump", daemon=True)
@@ -52,6 +57,15 @@ class Pump:
     def dispatch(self, entry_ids: list[str]) -> None:
         self.app.send_task("leadpipe.process_batch", args=[entry_ids, self.consumer],
                            queue=self.settings.ingest_queue)
+        if self._inflight is not None:
+            self._inflight += len(entry_ids)
+
+    def saturated(self) -> bool:
+        """Whether this consumer holds as many entries as it may (back-pressure)."""
+        limit = self.settings.max_inflight_batches * self.settings.batch_size
+        if self._inflight is None or self._inflight >= limit:
+            self._inflight = self.stream.pending_for(self.consumer)
+        return self._inflight >= limit
 
     def run(self) -> None:
         s = self.settings
@@ -82,7 +96,7 @@ class Pump:
                         self.dispatch(stale)
                         continue
                     next_claim = now + max(1.0, s.claim_idle_seconds / 4)
-                if self.stream.pending_for(self.consumer) >= s.max_inflight_batches * s.batch_size:
+                if self.saturated():
                     self._stop.wait(0.02)
                     continue
                 batch = self.collect()
@@ -91,6 +105,7 @@ class Pump:
                 failures = 0
             except Exception as exc:  # the pump must outlive any one failure
                 failures += 1
+                self._inflight = None  # a dispatch may or may not have happened: ask again
                 delay = min(5.0, 0.1 * 2**failures)
                 if isinstance(exc, redis.RedisError | OSError):
                     log.warning("pump cannot reach Redis (%s); retrying in %.1fs",

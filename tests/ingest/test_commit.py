@@ -1,19 +1,25 @@
-"""Group commit: many request threads, one pipelined write, and no 2xx for a failed write."""
+"""Stream writers of the request path: every entry lands, and no 2xx for a failed write."""
 
 from __future__ import annotations
 
+import socket
 import threading
+import time
 
 import pytest
 import redis
 
-from config.local import free_port
-from ingest.commit import GroupCommit
+from config.local import LocalRedis, free_port
+from ingest.commit import GroupCommit, ThreadWriter
 from ingest.queue import make_redis
 
+WRITERS = [GroupCommit, ThreadWriter]
 
-def test_concurrent_appends_all_land_and_each_caller_waits_for_its_own(redis_client, settings):
-    commit = GroupCommit(redis_client, settings.stream_key)
+
+@pytest.mark.parametrize("kind", WRITERS)
+def test_concurrent_appends_all_land_and_each_caller_waits_for_its_own(redis_client, settings,
+                                                                       kind):
+    commit = kind(redis_client, settings.stream_key)
     errors: list[BaseException] = []
 
     def writer(n: int) -> None:
@@ -30,27 +36,80 @@ def test_concurrent_appends_all_land_and_each_caller_waits_for_its_own(redis_cli
         t.start()
     for t in threads:
         t.join()
+    commit.close()
     assert errors == []
     ids = {f[b"i"].decode() for _, f in redis_client.xrange(settings.stream_key)}
     assert ids == {f"{n}-{i}" for n in range(16) for i in range(50)}
 
 
-def test_a_failed_write_fails_every_waiting_caller():
-    dead = make_redis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5, retries=0)
-    commit = GroupCommit(dead, "nowhere", timeout=3)
-    failures: list[BaseException] = []
+def append_from_threads(commit: GroupCommit, n: int, stagger: float = 0.0) -> list[str]:
+    """Append one entry from each of n threads; "ok" or the error's class name, per thread."""
+    outcomes: list[str] = []
 
     def writer() -> None:
         try:
             commit.append({"i": "x", "t": 1, "b": b"{}"})
+            outcomes.append("ok")
         except redis.RedisError as exc:
-            failures.append(exc)
+            outcomes.append(type(exc).__name__)
 
-    threads = [threading.Thread(target=writer) for _ in range(8)]
+    threads = [threading.Thread(target=writer) for _ in range(n)]
     for t in threads:
         t.start()
+        time.sleep(stagger)
     for t in threads:
-        t.join()
-    assert len(failures) == 8
+        t.join(10)
+    assert not any(t.is_alive() for t in threads)
+    return outcomes
+
+
+def test_a_failed_write_fails_every_waiting_caller():
+    dead = make_redis(f"redis://127.0.0.1:{free_port()}/0", timeout=0.5, retries=0)
+    commit = GroupCommit(dead, "nowhere", timeout=3)
+    outcomes = append_from_threads(commit, 8)
+    assert len(outcomes) == 8 and "ok" not in outcomes
     with pytest.raises(redis.ConnectionError):
         commit.append({"i": "y", "t": 1, "b": b"{}"})
+    commit.close()
+
+
+def test_a_thread_writer_fails_while_redis_is_down_and_recovers(tmp_path):
+    server = LocalRedis(tmp_path / "redis").start()
+    try:
+        client = make_redis(server.url, timeout=0.5, retries=0)
+        writer = ThreadWriter(client, "s")
+        writer.append({"i": "a", "t": 1, "b": b"{}"})
+        server.stop(kill=True)
+        with pytest.raises(redis.ConnectionError):
+            writer.append({"i": "b", "t": 1, "b": b"{}"})
+        server = LocalRedis(tmp_path / "redis", port=server.port).start()
+        writer.append({"i": "c", "t": 1, "b": b"{}"})  # the thread's connection is made again
+        ids = [f[b"i"] for _, f in client.xrange("s")]
+        assert ids == [b"a", b"c"]  # the AOF kept what was acknowledged before the kill
+        writer.close()
+    finally:
+        server.stop()
+
+
+def test_callers_behind_a_stuck_write_time_out_and_the_next_write_still_runs():
+    """A Redis that accepts and never answers: the leader's socket times out, the callers
+    queued behind it give up on their own timeout, and nothing is left waiting for a lead."""
+    silent = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+    accepting = threading.Thread(target=lambda: held.append(silent.accept()[0]), daemon=True)
+    accepting.start()
+    port = silent.getsockname()[1]
+    client = make_redis(f"redis://127.0.0.1:{port}/0", timeout=1.0, retries=0)
+    commit = GroupCommit(client, "s", timeout=0.3)
+    try:
+        started = time.monotonic()
+        outcomes = append_from_threads(commit, 8, stagger=0.01)  # the first leads
+        assert time.monotonic() - started < 3
+        assert len(outcomes) == 8 and set(outcomes) <= {"TimeoutError", "ConnectionError"}
+        # no lead was lost: a new write starts (and times out) on its own
+        assert append_from_threads(commit, 1) in (["TimeoutError"], ["ConnectionError"])
+    finally:
+        commit.close()
+        for conn in held:
+            conn.close()
+        silent.close()
