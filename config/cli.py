@@ -97,14 +97,38 @@ def api_command(settings: Settings, host: str, port: int, workers: int, server: 
     `app_spec` names the app factory as "module:function"; another app (the benchmark's bare
     Flask app) can be served by exactly the same command.
     """
+    log_config = str(server_log_config(settings))
     if server == "granian":
         return [sys.executable, "-m", "granian", "--interface", "wsgi", "--factory",
                 "--host", host, "--port", str(port), "--workers", str(workers),
                 "--blocking-threads", str(threads), "--no-ws", "--log-level", "warning",
-                app_spec]
+                "--log-config", log_config, app_spec]
     return [sys.executable, "-m", "gunicorn", "-b", f"{host}:{port}", "-w", str(workers),
             "-k", "gthread", "--threads", str(threads), "--log-level", "warning",
-            f"{app_spec}()"]
+            "--log-config-json", log_config, f"{app_spec}()"]
+
+
+def server_log_config(settings: Settings) -> Path:
+    """A logging dictConfig file that makes the server's own lines (granian's, gunicorn's) the
+    same JSON lines as Leadpipe's, so a log pipeline reads one format."""
+    import json
+    import tempfile
+
+    handler = {"class": "logging.StreamHandler", "formatter": "json",
+               "stream": "ext://sys.stderr"}
+    config = {
+        "version": 1, "disable_existing_loggers": False,
+        "formatters": {"json": {"()": "config.logs.JsonFormatter",
+                                "log_pii": settings.log_pii}},
+        "handlers": {"console": handler, "access": dict(handler)},
+        "loggers": {name: {"handlers": ["access" if "access" in name else "console"],
+                           "level": "WARNING", "propagate": False}
+                    for name in ("_granian", "granian.access", "gunicorn.error",
+                                 "gunicorn.access")},
+    }
+    path = Path(tempfile.gettempdir()) / f"leadpipe-server-logging-{os.getuid()}.json"
+    path.write_text(json.dumps(config))
+    return path
 
 
 def cmd_api(args: argparse.Namespace) -> int:

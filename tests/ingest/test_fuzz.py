@@ -170,9 +170,9 @@ def test_ten_thousand_malformed_requests_get_no_5xx_and_break_nothing(settings, 
                    b"application/json", "length") == 202
     assert worker.proc is not None and worker.proc.poll() is None
     accepted = statuses[202] + 1
-    wait_for(lambda: count(db, "SELECT (SELECT count(*) FROM quarantine) + "
-                               "(SELECT count(*) FROM events) + "
-                               "(SELECT coalesce(sum(duplicates), 0) FROM events)") >= accepted,
-             timeout=120, what="every accepted body stored, quarantined or counted duplicate")
-    assert redis_client.xlen(settings.stream_key) == 0
+    wait_for(lambda: redis_client.xlen(settings.stream_key) == 0, timeout=120,
+             what="the worker to store every accepted body")
+    stored = count(db, "SELECT (SELECT count(*) FROM quarantine) + (SELECT count(*) FROM events)"
+                       " + (SELECT coalesce(sum(duplicates), 0) FROM events)")
+    assert stored >= accepted  # a legacy body with several leads is several rows
     assert worker.proc.poll() is None  # no worker crash
