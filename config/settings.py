@@ -220,6 +220,11 @@ class Settings:
         "SUBSCRIPTION_SECRET_GRACE_SECONDS", as_positive_int, 24 * 3600,
         "After a subscription's signing secret is rotated, the old one also signs for this long.",
     )
+    spool_dir: str | None = setting(
+        "SPOOL_DIR", as_optional_str, None,
+        "A local folder where the API appends (and fsyncs) bodies while Redis is down, and "
+        "answers 202; they move to Redis, in order, when it returns. Unset: 503 instead.",
+    )
     relay_after_seconds: int = setting(
         "RELAY_AFTER_SECONDS", as_positive_int, 300,
         "A pending delivery with no task seen for this long is dispatched again.",

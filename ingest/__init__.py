@@ -22,6 +22,7 @@ class Ingest:
     tokens: TokenSet
     stream: IngestStream
     runtime: Any = None  # the workers' runtime, made by the operator API on first use
+    spool: Any = None  # ingest.spool.Spool when LEADPIPE_SPOOL_DIR is set
 
 
 def create_app(settings: Settings | None = None) -> Flask:
@@ -36,7 +37,16 @@ def create_app(settings: Settings | None = None) -> Flask:
     stream = IngestStream(client, settings.stream_key,
                           writer="group" if settings.group_commit else "thread",
                           commit_timeout=settings.redis_timeout_seconds + 1)
-    app.extensions["leadpipe"] = Ingest(settings, TokenSet(settings.ingest_tokens), stream)
+    spool = None
+    if settings.spool_dir:
+        from ingest.spool import Spool
+
+        spool = Spool(settings.spool_dir, make_redis(settings.redis_url, timeout=5, retries=0),
+                      settings.stream_key)
+        if spool.files():  # left by an earlier life of this server: hand them over
+            spool.start()
+    app.extensions["leadpipe"] = Ingest(settings, TokenSet(settings.ingest_tokens), stream,
+                                        spool=spool)
     from ingest.admin import bp as admin
     from ingest.dashboard import bp as dashboard
     from ingest.openapi import bp as openapi

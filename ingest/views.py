@@ -86,6 +86,14 @@ def store(ext: Ingest, body: bytes, hint: str | None, log: logging.Logger) -> st
     try:
         ext.stream.append(event_id, body, hint)
     except redis.RedisError:
+        if ext.spool is not None:
+            try:
+                ext.spool.append(event_id, body, hint)
+            except OSError:
+                log.error("ingest stream unavailable and the spool refused; answered 503")
+                return None
+            log.warning("ingest stream unavailable; spooled", extra={"event_id": event_id})
+            return event_id
         log.warning("ingest stream unavailable; answered 503")
         return None
     return event_id
