@@ -120,20 +120,41 @@ def group_cpu_seconds(pgid: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def tree_cpu_seconds(root: int) -> float:
-    """CPU time used so far by a live process and all its live descendants (Postgres backends
-    leave their parent's process group, so a group is not enough there)."""
-    stats = _proc_stats()
+def tree_pids(root: int, stats: dict[int, tuple[int, int, int]] | None = None) -> list[int]:
+    """A live process and all its live descendants (Postgres backends leave their parent's
+    process group, so a group is not enough there)."""
+    stats = _proc_stats() if stats is None else stats
     children: dict[int, list[int]] = {}
     for pid, (ppid, _, _) in stats.items():
         children.setdefault(ppid, []).append(pid)
-    total, todo = 0, [root]
+    found, todo = [], [root]
     while todo:
         pid = todo.pop()
         if pid in stats:
-            total += stats[pid][2]
+            found.append(pid)
         todo.extend(children.get(pid, ()))
-    return total / os.sysconf("SC_CLK_TCK")
+    return found
+
+
+def tree_cpu_seconds(root: int) -> float:
+    """CPU time used so far by a live process and all its live descendants."""
+    stats = _proc_stats()
+    ticks = sum(stats[pid][2] for pid in tree_pids(root, stats))
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
+def tree_rss_bytes(root: int) -> int:
+    """Resident memory of a live process and its live descendants (shared pages counted in
+    each process, as `ps` shows them: a trend, not a bill)."""
+    page = os.sysconf("SC_PAGE_SIZE")
+    total = 0
+    for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/statm") as statm:
+                total += int(statm.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):  # gone meanwhile
+            continue
+    return total
 
 
 def _dist(name: str) -> str:

@@ -26,7 +26,6 @@ receiver applied a key that belongs to no event; nothing pending; nothing quaran
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import sys
 import tempfile
@@ -38,11 +37,9 @@ from pathlib import Path
 from typing import Any
 
 import requests
-import yaml
 
 from bench import (
     BenchError,
-    Processes,
     machine,
     print_versions,
     tail,
@@ -50,11 +47,11 @@ from bench import (
     wait_until,
 )
 from bench.drain import build
+from bench.pipeline import Node, Pipeline
 from bench.receivers import Receiver
-from config.local import LocalPostgres, LocalRedis, free_port
-from config.settings import PREFIX
 
-TOKEN = "chaos-ingest-token-0123456789"
+CHAOS_SETTINGS = {"CLAIM_IDLE_SECONDS": "5", "RELAY_AFTER_SECONDS": "10",
+                  "VISIBILITY_TIMEOUT_SECONDS": "45"}
 
 
 @dataclass
@@ -64,122 +61,6 @@ class Figures:
     retried_posts: int = 0
     answers: dict[int, int] = field(default_factory=dict)
     faults: list[str] = field(default_factory=list)
-
-
-class Pipeline:
-    """The processes of one run and how to hurt them."""
-
-    def __init__(self, root: Path, seed: int, concurrency: int = 4):
-        self.root = root
-        self.procs = Processes()
-        self.redis = LocalRedis(root / "redis", port=free_port())
-        self.postgres = LocalPostgres(root / "postgres", port=free_port())
-        self.crm = Receiver("Idempotency-Key", fail=0.30, hang=0.05, hang_seconds=3.0,
-                            seed=seed)
-        self.subscriber = Receiver("webhook-id", seed=seed + 1)
-        self.smtp: Any = None
-        self.api_port = free_port()
-        self.env: dict[str, str] = {}
-        self.workers: list[Any] = []
-        self.concurrency = concurrency
-
-    @property
-    def api(self) -> str:
-        return f"http://127.0.0.1:{self.api_port}"
-
-    def start(self, nodes: int) -> None:
-        from sinks.db import migrate
-        from tests.support.smtp_server import SmtpServer
-
-        self.redis.start()
-        self.postgres.start()
-        migrate(self.postgres.url)
-        self.crm.listen()
-        self.subscriber.listen()
-        self.smtp = SmtpServer().start()
-        routes = self.root / "routes.yaml"
-        quick = {"retry_schedule": [1, 2, 4, 8, 15, 15, 15, 15, 15, 15], "quick_retries": 2,
-                 "circuit_breaker": {"failures": 50, "cooldown": 1}}
-        routes.write_text(yaml.safe_dump({
-            "sinks": {
-                "crm": {"type": "crm", "options": {"base_url": self.crm.url,
-                                                   "auth_value": "Bearer chaos",
-                                                   "timeout": 2}, **quick},
-                "sales-email": {"type": "email", "options": {
-                    "host": "127.0.0.1", "port": self.smtp.port, "security": "none",
-                    "from": "leadpipe@example.com", "to": ["sales@example.com"]}, **quick},
-            },
-            "routes": [{"name": "everything to the CRM", "to": ["crm"]},
-                       {"name": "opportunities by e-mail", "to": ["sales-email"],
-                        "when": {"event_type": ["WEBHOOK.MARKED_OPPORTUNITY"]}}],
-        }))
-        settings = {"REDIS_URL": self.redis.url, "DATABASE_URL": self.postgres.url,
-                    "INGEST_TOKENS": TOKEN, "ROUTES_FILE": str(routes), "NAMESPACE": "chaos",
-                    "CLAIM_IDLE_SECONDS": "5", "RELAY_AFTER_SECONDS": "10",
-                    "VISIBILITY_TIMEOUT_SECONDS": "45", "SSRF_ALLOW": "127.0.0.1",
-                    "SUBSCRIPTION_SUSPEND_AFTER": "1000000", "LOG_LEVEL": "WARNING"}
-        self.env = {**os.environ, **{PREFIX + k: v for k, v in settings.items()}}
-        self.procs.start("api", [sys.executable, "-m", "config.cli", "api", "--port",
-                                 str(self.api_port), "--workers", "2"],
-                         self.root / "api.log", env=self.env)
-        wait_until(self._api_up, 60, "the API")
-        for n in range(nodes):
-            self.workers.append(self._worker(n))
-        self._subscribe()
-
-    def _api_up(self) -> bool:
-        try:
-            return requests.get(self.api + "/healthz", timeout=1).status_code == 200
-        except requests.RequestException:
-            return False
-
-    def _worker(self, n: int) -> Any:
-        return self.procs.start(f"worker-{n}", [sys.executable, "-m", "config.cli", "worker",
-                                                "--concurrency", str(self.concurrency)],
-                                self.root / f"worker-{n}.log", env=self.env)
-
-    def _subscribe(self) -> None:
-        from ingest import tokens
-
-        token = tokens.create(self.postgres.url, "chaos")
-        answer = requests.post(self.api + "/integrations/webhooks", timeout=10, json={
-            "event_type": "WEBHOOK.CONVERTED", "entity_type": "CONTACT",
-            "url": self.subscriber.url + "/hook", "http_method": "POST"},
-            headers={"Authorization": f"Bearer {token}"})
-        if answer.status_code != 201:
-            raise BenchError(f"could not subscribe: {answer.status_code} {answer.text}")
-
-    # -- faults --------------------------------------------------------------------------------
-
-    def kill_worker(self, n: int) -> None:
-        import signal
-
-        self.procs.stop(self.workers[n], signal.SIGKILL, timeout=5)
-        self.workers[n] = self._worker(n)
-
-    def crash_redis(self) -> None:
-        self.redis.stop(kill=True)
-        time.sleep(1)
-        self.redis.start()  # the same folder: it replays its AOF
-
-    def stop_postgres(self, seconds: float) -> None:
-        self.postgres.stop()
-        time.sleep(seconds)
-        self.postgres.start()
-
-    def refuse_subscriber(self, seconds: float) -> None:
-        self.subscriber.refuse()
-        time.sleep(seconds)
-        self.subscriber.listen()
-
-    def stop(self) -> None:
-        self.procs.stop_all()
-        for server in (self.crm, self.subscriber):
-            server.refuse()
-        if self.smtp is not None:
-            self.smtp.stop()
-        self.postgres.stop()
-        self.redis.stop()
 
 
 def schedule(rng: random.Random, window: float, pipe: Pipeline,
@@ -228,7 +109,7 @@ def load(pipe: Pipeline, bodies: list[bytes], window: float, figures: Figures,
     lock = threading.Lock()
     started = time.monotonic()
     pace = window * 0.9 / max(1, len(bodies))
-    url = pipe.api + f"/webhooks/rdstation?token={TOKEN}"
+    url = pipe.ingest_url
 
     def post(index: int) -> None:
         session = local.session
@@ -281,7 +162,7 @@ def settle(pipe: Pipeline, timeout: float) -> None:
 
     def settled() -> bool:
         try:
-            stream = client.xlen("chaos:ingest")
+            stream = client.xlen(pipe.stream_key)
             with psycopg.connect(pipe.postgres.url, connect_timeout=3) as conn:
                 waiting = conn.execute(
                     "SELECT sink, count(*), count(*) FILTER (WHERE dispatched_at > now()) "
@@ -393,9 +274,12 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[BaseException] = []
     figures = Figures()
     with terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="leadpipe-chaos-") as tmp:
-        pipe = Pipeline(Path(tmp), args.seed, args.concurrency)
+        crm = Receiver("Idempotency-Key", fail=0.30, hang=0.05, hang_seconds=3.0,
+                       seed=args.seed)
+        subscriber = Receiver("webhook-id", seed=args.seed + 1)
+        pipe = Pipeline(Path(tmp), crm, subscriber, "chaos", settings=CHAOS_SETTINGS)
         try:
-            pipe.start(args.nodes)
+            pipe.start([Node(args.concurrency)] * args.nodes)
             plan = schedule(rng, args.window, pipe, args.nodes)
             started = time.monotonic()
             injector = threading.Thread(target=inject, args=(plan, started, figures, errors),

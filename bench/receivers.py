@@ -13,7 +13,13 @@ from typing import Any
 
 class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.0"
+    disable_nagle_algorithm = True  # headers and body go out as two writes: no delayed-ACK stall
     server: _Server
+
+    def setup(self) -> None:
+        if self.server.owner.keep_alive:  # one connection per sending process, as a CRM allows
+            self.protocol_version = "HTTP/1.1"
+        super().setup()
 
     def _serve(self) -> None:
         length = int(self.headers.get("Content-Length") or 0)
@@ -48,6 +54,9 @@ class _Server(ThreadingHTTPServer):
         self.owner = owner
         super().__init__(address, _Handler)
 
+    def handle_error(self, request: Any, client_address: Any) -> None:
+        pass  # a sender closing its keep-alive connection is not news
+
     def server_bind(self) -> None:  # skip the reverse DNS lookup of HTTPServer's
         socket.socket.setsockopt(self.socket, socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.socket.bind(self.server_address)
@@ -64,8 +73,9 @@ class Receiver:
     """
 
     def __init__(self, key_header: str, fail: float = 0.0, hang: float = 0.0,
-                 hang_seconds: float = 3.0, seed: int = 0):
+                 hang_seconds: float = 3.0, seed: int = 0, keep_alive: bool = False):
         self.key_header = key_header
+        self.keep_alive = keep_alive
         self.fail = fail
         self.hang = hang
         self.hang_seconds = hang_seconds
@@ -73,6 +83,7 @@ class Receiver:
         self.lock = threading.Lock()
         self.requests = 0
         self.applied: Counter[str] = Counter()  # key -> 2xx answers given for it
+        self.first_applied: dict[str, float] = {}  # key -> time.time() of its first 2xx
         self.port = 0
         self._server: _Server | None = None
         self._thread: threading.Thread | None = None
@@ -108,8 +119,10 @@ class Receiver:
         return 200, 0.0
 
     def accept(self, key: str) -> None:
+        now = time.time()
         with self.lock:
             self.applied[key] += 1
+            self.first_applied.setdefault(key, now)
 
     @property
     def side_effects(self) -> int:

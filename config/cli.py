@@ -57,6 +57,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     settings = _settings()
     setup(settings.log_level, settings.log_pii)
     app = make_celery(settings)
+    app.leadpipe.all_queues = not args.queues  # type: ignore[attr-defined]
     queues = args.queues or ",".join(worker_queues(settings))
     # --quiet: no banner on stdout, so every line the worker writes is JSON
     argv = ["--quiet", "worker", "-Q", queues, "-c",

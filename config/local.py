@@ -148,8 +148,10 @@ def _unprivileged_user() -> str | None:
 class LocalPostgres:
     """A Postgres cluster in `directory`, listening on 127.0.0.1 with a generated password."""
 
-    def __init__(self, directory: Path, port: int | None = None, database: str = "leadpipe"):
+    def __init__(self, directory: Path, port: int | None = None, database: str = "leadpipe",
+                 settings: dict[str, str] | None = None):
         self.dir = Path(directory)
+        self.settings = settings or {}  # extra server settings (`-c name=value`)
         self.port = port or free_port(5440)
         self.database = database
         self.proc: subprocess.Popen | None = None
@@ -212,7 +214,8 @@ class LocalPostgres:
                 self._cmd(_pg_bin("postgres"), "-D", str(data), "-p", str(self.port),
                           "-c", "listen_addresses=127.0.0.1",
                           "-c", f"unix_socket_directories={sockets}",
-                          "-c", "max_connections=200", "-c", "shared_buffers=256MB"),
+                          "-c", "max_connections=200", "-c", "shared_buffers=256MB",
+                          *(arg for k, v in self.settings.items() for arg in ("-c", f"{k}={v}"))),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         _wait_port(self.port, self.proc, "postgres", self.dir / "postgres.log")

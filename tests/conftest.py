@@ -5,12 +5,13 @@ from __future__ import annotations
 import itertools
 import os
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import psycopg
@@ -142,17 +143,22 @@ def post(client, body: bytes, token: str = TOKEN, **kwargs):  # type: ignore[no-
 class WorkerProcess:
     """A real `leadpipe worker` in its own process group, so SIGKILL reaches its children."""
 
-    def __init__(self, settings: Settings, log_path: Path):
+    def __init__(self, settings: Settings, log_path: Path, args: Sequence[str] = ()):
         self.settings = settings
         self.log_path = log_path
+        self.args = list(args)
         self.proc: subprocess.Popen | None = None
 
     def start(self) -> WorkerProcess:
         env = {**os.environ, **self.settings.to_env()}
         with open(self.log_path, "ab") as log:
-            self.proc = subprocess.Popen([sys.executable, "-m", "config.cli", "worker"], env=env,
+            self.proc = subprocess.Popen([sys.executable, "-m", "config.cli", "worker",
+                                          *self.args], env=env,
                                          stdout=log, stderr=subprocess.STDOUT, cwd=ROOT,
                                          start_new_session=True)
+        if "--queues" in self.args and self.settings.ingest_queue not in self.args[
+                self.args.index("--queues") + 1].split(","):
+            return self._wait_ping()  # a node without the ingest queue runs no pump
         client = redis.Redis.from_url(self.settings.redis_url or "")
         key = self.settings.stream_key
 
@@ -169,6 +175,21 @@ class WorkerProcess:
         wait_for(pump_ready, timeout=60, what="worker start")
         return self
 
+    def _wait_ping(self) -> WorkerProcess:
+        from workers.app import make_celery
+
+        app = make_celery(self.settings)
+        name = f"leadpipe-{self.proc.pid}@{socket.gethostname()}" if self.proc else ""
+
+        def answers() -> bool:
+            assert self.proc is not None
+            if self.proc.poll() is not None:
+                raise AssertionError(f"worker exited: {self.log_path.read_text()[-3000:]}")
+            return bool(app.control.ping(destination=[name], timeout=0.5))
+
+        wait_for(answers, timeout=60, what="worker start")
+        return self
+
     def kill(self) -> None:
         assert self.proc is not None
         stop_group(self.proc, signal.SIGKILL)
@@ -181,10 +202,10 @@ class WorkerProcess:
 def worker_factory(settings: Settings, tmp_path: Path) -> Iterator[Callable[..., WorkerProcess]]:
     started: list[WorkerProcess] = []
 
-    def make(custom: Settings | None = None) -> WorkerProcess:
-        w = WorkerProcess(custom or settings, tmp_path / f"worker-{len(started)}.log").start()
-        started.append(w)
-        return w
+    def make(custom: Settings | None = None, args: Sequence[str] = ()) -> WorkerProcess:
+        w = WorkerProcess(custom or settings, tmp_path / f"worker-{len(started)}.log", args)
+        started.append(w)  # stopped at the end even when it fails to start
+        return w.start()
 
     yield make
     for w in started:

@@ -15,6 +15,8 @@ class Leadpipe:
         self.settings = settings
         self.app = app
         self._runtime: Runtime | None = None
+        # `leadpipe worker` without --queues: serve every sink, including ones resumed later
+        self.all_queues = False
 
     def runtime(self) -> Runtime:
         if self._runtime is None:

@@ -144,7 +144,9 @@ class SinkQueues:
         settings = runtime.settings
         consumed = {q.name for q in worker.app.amqp.queues.consume_from.values()} if (
             worker.app.amqp.queues.consume_from) else set(worker.app.amqp.queues)
-        everything = f"{settings.namespace}.default" in consumed  # a plain `leadpipe worker`
+        # a plain `leadpipe worker` serves every sink (a paused one is left out at start); a
+        # node given --queues serves the sink queues it was given, and never gains others
+        everything = getattr(getattr(worker.app, "leadpipe", None), "all_queues", False)
         self.sinks = {sink: sink_queue(settings, sink) for sink in runtime.routing.sinks
                       if everything or sink_queue(settings, sink) in consumed}
 

@@ -35,3 +35,38 @@ def test_drain_bench_stores_every_unique_event_exactly():
     assert re.search(r"^rows: events 1800, leads \d+, deals \d+, duplicates counted 200", out,
                      re.M), out
     assert "verification: OK" in out
+
+
+def test_sustained_bench_reports_the_backlog_and_each_sinks_latency():
+    out = run_bench("bench.sustained", "--rates", "100", "--duration", "4", "--settle", "120",
+                    timeout=240)
+    assert "1 storing node(s) x 1 process(es) + 1 delivering node(s) x 4" in out
+    assert re.search(r"^rate 100/s for 4 s: sent 400 of 400 \(100/s\), answers \{202: 400\}",
+                     out, re.M), out
+    assert re.search(r"backlog \(stream \+ pending deliveries\): peak \d+, growth .* -> "
+                     r"(BOUNDED|NOT bounded); settled [\d.]+ s", out), out
+    # every acknowledged unique event reached Postgres and the CRM; latencies come from the
+    # stores' own timestamps (360 unique bodies: 400 less the 10 % duplicates)
+    for sink, n in (("Postgres", r"\d+"), ("CRM", "360"), ("subscriber", r"\d+"),
+                    ("e-mail", r"\d+")):
+        assert re.search(rf"^  POST -> {sink}\s+p50\s+[\d.]+ ms\s+p99\s+[\d.]+ ms\s+n {n}$",
+                         out, re.M), out
+    assert re.search(r"cpu over the load .*workers \d+ s", out), out
+    assert re.search(r"^highest rate held|^target", out, re.M), out
+
+
+def test_soak_bench_samples_every_parts_memory_and_prints_slopes():
+    out = run_bench("bench.soak", "--rate", "50", "--duration", "8", "--every", "2",
+                    "--settle", "120", timeout=240)
+    samples = re.findall(r"^\s+\d+(?:\s+\d+\.\d){4}$", out, re.M)
+    assert len(samples) >= 3, out
+    for part in ("api", "workers", "postgres", "redis"):
+        assert re.search(rf"^slope {part}\s+[+-]\d+\.\d\d MiB/min over the run", out, re.M), out
+
+
+def test_scale_bench_drains_with_each_process_count():
+    out = run_bench("bench.scale", "--nodes", "1,2", "--events", "800", timeout=300)
+    rows = re.findall(r"^\s+(\d)\s+(\d+)\s+([\d.]+)x\s+\d+\s+\d+ us$", out, re.M)
+    assert [r[0] for r in rows] == ["1", "2"], out
+    assert rows[0][2] == "1.00" and all(int(r[1]) > 0 for r in rows), out
+    assert out.count("verification: OK") == 2, out

@@ -76,3 +76,26 @@ def test_a_missed_pause_or_resume_is_caught_up_within_seconds(client, settings, 
 
     control.resume("audit")  # again without a broadcast
     wait_for(lambda: count(db, delivered) == 2, timeout=20, what="the delivery after resume")
+
+
+def test_a_node_given_queues_never_takes_on_a_sink_queue(client, settings, tmp_path,
+                                                         worker_factory, db, redis_client):
+    # the storing/delivering split of docs/SCALING.md: the storing node must not start
+    # consuming the sinks' queues when it reconciles them with the pause set
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump({
+        "sinks": {"audit": {"type": "dummy", "options": {"path": str(tmp_path / "a.jsonl")}}},
+        "routes": [{"to": ["audit"]}]}))
+    custom = settings.with_(routes_file=str(path))
+    ns = settings.namespace
+    worker_factory(custom, ["--queues", f"{ns}.ingest,{ns}.default"])
+    delivered = "SELECT count(*) FROM deliveries WHERE sink = 'audit' AND status = 'delivered'"
+
+    post(client, fixture_bytes("crm-deal-created.json"))
+    wait_for(lambda: redis_client.llen(f"{ns}.sink.audit") == 1, what="the delivery task")
+    time.sleep(7)  # more than one upkeep round of the storing node's pump
+    assert redis_client.llen(f"{ns}.sink.audit") == 1
+    assert count(db, delivered) == 0
+
+    worker_factory(custom, ["--queues", f"{ns}.sink.audit"])  # a delivering node takes it
+    wait_for(lambda: count(db, delivered) == 1, timeout=20, what="the delivery")
