@@ -312,7 +312,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--settle", type=float, default=600.0,
                         help="longest wait for the backlog to clear after a rate")
     parser.add_argument("--log-level", default="WARNING", help="the pipeline's (WARNING)")
+    parser.add_argument("--set", action="append", default=[], metavar="NAME=VALUE",
+                        help="a LEADPIPE_ setting for the API and workers, e.g. "
+                             "BATCH_WINDOW_MS=200 (repeatable)")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder")
+
+
+def _setting(item: str) -> tuple[str, str]:
+    name, sep, value = item.partition("=")
+    if not sep or not name:
+        raise SystemExit(f"--set wants NAME=VALUE, got {item!r}")
+    return name.upper().removeprefix("LEADPIPE_"), value
 
 
 class Bench:
@@ -325,7 +335,8 @@ class Bench:
         crm = Receiver("Idempotency-Key", keep_alive=True)
         subscriber = Receiver("webhook-id", keep_alive=True, seed=1)
         self.pipe = Pipeline(self.root, crm, subscriber, "bench", args.api_workers,
-                             settings={"LOG_LEVEL": args.log_level.upper()},
+                             settings={"LOG_LEVEL": args.log_level.upper(),
+                                       **dict(_setting(item) for item in args.set)},
                              postgres_settings={"track_commit_timestamp": "on"})
         self.offset = 0
 
@@ -338,6 +349,8 @@ class Bench:
         print("configuration")
         print(f"  api          `leadpipe api --workers {a.api_workers}` (granian)")
         print(f"  workers      {nodes}")
+        if a.set:
+            print(f"  settings     {', '.join(a.set)}")
         print("  sinks        Postgres and CRM (every event; local HTTP server, keep-alive), "
               "e-mail (opportunities; aiosmtpd), subscriber (conversions; local HTTP server)")
         print(f"  load         bench.loadgen, open loop, {a.connections} connections; bodies "

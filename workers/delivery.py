@@ -81,23 +81,43 @@ def _quick_retry(exc: BaseException) -> bool:
     return not isinstance(exc, PermanentSinkError) and getattr(exc, "retry_after", None) is None
 
 
-def _record(conn: psycopg.Connection, event: Event, sink: str, started: datetime,
-            seconds: float, exc: BaseException | None, status: int | None = None) -> None:
+@dataclass
+class Try:
+    """One call to a sink, as delivery_attempts records it."""
+
+    event_id: str
+    started: datetime
+    seconds: float
+    outcome: str  # delivered | permanent | retryable
+    status: int | None
+    error: str | None
+
+
+def _try(event: Event, sink: str, started: datetime, seconds: float,
+         exc: BaseException | None, status: int | None = None) -> Try:
     outcome = ("delivered" if exc is None else
                "permanent" if isinstance(exc, PermanentSinkError) else "retryable")
     error = None if exc is None else f"{type(exc).__name__}: {exc}"[:1000]
-    conn.execute(
-        "WITH d AS (UPDATE deliveries SET attempts = attempts + 1, last_error = %s "
-        "           WHERE event_id = %s AND sink = %s RETURNING attempts) "
-        "INSERT INTO delivery_attempts (event_id, sink, attempt, started_at, duration_ms, "
-        "                               outcome, status_code, error) "
-        "SELECT %s, %s, d.attempts, %s, %s, %s, %s, %s FROM d",
-        (error, event.id, sink, event.id, sink, started, seconds * 1000, outcome,
-         getattr(exc, "status", status), error))
+    status = getattr(exc, "status", status)
     log.info("delivery attempt", extra={
         "event_id": event.id, "sink": sink, "outcome": outcome,
-        "duration_ms": round(seconds * 1000, 1), "status_code": getattr(exc, "status", status),
-        "error": error})
+        "duration_ms": round(seconds * 1000, 1), "status_code": status, "error": error})
+    return Try(event.id, started, seconds, outcome, status, error)
+
+
+# One try in one statement: the delivery's attempt count and last error move on (and its
+# status, when the try succeeded), and the try gets its delivery_attempts row.
+_WRITE_TRY = """
+WITH d AS (
+    UPDATE deliveries SET attempts = attempts + 1, last_error = %(error)s,
+           status = CASE WHEN %(ok)s THEN 'delivered' ELSE status END,
+           delivered_at = CASE WHEN %(ok)s THEN now() ELSE delivered_at END
+    WHERE event_id = %(id)s AND sink = %(sink)s RETURNING attempts)
+INSERT INTO delivery_attempts (event_id, sink, attempt, started_at, duration_ms, outcome,
+                               status_code, error)
+SELECT %(id)s, %(sink)s, d.attempts, %(started)s, %(ms)s, %(outcome)s, %(status)s, %(error)s
+FROM d
+"""
 
 
 def _dead(conn: psycopg.Connection, event_id: str, sink: str, exc: BaseException | None,
@@ -120,10 +140,10 @@ def _dead(conn: psycopg.Connection, event_id: str, sink: str, exc: BaseException
     return dead
 
 
-def attempt(conn: psycopg.Connection, sink: Sink, spec: SinkSpec,
-            event: Event) -> BaseException | None:
-    """Deliver one event with a few quick tries (tenacity), recording every try."""
+def attempt(sink: Sink, spec: SinkSpec, event: Event) -> tuple[BaseException | None, list[Try]]:
+    """Deliver one event with a few quick tries (tenacity); the outcome and every try."""
     outcome: BaseException | None = None
+    tries: list[Try] = []
     retrying = Retrying(stop=stop_after_attempt(spec.quick_retries),
                         wait=wait_exponential(multiplier=0.2, max=2),
                         retry=retry_if_exception(_quick_retry), reraise=True)
@@ -135,13 +155,13 @@ def attempt(conn: psycopg.Connection, sink: Sink, spec: SinkSpec,
                 try:
                     status = sink.deliver(event)
                 except Exception as exc:
-                    _record(conn, event, spec.name, started, time.perf_counter() - t0, exc)
+                    tries.append(_try(event, spec.name, started, time.perf_counter() - t0, exc))
                     raise
-                _record(conn, event, spec.name, started, time.perf_counter() - t0, None,
-                        status if isinstance(status, int) else None)
+                tries.append(_try(event, spec.name, started, time.perf_counter() - t0, None,
+                                  status if isinstance(status, int) else None))
     except Exception as exc:  # every try failed: the caller decides (retry round or dead)
         outcome = exc
-    return outcome
+    return outcome, tries
 
 
 class Health(Protocol):
@@ -171,42 +191,43 @@ def bury(conn: psycopg.Connection, sink: str, event_ids: list[str], reason: str)
     return dead
 
 
-class GroupCommit:
-    """One transaction for the bookkeeping of several deliveries instead of a commit (and a WAL
-    flush) per statement: committed every COMMIT_EVERY deliveries, after COMMIT_SECONDS, after a
-    failure (so a subscription's health row is not held locked), and at the end.
+class Bookkeeping:
+    """The records of one task's deliveries: one statement per try (its row, the delivery's
+    attempt count, and its status when the try succeeded).
 
-    Lost bookkeeping (a crash or a Postgres error before the commit) only means those events are
-    delivered again, under the same idempotency key, as for a crash mid-delivery.
+    The successes reach the circuit breaker and the target's health (a Redis command and a
+    Postgres statement that change nothing while all is well) right after a failure or at a
+    task's first success (a half-open probe closes the circuit at once), otherwise at most
+    every SIGNAL_SECONDS.
     """
 
-    def __init__(self, conn: psycopg.Connection):
+    def __init__(self, conn: psycopg.Connection, sink: str, control: Any,
+                 health: Health | None):
         self.conn = conn
-        self.tx: Any = None
-        self.count = 0
-        self.started = 0.0
+        self.sink = sink
+        self.control = control
+        self.health = health
+        self.signal_now = True
+        self.signalled = 0.0
 
-    def __enter__(self) -> GroupCommit:
-        self._begin()
-        return self
-
-    def _begin(self) -> None:
-        self.tx = self.conn.transaction()
-        self.tx.__enter__()
-        self.count, self.started = 0, time.monotonic()
-
-    def tick(self, now: bool = False) -> None:
-        self.count += 1
-        if (now or self.count >= COMMIT_EVERY
-                or time.monotonic() - self.started >= COMMIT_SECONDS):
-            self.tx.__exit__(None, None, None)
-            self._begin()
-
-    def __exit__(self, *exc_info: Any) -> None:
-        self.tx.__exit__(*exc_info)
+    def write(self, tries: list[Try]) -> None:
+        if not tries:
+            return
+        for t in tries:
+            self.conn.execute(_WRITE_TRY, {
+                "id": t.event_id, "sink": self.sink, "ok": t.outcome == "delivered",
+                "started": t.started, "ms": t.seconds * 1000, "outcome": t.outcome,
+                "status": t.status, "error": t.error})
+        if tries[-1].outcome != "delivered":
+            self.signal_now = True
+        elif self.signal_now or time.monotonic() - self.signalled >= SIGNAL_SECONDS:
+            if self.health is not None:
+                self.health.succeeded(self.conn)
+            self.control.circuit_success(self.sink)
+            self.signal_now, self.signalled = False, time.monotonic()
 
 
-COMMIT_EVERY, COMMIT_SECONDS = 50, 0.25
+SIGNAL_SECONDS = 0.5
 
 
 def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
@@ -214,27 +235,39 @@ def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
     if control.is_paused(spec.name):
         return Plan(retry_ids=[e.id for e in events], countdown=2.0, next_round=round_,
                     reason="paused")
-    with GroupCommit(conn) as group:
-        return _deliver_all(conn, sink, spec, control, events, round_, health, group)
+    # The records of deliveries are committed without waiting for the WAL flush: a worker
+    # killed after a commit loses nothing (Postgres has it); only a crash of Postgres itself
+    # may lose the last few hundred ms of them, and those events are then delivered again
+    # under the same idempotency key. Events themselves are always stored with a full commit.
+    conn.execute("SET synchronous_commit = off")
+    try:
+        return _deliver_all(conn, sink, spec, control, events, round_, health,
+                            Bookkeeping(conn, spec.name, control, health))
+    finally:
+        conn.execute("RESET synchronous_commit")
 
 
 def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
                  events: list[Event], round_: int, health: Health | None,
-                 group: GroupCommit) -> Plan:
+                 book: Bookkeeping) -> Plan:
     plan = Plan(next_round=round_)
     waits: list[float] = []
     failed: list[tuple[Event, BaseException]] = []
     deadline = time.monotonic() + TASK_BUDGET_SECONDS
+    check_circuit = True  # at the start, after each failure, and every SIGNAL_SECONDS
+    checked = time.monotonic()
     for n, event in enumerate(events):
         if n and time.monotonic() > deadline:
             plan.rest_ids = [e.id for e in events[n:]]
             break
-        blocked = control.circuit_wait(spec.name, spec.circuit_cooldown)
-        if blocked > 0:  # the sink is known down: do not hammer it, back off as a whole
-            rest = events[n:]
-            failed += [(e, RuntimeError("circuit open")) for e in rest]
-            waits.append(blocked)
-            break
+        if check_circuit or time.monotonic() - checked >= SIGNAL_SECONDS:
+            check_circuit, checked = False, time.monotonic()
+            blocked = control.circuit_wait(spec.name, spec.circuit_cooldown)
+            if blocked > 0:  # the sink is known down: do not hammer it, back off as a whole
+                rest = events[n:]
+                failed += [(e, RuntimeError("circuit open")) for e in rest]
+                waits.append(blocked)
+                break
         if spec.rate:
             wait = control.rate_wait(spec.name, *spec.rate)
             if wait > 1.0:  # a long wait is a scheduled task, not a sleeping worker
@@ -245,23 +278,19 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
             while wait > 0:
                 time.sleep(wait)
                 wait = control.rate_wait(spec.name, *spec.rate)
-        exc = attempt(conn, sink, spec, event)
+        exc, tries = attempt(sink, spec, event)
+        book.write(tries)
         if exc is None:
-            control.circuit_success(spec.name)
-            if health is not None:
-                health.succeeded(conn)
-            conn.execute("UPDATE deliveries SET status = 'delivered', delivered_at = now() "
-                         "WHERE event_id = %s AND sink = %s", (event.id, spec.name))
             plan.delivered += 1
-            group.tick()
             continue
+        check_circuit = True
         if health is not None and (stop := health.failed(conn, exc)):
             # the target stops receiving: this event, the rest and the failed go to dead letters
             for item, item_exc in [(event, exc), *failed, *((e, None) for e in events[n + 1:])]:
                 plan.dead += _dead(conn, item.id, spec.name, item_exc,
                                    f"{stop}: {type(exc).__name__}: {exc}")
             return plan
-        elif isinstance(exc, PermanentSinkError):
+        if isinstance(exc, PermanentSinkError):
             _dead(conn, event.id, spec.name, exc, f"permanent: {type(exc).__name__}: {exc}")
             plan.dead += 1
         else:
@@ -269,7 +298,6 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
             failed.append((event, exc))
             if getattr(exc, "retry_after", None):
                 waits.append(float(exc.retry_after))  # type: ignore[attr-defined]
-        group.tick(now=True)
     if failed:
         if round_ >= len(spec.retry_schedule):
             for event, exc in failed:
