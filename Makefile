@@ -5,7 +5,7 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: help setup system run test bench lint clean
+.PHONY: help setup system run test bench bench-e2e lint clean
 
 help: ## list the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
@@ -37,6 +37,11 @@ test: setup ## set up, then run the test suite against real Redis, Postgres and 
 bench: setup ## run the benchmarks (ingest vs bare endpoint, drain) and print their numbers
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.drain
+
+bench-e2e: setup ## the whole pipeline: sustained rates with every sink, a 10-minute soak, scale-out (~35 min)
+	$(BIN)/python -m bench.sustained --rates 300,400,500,600 --duration 60
+	$(BIN)/python -m bench.soak
+	$(BIN)/python -m bench.scale
 
 lint: setup ## ruff
 	$(BIN)/ruff check .

@@ -143,12 +143,22 @@ def tree_cpu_seconds(root: int) -> float:
     return ticks / os.sysconf("SC_CLK_TCK")
 
 
-def tree_rss_bytes(root: int) -> int:
-    """Resident memory of a live process and its live descendants (shared pages counted in
-    each process, as `ps` shows them: a trend, not a bill)."""
+def tree_memory_bytes(root: int) -> int:
+    """Memory of a live process and its live descendants as the sum of their proportional set
+    sizes (PSS: a page shared by n processes counts 1/n in each), so Postgres' shared buffers,
+    touched by every backend, and the pages a forked pool shares are counted once. Resident
+    sizes (RSS) summed over a tree count them in every process. Falls back to RSS where
+    /proc/<pid>/smaps_rollup is missing."""
     page = os.sysconf("SC_PAGE_SIZE")
     total = 0
     for pid in tree_pids(root):
+        try:
+            with open(f"/proc/{pid}/smaps_rollup") as rollup:
+                total += next(int(line.split()[1]) * 1024 for line in rollup
+                              if line.startswith("Pss:"))
+            continue
+        except (OSError, StopIteration, ValueError, IndexError):
+            pass
         try:
             with open(f"/proc/{pid}/statm") as statm:
                 total += int(statm.read().split()[1]) * page

@@ -45,7 +45,7 @@ from bench import (
     print_versions,
     terminate_as_interrupt,
     tree_cpu_seconds,
-    tree_rss_bytes,
+    tree_memory_bytes,
     wait_until,
 )
 from bench.drain import build
@@ -61,7 +61,7 @@ class Sample:
     at: float  # seconds since the load started
     stream: int  # entries on the stream (not yet stored)
     deliveries: int  # deliveries not yet made
-    rss: dict[str, int] = field(default_factory=dict)  # part -> bytes, when sampled
+    memory: dict[str, int] = field(default_factory=dict)  # part -> bytes, when sampled
 
     @property
     def backlog(self) -> int:
@@ -126,13 +126,13 @@ def percentile(values: list[float], q: float) -> float:
 class Watcher:
     """Reads the backlog (and memory) while the load runs; prints a status line every 10 s."""
 
-    def __init__(self, pipe: Pipeline, every: float, rss_every: float | None):
+    def __init__(self, pipe: Pipeline, every: float, memory_every: float | None):
         import psycopg
         import redis
 
         self.pipe = pipe
         self.every = every
-        self.rss_every = rss_every
+        self.memory_every = memory_every
         self.client = redis.Redis.from_url(pipe.redis.url)
         self.db = psycopg.connect(pipe.postgres.url, autocommit=True)
         self.samples: list[Sample] = []
@@ -140,26 +140,27 @@ class Watcher:
         self.thread: threading.Thread | None = None
         self.errors: list[BaseException] = []
 
-    def read(self, at: float, rss: bool = False) -> Sample:
+    def read(self, at: float, memory: bool = False) -> Sample:
         stream = int(self.client.xlen(self.pipe.stream_key))
         row = self.db.execute(
             "SELECT count(*) FROM deliveries WHERE status = 'pending'").fetchone()
         sample = Sample(at, stream, int(row[0]) if row else 0)
-        if rss:
-            sample.rss = {part: sum(tree_rss_bytes(pid) for pid in pids)
+        if memory:
+            sample.memory = {part: sum(tree_memory_bytes(pid) for pid in pids)
                           for part, pids in self.pipe.roots().items()}
         return sample
 
     def start(self, started: float) -> None:
         def loop() -> None:
-            shown = last_rss = -1e9
+            shown = last_memory = -1e9
             try:
                 while not self.stop.is_set():
                     at = time.monotonic() - started
-                    rss = self.rss_every is not None and at - last_rss >= self.rss_every - 0.01
-                    if rss:
-                        last_rss = at
-                    sample = self.read(at, rss)
+                    memory = (self.memory_every is not None
+                              and at - last_memory >= self.memory_every - 0.01)
+                    if memory:
+                        last_memory = at
+                    sample = self.read(at, memory)
                     self.samples.append(sample)
                     self.pipe.check_alive()
                     if at - shown >= 10:
@@ -193,7 +194,7 @@ class Watcher:
 
 
 def run_step(pipe: Pipeline, root: Path, rate: float, duration: float, seed: int, offset: int,
-             connections: int, every: float, rss_every: float | None,
+             connections: int, every: float, memory_every: float | None,
              settle_timeout: float) -> Step:
     """Post at `rate` for `duration` seconds, watch, settle, and read every event's times."""
     total = max(1, round(rate * duration))
@@ -202,7 +203,7 @@ def run_step(pipe: Pipeline, root: Path, rate: float, duration: float, seed: int
     bodies.write_bytes(b"\n".join(data.bodies) + b"\n")
     out = root / f"rows-{offset}.json"
     step = Step(rate, duration)
-    watcher = Watcher(pipe, every, rss_every)
+    watcher = Watcher(pipe, every, memory_every)
     try:
         roots = pipe.roots()
         cpu0 = {part: sum(tree_cpu_seconds(p) for p in pids) for part, pids in roots.items()}
@@ -365,12 +366,12 @@ class Bench:
 
     def warm(self) -> None:
         """A few hundred events through every sink first: imports, connections, caches."""
-        self.step(200.0, 1.0, rss_every=None)
+        self.step(200.0, 1.0, memory_every=None)
 
-    def step(self, rate: float, duration: float, rss_every: float | None) -> Step:
+    def step(self, rate: float, duration: float, memory_every: float | None) -> Step:
         step = run_step(self.pipe, self.root, rate, duration, self.args.seed + self.offset,
                         self.offset * 10_000_000 + 1, self.args.connections,
-                        self.args.sample, rss_every, self.args.settle)
+                        self.args.sample, memory_every, self.args.settle)
         self.offset += 1
         return step
 
@@ -401,7 +402,7 @@ def main(argv: list[str] | None = None) -> int:
             for rate in rates:
                 print(f"holding {rate:.0f}/s for {args.duration:.0f} s", file=sys.stderr,
                       flush=True)
-                step = bench.step(rate, args.duration, rss_every=None)
+                step = bench.step(rate, args.duration, memory_every=None)
                 expected = max(1, round(rate * args.duration))
                 for line in report(step, expected):
                     print(line, flush=True)
