@@ -90,6 +90,23 @@ def wait_until(check: Callable[[], object], timeout: float, what: str,
         time.sleep(interval)
 
 
+def positive_list(kind: Callable[[str], Any]) -> Callable[[str], list[Any]]:
+    """An argparse type: a comma-separated list of positive numbers ("1,2,4")."""
+    import argparse
+
+    def parse(text: str) -> list[Any]:
+        try:
+            values = [kind(part) for part in text.split(",") if part.strip()]
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"not a comma-separated list of numbers: {text!r}") from None
+        if not values or any(v <= 0 for v in values):
+            raise argparse.ArgumentTypeError(f"want positive numbers, got {text!r}")
+        return values
+
+    return parse
+
+
 def tail(path: Path, lines: int = 15) -> str:
     try:
         return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])

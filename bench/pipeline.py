@@ -14,7 +14,7 @@ from typing import Any
 import requests
 import yaml
 
-from bench import BenchError, Processes, wait_until
+from bench import BenchError, Processes, tail, wait_until
 from bench.receivers import Receiver
 from config.local import LocalPostgres, LocalRedis, free_port
 from config.settings import PREFIX
@@ -148,8 +148,6 @@ class Pipeline:
             raise BenchError(f"could not subscribe: {answer.status_code} {answer.text}")
 
     def log(self, name: str, lines: int = 20) -> str:
-        from bench import tail
-
         return tail(self.root / f"{name}.log", lines)
 
     def check_alive(self) -> None:

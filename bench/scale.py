@@ -17,7 +17,7 @@ import re
 import subprocess
 import sys
 
-from bench import ROOT, machine
+from bench import ROOT, machine, positive_list
 
 RATE = re.compile(r"^rate: (\d+) events/s", re.M)
 CPU = re.compile(r"workers ([\d.]+) s \((\d+) us/event\)")
@@ -40,11 +40,12 @@ def run(nodes: int, events: int, seed: int) -> tuple[int, int | None, str]:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.scale", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--nodes", default="1,2,4", help="worker process counts (1,2,4)")
+    parser.add_argument("--nodes", default=[1, 2, 4], type=positive_list(int),
+                        help="worker process counts (1,2,4)")
     parser.add_argument("--events", type=int, default=30_000)
     parser.add_argument("--seed", type=int, default=20240501)
     args = parser.parse_args(argv)
-    counts = [int(n) for n in args.nodes.split(",") if n.strip()]
+    counts = args.nodes
     print("bench.scale: the same backlog drained by 1, 2, 4 … worker processes")
     print(f"  machine      {machine()}")
     print(f"  runs         `python -m bench.drain --nodes N --concurrency 1 --events "

@@ -42,6 +42,7 @@ import orjson
 from bench import (
     BenchError,
     machine,
+    positive_list,
     print_versions,
     terminate_as_interrupt,
     tree_cpu_seconds,
@@ -184,8 +185,11 @@ class Watcher:
 
     def settle(self, timeout: float) -> float:
         started = time.monotonic()
-        wait_until(lambda: self.read(0).backlog == 0 or self.pipe.check_alive(), timeout,
-                   "the stream and every delivery to settle", interval=0.2)
+        def settled() -> bool:
+            self.pipe.check_alive()  # raises when a part died: nothing would settle then
+            return self.read(0).backlog == 0
+
+        wait_until(settled, timeout, "the stream and every delivery to settle", interval=0.2)
         return time.monotonic() - started
 
     def close(self) -> None:
@@ -386,11 +390,11 @@ class Bench:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m bench.sustained", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--rates", default="1500",
+    parser.add_argument("--rates", default=[1500.0], type=positive_list(float),
                         help="comma-separated POST rates to hold, in order (1500)")
     add_arguments(parser)
     args = parser.parse_args(argv)
-    rates = [float(r) for r in args.rates.split(",") if r.strip()]
+    rates = args.rates
     print("bench.sustained: a fixed POST rate through every sink")
     machine_text = machine()
     bench = Bench(args, "sustained")
