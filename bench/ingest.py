@@ -67,6 +67,7 @@ class WrkResult:
     output: str
     server_cpu_us: float = 0.0  # CPU of the server's processes per request
     redis_cpu_us: float = 0.0  # CPU of redis-server per request
+    aof_rewrites: int = 0  # AOF rewrites Redis started during the run
 
     @property
     def rps(self) -> float:
@@ -77,7 +78,7 @@ class WrkResult:
         return (f"req/s {self.rps:9.1f}   p50 {self.p50_ms:6.2f} ms   p99 {self.p99_ms:6.2f} ms"
                 f"   ({self.requests} requests, {self.ok} 2xx, {self.non_2xx_3xx} non-2xx, "
                 f"{errors} socket errors; CPU per request: server {self.server_cpu_us:.0f} us, "
-                f"redis {self.redis_cpu_us:.0f} us)")
+                f"redis {self.redis_cpu_us:.0f} us; AOF rewrites {self.aof_rewrites})")
 
 
 def parse_wrk(output: str) -> WrkResult:
@@ -207,6 +208,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--redis-fsync", choices=("always", "everysec"), default="always",
                    help="Redis appendfsync for this run (default always, as `leadpipe run`; "
                         "everysec only to measure the trade-off)")
+    p.add_argument("--aof-rewrite", choices=("off", "auto"), default="off",
+                   help="Redis auto-aof-rewrite for this run (default off: the benchmark's "
+                        "stream is never consumed, so a rewrite would copy a backlog of ~100 MB "
+                        "that a running pipeline does not keep; auto: Redis' own default)")
     p.add_argument("--env", action="append", default=[], metavar="NAME=VALUE",
                    help="extra environment of both servers, e.g. LEADPIPE_GROUP_COMMIT=false")
     p.add_argument("--keep", action="store_true", help="keep the temporary folder (logs, AOF)")
@@ -222,12 +227,13 @@ def main(argv: list[str] | None = None) -> int:
             machine_text = machine()  # before our own servers boot and keep the CPUs busy
             redis_server = LocalRedis(tmp / "redis")  # assigned first: stopped even if start fails
             redis_server.start()
-            if args.redis_fsync != "always":
-                from ingest.queue import make_redis
+            from ingest.queue import make_redis
 
-                admin = make_redis(redis_server.url, timeout=5)
-                admin.config_set("appendfsync", args.redis_fsync)
-                admin.close()
+            admin = make_redis(redis_server.url, timeout=5)
+            admin.config_set("appendfsync", args.redis_fsync)
+            if args.aof_rewrite == "off":
+                admin.config_set("auto-aof-rewrite-percentage", "0")
+            admin.close()
             if any("=" not in item for item in args.env):
                 raise BenchError("--env takes NAME=VALUE")
             extra = dict(item.split("=", 1) for item in args.env)
@@ -249,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  request      POST {PATH.split('?')[0]}?token=... Content-Type "
                   f"application/json, body {BODY.name} ({BODY.stat().st_size} bytes)")
             print(f"  redis        LocalRedis {redis_server.url} (AOF, appendfsync "
-                  f"{args.redis_fsync}), "
+                  f"{args.redis_fsync}, auto AOF rewrite {args.aof_rewrite}), "
                   f"stream {settings.stream_key}")
             given = "".join(" " + e for e in args.env)
             print(f"  ours         LEADPIPE_* defaults except REDIS_URL/INGEST_TOKENS/NAMESPACE"
@@ -298,7 +304,11 @@ def run_rounds(args: argparse.Namespace, settings: Settings,
                 server_pgid = servers[name][0].pid
                 redis_pgid = redis_server.proc.pid if redis_server.proc else 0
                 cpu = group_cpu_seconds(server_pgid), group_cpu_seconds(redis_pgid)
+                rewrites = client.info("persistence")["aof_rewrites"]
                 result = run_wrk(port, args.duration, args, ids_file)
+                after = client.info("persistence")
+                result.aof_rewrites = (after["aof_rewrites"] - rewrites
+                                       + after["aof_rewrite_in_progress"])
                 per_request = 1e6 / max(1, result.requests)
                 result.server_cpu_us = (group_cpu_seconds(server_pgid) - cpu[0]) * per_request
                 result.redis_cpu_us = (group_cpu_seconds(redis_pgid) - cpu[1]) * per_request

@@ -3,17 +3,19 @@
 from __future__ import annotations
 
 import os
+import socket
+import struct
 import threading
 import weakref
-from typing import Any
 
+import hiredis
 import redis
 
 
 class _Pending:
     __slots__ = ("command", "done", "error", "lead")
 
-    def __init__(self, command: tuple):
+    def __init__(self, command: bytes):
         self.command = command
         self.done = threading.Lock()
         self.done.acquire()  # released once the entry is written or failed, or to hand the lead
@@ -36,25 +38,23 @@ class GroupCommit:
     def __init__(self, client: redis.Redis, key: str, max_batch: int = 256,
                  timeout: float = 5.0):
         pool = client.connection_pool
-        self._connect = lambda: pool.connection_class(**pool.connection_kwargs)
+        self._connect = lambda: _Wire(pool.connection_class(**pool.connection_kwargs),
+                                      pool.connection_kwargs.get("socket_timeout"))
         self.key = key
         self.max_batch = max_batch
         self.timeout = timeout
         self._mutex = threading.Lock()
         self._queue: list[_Pending] = []
         self._busy = False  # a leader is writing
-        self._conn: Any = None  # used by the leader only
+        self._wire: _Wire | None = None  # used by the leader only
         self._pid = os.getpid()
 
     def append(self, fields: dict) -> None:
         """Write one entry; returns when it is on the stream, raises RedisError if it is not."""
-        command: list = ["XADD", self.key, "*"]
-        for item in fields.items():
-            command += item
-        pending = _Pending(tuple(command))
+        pending = _Pending(_xadd(self.key, fields))
         with self._mutex:
             if self._pid != os.getpid():  # a forked child shares no socket and no waiters
-                self._queue, self._busy, self._conn = [], False, None
+                self._queue, self._busy, self._wire = [], False, None
                 self._pid = os.getpid()
             self._queue.append(pending)
             lead = not self._busy
@@ -82,18 +82,19 @@ class GroupCommit:
             del self._queue[:self.max_batch]
         answered = 0
         try:
-            if self._conn is None:
-                self._conn = self._connect()
-            self._conn.send_packed_command(self._conn.pack_commands([p.command for p in batch]))
+            if self._wire is None:
+                self._wire = self._connect()
+            wire = self._wire
+            wire.send(b"".join([p.command for p in batch]))
             for pending in batch:
-                try:
-                    self._conn.read_response()
-                except redis.ResponseError as exc:  # this entry refused, the rest not
-                    pending.error = exc
+                reply = wire.reply()
+                if isinstance(reply, hiredis.ReplyError):  # this entry refused, the rest not
+                    pending.error = redis.ResponseError(str(reply))
                 answered += 1
         except Exception as exc:  # no reply: written or not, those callers get the error
-            if self._conn is not None:
-                self._conn.disconnect()
+            if self._wire is not None:
+                self._wire.close()
+                self._wire = None
             for pending in batch[answered:]:
                 pending.error = exc
         finally:
@@ -110,8 +111,76 @@ class GroupCommit:
     def close(self) -> None:
         """Close the connection (the next append opens a new one)."""
         with self._mutex:
-            if self._conn is not None and not self._busy:
-                self._conn.disconnect()
+            if self._wire is not None and not self._busy:
+                self._wire.close()
+                self._wire = None
+
+
+def _xadd(key: str, fields: dict) -> bytes:
+    """The XADD of one entry, in the wire format (RESP)."""
+    args: list = ["XADD", key, "*"]
+    for item in fields.items():
+        args += item
+    return hiredis.pack_command(tuple(args))
+
+
+class _Wire:
+    """The group commit's own connection: redis-py opens it (address, TLS, AUTH, SELECT,
+    protocol), then the leader sends packed commands on its socket and parses the replies with
+    hiredis — redis-py's per-command send and read path cost more CPU than the write itself.
+    Every socket failure is raised as the redis-py error a plain client call would raise."""
+
+    def __init__(self, conn: redis.Connection, timeout: float | None):
+        try:
+            conn.connect()
+        except BaseException:
+            conn.disconnect()  # a handshake that failed half-way leaves no socket open
+            raise
+        self._conn = conn
+        self._sock = sock = conn._sock
+        self._reader = hiredis.Reader()
+        # A blocking socket whose kernel timeouts stand for Python's: with a Python timeout every
+        # send and receive would first poll(), two system calls more per batch.
+        sock.settimeout(None)
+        if timeout:
+            value = struct.pack("ll", int(timeout), int(timeout % 1 * 1e6))
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+    def send(self, data: bytes) -> None:
+        try:
+            self._sock.sendall(data)
+        except (TimeoutError, BlockingIOError) as exc:
+            raise redis.TimeoutError("timeout writing to the ingest stream") from exc
+        except OSError as exc:
+            raise redis.ConnectionError(f"error writing to the ingest stream: {exc}") from exc
+
+    def reply(self) -> object:
+        """The next reply; an error reply is returned (hiredis.ReplyError), not raised."""
+        while True:
+            try:
+                reply = self._reader.gets()
+            except hiredis.ProtocolError as exc:
+                raise redis.ConnectionError(f"protocol error: {exc}") from exc
+            if reply is not False:
+                return reply
+            try:
+                data = self._sock.recv(65536)
+            except (TimeoutError, BlockingIOError) as exc:
+                raise redis.TimeoutError("timeout reading from the ingest stream") from exc
+            except OSError as exc:
+                raise redis.ConnectionError(f"error reading from the ingest stream: {exc}") from exc
+            if not data:
+                raise redis.ConnectionError("the ingest stream's server closed the connection")
+            self._reader.feed(data)
+
+    def close(self) -> None:
+        self._conn.disconnect()
+
+    def __del__(self) -> None:  # a request thread's connection, left when the thread ended
+        conn = getattr(self, "_conn", None)
+        if conn is not None:
+            conn.disconnect()
 
 
 class ThreadWriter:
@@ -125,7 +194,8 @@ class ThreadWriter:
 
     def __init__(self, client: redis.Redis, key: str):
         pool = client.connection_pool
-        self._connect = lambda: pool.connection_class(**pool.connection_kwargs)
+        self._connect = lambda: _Wire(pool.connection_class(**pool.connection_kwargs),
+                                      pool.connection_kwargs.get("socket_timeout"))
         self.key = key
         self._local = threading.local()
         self._open: weakref.WeakSet = weakref.WeakSet()  # the threads' connections, for close()
@@ -133,22 +203,22 @@ class ThreadWriter:
     def append(self, fields: dict) -> None:
         """Write one entry; returns when it is on the stream, raises RedisError if it is not."""
         local = self._local
-        conn = getattr(local, "conn", None)
-        if conn is None or local.pid != os.getpid():  # a forked child never shares a socket
-            conn = local.conn = self._connect()
+        wire = getattr(local, "wire", None)
+        if wire is None or local.pid != os.getpid():  # a forked child never shares a socket
+            wire = local.wire = self._connect()
             local.pid = os.getpid()
-            self._open.add(conn)
-        args: list = ["XADD", self.key, "*"]
-        for item in fields.items():
-            args += item
+            self._open.add(wire)
         try:
-            conn.send_command(*args)
-            conn.read_response()
+            wire.send(_xadd(self.key, fields))
+            reply = wire.reply()
         except BaseException:
-            conn.disconnect()  # a half-read reply must not be taken for the next request's
+            wire.close()  # a half-read reply must not be taken for the next request's
+            local.wire = None
             raise
+        if isinstance(reply, hiredis.ReplyError):
+            raise redis.ResponseError(str(reply))
 
     def close(self) -> None:
         """Close every thread's connection (a thread's next append opens a new one)."""
-        for conn in list(self._open):
-            conn.disconnect()
+        for wire in list(self._open):
+            wire.close()

@@ -113,3 +113,29 @@ def test_callers_behind_a_stuck_write_time_out_and_the_next_write_still_runs():
         for conn in held:
             conn.close()
         silent.close()
+
+
+@pytest.mark.parametrize("kind", WRITERS)
+def test_an_entry_redis_refuses_fails_only_its_own_caller(redis_client, settings, kind):
+    """An error reply (here: an XADD with no fields) is that caller's ResponseError; the
+    entries written with it land, and the connection goes on serving the next ones."""
+    commit = kind(redis_client, settings.stream_key)
+    outcomes: dict[int, str] = {}
+
+    def writer(n: int) -> None:
+        try:
+            commit.append({} if n == 3 else {"i": str(n), "t": 1, "b": b"{}"})
+            outcomes[n] = "ok"
+        except redis.RedisError as exc:
+            outcomes[n] = type(exc).__name__
+
+    threads = [threading.Thread(target=writer, args=(n,)) for n in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(10)
+    assert outcomes == {n: ("ResponseError" if n == 3 else "ok") for n in range(8)}
+    commit.append({"i": "after", "t": 1, "b": b"{}"})
+    ids = {f[b"i"].decode() for _, f in redis_client.xrange(settings.stream_key)}
+    assert ids == {str(n) for n in range(8) if n != 3} | {"after"}
+    commit.close()
