@@ -2,7 +2,8 @@
 
     python -m bench.ingest [--duration 15] [--server granian|gunicorn] [--rounds 1]
 
-Starts a LocalRedis (AOF, appendfsync always) in a temporary folder, then serves (a) Leadpipe's
+Starts a LocalRedis (AOF, appendfsync always, no automatic AOF rewrite unless --aof-rewrite
+auto) in a temporary folder, then serves (a) Leadpipe's
 `ingest:create_app` and (b) `bench.bare:create_app` with the command line `leadpipe api` uses
 (config.cli.api_command: same server, workers and threads), and drives each with wrk POSTing
 ../shared/fixtures/rdstation/mkt-v2-converted.json with the ingest token. It prints req/s, p50
