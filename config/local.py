@@ -90,8 +90,12 @@ class LocalRedis:
                  "--protected-mode", "yes", "--daemonize", "no"],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        _wait_port(self.port, self.proc, "redis-server", self.dir / "redis.log")
-        self._check_ours()
+        try:
+            _wait_port(self.port, self.proc, "redis-server", self.dir / "redis.log")
+            self._check_ours()
+        except BaseException:
+            self.stop()  # a server that did not come up as ours is not left running
+            raise
         return self
 
     def _check_ours(self) -> None:
@@ -145,6 +149,21 @@ def _unprivileged_user() -> str | None:
     return "postgres"
 
 
+def _prune_orphans(base: Path) -> None:
+    """Remove the clusters kept in `base` for folders that no longer exist (a test's temporary
+    folder, a removed checkout), unless their server is still running."""
+    for marker in base.glob("*.folder"):
+        data = base / marker.name.removesuffix(".folder")
+        try:
+            folder = Path(marker.read_text().strip())
+        except OSError:
+            continue
+        if folder.exists() or (data / "postmaster.pid").exists():
+            continue
+        shutil.rmtree(data, ignore_errors=True)
+        marker.unlink(missing_ok=True)
+
+
 class LocalPostgres:
     """A Postgres cluster in `directory`, listening on 127.0.0.1 with a generated password."""
 
@@ -181,6 +200,8 @@ class LocalPostgres:
         base = Path("/var/lib/leadpipe")
         base.mkdir(parents=True, exist_ok=True)
         os.chmod(base, 0o755)  # noqa: S103 (the server user must traverse it)
+        _prune_orphans(base)
+        (base / f"{digest}.folder").write_text(f"{self.dir.resolve()}\n")
         return base / digest
 
     def start(self) -> LocalPostgres:
@@ -191,6 +212,11 @@ class LocalPostgres:
             data.parent.mkdir(parents=True, exist_ok=True)
             shutil.chown(data.parent, self.user)
         fresh = not (data / "PG_VERSION").exists()
+        if not fresh and not (self.dir / "password").exists():
+            if data.parent == self.dir:
+                raise ConfigError(f"{self.dir / 'password'} is missing, so nobody can log in to "
+                                  f"the cluster in {data}; remove {self.dir} to start afresh")
+            fresh = True  # a cluster left by an earlier folder of the same path: not ours
         if fresh:
             password = secrets.token_urlsafe(18)
             (self.dir / "password").write_text(password + "\n")
@@ -218,10 +244,14 @@ class LocalPostgres:
                           *(arg for k, v in self.settings.items() for arg in ("-c", f"{k}={v}"))),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
-        _wait_port(self.port, self.proc, "postgres", self.dir / "postgres.log")
-        self._check_ours()
-        if fresh:
-            self._create_database()
+        try:
+            _wait_port(self.port, self.proc, "postgres", self.dir / "postgres.log")
+            self._check_ours()
+            if fresh:
+                self._create_database()
+        except BaseException:
+            self.stop()  # a server that did not come up as ours is not left running
+            raise
         return self
 
     def _admin_url(self) -> str:

@@ -1,0 +1,54 @@
+"""Local Redis and Postgres of `leadpipe run` and the tests: made fresh, never left running."""
+
+from __future__ import annotations
+
+import shutil
+
+import psycopg
+import pytest
+
+from config.local import LocalPostgres, free_port
+from config.settings import ConfigError
+
+
+def logs_in(pg: LocalPostgres) -> bool:
+    with psycopg.connect(pg.url, connect_timeout=5) as conn:
+        return conn.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_a_folder_made_again_at_the_same_path_gets_a_fresh_cluster(tmp_path):
+    """As root the cluster may live outside the folder (the server's user cannot reach a private
+    one); a cluster left there by an earlier folder of the same path is not reused blindly."""
+    folder = tmp_path / "pg"
+    first = LocalPostgres(folder, port=free_port()).start()
+    first.stop()
+    shutil.rmtree(folder)
+    again = LocalPostgres(folder, port=free_port()).start()
+    try:
+        assert logs_in(again)
+    finally:
+        again.stop()
+
+
+def test_clusters_of_removed_folders_are_pruned(tmp_path):
+    gone = LocalPostgres(tmp_path / "gone", port=free_port()).start()
+    gone.stop()
+    gone_data = gone._data_dir()
+    assert (gone_data / "PG_VERSION").exists()
+    shutil.rmtree(tmp_path / "gone")
+    kept = LocalPostgres(tmp_path / "kept", port=free_port()).start()
+    try:
+        assert not gone_data.exists()
+        assert (kept._data_dir() / "PG_VERSION").exists()
+    finally:
+        kept.stop()
+
+
+def test_a_server_that_refuses_us_is_stopped_not_left_running(tmp_path):
+    pg = LocalPostgres(tmp_path / "pg", port=free_port()).start()
+    pg.stop()
+    (tmp_path / "pg" / "password").write_text("not-the-password\n")
+    again = LocalPostgres(tmp_path / "pg", port=free_port())
+    with pytest.raises(ConfigError, match="refused us"):
+        again.start()
+    assert again.proc is not None and again.proc.poll() is not None
