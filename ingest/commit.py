@@ -7,6 +7,7 @@ import socket
 import struct
 import threading
 import weakref
+from collections.abc import Callable
 
 import hiredis
 import redis
@@ -37,9 +38,7 @@ class GroupCommit:
 
     def __init__(self, client: redis.Redis, key: str, max_batch: int = 256,
                  timeout: float = 5.0):
-        pool = client.connection_pool
-        self._connect = lambda: _Wire(pool.connection_class(**pool.connection_kwargs),
-                                      pool.connection_kwargs.get("socket_timeout"))
+        self._connect = _Wire.opener(client)
         self.key = key
         self.max_batch = max_batch
         self.timeout = timeout
@@ -130,6 +129,13 @@ class _Wire:
     hiredis — redis-py's per-command send and read path cost more CPU than the write itself.
     Every socket failure is raised as the redis-py error a plain client call would raise."""
 
+    @staticmethod
+    def opener(client: redis.Redis) -> Callable[[], _Wire]:
+        """Opens a connection of its own with the client's settings (never one of its pool)."""
+        pool = client.connection_pool
+        kwargs = pool.connection_kwargs
+        return lambda: _Wire(pool.connection_class(**kwargs), kwargs.get("socket_timeout"))
+
     def __init__(self, conn: redis.Connection, timeout: float | None):
         try:
             conn.connect()
@@ -193,9 +199,7 @@ class ThreadWriter:
     """
 
     def __init__(self, client: redis.Redis, key: str):
-        pool = client.connection_pool
-        self._connect = lambda: _Wire(pool.connection_class(**pool.connection_kwargs),
-                                      pool.connection_kwargs.get("socket_timeout"))
+        self._connect = _Wire.opener(client)
         self.key = key
         self._local = threading.local()
         self._open: weakref.WeakSet = weakref.WeakSet()  # the threads' connections, for close()
