@@ -18,7 +18,8 @@ Then it waits for the stream and every delivery to settle and prints what each s
 receiver holds. Receivers apply each idempotency key once (as a CRM honouring Idempotency-Key,
 a subscriber honouring webhook-id, a mailbox dropping a repeated Message-ID) and count repeats.
 
-PASS: every acknowledged unique event is in `events` exactly once; each one a sink routes to
+PASS: no API or worker process stopped on its own (a node killed by the injector is restarted);
+every acknowledged unique event is in `events` exactly once; each one a sink routes to
 was applied by that receiver under exactly one key, or sits in dead letters with a reason; no
 receiver applied a key that belongs to no event; nothing pending; nothing quarantined.
 """
@@ -291,6 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             settle(pipe, args.settle)
             drained = time.monotonic() - started
             lines, failures = verify(pipe, dataset, acked)
+            failures += [f"{gone} stopped on its own during the run"
+                         for gone in pipe.exited()]
         except BaseException:
             for name in ("api", "worker-0", "worker-1"):
                 print(f"--- {name}.log\n{tail(Path(tmp) / f'{name}.log', 20)}", file=sys.stderr)
