@@ -5,7 +5,7 @@ from __future__ import annotations
 from celery import Celery
 
 from config.settings import ConfigError, Settings
-from workers.broker import transport_for
+from workers.broker import tls_for, transport_for
 from workers.runtime import Runtime
 
 
@@ -42,6 +42,7 @@ def make_celery(settings: Settings | None = None) -> Celery:
         task_send_sent_event=True,
         broker_connection_retry_on_startup=True,
         broker_transport=transport_for(settings.redis_url),
+        broker_use_ssl=tls_for(settings.redis_url),
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
         task_default_queue=f"{settings.namespace}.default",
         task_routes={"leadpipe.process_batch": {"queue": settings.ingest_queue}},

@@ -8,17 +8,21 @@ worker exits. Here the detached channel raises a connection error instead, which
 handles (the consumer reconnects). Nothing is lost by not restoring at that moment: kombu keeps
 every delivered task in Redis until it is acknowledged and restores it after the visibility
 timeout, and the ingest stream's pending entries are claimed again on their own.
+
+For `rediss://` URLs the broker checks the server's certificate, as the ingest stream's client
+(redis-py) does; kombu alone would connect to a TLS broker without checking it.
 """
 
 from __future__ import annotations
 
+import ssl
 from urllib.parse import urlsplit
 
 from kombu.transport import redis as kombu_redis
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 #: URL schemes served by this transport; other schemes keep kombu's own.
-SCHEMES = ("redis",)
+SCHEMES = ("redis", "rediss")
 
 
 class Channel(kombu_redis.Channel):
@@ -33,5 +37,12 @@ class Transport(kombu_redis.Transport):
 
 
 def transport_for(url: str) -> str | None:
-    """The transport for a broker URL: ours for plain Redis, kombu's choice otherwise."""
+    """The transport for a broker URL: ours for Redis (plain or TLS), kombu's otherwise."""
     return f"{__name__}:Transport" if urlsplit(url).scheme in SCHEMES else None
+
+
+def tls_for(url: str) -> dict | None:
+    """TLS options of a `rediss://` broker: the server's certificate is verified unless the
+    URL says otherwise (`ssl_cert_reqs=none|optional`, `ssl_ca_certs=...`, as redis-py reads
+    them; options in the URL replace these). kombu alone would connect without verifying."""
+    return {"ssl_cert_reqs": ssl.CERT_REQUIRED} if urlsplit(url).scheme == "rediss" else None

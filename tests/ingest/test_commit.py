@@ -12,6 +12,7 @@ import redis
 from config.local import LocalRedis, free_port
 from ingest.commit import GroupCommit, ThreadWriter
 from ingest.queue import make_redis
+from tests.support.tls_redis import tls_redis
 
 WRITERS = [GroupCommit, ThreadWriter]
 
@@ -139,3 +140,18 @@ def test_an_entry_redis_refuses_fails_only_its_own_caller(redis_client, settings
     ids = {f[b"i"].decode() for _, f in redis_client.xrange(settings.stream_key)}
     assert ids == {str(n) for n in range(8) if n != 3} | {"after"}
     commit.close()
+
+
+@pytest.mark.parametrize("kind", WRITERS)
+def test_appends_over_tls_with_the_certificate_checked(tmp_path, kind):
+    with tls_redis(tmp_path / "tls") as (port, ca):
+        client = make_redis(f"rediss://127.0.0.1:{port}/0?ssl_ca_certs={ca}", timeout=5)
+        writer = kind(client, "tls-stream")
+        for i in range(3):
+            writer.append({"i": str(i), "t": 1, "b": b"{}"})
+        assert [e[1][b"i"] for e in client.xrange("tls-stream")] == [b"0", b"1", b"2"]
+        writer.close()
+        untrusting = kind(make_redis(f"rediss://127.0.0.1:{port}/0", timeout=5), "tls-stream")
+        with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
+            untrusting.append({"i": "x", "t": 1, "b": b"{}"})
+        assert client.xlen("tls-stream") == 3

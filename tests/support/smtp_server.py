@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import email
 import email.policy
-import shutil
 import ssl
-import subprocess
 import threading
 import time
 from collections import deque
@@ -19,6 +17,8 @@ from typing import Any
 
 from aiosmtpd.controller import Controller
 from aiosmtpd.smtp import AuthResult, LoginPassword
+
+from tests.support.certs import self_signed_files
 
 HOST = "127.0.0.1"
 STAGES = ("MAIL", "RCPT", "DATA")
@@ -224,16 +224,8 @@ class SmtpServer:
 
 def self_signed(folder: Path, host: str = HOST) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     """(server context, client context that trusts it) for a fresh self-signed certificate of
-    `host`, made with the openssl command; raises FileNotFoundError when it is missing."""
-    openssl = shutil.which("openssl")
-    if openssl is None:
-        raise FileNotFoundError("openssl")
-    cert, key = folder / "smtp-cert.pem", folder / "smtp-key.pem"
-    subprocess.run(
-        [openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1",
-         "-nodes", "-days", "1", "-subj", f"/CN={host}",
-         "-addext", f"subjectAltName=IP:{host}", "-keyout", str(key), "-out", str(cert)],
-        check=True, capture_output=True, timeout=30)
+    `host`; raises FileNotFoundError when openssl is missing."""
+    cert, key = self_signed_files(folder, host, name="smtp")
     server = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
     server.load_cert_chain(cert, key)
     client = ssl.create_default_context(cafile=str(cert))
