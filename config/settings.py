@@ -116,7 +116,10 @@ class Settings:
 
     redis_url: str | None = setting(
         "REDIS_URL", as_optional_str, None,
-        "Redis for the ingest stream and the Celery broker. Unset: `leadpipe run` starts one.",
+        "Redis for the ingest stream and the Celery broker. Unset: `leadpipe run` starts one. "
+        "TLS: `rediss://host:port/0?ssl_ca_certs=/path/ca.pem`; the server's certificate is "
+        "checked (against the system's CAs without `ssl_ca_certs`) unless the URL says "
+        "`ssl_cert_reqs=none`.",
     )
     database_url: str | None = setting(
         "DATABASE_URL", as_optional_str, None,

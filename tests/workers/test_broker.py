@@ -117,9 +117,16 @@ def test_worker_survives_repeated_redis_crashes_and_stores_every_acknowledged_ev
                     f"worker exited after crash {crash}: {worker.log_path.read_text()[-3000:]}")
             time.sleep(2)
         assert len(load.accepted) > 500, len(load.accepted)
-        wait_for(lambda: count(db, "SELECT count(*) FROM events") == len(load.accepted),
-                 timeout=120, what=f"all {len(load.accepted)} acknowledged events in Postgres")
-        assert {row[0] for row in db.execute("SELECT id FROM events")} == set(load.accepted)
+        accepted = set(load.accepted)
+
+        def stored() -> set[str]:
+            return {row[0] for row in db.execute("SELECT id FROM events")}
+
+        wait_for(lambda: accepted <= stored(), timeout=120,
+                 what=f"all {len(accepted)} acknowledged events in Postgres")
+        # a post refused while Redis died may still have reached the AOF before the crash
+        # (its reply was lost): stored too, as RD's retry would have been; never more than sent
+        assert len(stored()) <= len(load.answers)
         assert worker.proc.poll() is None, worker.log_path.read_text()[-3000:]
     finally:
         api.stop()
