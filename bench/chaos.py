@@ -292,8 +292,8 @@ def main(argv: list[str] | None = None) -> int:
             settle(pipe, args.settle)
             drained = time.monotonic() - started
             lines, failures = verify(pipe, dataset, acked)
-            failures += [f"{gone} stopped on its own during the run"
-                         for gone in pipe.exited()]
+            failures += [f"{name} stopped on its own during the run (exit code {code})"
+                         for name, code in pipe.exited()]
         except BaseException:
             for name in ("api", "worker-0", "worker-1"):
                 print(f"--- {name}.log\n{tail(Path(tmp) / f'{name}.log', 20)}", file=sys.stderr)

@@ -150,19 +150,18 @@ class Pipeline:
     def log(self, name: str, lines: int = 20) -> str:
         return tail(self.root / f"{name}.log", lines)
 
-    def exited(self) -> list[str]:
-        """The API and worker nodes that are no longer running (a killed node is restarted,
-        so one listed here stopped on its own), with their exit codes."""
-        return [f"{name} (exit code {proc.returncode})"
+    def exited(self) -> list[tuple[str, int]]:
+        """(name, exit code) of the API and worker nodes no longer running (a killed node is
+        restarted, so one listed here stopped on its own)."""
+        return [(name, proc.returncode)
                 for name, proc in [("api", self.api_proc)] + [
                     (f"worker-{n}", p) for n, p in enumerate(self.workers)]
                 if proc is not None and proc.poll() is not None]
 
     def check_alive(self) -> None:
         """Raise when the API or a worker node has died (a benchmark must not wait on it)."""
-        for gone in self.exited():
-            name = gone.split()[0]
-            raise BenchError(f"{gone} exited:\n{self.log(name)}")
+        for name, code in self.exited():
+            raise BenchError(f"{name} exited with code {code}:\n{self.log(name)}")
 
     def roots(self) -> dict[str, list[int]]:
         """Process-tree roots by part, for CPU and memory accounting."""
