@@ -317,7 +317,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Everything on one machine: local Redis/Postgres when unset, migrations, worker and API."""
-    from config.local import LocalPostgres, LocalRedis
+    from config.local import LocalPostgres, LocalRedis, stop_group
     from sinks.db import migrate
 
     settings = _settings()
@@ -350,9 +350,12 @@ def cmd_run(args: argparse.Namespace) -> int:
             f"export {k}='{env[k]}'\n" for k in
             ("LEADPIPE_REDIS_URL", "LEADPIPE_DATABASE_URL", "LEADPIPE_INGEST_TOKENS")))
         me = [sys.executable, "-m", "config.cli"]
-        children.append(subprocess.Popen([*me, "worker"], env=env))
+        # each in a session of its own: a terminal's Ctrl-C reaches only this process, which
+        # then stops each child's whole process group (a server's workers included)
+        children.append(subprocess.Popen([*me, "worker"], env=env, start_new_session=True))
         children.append(subprocess.Popen(
-            api_command(settings, args.host, args.port, args.workers, args.server), env=env))
+            api_command(settings, args.host, args.port, args.workers, args.server), env=env,
+            start_new_session=True))
         url = f"http://{args.host}:{args.port}/webhooks/rdstation"
         print(f"""
 Leadpipe is running. Post an RD Station webhook:
@@ -366,13 +369,7 @@ Settings for other shells: source {data / 'env'}     Stop: Ctrl-C
         return _wait(children)
     finally:
         for child in children:
-            if child.poll() is None:
-                child.send_signal(signal.SIGTERM)
-        for child in children:
-            try:
-                child.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                child.kill()
+            stop_group(child, timeout=20)
         for server in reversed(started):
             server.stop()
 
@@ -383,9 +380,10 @@ def _wait(children: list[subprocess.Popen]) -> int:
     def handler(signum: int, frame: object) -> None:
         stop["now"] = True
 
-    # set both explicitly: a shell starting us in the background may have ignored SIGINT
-    signal.signal(signal.SIGTERM, handler)
-    signal.signal(signal.SIGINT, handler)
+    # set explicitly: a shell starting us in the background may have ignored SIGINT; SIGHUP
+    # (the terminal closed) stops the children too, which no longer share our session
+    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(signum, handler)
     while not stop["now"]:
         for child in children:
             if child.poll() is not None:

@@ -48,7 +48,8 @@ def _wait_port(port: int, proc: subprocess.Popen, what: str, log: Path,
 def stop_group(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
                timeout: float = 30) -> None:
     """Signal a process started in a session of its own (its whole group) and wait for it;
-    SIGKILL the group if it is still there after `timeout`."""
+    SIGKILL the group if it is still there after `timeout`. Members the leader left behind
+    when it exited (a server's workers, after a crash of their parent) are killed too."""
     if proc is None or proc.poll() is not None:
         return
     try:
@@ -58,11 +59,12 @@ def stop_group(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
     try:
         proc.wait(timeout=timeout)
     except subprocess.TimeoutExpired:
-        try:
-            os.killpg(proc.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        proc.wait(timeout=10)
+        pass
+    try:  # the leader has exited (or is stuck): nothing of its group may outlive this call
+        os.killpg(proc.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=10)
 
 
 class LocalRedis:

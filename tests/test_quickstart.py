@@ -8,6 +8,7 @@ import signal
 import socket
 import subprocess
 import sys
+from pathlib import Path
 
 import orjson
 import psycopg
@@ -17,13 +18,28 @@ from config.local import free_port
 from tests.conftest import ROOT, wait_for
 
 
+def started_with(data_dir: str) -> list[str]:
+    """Command lines of the live processes whose environment names this data folder: what
+    one `leadpipe run` started (Postgres, run as its own user, clears its environment)."""
+    mark = f"LEADPIPE_DATA_DIR={data_dir}".encode()
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit() and mark in (proc / "environ").read_bytes().split(b"\0"):
+                found.append((proc / "cmdline").read_bytes().replace(b"\0", b" ").decode())
+        except OSError:  # gone meanwhile, or not ours to read
+            continue
+    return found
+
+
 def listening(port: int) -> bool:
     with socket.socket() as s:
         return s.connect_ex(("127.0.0.1", port)) == 0
 
 
 @pytest.mark.slow
-def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path):
+@pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "sighup"])
+def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path, stop):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEADPIPE_")}
     env["LEADPIPE_DATA_DIR"] = str(tmp_path / "data")
     port = free_port()
@@ -55,10 +71,14 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path)
                                                                      "ana@example.com")
         ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", banner)]
     finally:
-        os.kill(run.pid, signal.SIGINT)  # Ctrl-C stops everything it started
+        if stop == "ctrl-c":  # a terminal sends SIGINT to the whole foreground process group
+            os.killpg(run.pid, signal.SIGINT)
+        else:  # a supervisor stops the one process it started, or its terminal closed
+            run.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGHUP)
         assert run.wait(timeout=90) == 0
     for p in ports:
-        assert not listening(p), f"port {p} still open after Ctrl-C"
+        assert not listening(p), f"port {p} still open after {stop}"
+    assert started_with(env["LEADPIPE_DATA_DIR"]) == [], f"processes left after {stop}"
 
 
 def test_the_readme_posts_the_same_sample_the_banner_prints():
