@@ -29,8 +29,9 @@ def free_port(preferred: int | None = None) -> int:
     raise OSError("no free port")
 
 
-def _wait_port(port: int, proc: subprocess.Popen, what: str, log: Path,
-               timeout: float = 30) -> None:
+def wait_port(port: int, proc: subprocess.Popen, what: str, log: Path,
+              timeout: float = 30) -> None:
+    """Return once `proc` listens on 127.0.0.1:`port`; raise with its log's tail if it exits."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
@@ -93,7 +94,7 @@ class LocalRedis:
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:
-            _wait_port(self.port, self.proc, "redis-server", self.dir / "redis.log")
+            wait_port(self.port, self.proc, "redis-server", self.dir / "redis.log")
             self._check_ours()
         except BaseException:
             self.stop()  # a server that did not come up as ours is not left running
@@ -109,7 +110,7 @@ class LocalRedis:
         while True:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                _wait_port(self.port, self.proc, "redis-server", self.dir / "redis.log")
+                wait_port(self.port, self.proc, "redis-server", self.dir / "redis.log")
             try:
                 found = client.config_get("dir").get("dir")
                 if found and Path(found).resolve() == self.dir.resolve():
@@ -247,7 +248,7 @@ class LocalPostgres:
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:
-            _wait_port(self.port, self.proc, "postgres", self.dir / "postgres.log")
+            wait_port(self.port, self.proc, "postgres", self.dir / "postgres.log")
             self._check_ours()
             if fresh:
                 self._create_database()
@@ -267,7 +268,7 @@ class LocalPostgres:
         while True:
             assert self.proc is not None
             if self.proc.poll() is not None:
-                _wait_port(self.port, self.proc, "postgres", self.dir / "postgres.log")
+                wait_port(self.port, self.proc, "postgres", self.dir / "postgres.log")
             try:
                 psycopg.connect(self._admin_url(), connect_timeout=2).close()
                 return

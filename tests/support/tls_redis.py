@@ -8,7 +8,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from config.local import _wait_port, free_port, stop_group
+from config.local import free_port, stop_group, wait_port
 from tests.support.certs import self_signed_files
 
 
@@ -27,7 +27,7 @@ def tls_redis(folder: Path) -> Iterator[tuple[int, Path]]:
              "--save", "", "--dir", str(folder)],
             stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     try:
-        _wait_port(port, proc, "redis-server (TLS)", log)
+        wait_port(port, proc, "redis-server (TLS)", log)
         yield port, cert
     finally:
         stop_group(proc)
