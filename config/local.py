@@ -51,17 +51,17 @@ def stop_group(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
     """Signal a process started in a session of its own (its whole group) and wait for it;
     SIGKILL the group if it is still there after `timeout`. Members the leader left behind
     when it exited (a server's workers, after a crash of their parent) are killed too."""
-    if proc is None or proc.poll() is not None:
+    if proc is None:
         return
+    if proc.poll() is None:
+        try:
+            os.killpg(proc.pid, sig)
+            proc.wait(timeout=timeout)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            pass
+    # the leader has exited (before this call or in it) or is stuck: nothing of its group may
+    # outlive this call (Linux keeps a group's id from reuse while any member lives)
     try:
-        os.killpg(proc.pid, sig)
-    except ProcessLookupError:
-        return
-    try:
-        proc.wait(timeout=timeout)
-    except subprocess.TimeoutExpired:
-        pass
-    try:  # the leader has exited (or is stuck): nothing of its group may outlive this call
         os.killpg(proc.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass

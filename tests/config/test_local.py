@@ -3,12 +3,24 @@
 from __future__ import annotations
 
 import shutil
+import subprocess
+from pathlib import Path
 
 import psycopg
 import pytest
 
-from config.local import LocalPostgres, free_port
+from config.local import LocalPostgres, free_port, stop_group
 from config.settings import ConfigError
+from tests.conftest import wait_for
+
+
+def running(pid: int) -> bool:
+    """Alive and not a zombie (a reparented orphan may wait for a reaper that never comes)."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"
 
 
 def logs_in(pg: LocalPostgres) -> bool:
@@ -52,3 +64,18 @@ def test_a_server_that_refuses_us_is_stopped_not_left_running(tmp_path):
     with pytest.raises(ConfigError, match="refused us"):
         again.start()
     assert again.proc is not None and again.proc.poll() is not None
+
+
+@pytest.mark.parametrize("leader", ["exits first", "still running"])
+def test_stop_group_leaves_no_member_of_the_group(leader):
+    # a server whose parent process died (or was stopped) with its workers still running
+    script = "sleep 300 & echo $!; " + ("exit 0" if leader == "exits first" else "wait")
+    proc = subprocess.Popen(["sh", "-c", script], stdout=subprocess.PIPE,
+                            start_new_session=True)
+    member = int(proc.stdout.readline())
+    proc.stdout.close()
+    if leader == "exits first":
+        assert proc.wait(timeout=10) == 0
+    assert running(member)
+    stop_group(proc, timeout=5)
+    wait_for(lambda: not running(member), timeout=10, what="the group's member to be gone")
