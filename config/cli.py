@@ -317,7 +317,7 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 def cmd_run(args: argparse.Namespace) -> int:
     """Everything on one machine: local Redis/Postgres when unset, migrations, worker and API."""
-    from config.local import LocalPostgres, LocalRedis, stop_group
+    from config.local import LocalPostgres, LocalRedis, stop_group, wait_port
     from sinks.db import migrate
 
     settings = _settings()
@@ -356,6 +356,11 @@ def cmd_run(args: argparse.Namespace) -> int:
         children.append(subprocess.Popen(
             api_command(settings, args.host, args.port, args.workers, args.server), env=env,
             start_new_session=True))
+        # the banner's curl must work the moment it is printed (a wildcard address listens on
+        # the loopback too)
+        loopback = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
+        wait_port(args.port, children[-1], "the API", None, timeout=60,
+                  host=loopback.get(args.host, args.host))
         url = f"http://{args.host}:{args.port}/webhooks/rdstation"
         print(f"""
 Leadpipe is running. Post an RD Station webhook:

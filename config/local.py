@@ -29,17 +29,20 @@ def free_port(preferred: int | None = None) -> int:
     raise OSError("no free port")
 
 
-def wait_port(port: int, proc: subprocess.Popen, what: str, log: Path,
-              timeout: float = 30) -> None:
-    """Return once `proc` listens on 127.0.0.1:`port`; raise with its log's tail if it exits."""
+def wait_port(port: int, proc: subprocess.Popen, what: str, log: Path | None,
+              timeout: float = 30, host: str = "127.0.0.1") -> None:
+    """Return once `proc` listens on `host`:`port`; raise (with its log's tail, when it writes
+    one) if it exits first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if proc.poll() is not None:
+            if log is None:
+                raise ConfigError(f"{what} exited with code {proc.returncode} (output above)")
             tail = log.read_text(errors="replace").strip().splitlines()[-3:]
             raise ConfigError(f"{what} exited with code {proc.returncode}; {log} ends with:\n  "
                               + "\n  ".join(tail))
         try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            with socket.create_connection((host, port), timeout=0.2):
                 return
         except OSError:
             time.sleep(0.05)

@@ -53,7 +53,7 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path,
         banner = out.read_text()
         curl = re.search(r"^\s*(curl .*?-d '[^']+')$", banner, re.S | re.M)
         assert curl, banner
-        wait_for(lambda: listening(port), what="the API")
+        assert listening(port), "the banner was printed before the API listened"
         answer = subprocess.run(["bash", "-c", curl.group(1).replace("\\\n", " ")], cwd=ROOT,
                                 capture_output=True, text=True, timeout=30)
         assert answer.returncode == 0, answer.stderr
