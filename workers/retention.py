@@ -85,6 +85,14 @@ def erased_key(dedup_key: str) -> str:
 
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+# What may stand right before an address inside a longer one (RFC 5322's local-part characters)
+_LOCAL_PART = r"[a-z0-9.!#$%&'*+/=?^_`{|}~\-]"
+
+
+def _address(email: str) -> re.Pattern[str]:
+    """The address as a whole, in lower-cased text: "Ana <ana@x.com>" and "mailto:ana@x.com"
+    mention ana@x.com; "joana@x.com" and "ana@x.com.br" are other people."""
+    return re.compile(rf"(?<!{_LOCAL_PART}){re.escape(email)}(?![a-z0-9_\-]|\.[a-z0-9])")
 
 
 def _like(text: str) -> str:
@@ -98,20 +106,27 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
     stream entries are deleted. Their events keep only an anonymous row: the body becomes
     `{"erased": true}` and the dedup key its hash, so a later redelivery of the same event is
     still a duplicate and brings nothing back; a body received before the erasure and still on
-    its way is dropped when its batch is stored (see `sinks.postgres`)."""
+    its way is dropped when its batch is stored (see `sinks.postgres`). A body is theirs when
+    one of its strings holds the whole address (any case), never a longer one around it.
+    """
     email = email.strip().lower()
     if not _EMAIL.match(email):
         raise ValueError("expected one e-mail address")
-    pattern = _like(email)
+    pattern, address = _like(email), _address(email)
     touched: dict[str, int] = {}
     with conn.transaction():
         keys = [k for (k,) in conn.execute(
             "SELECT lead_key FROM leads WHERE lower(email) = %s", (email,))]
-        rows = conn.execute(
-            "SELECT id, dedup_key FROM events WHERE (entity_type = 'CONTACT' AND entity_id = "
-            "ANY(%s)) OR lower(payload::text) LIKE %s", (keys, pattern)).fetchall()
+        rows = [(event_id, dedup_key) for event_id, dedup_key, theirs, payload in conn.execute(
+            "SELECT id, dedup_key, entity_type = 'CONTACT' AND entity_id = ANY(%s), payload "
+            "FROM events WHERE (entity_type = 'CONTACT' AND entity_id = ANY(%s)) "
+            "OR lower(payload::text) LIKE %s", (keys, keys, pattern))
+            if theirs or _contains(payload, address)]
         ids = [r[0] for r in rows]
         dedup_keys = [r[1] for r in rows]
+        quarantined = [row_id for row_id, payload in conn.execute(
+            "SELECT id, payload FROM quarantine WHERE lower(payload::text) LIKE %s", (pattern,))
+            if _contains(payload, address)]
         for store, sql, params in (
             ("email_sent", "DELETE FROM email_sent WHERE dedup_key = ANY(%s)", (dedup_keys,)),
             ("delivery_attempts", "DELETE FROM delivery_attempts WHERE event_id = ANY(%s)",
@@ -123,8 +138,7 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
                        "'hex') WHERE id = ANY(%s)", (ERASED, ids)),
             ("leads", "DELETE FROM leads WHERE lead_key = ANY(%s) OR lower(email) = %s",
              (keys, email)),
-            ("quarantine", "DELETE FROM quarantine WHERE lower(payload::text) LIKE %s",
-             (pattern,)),
+            ("quarantine", "DELETE FROM quarantine WHERE id = ANY(%s)", (quarantined,)),
         ):
             touched[store] = conn.execute(sql, params).rowcount
         touched["stream"] = 0
@@ -155,21 +169,20 @@ def _entries(stream: IngestStream, chunk: int = 1000) -> Iterator[tuple[str, byt
 
 
 def _mentions(body: bytes, email: str) -> bool:
-    if email.encode() in body.lower():
-        return True
-    if b"\\u" not in body:
-        return False
-    try:  # JSON escapes can spell the address without its bytes appearing as such
-        return _contains(parse_body(body), email)
-    except ValueError:
-        return False
+    if email.encode() not in body.lower() and b"\\u" not in body:
+        return False  # JSON escapes can spell the address without its bytes appearing as such
+    address = _address(email)
+    try:
+        return _contains(parse_body(body), address)
+    except ValueError:  # not JSON after all: look at its text as it is
+        return address.search(body.decode("utf-8", "replace").lower()) is not None
 
 
-def _contains(value: Any, email: str) -> bool:
+def _contains(value: Any, address: re.Pattern[str]) -> bool:
     if isinstance(value, str):
-        return email in value.lower()
+        return address.search(value.lower()) is not None
     if isinstance(value, dict):
-        return any(_contains(k, email) or _contains(v, email) for k, v in value.items())
+        return any(_contains(k, address) or _contains(v, address) for k, v in value.items())
     if isinstance(value, list):
-        return any(_contains(v, email) for v in value)
+        return any(_contains(v, address) for v in value)
     return False

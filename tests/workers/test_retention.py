@@ -124,6 +124,43 @@ def test_erase_removes_the_person_from_every_store_and_nothing_comes_back(
     assert PERSON.lower() not in digest  # the erasure record keeps a hash, not the address
 
 
+def test_erase_spares_people_whose_address_holds_the_erased_one(runtime, settings, db,
+                                                                  redis_client):
+    person = "ana@example.com"
+    deal = orjson.loads(fixture_bytes("crm-deal-updated-won.json"))  # owner ana@example.com.br
+    assert "ana@example.com.br" in fixture_bytes("crm-deal-updated-won.json").decode()
+    stored = store(runtime,
+                   entry(conversion("Ana@Example.com", "aaaaaaaa-0000-4000-8000-00000000000a", 1)),
+                   entry(conversion("joana@example.com", "bbbbbbbb-0000-4000-8000-00000000000b",
+                                    2)),
+                   entry(conversion("ana@example.community", "cccccccc-0000-4000-8000-"
+                                    "00000000000c", 3)),
+                   entry(deal),
+                   entry({"event_type": "WEBHOOK.CONVERTED", "note": "from <ANA@example.com>"}),
+                   entry({"event_type": "WEBHOOK.CONVERTED", "note": "mariana@example.com"}))
+    assert (len(stored.new), stored.quarantined) == (4, 2)
+    stream = IngestStream(redis_client, settings.stream_key)
+    stream.ensure_group()
+    stream.append("waiting-1", orjson.dumps({"leads": [{"email": "mailto:ana@example.com"}]}))
+    stream.append("waiting-2", orjson.dumps(conversion("joana@example.com", "dd", 4)))
+    stream.append("waiting-3", orjson.dumps(deal))
+
+    result = leadpipe(settings, "erase", "--email", person)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ") for line in result.stdout.splitlines()[:-1])
+    assert (lines["events"], lines["leads"], lines["quarantine"], lines["stream"]) == (
+        "1", "1", "1", "1")
+    left = {row[0] for row in db.execute("SELECT lower(email) FROM leads")}
+    assert left == {"joana@example.com", "ana@example.community"}
+    assert count(db, "SELECT count(*) FROM events WHERE payload = '{\"erased\": true}'") == 1
+    assert count(db, "SELECT count(*) FROM events WHERE payload::text LIKE "
+                     "'%ana@example.com.br%'") == 1  # the deal owned by someone else stays
+    (note,) = db.execute("SELECT payload->>'note' FROM quarantine").fetchone()
+    assert note == "mariana@example.com"
+    bodies = [f[b"b"] for _, f in redis_client.xrange(settings.stream_key)]
+    assert len(bodies) == 2 and not any(b"mailto:" in body for body in bodies)
+
+
 def test_erase_through_the_operator_api(runtime, settings, db):
     store(runtime, entry(conversion(PERSON, "aaaaaaaa-0000-4000-8000-000000000001", 1)))
     client = create_app(settings.with_(admin_tokens=(ADMIN,))).test_client()
