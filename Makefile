@@ -8,7 +8,7 @@ APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no
 .PHONY: help setup system run test bench bench-e2e lint clean
 
 help: ## list the targets
-	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-8s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
 
 system: ## install the Redis and PostgreSQL servers, openssl, wrk and chromium (Debian packages) when missing
 	@need=""; \
@@ -28,8 +28,8 @@ $(BIN)/.installed: pyproject.toml tests/sinks/dummy_plugin/pyproject.toml
 
 setup: system $(BIN)/.installed ## system packages, a virtualenv and Leadpipe in it
 
-run: setup ## set up, then run the whole pipeline (local Redis and Postgres when none is configured)
-	$(BIN)/leadpipe run
+run: setup ## set up, then run the whole pipeline (local Redis and Postgres when none is configured; ARGS='--port 8001')
+	$(BIN)/leadpipe run $(ARGS)
 
 test: setup ## set up, then run the test suite against real Redis, Postgres and workers
 	$(BIN)/pytest

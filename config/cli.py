@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
-import signal
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -316,88 +313,9 @@ def cmd_config(args: argparse.Namespace) -> int:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    """Everything on one machine: local Redis/Postgres when unset, migrations, worker and API."""
-    from config.local import LocalPostgres, LocalRedis, stop_group, wait_port
-    from sinks.db import migrate
+    from config.run import run
 
-    settings = _settings()
-    data = Path(settings.data_dir).resolve()
-    data.mkdir(parents=True, exist_ok=True)
-    started: list[LocalRedis | LocalPostgres] = []
-    children: list[subprocess.Popen] = []
-    env = dict(os.environ)
-    try:
-        if not settings.redis_url:
-            redis_server = LocalRedis(data / "redis").start()
-            started.append(redis_server)
-            env["LEADPIPE_REDIS_URL"] = redis_server.url
-            print(f"started Redis       {redis_server.url}  (AOF in {data / 'redis'})")
-        if not settings.database_url:
-            pg = LocalPostgres(data / "postgres").start()
-            started.append(pg)
-            env["LEADPIPE_DATABASE_URL"] = pg.url
-            print(f"started Postgres    {pg.url}")
-        if not settings.ingest_tokens:
-            token_file = data / "ingest-token"
-            if not token_file.exists():
-                token_file.write_text(secrets.token_urlsafe(24) + "\n")
-                token_file.chmod(0o600)
-            env["LEADPIPE_INGEST_TOKENS"] = token_file.read_text().strip()
-        settings = Settings.from_env(env)
-        assert settings.database_url
-        migrate(settings.database_url)
-        (data / "env").write_text("".join(
-            f"export {k}='{env[k]}'\n" for k in
-            ("LEADPIPE_REDIS_URL", "LEADPIPE_DATABASE_URL", "LEADPIPE_INGEST_TOKENS")))
-        me = [sys.executable, "-m", "config.cli"]
-        # each in a session of its own: a terminal's Ctrl-C reaches only this process, which
-        # then stops each child's whole process group (a server's workers included)
-        children.append(subprocess.Popen([*me, "worker"], env=env, start_new_session=True))
-        children.append(subprocess.Popen(
-            api_command(settings, args.host, args.port, args.workers, args.server), env=env,
-            start_new_session=True))
-        # the banner's curl must work the moment it is printed (a wildcard address listens on
-        # the loopback too)
-        loopback = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
-        wait_port(args.port, children[-1], "the API", None, timeout=60,
-                  host=loopback.get(args.host, args.host))
-        url = f"http://{args.host}:{args.port}/webhooks/rdstation"
-        print(f"""
-Leadpipe is running. Post an RD Station webhook:
-
-  curl -s -X POST "{url}?token=$(cat {data / 'ingest-token'})" \\
-       -H 'Content-Type: application/json' \\
-       -d '{SAMPLE}'
-
-Settings for other shells: source {data / 'env'}     Stop: Ctrl-C
-""", flush=True)
-        return _wait(children)
-    finally:
-        for child in children:
-            stop_group(child, timeout=20)
-        for server in reversed(started):
-            server.stop()
-
-
-def _wait(children: list[subprocess.Popen]) -> int:
-    stop = {"now": False}
-
-    def handler(signum: int, frame: object) -> None:
-        stop["now"] = True
-
-    # set explicitly: a shell starting us in the background may have ignored SIGINT; SIGHUP
-    # (the terminal closed) stops the children too, which no longer share our session
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(signum, handler)
-    while not stop["now"]:
-        for child in children:
-            if child.poll() is not None:
-                print(f"a Leadpipe process exited with code {child.returncode}; stopping",
-                      file=sys.stderr)
-                return 1
-        time.sleep(0.2)
-    print("stopping...", file=sys.stderr)
-    return 0
+    return run(args)
 
 
 def parser() -> argparse.ArgumentParser:

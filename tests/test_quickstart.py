@@ -69,6 +69,21 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path,
 
         assert wait_for(stored, timeout=30, what="the lead row") == (event_id,
                                                                      "ana@example.com")
+        assert "Operators: " in banner and (tmp_path / "data" / "admin-token").exists()
+        assert re.search(r"postgresql://leadpipe:\*\*\*@", banner), banner
+        password = (tmp_path / "data" / "postgres" / "password").read_text().strip()
+        assert password not in banner
+        env_file = tmp_path / "data" / "env"
+        assert env_file.stat().st_mode & 0o777 == 0o600  # it holds the tokens and the password
+        # a second shell: source the file, then the `leadpipe` command and the operator API
+        other = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+        second = subprocess.run(
+            ["bash", "-c", f". {env_file} && leadpipe quarantine list && curl -s -H "
+             f"\"Authorization: Bearer $LEADPIPE_ADMIN_TOKENS\" "
+             f"http://127.0.0.1:{port}/api/sinks"],
+            cwd=tmp_path, env=other, capture_output=True, text=True, timeout=60)
+        assert second.returncode == 0, second.stderr
+        assert "UNAUTHORIZED" not in second.stdout and '"sinks"' in second.stdout, second.stdout
         ports = [int(p) for p in re.findall(r"127\.0\.0\.1:(\d+)", banner)]
     finally:
         if stop == "ctrl-c":  # a terminal sends SIGINT to the whole foreground process group
@@ -87,3 +102,19 @@ def test_the_readme_posts_the_same_sample_the_banner_prints():
     readme = (ROOT / "README.md").read_text()
     assert f"-d '{SAMPLE}'" in readme
     assert "make run" in readme and "make test" in readme
+
+
+def test_run_refuses_a_port_in_use_before_starting_anything(tmp_path):
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEADPIPE_")}
+    env["LEADPIPE_DATA_DIR"] = str(tmp_path / "data")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        run = subprocess.run([sys.executable, "-m", "config.cli", "run", "--port", str(port)],
+                             cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2, run.stdout + run.stderr
+    assert f"port {port} on 127.0.0.1 is in use" in run.stderr
+    assert f"--port {port + 1}" in run.stderr and "Traceback" not in run.stderr
+    assert "Leadpipe is running" not in run.stdout and "started" not in run.stdout
+    assert started_with(env["LEADPIPE_DATA_DIR"]) == []
