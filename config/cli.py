@@ -211,7 +211,11 @@ def cmd_sinks(args: argparse.Namespace) -> int:
 
     runtime = _ops_runtime()
     if args.action == "list":
-        for row in operations.sink_states(runtime):
+        states = operations.sink_states(runtime)
+        if not states:
+            print("no sinks: events go to Postgres only (LEADPIPE_ROUTES_FILE is "
+                  + ("unset)" if not runtime.settings.routes_file else "empty)"))
+        for row in states:
             print(f"{row['sink']:<20} {row['type']:<10} "
                   f"{'PAUSED' if row['paused'] else 'running':<8} circuit={row['circuit']:<9} "
                   f"pending={row['pending']} delivered={row['delivered']} dead={row['dead']}")

@@ -216,12 +216,32 @@ class _FileSchema(Schema):
     routes = fields.List(fields.Nested(_RouteSchema), load_default=list)
 
 
+def _problems(messages: Any, path: str = "") -> list[str]:
+    """marshmallow's nested messages as "sinks.crm.quick_retries: Must be ..." lines (the
+    "value" level a Dict field adds for its values is left out of the path)."""
+    if isinstance(messages, dict):
+        found = []
+        for key, inner in messages.items():
+            if key == "value" and path.startswith("sinks."):
+                found += _problems(inner, path)
+            elif isinstance(key, int):
+                found += _problems(inner, f"{path}[{key}]")
+            else:
+                found += _problems(inner, f"{path}.{key}" if path else str(key))
+        return found
+    if isinstance(messages, list) and all(isinstance(m, str) for m in messages):
+        return [f"{path or 'file'}: {' '.join(messages)}"]
+    if isinstance(messages, list):
+        return [line for inner in messages for line in _problems(inner, path)]
+    return [f"{path or 'file'}: {messages}"]
+
+
 def parse(data: Any, source: str = "<routing>") -> Routing:
     """Validate a routing document (already read from YAML or TOML)."""
     try:
         doc = _FileSchema().load(data or {})
     except ValidationError as exc:
-        raise RoutingError(f"{source}: {exc.messages}") from None
+        raise RoutingError(f"{source}: " + "; ".join(_problems(exc.messages))) from None
     sinks = {}
     for name, spec in doc["sinks"].items():
         if name == "postgres" or not re.fullmatch(r"[a-z0-9][a-z0-9_-]{0,62}", name):

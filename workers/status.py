@@ -164,10 +164,15 @@ def render(state: PipelineState, found: dict[str, dict[str, Any]], timeout: floa
     if not state.postgres_up:
         lines.append("POSTGRES UNREACHABLE: sink counts unknown")
     header = ("sink", "state", "circuit", "pending", "oldest", "oldest lead", "delivered", "dead")
+    known = state.postgres_up  # else the counts below were never read: show "?", not 0
+
+    def count(value: object) -> str:
+        return str(value) if known and value is not None else "?"
+
     rows = [header] + [
-        (s.sink, "PAUSED" if s.paused else "running", s.circuit, str(s.pending),
-         age(s.oldest_pending_seconds), age(s.oldest_lead_seconds),
-         "?" if s.delivered is None else str(s.delivered), str(s.dead))
+        (s.sink, "PAUSED" if s.paused else "running", s.circuit, count(s.pending),
+         age(s.oldest_pending_seconds) if known else "?",
+         age(s.oldest_lead_seconds) if known else "?", count(s.delivered), count(s.dead))
         for s in sorted(state.sinks.values(), key=lambda s: s.sink)]
     if len(rows) == 1:
         lines.append("sinks          none (Postgres only: no routing file)")

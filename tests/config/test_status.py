@@ -86,6 +86,14 @@ def test_status_without_routing_or_workers(settings):
     assert "workers        0 answered within 0.3s" in result.stdout
 
 
+def test_sinks_list_says_when_there_are_none(settings):
+    result = subprocess.run([sys.executable, "-m", "config.cli", "sinks", "list"], cwd=ROOT,
+                            env={**os.environ, **settings.to_env()}, capture_output=True,
+                            text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("no sinks: events go to Postgres only"), result.stdout
+
+
 def test_status_exits_1_when_postgres_is_unreachable(settings):
     from config.local import free_port
 
@@ -93,6 +101,16 @@ def test_status_exits_1_when_postgres_is_unreachable(settings):
     result = status(down, "--timeout", "0.3")
     assert result.returncode == 1
     assert "POSTGRES UNREACHABLE" in result.stdout
+
+
+def test_status_shows_unknown_sink_counts_when_postgres_is_unreachable(routed):
+    from config.local import free_port
+
+    down = routed.with_(database_url=f"postgresql://x:y@127.0.0.1:{free_port()}/none")
+    result = status(down, "--timeout", "0.3")
+    assert result.returncode == 1
+    audit = next(line for line in result.stdout.splitlines() if line.startswith("audit "))
+    assert audit.split()[3:] == ["?"] * 5, audit  # pending, oldest, oldest lead, delivered, dead
 
 
 @pytest.mark.parametrize("seconds, text", [(0, "-"), (None, "-"), (4.2, "4s"), (185, "3m05s"),

@@ -93,6 +93,9 @@ def test_conditions(tmp_path, condition, expected):
     ({"sinks": {"a": {"type": "dummy", "options": {"path": "x"}, "rate_limit": "fast"}}},
      ["rate_limit"]),
     ({"sinkz": {}}, ["sinkz"]),
+    ({"sinks": {"crm": {"type": "dummy", "options": {"path": "x"}, "quick_retries": 0}}},
+     ["sinks.crm.quick_retries: Must be greater than or equal to 1"]),
+    ({"routes": [{"to": []}]}, ["routes[0].to: Shorter than minimum length 1"]),
 ])
 def test_bad_files_are_refused_with_a_clear_message(doc, words):
     with pytest.raises(RoutingError) as info:
