@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 from datetime import datetime
 from typing import Any
 
@@ -14,6 +15,53 @@ from ingest.session import current_operator, require_operator
 
 log = logging.getLogger("leadpipe.ops")
 bp = Blueprint("admin", __name__, url_prefix="/api")
+BIGINT_MAX = 2**63 - 1  # the largest id Postgres can hold (bigint)
+
+
+class Invalid(ValueError):
+    """Operator input refused before it reaches a store: 400 INVALID with this message."""
+
+
+def invalid(exc: Invalid) -> Response:
+    return error(400, "INVALID", str(exc))
+
+
+bp.register_error_handler(Invalid, invalid)
+
+
+def whole_number(value: object, name: str, low: int = 1, high: int = BIGINT_MAX) -> int:
+    """A JSON integer, or a string of ASCII digits, from `low` to `high`; else Invalid."""
+    number = None
+    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
+        number = int(value)  # isascii: "²" and "٣" are digits to isdigit(), not to us
+    elif isinstance(value, int) and not isinstance(value, bool):
+        number = value
+    if number is None or not low <= number <= high:
+        raise Invalid(f"{name} must be a number from {low} to {high}.")
+    return number
+
+
+def finite_number(value: str, name: str) -> float:
+    """A decimal number that is not nan or infinite; else Invalid."""
+    try:
+        number = float(value)
+    except ValueError:
+        number = math.nan
+    if not math.isfinite(number):
+        raise Invalid(f"{name} must be a number.")
+    return number
+
+
+def text(value: object, name: str, max_length: int = 1000) -> str:
+    """A string Postgres can take (no NUL, no lone surrogate) of at most `max_length`."""
+    if isinstance(value, str) and "\x00" not in value and len(value) <= max_length:
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            pass
+        else:
+            return value
+    raise Invalid(f"{name} must be a text of at most {max_length} characters, without NUL.")
 
 
 def _json(data: Any, status: int = 200) -> Response:
@@ -62,22 +110,24 @@ def sink_action(name: str, action: str) -> Response:
 def dead_letters() -> Response:
     from workers import operations
 
-    limit = request.args.get("limit", "100")
-    if not limit.isdigit() or not 0 < int(limit) <= 1000:
-        return error(400, "INVALID", "limit must be a number from 1 to 1000.")
-    rows = operations.dead_letters(_runtime().settings.database_url, request.args.get("sink"),
-                                   int(limit), request.args.get("all") == "true")
+    limit = whole_number(request.args.get("limit", "100"), "limit", 1, 1000)
+    sink = request.args.get("sink")
+    if sink is not None:
+        sink = text(sink, "sink")
+    rows = operations.dead_letters(_runtime().settings.database_url, sink, limit,
+                                   request.args.get("all") == "true")
     return _json({"dead_letters": rows})
 
 
-@bp.post("/dead-letters/<int:letter_id>/replay")
-def replay_one(letter_id: int) -> Response:
+@bp.post("/dead-letters/<letter_id>/replay")
+def replay_one(letter_id: str) -> Response:
     from workers import operations
 
-    replayed = operations.replay(_runtime(), ids=[letter_id])
+    number = whole_number(letter_id, "The dead letter id")
+    replayed = operations.replay(_runtime(), ids=[number])
     if not replayed:
-        return error(404, "RESOURCE_NOT_FOUND", f"No dead letter {letter_id} waiting for replay.")
-    _audit("dead letter replayed", dead_letter=letter_id)
+        return error(404, "RESOURCE_NOT_FOUND", f"No dead letter {number} waiting for replay.")
+    _audit("dead letter replayed", dead_letter=number)
     return _json({"replayed": replayed})
 
 
@@ -88,14 +138,15 @@ def replay_many() -> Response:
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("sink"), str):
         return error(400, "INVALID", 'Send {"sink": NAME} and optionally "since" (ISO-8601).')
+    sink = text(body["sink"], "sink")
     since = None
     if body.get("since") is not None:
         try:
             since = datetime.fromisoformat(str(body["since"]))
         except ValueError:
             return error(400, "INVALID", "since must be an ISO-8601 time.")
-    replayed = operations.replay(_runtime(), sink=body["sink"], since=since)
-    _audit("dead letters replayed", sink=body["sink"], replayed=replayed)
+    replayed = operations.replay(_runtime(), sink=sink, since=since)
+    _audit("dead letters replayed", sink=sink, replayed=replayed)
     return _json({"replayed": replayed})
 
 
@@ -107,10 +158,11 @@ def erase() -> Response:
     body = request.get_json(silent=True)
     if not isinstance(body, dict) or not isinstance(body.get("email"), str):
         return error(400, "INVALID", 'Send {"email": ADDRESS}.')
+    email = text(body["email"], "email")
     runtime = _runtime()
     try:
         with runtime.pool.connection() as conn:
-            touched = retention.erase(conn, runtime.stream, body["email"])
+            touched = retention.erase(conn, runtime.stream, email)
     except ValueError as exc:
         return error(400, "INVALID", str(exc))
     current_app.logger.info("erasure done", extra={"touched": touched})  # no address logged

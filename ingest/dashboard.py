@@ -6,13 +6,14 @@ import logging
 
 from flask import Blueprint, Response, request
 
-from ingest.admin import _json, _runtime
+from ingest.admin import Invalid, _json, _runtime, finite_number, invalid, text, whole_number
 from ingest.errors import error
 from ingest.session import current_operator, require_operator
 
 log = logging.getLogger("leadpipe.ops")
 bp = Blueprint("dashboard", __name__, url_prefix="/api")
 bp.before_request(require_operator)
+bp.register_error_handler(Invalid, invalid)
 
 
 @bp.get("/dashboard")
@@ -28,10 +29,8 @@ def workers() -> Response:
     """This namespace's Celery workers that answer inspect within `timeout` s (default 1, max 3)."""
     from workers import status
 
-    try:
-        timeout = min(max(float(request.args.get("timeout", "1")), 0.1), 3.0)
-    except ValueError:
-        return error(400, "INVALID", "timeout must be a number of seconds.")
+    seconds = finite_number(request.args.get("timeout", "1"), "timeout (seconds)")
+    timeout = min(max(seconds, 0.1), 3.0)
     runtime = _runtime()
     return _json({"workers": status.workers(runtime.app, timeout), "timeout": timeout})
 
@@ -40,10 +39,8 @@ def workers() -> Response:
 def quarantine() -> Response:
     from workers import dashboard
 
-    limit = request.args.get("limit", "20")
-    if not limit.isdigit() or not 0 < int(limit) <= 500:
-        return error(400, "INVALID", "limit must be a number from 1 to 500.")
-    return _json({"quarantine": dashboard.quarantine(_runtime(), int(limit))})
+    limit = whole_number(request.args.get("limit", "20"), "limit", 1, 500)
+    return _json({"quarantine": dashboard.quarantine(_runtime(), limit)})
 
 
 @bp.post("/reveal")
@@ -52,10 +49,15 @@ def reveal() -> Response:
     from workers import dashboard
 
     body = request.get_json(silent=True)
-    if (not isinstance(body, dict) or body.get("kind") not in dashboard.REVEALABLE
-            or not isinstance(body.get("id"), str | int)):
+    if (not isinstance(body, dict) or not isinstance(body.get("kind"), str)
+            or body["kind"] not in dashboard.REVEALABLE
+            or not isinstance(body.get("id"), str | int) or isinstance(body["id"], bool)):
         return error(400, "INVALID", 'Send {"kind": "dead_letter" or "quarantine", "id": ID}.')
-    kind, record_id = body["kind"], str(body["id"])
+    kind = body["kind"]
+    if kind == "dead_letter":  # a bigint
+        record_id = str(whole_number(body["id"], "id"))
+    else:  # an event id
+        record_id = text(str(body["id"]), "id", max_length=200)
     person = dashboard.reveal(_runtime(), kind, record_id)
     if person is None:
         return error(404, "RESOURCE_NOT_FOUND", f"No {kind} {record_id}.")

@@ -72,7 +72,13 @@ def _same_origin() -> bool:
     if site is not None:
         return site == "same-origin"
     origin = request.headers.get("Origin")
-    return origin is None or urlsplit(origin).netloc == request.host
+    if origin is None:
+        return True
+    try:
+        netloc = urlsplit(origin).netloc
+    except ValueError:  # "http://[" and the like: no origin of ours
+        return False
+    return netloc == request.host
 
 
 @bp.post("/login")

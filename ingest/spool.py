@@ -7,11 +7,15 @@ between the hand-over and the emptying hands a record over twice: its dedup key 
 a counted duplicate, nothing more.
 
 Record: 4-byte length + JSON header {"i": event id, "t": received ms, "h": hint} + 4-byte length
-+ the body. A torn record at the end (a crash mid-write: never acknowledged) is dropped.
++ the body. A write the disk cuts short is taken back (the file is truncated to where the record
+began) and the append fails, so the endpoint answers 503. Whatever the drainer cannot decode (a
+torn record a crash left at the end, never acknowledged, or damaged bytes) is not deleted: it is
+moved aside to a `<file>.<ns>.bad` file next to it, logged, and the drainer goes on.
 """
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import logging
@@ -34,20 +38,61 @@ def encode(event_id: str, received_ms: int, body: bytes, hint: str | None) -> by
     return _LEN.pack(len(header)) + header + _LEN.pack(len(body)) + body
 
 
-def decode(data: bytes) -> Iterator[tuple[dict[str, Any], bytes]]:
-    """The complete records of a spool file, in order."""
+def _valid_header(header: Any) -> bool:
+    return (isinstance(header, dict) and isinstance(header.get("i"), str)
+            and isinstance(header.get("t"), int) and not isinstance(header["t"], bool)
+            and (header.get("h") is None or isinstance(header["h"], str)))
+
+
+def parse(data: bytes) -> tuple[list[tuple[dict[str, Any], bytes]], int, str | None]:
+    """The well-formed records at the start of a spool file's bytes, the offset where they end,
+    and why the bytes from there on are not a record (None when there are none)."""
+    records: list[tuple[dict[str, Any], bytes]] = []
     at = 0
-    while at + 4 <= len(data):
+    while at < len(data):
+        if at + 4 > len(data):
+            return records, at, "an incomplete record at the end"
         (size,) = _LEN.unpack_from(data, at)
-        if at + 4 + size + 4 > len(data):
-            return
-        header = json.loads(data[at + 4:at + 4 + size])
-        at += 4 + size
-        (size,) = _LEN.unpack_from(data, at)
-        if at + 4 + size > len(data):
-            return
-        yield header, data[at + 4:at + 4 + size]
-        at += 4 + size
+        body_at = at + 4 + size
+        if body_at + 4 > len(data):
+            return records, at, "an incomplete record at the end"
+        try:
+            header = json.loads(data[at + 4:body_at])
+        except (ValueError, RecursionError):  # JSONDecodeError and UnicodeDecodeError included
+            return records, at, "a record header that is not JSON"
+        if not _valid_header(header):
+            return records, at, "a record header without a valid event id and time"
+        (size,) = _LEN.unpack_from(data, body_at)
+        end = body_at + 4 + size
+        if end > len(data):
+            return records, at, "an incomplete record at the end"
+        records.append((header, data[body_at + 4:end]))
+        at = end
+    return records, at, None
+
+
+def decode(data: bytes) -> Iterator[tuple[dict[str, Any], bytes]]:
+    """The complete, well-formed records of a spool file, in order (up to the first bad one)."""
+    yield from parse(data)[0]
+
+
+def _write_all(fd: int, data: bytes) -> None:
+    """os.write until all of `data` is written; OSError if the disk takes no more."""
+    view = memoryview(data)
+    while view:
+        written = os.write(fd, view)
+        if written <= 0:
+            raise OSError(errno.ENOSPC, "the spool disk took no more bytes")
+        view = view[written:]
+
+
+def _fsync_dir(directory: Path) -> None:
+    """Make a file's creation (its directory entry) durable."""
+    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
 
 
 class Spool:
@@ -63,52 +108,105 @@ class Spool:
         self._fd: int | None = None
         self._pid = 0
         self._drainer: threading.Thread | None = None
+        self._stopping = threading.Event()
 
     def _own_fd(self) -> int:
         if self._fd is None or self._pid != os.getpid():  # a new file after a fork
+            made = not self.dir.exists()
             self.dir.mkdir(parents=True, exist_ok=True)
             path = self.dir / f"spool-{os.getpid()}-{time.time_ns()}.bin"
-            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
-            self._pid = os.getpid()
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+            try:  # a record acknowledged in it must not vanish with the file on power loss
+                _fsync_dir(self.dir)
+                if made:
+                    _fsync_dir(self.dir.parent)
+            except BaseException:
+                os.close(fd)
+                path.unlink(missing_ok=True)
+                raise
+            self._fd, self._pid = fd, os.getpid()
         return self._fd
 
     def append(self, event_id: str, body: bytes, hint: str | None) -> None:
-        """Durably spool one body (raises OSError if the disk refuses)."""
+        """Durably spool one body, or raise OSError with nothing of it left in the spool."""
         record = encode(event_id, time.time_ns() // 1_000_000, body, hint)
         with self._lock:
             fd = self._own_fd()
             fcntl.flock(fd, fcntl.LOCK_EX)
+            kept = True
             try:
-                os.write(fd, record)
-                os.fsync(fd)
+                start = os.fstat(fd).st_size  # the end: only lock holders write or truncate
+                try:
+                    _write_all(fd, record)
+                    os.fsync(fd)
+                except BaseException:
+                    kept = self._take_back(fd, start)
+                    raise
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
+                if not kept:  # the next record goes to a new file, not behind the torn one
+                    os.close(fd)
+                    self._fd = None
         self.start()
+
+    @staticmethod
+    def _take_back(fd: int, start: int) -> bool:
+        """Truncate a record the disk cut short; False if that failed too."""
+        try:
+            os.ftruncate(fd, start)
+            os.fsync(fd)
+        except OSError:
+            log.error("spool: a short write could not be taken back; using a new spool file")
+            return False
+        return True
 
     def start(self) -> None:
         """Run the drainer in this process (once; again after a fork)."""
         if self._drainer is None or not self._drainer.is_alive():
+            self._stopping.clear()
             self._drainer = threading.Thread(target=self._run, name="leadpipe-spool",
                                              daemon=True)
             self._drainer.start()
 
+    def stop(self, timeout: float = 10.0) -> None:
+        """End the drainer after its current round (for tests; the process' end ends it too)."""
+        self._stopping.set()
+        if self._drainer is not None:
+            self._drainer.join(timeout)
+
     def _run(self) -> None:
-        while True:
+        while not self._stopping.is_set():  # no error ends it: acknowledged bodies wait on it
             try:
                 self.drain()
             except (redis.RedisError, OSError) as exc:
                 log.debug("spool not drained yet: %s", type(exc).__name__)
-            time.sleep(self.interval)
+            except Exception:
+                log.exception("spool drainer: unexpected error; retrying")
+            self._stopping.wait(self.interval)
 
     def files(self) -> list[Path]:
-        return sorted(self.dir.glob("spool-*.bin"), key=lambda p: p.stat().st_mtime) \
-            if self.dir.exists() else []
+        """The spool files of the folder, oldest first."""
+        found = []
+        for path in self.dir.glob("spool-*.bin") if self.dir.exists() else ():
+            try:
+                found.append((path.stat().st_mtime, path))
+            except FileNotFoundError:  # drained and deleted meanwhile by another process
+                continue
+        return [path for _, path in sorted(found)]
 
     def drain(self) -> int:
-        """Hand every spooled record to the stream, oldest file first; returns how many."""
+        """Hand every spooled record to the stream, oldest file first; returns how many.
+
+        Raises RedisError while Redis refuses; a file that fails otherwise is logged and skipped
+        (it stays as it is) so the other files are still drained."""
         moved = 0
         for path in self.files():
-            moved += self._drain_file(path)
+            try:
+                moved += self._drain_file(path)
+            except redis.RedisError:
+                raise
+            except Exception:
+                log.exception("spool file not drained; the others are", extra={"path": str(path)})
         return moved
 
     def _drain_file(self, path: Path) -> int:
@@ -126,7 +224,9 @@ class Spool:
                 self._forget(path, fd)
                 return 0
             data = os.pread(fd, size, 0)
-            records = list(decode(data))
+            records, end, problem = parse(data)
+            if problem is not None:
+                self._set_aside(path, fd, data, end, problem)
             if records:
                 pipe = self.client.pipeline(transaction=False)
                 for header, body in records:
@@ -143,6 +243,29 @@ class Spool:
         finally:
             os.close(fd)
 
+    def _set_aside(self, path: Path, fd: int, data: bytes, start: int, problem: str) -> None:
+        """Move the bytes of `path` from `start` on (not a record) to a .bad file next to it, so
+        that its records before them can be drained. Raises OSError with `path` unchanged if the
+        .bad file cannot be written."""
+        bad = path.with_name(f"{path.name}.{time.time_ns()}.bad")
+        out = os.open(bad, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            try:
+                _write_all(out, data[start:])
+                os.fsync(out)
+            finally:
+                os.close(out)
+            _fsync_dir(self.dir)
+        except BaseException:
+            bad.unlink(missing_ok=True)
+            raise
+        os.ftruncate(fd, start)
+        os.fsync(fd)
+        log.error("spool: %s at byte %d of %s; %d byte(s) moved aside to %s", problem, start,
+                  path, len(data) - start, bad,
+                  extra={"path": str(path), "moved_to": str(bad), "offset": start,
+                         "reason": problem})
+
     def _forget(self, path: Path, fd: int) -> None:
         """Delete an empty file whose writer is gone (another process' file, or an old one)."""
         mine = self._fd is not None and os.fstat(self._fd).st_ino == os.fstat(fd).st_ino \
@@ -154,4 +277,14 @@ class Spool:
 
     def pending(self) -> int:
         """Records waiting in the spool (for status and tests)."""
-        return sum(len(list(decode(p.read_bytes()))) for p in self.files())
+        total = 0
+        for path in self.files():
+            try:
+                total += len(parse(path.read_bytes())[0])
+            except FileNotFoundError:
+                continue
+        return total
+
+    def set_aside(self) -> list[Path]:
+        """The .bad files: bytes that were not records, kept for a person to look at."""
+        return sorted(self.dir.glob("spool-*.bad")) if self.dir.exists() else []

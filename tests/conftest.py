@@ -255,10 +255,14 @@ class ServerProcess:
                 raise AssertionError(f"{command[0]} exited: {log_path.read_text()[-3000:]}")
             try:
                 return requests.get(self.url + health, timeout=1).status_code == 200
-            except requests.ConnectionError:
+            except (requests.ConnectionError, requests.Timeout):  # listening, not serving yet
                 return False
 
-        wait_for(up, timeout=timeout, what=f"{command[0]} start")
+        try:
+            wait_for(up, timeout=timeout, what=f"{command[0]} start")
+        except BaseException:
+            stop_group(self.proc)  # a server that never got ready is not left to later tests
+            raise
 
     def stop(self) -> None:
         stop_group(self.proc)

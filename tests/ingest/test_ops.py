@@ -113,6 +113,10 @@ def _shown(page: Any, testid: str) -> str:
 def test_dashboard_in_a_real_browser(ops_settings, api, worker_factory, db, tmp_path, capsys):
     from playwright.sync_api import expect, sync_playwright
 
+    # each check waits for the page as long as a loaded two-core CI machine may need (the
+    # default 5 s is a desktop's): a click's request and the re-render it triggers
+    expect.set_options(timeout=20_000)
+
     worker_factory(ops_settings)
     _post_mix(api)
     quarantined_with_email = json.dumps({"event_type": "WEBHOOK.CONVERTED",
@@ -252,3 +256,12 @@ def test_dashboard_in_a_real_browser(ops_settings, api, worker_factory, db, tmp_
         ("dead_letter", True), ("quarantine", True)}
     for email in [*RAW_EMAILS, QUARANTINED_EMAIL]:
         assert email not in logs
+
+
+@pytest.mark.parametrize("origin", ["http://[", "http://[::1", "https://[zz]:80"])
+def test_an_unparsable_origin_is_refused_like_a_foreign_one(ops_settings, origin):
+    client = create_app(ops_settings).test_client()
+    answer = client.post("/ops/login", data={"token": ADMIN}, headers={"Origin": origin})
+    assert answer.status_code == 401, answer.data  # no session for it, and no 500
+    assert "Set-Cookie" not in answer.headers
+    assert answer.get_json()["errors"]["error_type"] == "UNAUTHORIZED"

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import json
+import logging
+import os
+import stat
+import struct
+import subprocess
+import sys
+import threading
 import time
 
+import redis
+
 from config.local import LocalRedis, free_port
-from ingest.spool import decode, encode
-from tests.conftest import ApiProcess, count, wait_for
+from ingest.spool import Spool, decode, encode
+from tests.conftest import ROOT, TOKEN, ApiProcess, count, wait_for
 from tests.support.load import SteadyLoad
 
 
@@ -45,3 +55,174 @@ def test_redis_down_for_30_seconds_under_load_no_non_2xx_nothing_lost(settings, 
     finally:
         api.stop()
         redis_server.stop()
+
+
+# Run in a child process: RLIMIT_FSIZE caps how large a file it may write, as a nearly full disk
+# would. With SIGXFSZ ignored, a write crossing the cap is cut short and the next one fails.
+SHORT_WRITE = r"""
+import json, resource, signal, sys
+from config.settings import Settings
+from ingest import create_app
+
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+settings = Settings.from_env()
+client = create_app(settings).test_client()
+bodies, token = json.loads(sys.argv[1]), sys.argv[2]
+answers = []
+for n, body in enumerate(bodies):
+    soft, hard = resource.getrlimit(resource.RLIMIT_FSIZE)
+    if n == 1:  # room for 100 bytes more: less than this record
+        from pathlib import Path
+        (spooled,) = Path(settings.spool_dir).glob("spool-*.bin")
+        resource.setrlimit(resource.RLIMIT_FSIZE, (spooled.stat().st_size + 100, hard))
+    answer = client.post(f"/webhooks/rdstation?token={token}", data=body,
+                         content_type="application/json")
+    resource.setrlimit(resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, hard))
+    answers.append([answer.status_code, answer.get_json()])
+print(json.dumps(answers))
+"""
+
+
+def test_a_write_the_disk_cuts_short_is_answered_503_and_leaves_no_partial_record(
+        settings, redis_url, tmp_path):
+    spool_dir = tmp_path / "spool"
+    down = settings.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0",  # nothing listens
+                          spool_dir=str(spool_dir), redis_timeout_seconds=0.5)
+    bodies = [json.dumps({"event_type": "WEBHOOK.CONVERTED",
+                          "contact": {"uuid": f"u{n}", "pad": "x" * 300}}) for n in range(3)]
+    child = subprocess.run([sys.executable, "-c", SHORT_WRITE, json.dumps(bodies), TOKEN],
+                           env={**os.environ, **down.to_env()}, cwd=ROOT, capture_output=True,
+                           text=True, timeout=60)
+    assert child.returncode == 0, child.stderr[-3000:]
+    answers = json.loads(child.stdout.splitlines()[-1])
+    assert [status for status, _ in answers] == [202, 503, 202], answers
+    assert answers[1][1]["errors"]["error_type"] == "SERVICE_UNAVAILABLE"
+
+    (path,) = spool_dir.glob("spool-*.bin")
+    records = list(decode(path.read_bytes()))
+    acknowledged = [answers[0][1]["id"], answers[2][1]["id"]]
+    assert [h["i"] for h, _ in records] == acknowledged
+    assert path.read_bytes() == b"".join(encode(h["i"], h["t"], b, h["h"]) for h, b in records)
+
+    client = redis.Redis.from_url(redis_url)
+    spool = Spool(spool_dir, client, settings.stream_key, interval=3600)
+    assert spool.drain() == 2
+    stored = [(f[b"i"].decode(), f[b"b"].decode())
+              for _, f in client.xrange(settings.stream_key)]
+    assert stored == [(acknowledged[0], bodies[0]), (acknowledged[1], bodies[2])]
+    assert spool.pending() == 0 and not list(spool_dir.glob("*.bad"))
+
+
+def _spool_file(directory, name: str, data: bytes, mtime: int):
+    path = directory / name
+    path.write_bytes(data)
+    os.utime(path, (mtime, mtime))
+    return path
+
+
+def test_undecodable_spool_bytes_are_moved_aside_and_the_rest_is_drained(
+        redis_url, tmp_path, caplog):
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    secret = b'{"email": "never.logged@example.com"}'
+    not_json = struct.pack(">I", 2) + b"{x" + struct.pack(">I", len(secret)) + secret
+    not_a_header = encode("x", 1, secret, None).replace(b'{"i": "x", "t": 1, "h": null}',
+                                                        b'["i", "x", "t", 1, "h", null]')
+    dead = 2**22 + 1  # a pid no process has: its empty files are deleted once drained
+    first = _spool_file(directory, f"spool-{dead}-1.bin",
+                        encode("a1", 1, b'{"n": 1}', None) + not_json
+                        + encode("a2", 2, secret, None), 1_000)
+    whole = _spool_file(directory, f"spool-{dead}-2.bin", not_a_header, 2_000)
+    _spool_file(directory, f"spool-{dead}-3.bin", encode("d1", 3, b'{"n": 3}', None), 3_000)
+    client = redis.Redis.from_url(redis_url)
+    key = f"spool-test-{time.time_ns()}"
+    spool = Spool(directory, client, key, interval=0.05)
+    with caplog.at_level(logging.DEBUG, logger="leadpipe.spool"):
+        spool.start()
+        wait_for(lambda: client.xlen(key) == 2, timeout=10, what="the good records drained")
+        wait_for(lambda: not spool.files(), timeout=10, what="the drained files deleted")
+        assert spool._drainer is not None and spool._drainer.is_alive()
+        spool.stop()
+    assert [f[b"i"] for _, f in client.xrange(key)] == [b"a1", b"d1"]
+    aside = {p.name.split(".bin.")[0]: p.read_bytes() for p in directory.glob("*.bad")}
+    assert aside == {first.stem: not_json + encode("a2", 2, secret, None),  # nothing deleted
+                     whole.stem: not_a_header}
+    moved = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert {r.path for r in moved} == {str(first), str(whole)}
+    assert sorted(r.reason for r in moved) == [
+        "a record header that is not JSON", "a record header without a valid event id and time"]
+    assert "never.logged" not in caplog.text  # where and why, never what
+
+
+def test_the_drainer_outlives_any_error(redis_url, tmp_path):
+    spool = Spool(tmp_path, redis.Redis.from_url(redis_url), "unused", interval=0.01)
+    calls, recovered = [], threading.Event()
+
+    def drain() -> int:
+        calls.append(1)
+        if len(calls) <= 3:
+            raise [KeyError, ValueError, RuntimeError][len(calls) - 1]("unexpected")
+        recovered.set()
+        return 0
+
+    spool.drain = drain  # type: ignore[method-assign]
+    spool.start()
+    assert recovered.wait(5), f"the drainer died after {len(calls)} round(s)"
+    assert spool._drainer is not None and spool._drainer.is_alive()
+    spool.stop()
+
+
+def test_a_new_spool_file_is_made_durable_with_its_directory_entry(tmp_path, monkeypatch):
+    real_fsync, synced = os.fsync, []
+
+    def fsync(fd: int) -> None:
+        synced.append(stat.S_ISDIR(os.fstat(fd).st_mode))
+        real_fsync(fd)
+
+    monkeypatch.setattr(os, "fsync", fsync)
+    spool = Spool(tmp_path / "spool", redis.Redis(port=free_port()), "unused", interval=3600)
+    spool.start = lambda: None  # type: ignore[method-assign]  # no drainer: only the append
+    spool.append("e1", b'{"n": 1}', None)
+    assert synced.count(True) >= 1 and synced[-1] is False  # the folder, then the record
+    synced.clear()
+    spool.append("e2", b'{"n": 2}', None)
+    assert synced == [False]  # the same file: only the record
+
+
+def test_a_short_write_that_cannot_be_taken_back_moves_to_a_new_file(redis_url, tmp_path,
+                                                                     monkeypatch):
+    import ingest.spool as module
+
+    real_write, real_truncate = os.write, os.ftruncate
+    full = {"on": False}
+
+    def write(fd: int, data) -> int:  # type: ignore[no-untyped-def]
+        if full["on"]:
+            full["on"] = False
+            real_write(fd, bytes(data[:10]))  # half a record, then the disk is full
+            raise OSError(28, "No space left on device")
+        return real_write(fd, data)
+
+    def ftruncate(fd: int, length: int) -> None:
+        raise OSError(5, "Input/output error")
+
+    monkeypatch.setattr(module.os, "write", write)
+    spool = Spool(tmp_path, redis.Redis.from_url(redis_url), f"s{time.time_ns()}",
+                  interval=3600)
+    spool.start = lambda: None  # type: ignore[method-assign]
+    spool.append("e1", b'{"n": 1}', None)
+    full["on"] = True
+    monkeypatch.setattr(module.os, "ftruncate", ftruncate)
+    try:
+        spool.append("e2", b'{"n": 2}', None)
+    except OSError:
+        pass
+    else:
+        raise AssertionError("a record the disk cut short was acknowledged")
+    monkeypatch.setattr(module.os, "ftruncate", real_truncate)
+    spool.append("e3", b'{"n": 3}', None)
+    assert len(spool.files()) == 2  # e3 is not written behind e2's torn bytes
+    assert spool.drain() == 2
+    assert [f[b"i"] for _, f in spool.client.xrange(spool.key)] == [b"e1", b"e3"]
+    (aside,) = tmp_path.glob("*.bad")  # the torn bytes, kept
+    assert len(aside.read_bytes()) == 10
