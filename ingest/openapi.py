@@ -11,10 +11,10 @@ from apispec.ext.marshmallow import MarshmallowPlugin
 from flask import Blueprint, Response
 
 from ingest import subscription_schemas as schemas
-from ingest.subscriptions import require_api_token
+from ingest.subscriptions import guard
 
 bp = Blueprint("openapi", __name__)
-bp.before_request(require_api_token)
+guard(bp)  # the subscription API's token check, and its 503s when the database is unavailable
 
 BASE = "/integrations/webhooks"
 

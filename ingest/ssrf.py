@@ -3,6 +3,12 @@
 Leadpipe calls subscriber URLs from inside the network it runs in (the probe, then every
 delivery). Without this guard, whoever holds an API token could make it call the cloud metadata
 service (169.254.169.254), a database port on localhost, or any host of the private network.
+
+`check_url` answers a `Target`: the URL exactly as the HTTP client sends it (an internationalized
+host in the ASCII form requests connects to, so the name checked is the name called) and the
+addresses it checked. The caller connects to those addresses only
+(`sinks.transport.new_session(pin=)`): the name is resolved once, so a DNS answer that changes
+between the check and the connection (rebinding) cannot lead anywhere the check did not see.
 """
 
 from __future__ import annotations
@@ -11,17 +17,37 @@ import ipaddress
 import socket
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from urllib.parse import urlsplit
+from typing import Any
+
+import requests
+from urllib3.util import parse_url
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
 Resolver = Callable[..., list]
+SockAddr = tuple[Any, ...]
 
 _METADATA = ipaddress.ip_address("169.254.169.254")
 
 
 class Refused(ValueError):
     """The URL's host is, or resolves to, an address subscriptions may not reach."""
+
+
+@dataclass(frozen=True)
+class Target:
+    """A checked URL and where it may be called.
+
+    `url` is the URL as requests sends it: call this one, not the text the user gave (the same
+    but for the host's encoding). `host` is its host as urllib3 keys connections (ASCII, lower
+    case, an IPv6 literal without brackets) and `port` its port. `addresses` are the checked
+    (family, socket address) pairs to connect to, in the resolver's order; None for a host name
+    the allow-list trusts as it is, which is resolved when connecting."""
+
+    url: str
+    host: str
+    port: int
+    addresses: tuple[tuple[int, SockAddr], ...] | None
 
 
 @dataclass(frozen=True)
@@ -53,7 +79,30 @@ class AllowList:
 
 
 def _normal_host(host: str) -> str:
-    return host.strip().strip("[]").rstrip(".").lower()
+    host = host.strip().strip("[]").rstrip(".")
+    if not host.isascii():  # an allow-list entry written in Unicode: the form requests sends
+        try:
+            host = parse_url(f"http://{host}/").host or host
+        except ValueError:
+            pass
+    return host.lower()
+
+
+def client_url(url: str) -> str:
+    """`url` exactly as requests will send it: above all, a non-ASCII host encoded the way the
+    connection will look it up (IDNA 2008 as urllib3 applies it: "straße" -> "xn--strae-oqa"),
+    where `socket.getaddrinfo` would apply IDNA 2003 ("strasse"), another DNS name."""
+    prepared = requests.PreparedRequest()
+    try:
+        prepared.prepare_url(url, None)
+    except (requests.RequestException, ValueError, UnicodeError):
+        if url.isascii():
+            raise Refused("The URL's host or port is not valid.") from None
+        raise Refused("The URL's host is not a valid internationalized domain name (IDNA 2008, "
+                      "as in xn--strae-oqa.de for straße.de).") from None
+    if prepared.url is None:  # pragma: no cover (prepare_url always sets it)
+        raise Refused("The URL has no host.")
+    return prepared.url
 
 
 def why_not_public(address: IPAddress) -> str | None:
@@ -80,42 +129,54 @@ def why_not_public(address: IPAddress) -> str | None:
     return None
 
 
-def _resolve(host: str, port: int, resolver: Resolver) -> list[IPAddress]:
+def _resolve(host: str, port: int,
+             resolver: Resolver) -> list[tuple[IPAddress, int, SockAddr]]:
+    """(address, family, socket address) of every answer for `host` (ASCII), or Refused."""
     try:
         literal = ipaddress.ip_address(host)
     except ValueError:
         pass
     else:
-        return [literal]
+        if literal.version == 6:
+            return [(literal, socket.AF_INET6, (host, port, 0, 0))]
+        return [(literal, socket.AF_INET, (host, port))]
     try:
         infos = resolver(host, port, type=socket.SOCK_STREAM)
     except (socket.gaierror, UnicodeError) as exc:
         raise Refused(f"The host {host} could not be resolved ({exc}).") from None
-    addresses = []
+    found = []
     for info in infos:
-        text = str(info[4][0]).split("%", 1)[0]  # drop an IPv6 zone ("fe80::1%eth0")
-        addresses.append(ipaddress.ip_address(text))
-    if not addresses:
+        family, sockaddr = info[0], tuple(info[4])
+        if family not in (socket.AF_INET, socket.AF_INET6):
+            continue
+        text = str(sockaddr[0]).split("%", 1)[0]  # drop an IPv6 zone ("fe80::1%eth0")
+        found.append((ipaddress.ip_address(text), family, sockaddr))
+    if not found:
         raise Refused(f"The host {host} has no address.")
-    return addresses
+    return found
 
 
-def check_url(url: str, allow: AllowList, resolver: Resolver = socket.getaddrinfo) -> None:
-    """Raise Refused unless every address `url`'s host resolves to is public or allow-listed.
+def check_url(url: str, allow: AllowList, resolver: Resolver | None = None) -> Target:
+    """The Target of `url`, or Refused unless every address its host resolves to is public or
+    allow-listed.
 
-    An allow-listed host name is trusted as it is, without looking at its addresses. The
-    caller is expected to have checked that `url` is an absolute http(s) URL."""
-    parts = urlsplit(url)
-    host = parts.hostname
+    The host checked is the one requests will call (`client_url`), resolved once here: connect
+    to `Target.addresses` (`sinks.transport.new_session(pin=target)`), never to the name again. An
+    allow-listed host name is trusted as it is, without looking at its addresses. The caller is
+    expected to have checked that `url` is an absolute http(s) URL."""
+    sent = client_url(url)
+    try:
+        parts = parse_url(sent)
+    except ValueError:
+        raise Refused("The URL's host or port is not valid.") from None
+    host = (parts.host or "").strip("[]").lower()
     if not host:
         raise Refused("The URL has no host.")
+    port = parts.port or (443 if parts.scheme == "https" else 80)
     if allow.admits_host(host):
-        return
-    try:
-        port = parts.port or (443 if parts.scheme == "https" else 80)
-    except ValueError:
-        raise Refused("The URL's port is not a number from 0 to 65535.") from None
-    for address in _resolve(host, port, resolver):
+        return Target(sent, host, port, None)
+    found = _resolve(host, port, resolver or socket.getaddrinfo)  # looked up at each call
+    for address, _, _ in found:
         if allow.admits(address):
             continue
         reason = why_not_public(address)
@@ -124,3 +185,4 @@ def check_url(url: str, allow: AllowList, resolver: Resolver = socket.getaddrinf
             raise Refused(
                 f"{shown} is {reason}: subscriber URLs must reach a public address. An "
                 "operator can admit it with LEADPIPE_SSRF_ALLOW.")
+    return Target(sent, host, port, tuple((family, sockaddr) for _, family, sockaddr in found))

@@ -30,6 +30,7 @@ from ingest.subscription_schemas import (
     WebhookSchema,
     rd_errors,
 )
+from sinks.transport import Deadline, new_session
 
 bp = Blueprint("subscriptions", __name__, url_prefix="/integrations/webhooks")
 
@@ -88,12 +89,10 @@ def _close_db(exc: BaseException | None) -> None:
         conn.close()
 
 
-@bp.errorhandler(Refusal)
 def _refused(exc: Refusal) -> Response:
     return exc.response
 
 
-@bp.errorhandler(psycopg.OperationalError)
 def _database_down(exc: psycopg.OperationalError) -> Response:
     current_app.logger.warning("subscriptions: database unavailable: %s", exc)
     return error(503, "SERVICE_UNAVAILABLE", "Database unavailable; retry later.",
@@ -112,7 +111,17 @@ def require_api_token() -> Response | None:
     return error(401, "UNAUTHORIZED", "Invalid token.", headers={"WWW-Authenticate": challenge})
 
 
-bp.before_request(require_api_token)
+def guard(blueprint: Blueprint) -> None:
+    """Every route of `blueprint` needs an API token (`require_api_token`), and the token check's
+    own failures answer 503, not 500: no database configured, or the database down (with
+    Retry-After). The handlers go with the check to every blueprint that uses it
+    (/openapi.json too)."""
+    blueprint.before_request(require_api_token)
+    blueprint.register_error_handler(Refusal, _refused)
+    blueprint.register_error_handler(psycopg.OperationalError, _database_down)
+
+
+guard(bp)
 
 
 # -- request pieces ---------------------------------------------------------------------------
@@ -165,7 +174,7 @@ def _taken() -> Refusal:
 def _check_url(url: str, event_type: str, moved: bool, own: uuid.UUID | None = None) -> None:
     """SSRF guard, uniqueness, then (for a new URL) the probe RD makes before subscribing."""
     try:
-        ssrf.check_url(url, ssrf.AllowList.parse(_option("ssrf_allow", ())))
+        target = ssrf.check_url(url, ssrf.AllowList.parse(_option("ssrf_allow", ())))
     except ssrf.Refused as exc:
         raise _field_errors(422, {"url": [{"error_type": "INVALID",
                                            "error_message": str(exc)}]}) from None
@@ -175,29 +184,36 @@ def _check_url(url: str, event_type: str, moved: bool, own: uuid.UUID | None = N
     if clash:
         raise _taken()
     if moved and _option("subscription_probe", True):
-        problem = probe(url)
+        problem = probe(url, target=target)  # to the addresses just checked, not a new lookup
         if problem:
             raise Refusal(error(401, "UNAUTHORIZED", (
                 f"The URL {problem}. Like RD Station, Leadpipe POSTs {{}} to a URL before "
                 f"subscribing it and needs a 2xx within {PROBE_TIMEOUT:g} s.")))
 
 
-def probe(url: str, timeout: float = PROBE_TIMEOUT) -> str | None:
+def probe(url: str, timeout: float = PROBE_TIMEOUT,
+          target: ssrf.Target | None = None) -> str | None:
     """POST `{}` to `url`: None when it answers 2xx within `timeout` seconds, else why not.
 
-    Redirects are not followed: the SSRF guard checked this URL, not wherever it points."""
+    `timeout` bounds the whole exchange, up to the answer's status and headers (a deadline, not
+    requests' per-read timeout): the API thread waiting here also serves ingest. With `target`
+    (what `ssrf.check_url` answered for `url`), the probe calls `target.url` and connects only
+    to the addresses the guard checked. Redirects are not followed: the SSRF guard checked this
+    URL, not wherever it points."""
     started = time.monotonic()
-    try:
-        answer = requests.post(url, data=b"{}", timeout=timeout, allow_redirects=False,
-                               stream=True, headers={"Content-Type": "application/json",
-                                                     "User-Agent": "leadpipe"})
-        answer.close()
-    except requests.Timeout:
-        return f"did not answer within {timeout:g} s"
-    except requests.RequestException as exc:
-        return f"could not be reached ({type(exc).__name__})"
-    if time.monotonic() - started > timeout:
-        return f"did not answer within {timeout:g} s"
+    late = f"did not answer within {timeout:g} s"
+    with new_session(pin=target) as session, Deadline(timeout) as deadline:
+        try:
+            answer = session.post(url if target is None else target.url, data=b"{}",
+                                  timeout=timeout, allow_redirects=False, stream=True,
+                                  headers={"Content-Type": "application/json"})
+            answer.close()
+        except requests.Timeout:
+            return late
+        except requests.RequestException as exc:
+            return late if deadline.expired else f"could not be reached ({type(exc).__name__})"
+    if deadline.expired or time.monotonic() - started > timeout:
+        return late
     if not 200 <= answer.status_code < 300:
         return f"answered the check with HTTP {answer.status_code}"
     return None

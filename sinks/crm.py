@@ -17,11 +17,11 @@ from sinks.http import (
     header_value,
     http_url,
     json_body,
-    new_session,
     send,
     timeout_field,
 )
 from sinks.postgres import DEAL_COLUMNS, LEAD_COLUMNS
+from sinks.transport import new_session
 from workers.events import Event
 from workers.view import MISSING, jsonable, lookup, view
 

@@ -1,4 +1,5 @@
-"""What the HTTP sinks share: option fields, the JSON body, one request and its outcome mapping."""
+"""What the HTTP sinks share: option fields, the JSON body, one request and its outcome mapping
+(the client itself, with its deadline and pinning, is sinks.transport)."""
 
 from __future__ import annotations
 
@@ -17,8 +18,7 @@ from marshmallow import ValidationError, fields
 from marshmallow.validate import Range
 
 from sinks.base import PermanentSinkError, RetryableSinkError
-
-USER_AGENT = "leadpipe"
+from sinks.transport import Deadline
 
 # Answers worth another try; every other non-2xx is final (RFC 9110: 408, 429, 5xx).
 RETRYABLE_STATUSES = frozenset({408, 429})
@@ -47,7 +47,7 @@ def http_url(*, allow_query: bool = True, **kwargs: Any) -> fields.Url:
 
 
 def timeout_field(default: float = 5.0) -> fields.Float:
-    """Seconds to wait for the connection and for each read of the answer (requests' meaning)."""
+    """Seconds one request may take in all: connecting, sending and reading the whole answer."""
     return fields.Float(load_default=default,
                         validate=Range(min=0, min_inclusive=False, max=300))
 
@@ -114,14 +114,6 @@ def retry_after(value: str | None, now: float | None = None) -> float | None:
     return max(0.0, when.timestamp() - now)
 
 
-def new_session() -> requests.Session:
-    """One connection pool per sink instance. requests does not retry by itself (max_retries 0),
-    so one call to `send` is one request on the wire."""
-    session = requests.Session()
-    session.headers["User-Agent"] = USER_AGENT
-    return session
-
-
 # ---------------------------------------------------------------------------------------------
 # One request, one outcome
 
@@ -136,19 +128,25 @@ def send(session: requests.Session, method: str, url: str, *, body: bytes,
     - anything else (other 4xx, and 3xx: redirects are not followed, configure the final URL):
       PermanentSinkError with the status.
 
+    `timeout` bounds the whole request, answer included (a `Deadline`), not only each read.
+
     Messages hold `label`, the status and a short reason only: never the URL (an entity key may be
     an e-mail), the body or what the destination answered, so they are safe to log.
     """
-    try:
-        response = session.request(method, url, data=body, headers=dict(headers),
-                                   timeout=timeout, allow_redirects=False)
-    except requests.Timeout:
-        raise RetryableSinkError(f"{label}: no answer within {timeout:g} s") from None
-    except (requests.ConnectionError, requests.exceptions.ChunkedEncodingError,
-            requests.exceptions.ContentDecodingError) as exc:
-        raise RetryableSinkError(f"{label}: connection failed ({_cause(exc)})") from None
-    except requests.RequestException as exc:  # unexpected: keep the event, try again later
-        raise RetryableSinkError(f"{label}: request failed ({type(exc).__name__})") from None
+    with Deadline(timeout) as deadline:
+        try:
+            response = session.request(method, url, data=body, headers=dict(headers),
+                                       timeout=timeout, allow_redirects=False)
+        except requests.RequestException as exc:
+            if deadline.expired or isinstance(exc, requests.Timeout):
+                raise RetryableSinkError(f"{label}: no answer within {timeout:g} s") from None
+            if isinstance(exc, requests.ConnectionError | requests.exceptions.ChunkedEncodingError
+                          | requests.exceptions.ContentDecodingError):
+                raise RetryableSinkError(
+                    f"{label}: connection failed ({_cause(exc)})") from None
+            # unexpected: keep the event, try again later
+            raise RetryableSinkError(
+                f"{label}: request failed ({type(exc).__name__})") from None
     status = response.status_code
     if 200 <= status < 300:
         return response

@@ -19,10 +19,10 @@ from sinks.http import (
     header_value,
     http_url,
     json_body,
-    new_session,
     send,
     timeout_field,
 )
+from sinks.transport import new_session
 from workers.events import Event
 from workers.normalize import parse_body
 from workers.rdshape import COMPANY, CONTACT_FUNNEL, rd_body
@@ -110,6 +110,7 @@ class WebhookSink(Sink):
         allow = options.get("ssrf_allow")
         self.allow = None if allow is None else ssrf.AllowList.parse(allow)
         self.session = new_session()
+        self.pinned: ssrf.Target | None = None  # what self.session connects to (with ssrf_allow)
         self.label = f"webhook sink {instance!r}"
 
     def body(self, event: Event) -> dict[str, Any]:
@@ -144,14 +145,25 @@ class WebhookSink(Sink):
         return data, headers
 
     def deliver(self, event: Event) -> int | None:
+        url = self.options["url"]
         if self.allow is not None:
             try:  # the URL was checked when subscribed; its DNS may point elsewhere now
-                ssrf.check_url(self.options["url"], self.allow)
+                target = ssrf.check_url(url, self.allow)
             except ssrf.Refused as exc:
                 raise PermanentSinkError(f"{self.label}: refused: {exc}") from None
+            self._pin(target)
+            url = target.url
         data, headers = self.request(event)
-        return send(self.session, "POST", self.options["url"], body=data, headers=headers,
+        return send(self.session, "POST", url, body=data, headers=headers,
                     timeout=self.options["timeout"], label=f"{self.label} POST").status_code
+
+    def _pin(self, target: ssrf.Target) -> None:
+        """Connect only to the addresses just checked: a session pinned to them, kept (with its
+        kept-alive connections) while the name keeps resolving to the same ones."""
+        if target != self.pinned:
+            self.session.close()
+            self.session = new_session(pin=target)
+            self.pinned = target
 
     def close(self) -> None:
         self.session.close()

@@ -50,6 +50,24 @@ def test_document_is_valid_openapi_3_and_needs_a_token(settings, api_token):
     assert client.get("/openapi.json").status_code == 401
 
 
+@pytest.mark.parametrize("database", ["down", "none"])
+def test_document_answers_503_like_the_api_when_the_database_is_unavailable(settings, api_token,
+                                                                            database, caplog):
+    # the token check needs Postgres: without it, /openapi.json answers as the API does
+    url = None if database == "none" else f"postgresql://leadpipe@127.0.0.1:{free_port()}/none"
+    client = api_client(settings.with_(database_url=url), api_token)
+    answers = [client.get(path) for path in ("/openapi.json", "/integrations/webhooks")]
+    for response in answers:
+        assert response.status_code == 503 and response.mimetype == "application/json"
+        assert response.get_json()["errors"]["error_type"] == "SERVICE_UNAVAILABLE"
+    document_answer, api_answer = answers
+    assert document_answer.data == api_answer.data
+    assert document_answer.headers.get("Retry-After") == api_answer.headers.get("Retry-After")
+    if database == "down":
+        assert document_answer.headers["Retry-After"] == "5"
+    assert not [r for r in caplog.records if r.exc_info]  # no traceback: not a 500
+
+
 def test_document_comes_from_the_validating_schemas():
     components = document()["components"]["schemas"]
     webhook_input = components["WebhookInput"]["properties"]

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import re
+import socket
+import time
 import uuid
+from collections.abc import Iterator
 from typing import Any
 
 import orjson
@@ -13,6 +16,8 @@ import pytest
 from config.local import free_port
 from config.settings import Settings
 from ingest import create_app, ssrf, subscriptions, tokens
+from tests.ingest.test_ssrf import FakeDNS
+from tests.sinks.test_http import STATUS_LINE_DRIP, Dripper
 from tests.support.http_server import HttpServer, Reply
 
 BIG_ACCOUNT = 9007199254740993  # 2^53 + 1: a float would turn it into ...992
@@ -391,6 +396,25 @@ def test_probe_gives_up_after_its_timeout(subscriber):
     assert subscriptions.probe(subscriber.url + "/x", timeout=5.0) is None
 
 
+def test_probe_deadline_covers_the_whole_answer_not_each_read():
+    # one byte every 0.1 s: each read is quick, the status line takes about 6 s
+    with Dripper(STATUS_LINE_DRIP) as drip:
+        started = time.monotonic()
+        assert subscriptions.probe(f"http://127.0.0.1:{drip.port}/rd",
+                                   timeout=0.5) == "did not answer within 0.5 s"
+        assert time.monotonic() - started < 1.5
+
+
+def test_a_dripping_url_holds_the_api_thread_no_longer_than_the_probe_limit(probing):
+    slow = [(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nX-Pad: " + b"a" * 30 + b"\r\n\r\n", 0.2)]
+    with Dripper(slow) as drip:  # about 13 s byte by byte
+        started = time.monotonic()
+        response = probing.post(HOOKS, json=body(url=f"http://127.0.0.1:{drip.port}/rd"))
+        elapsed = time.monotonic() - started
+    assert "did not answer within 5 s" in one_error(response, 401, "UNAUTHORIZED")
+    assert subscriptions.PROBE_TIMEOUT <= elapsed < subscriptions.PROBE_TIMEOUT + 2
+
+
 def test_update_probes_only_a_new_url(probing, subscriber):
     hook = probing.post(HOOKS, json=body(url=subscriber.url + "/a")).get_json()
     subscriber.clear().set_default(500)
@@ -460,6 +484,57 @@ def test_ssrf_allow_list_admits_networks_and_host_names(make_client):
         assert client.post(HOOKS, json=body(url=url)).status_code == 201, url
     assert field_errors(client.post(HOOKS, json=body(url="http://192.168.1.1/"))) == {
         "url": ["INVALID"]}
+
+
+@pytest.fixture
+def internal() -> Iterator[socket.socket]:
+    """A listener on 127.0.0.2, standing for an internal service the guard must keep out."""
+    with socket.create_server(("127.0.0.2", 0)) as listener:
+        listener.setblocking(False)
+        yield listener
+
+
+def connected(listener: socket.socket) -> bool:
+    try:
+        listener.accept()[0].close()
+    except BlockingIOError:
+        return False
+    return True
+
+
+def test_ssrf_checks_the_idna_name_the_probe_calls(make_client, subscriber, monkeypatch, db):
+    # getaddrinfo makes strasse.attacker.test of the text (IDNA 2003): public; requests calls
+    # xn--strae-oqa.attacker.test (IDNA 2008): loopback, where the subscriber server listens
+    FakeDNS(monkeypatch, {"strasse.attacker.test": "93.184.215.14",
+                          "xn--strae-oqa.attacker.test": "127.0.0.1"})
+    client = make_client(subscription_probe=True)
+    url = f"http://straße.attacker.test:{subscriber.port}/latest/meta-data"
+    assert field_errors(client.post(HOOKS, json=body(url=url))) == {"url": ["INVALID"]}
+    assert subscriber.requests == []
+    assert db.execute("SELECT count(*) FROM subscriptions").fetchone() == (0,)
+
+
+def test_an_idn_subscriber_url_is_probed_under_its_idna_name(probing, subscriber, monkeypatch):
+    FakeDNS(monkeypatch, {"xn--strae-oqa.test": "127.0.0.1"})
+    url = f"http://straße.test:{subscriber.port}/rd"
+    response = probing.post(HOOKS, json=body(url=url))
+    assert response.status_code == 201 and response.get_json()["url"] == url  # kept as given
+    (request,) = subscriber.requests
+    assert request.header("Host") == f"xn--strae-oqa.test:{subscriber.port}"
+
+
+def test_the_probe_connects_to_the_address_the_guard_checked(make_client, internal, monkeypatch):
+    # DNS rebinding: the admitted 127.0.0.1 to the check, the internal 127.0.0.2 afterwards
+    dns = FakeDNS(monkeypatch, {"rebind.test": ["127.0.0.1", "127.0.0.2"]})
+    port = internal.getsockname()[1]
+    client = make_client(subscription_probe=True, ssrf_allow=("127.0.0.1",))
+    with HttpServer(port) as subscriber:  # the admitted address, same port as the internal one
+        response = client.post(HOOKS, json=body(url=f"http://rebind.test:{port}/internal"))
+        assert response.status_code == 201, response.data
+        (request,) = subscriber.requests
+    assert request.path == "/internal" and request.header("Host") == f"rebind.test:{port}"
+    assert dns.lookups == ["rebind.test"]  # resolved once: the check
+    assert not connected(internal)
 
 
 def test_ssrf_check_looks_at_every_resolved_address():

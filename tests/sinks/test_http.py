@@ -3,15 +3,26 @@
 from __future__ import annotations
 
 import json
+import shutil
+import socket
+import ssl
+import subprocess
+import threading
 import time
-from collections.abc import Iterator
+from collections import deque
+from collections.abc import Iterator, Sequence
 from email.utils import formatdate
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
 
 import pytest
 import requests
 
+from ingest.ssrf import Target
 from sinks.base import PermanentSinkError, RetryableSinkError
-from sinks.http import json_body, new_session, retry_after, send
+from sinks.http import json_body, retry_after, send
+from sinks.transport import Deadline, new_session
 from tests.support.http_server import HttpServer, Reply
 
 
@@ -193,3 +204,273 @@ def test_body_and_headers_arrive_as_sent(server, session):
     got = server.requests[0]
     assert got.method == "PUT" and json.loads(got.body) == {"a": 1}
     assert got.header("User-Agent") == "leadpipe"
+
+
+# -- a total deadline, not requests' per-read timeout ------------------------------------------
+
+Answer = Sequence[tuple[bytes, float]]  # pieces: (bytes, seconds between two of its bytes)
+STATUS_LINE_DRIP: Answer = [(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\nX-Pad: " + b"a" * 40 +
+                             b"\r\n\r\n{}", 0.1)]  # about 6 s, never 0.1 s without a byte
+BODY_DRIP: Answer = [(b"HTTP/1.1 200 OK\r\nContent-Length: 40\r\n\r\n", 0), (b"x" * 40, 0.1)]
+FAST: Answer = [(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\n{}", 0)]
+
+
+class Dripper:
+    """A real HTTP/1.1 server (keep-alive) on `host` that answers each request from a script of
+    `Answer`s, byte by byte where asked; `FAST` once the script is used up. Records the request
+    heads and counts connections."""
+
+    def __init__(self, *answers: Answer, host: str = "127.0.0.1", port: int = 0):
+        self.script: deque[Answer] = deque(answers)
+        self.heads: list[bytes] = []
+        self.connections = 0
+        self._stop = threading.Event()
+        self._listener = socket.create_server((host, port))
+        self._listener.settimeout(0.05)
+        self.port = self._listener.getsockname()[1]
+        self._threads = [threading.Thread(target=self._accept, daemon=True)]
+        self._threads[0].start()
+
+    def __enter__(self) -> Dripper:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        for thread in list(self._threads):
+            thread.join(timeout=10)
+        self._listener.close()
+
+    def _accept(self) -> None:
+        while not self._stop.is_set():
+            try:
+                conn, _ = self._listener.accept()
+            except TimeoutError:
+                continue
+            self.connections += 1
+            thread = threading.Thread(target=self._serve, args=(conn,), daemon=True)
+            self._threads.append(thread)
+            thread.start()
+
+    def _serve(self, conn: socket.socket) -> None:
+        conn.settimeout(0.05)
+        buffer = b""
+        with conn:
+            while not self._stop.is_set():
+                try:
+                    data = conn.recv(65536)
+                except TimeoutError:
+                    continue
+                except OSError:
+                    return
+                if not data:
+                    return
+                buffer += data
+                if b"\r\n\r\n" not in buffer:
+                    continue
+                head, _, buffer = buffer.partition(b"\r\n\r\n")
+                length = next((int(line.split(b":", 1)[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(buffer) < length and not self._stop.is_set():
+                    try:
+                        buffer += conn.recv(65536)
+                    except TimeoutError:
+                        continue
+                buffer = buffer[length:]
+                self.heads.append(head)
+                if not self._answer(conn, self.script.popleft() if self.script else FAST):
+                    return
+
+    def _answer(self, conn: socket.socket, answer: Answer) -> bool:
+        for data, gap in answer:
+            chunks = [data] if gap == 0 else [data[i:i + 1] for i in range(len(data))]
+            for chunk in chunks:
+                try:
+                    conn.sendall(chunk)
+                except OSError:
+                    return False  # the client hung up
+                if gap and self._stop.wait(gap):
+                    return False
+        return True
+
+
+@pytest.mark.parametrize("answer", [STATUS_LINE_DRIP, BODY_DRIP], ids=["status-line", "body"])
+def test_an_answer_dripped_byte_by_byte_is_cut_at_the_timeout_as_a_whole(session, answer):
+    # each byte comes well within requests' per-read timeout; the whole answer takes 4-6 s
+    with Dripper(answer) as drip:
+        started = time.monotonic()
+        with pytest.raises(RetryableSinkError) as caught:
+            send(session, "POST", f"http://127.0.0.1:{drip.port}/x", body=b"{}", headers={},
+                 timeout=0.5, label="test")
+        assert time.monotonic() - started < 1.5
+    assert str(caught.value) == "test: no answer within 0.5 s" and caught.value.status is None
+
+
+def test_a_kept_alive_connection_is_bound_by_the_next_requests_deadline(session):
+    with Dripper(FAST, STATUS_LINE_DRIP) as drip:
+        url = f"http://127.0.0.1:{drip.port}/x"
+        assert send(session, "POST", url, body=b"{}", headers={}, timeout=0.5,
+                    label="test").status_code == 200
+        started = time.monotonic()
+        with pytest.raises(RetryableSinkError, match="no answer within 0.5 s"):
+            send(session, "POST", url, body=b"{}", headers={}, timeout=0.5, label="test")
+        assert time.monotonic() - started < 1.5
+        assert drip.connections == 1 and len(drip.heads) == 2
+
+
+def test_a_deadline_that_passes_after_its_request_leaves_the_connection_alone(session):
+    with Dripper() as drip:
+        url = f"http://127.0.0.1:{drip.port}/x"
+        send(session, "POST", url, body=b"{}", headers={}, timeout=0.2, label="test")
+        time.sleep(0.4)  # the first deadline passes while its connection waits in the pool
+        send(session, "POST", url, body=b"{}", headers={}, timeout=0.2, label="test")
+        assert drip.connections == 1 and len(drip.heads) == 2
+
+
+def test_a_deadline_says_whether_it_expired():
+    with Deadline(0.05) as deadline:
+        assert 0 < deadline.remaining() <= 0.05 and not deadline.expired
+        time.sleep(0.2)
+        assert deadline.expired
+    with Deadline(5) as deadline:
+        pass
+    assert not deadline.expired
+
+
+# -- pinning: connect to the checked addresses only ---------------------------------------------
+
+
+def pin(host: str, port: int, address: str = "127.0.0.1", scheme: str = "http") -> Target:
+    return Target(f"{scheme}://{host}:{port}/hook", host, port,
+                  ((socket.AF_INET, (address, port)),))
+
+
+@pytest.fixture
+def no_dns(monkeypatch):  # type: ignore[no-untyped-def]
+    """Any name lookup fails the test (address literals go through)."""
+    real = socket._socket.getaddrinfo  # type: ignore[attr-defined]
+
+    def getaddrinfo(host: Any, *args: Any, **kwargs: Any) -> list:
+        text = host.decode() if isinstance(host, bytes) else str(host)
+        if text and not text.replace(".", "").isdigit() and ":" not in text:
+            raise AssertionError(f"looked up {text!r}")
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket._socket, "getaddrinfo", getaddrinfo)  # type: ignore
+
+
+def test_a_pinned_session_connects_to_its_address_and_keeps_the_host_name(server, no_dns):
+    target = pin("hooks.example", server.port)
+    with new_session(pin=target) as pinned:
+        assert send(pinned, "POST", target.url, body=b"{}", headers={}, timeout=2,
+                    label="test").status_code == 200
+    (got,) = server.requests
+    assert got.path == "/hook" and got.header("Host") == f"hooks.example:{server.port}"
+
+
+def test_a_pinned_session_calls_no_other_host(server):
+    with new_session(pin=pin("hooks.example", server.port)) as pinned:
+        for url in (server.url + "/hook", f"http://hooks.example:{server.port + 1}/hook"):
+            with pytest.raises(requests.exceptions.InvalidURL):
+                pinned.post(url, timeout=2)
+    assert server.requests == []
+
+
+# -- TLS through a pinned session: SNI and the certificate check keep the host name -----------
+
+
+def certificate_for(folder: Path, name: str) -> tuple[Path, Path]:
+    """A self-signed certificate for the DNS name `name` (tests.support.certs makes IP ones)."""
+    openssl = shutil.which("openssl")
+    if openssl is None:
+        pytest.skip("openssl is missing (make setup installs it)")
+    cert, key = folder / f"{name}-cert.pem", folder / f"{name}-key.pem"
+    subprocess.run([openssl, "req", "-x509", "-newkey", "ec", "-pkeyopt",
+                    "ec_paramgen_curve:prime256v1", "-nodes", "-days", "1", "-subj", f"/CN={name}",
+                    "-addext", f"subjectAltName=DNS:{name}", "-keyout", str(key), "-out",
+                    str(cert)], check=True, capture_output=True, timeout=30)
+    return cert, key
+
+
+class TLSServer:
+    """A real HTTPS server on 127.0.0.1 answering 200 to anything; records the SNI and Host."""
+
+    def __init__(self, cert: Path, key: Path):
+        self.seen: list[tuple[str | None, str | None]] = []
+        self.sni: list[str | None] = []
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+        context.load_cert_chain(cert, key)
+        context.sni_callback = lambda sock, name, ctx: self.sni.append(name)
+        owner = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def do_POST(self) -> None:  # noqa: N802 (http.server's naming)
+                self.rfile.read(int(self.headers.get("Content-Length") or 0))
+                owner.seen.append((owner.sni[-1] if owner.sni else None,
+                                   self.headers.get("Host")))
+                self.send_response(200)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+
+            def log_message(self, *args: Any) -> None:
+                pass
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.httpd.daemon_threads = True
+        self.httpd.handle_error = lambda *args: None  # type: ignore[method-assign]
+        self.httpd.socket = context.wrap_socket(self.httpd.socket, server_side=True)
+        self.port = self.httpd.server_address[1]
+        self.thread = threading.Thread(target=self.httpd.serve_forever,
+                                       kwargs={"poll_interval": 0.05}, daemon=True)
+        self.thread.start()
+
+    def __enter__(self) -> TLSServer:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.httpd.shutdown()
+        self.httpd.server_close()
+        self.thread.join(timeout=10)
+
+
+@pytest.fixture
+def tls(tmp_path) -> Iterator[tuple[TLSServer, Path]]:  # type: ignore[no-untyped-def]
+    cert, key = certificate_for(tmp_path, "hooks.example")
+    with TLSServer(cert, key) as srv:
+        yield srv, cert
+
+
+def trust(monkeypatch: pytest.MonkeyPatch, cert: Path) -> None:
+    """Trust `cert` alone, the way an operator points requests at a CA bundle."""
+    for name in ("REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE"):
+        monkeypatch.setenv(name, str(cert))
+
+
+def test_https_through_a_pin_verifies_the_certificate_for_the_host_name(tls, no_dns,
+                                                                        monkeypatch):
+    srv, cert = tls
+    trust(monkeypatch, cert)
+    target = pin("hooks.example", srv.port, scheme="https")
+    with new_session(pin=target) as pinned:
+        assert send(pinned, "POST", target.url, body=b"{}", headers={}, timeout=5,
+                    label="test").status_code == 200
+    assert srv.seen == [("hooks.example", f"hooks.example:{srv.port}")]
+
+
+@pytest.mark.parametrize("name", ["other.example", "127.0.0.1"])
+def test_https_through_a_pin_refuses_a_certificate_for_another_name(tls, name, monkeypatch):
+    srv, cert = tls  # the certificate names hooks.example; the pin has the right address
+    trust(monkeypatch, cert)
+    target = pin(name, srv.port, scheme="https")
+    with new_session(pin=target) as pinned:
+        with pytest.raises(RetryableSinkError, match="connection failed") as caught:
+            send(pinned, "POST", target.url, body=b"{}", headers={}, timeout=5, label="test")
+    assert "mismatch" in str(caught.value)  # the name check, not trust, refused it
+    assert srv.seen == []
+
+
+def test_https_through_a_pin_still_needs_a_trusted_certificate(tls, no_dns):
+    srv, _ = tls  # the system's CA bundle does not hold it
+    target = pin("hooks.example", srv.port, scheme="https")
+    with new_session(pin=target) as pinned, pytest.raises(RetryableSinkError):
+        send(pinned, "POST", target.url, body=b"{}", headers={}, timeout=5, label="test")
+    assert srv.seen == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import itertools
 import json
+import socket
 import time
 from collections.abc import Iterator
 from typing import Any
@@ -19,6 +20,8 @@ from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.registry import SinkConfigError, build, load_options, sink_class
 from sinks.webhook import WebhookSink
 from tests.conftest import fixture_bytes
+from tests.ingest.test_ssrf import FakeDNS
+from tests.sinks.test_http import STATUS_LINE_DRIP, Dripper, TLSServer, certificate_for, trust
 from tests.support.http_server import HttpServer, Reply
 from workers.events import Event
 from workers.normalize import normalize
@@ -240,3 +243,84 @@ def test_the_ssrf_guard_is_checked_again_before_each_request(server, make_sink):
     assert server.requests == []  # refused before connecting
     make_sink(ssrf_allow=["127.0.0.1"]).deliver(event(fixture_bytes("crm-deal-created.json")))
     assert len(server.requests) == 1
+
+
+@pytest.fixture
+def internal() -> Iterator[socket.socket]:
+    """A listener on 127.0.0.2, standing for an internal service the guard must keep out."""
+    with socket.create_server(("127.0.0.2", 0)) as listener:
+        listener.setblocking(False)
+        yield listener
+
+
+def connected(listener: socket.socket) -> bool:
+    try:
+        listener.accept()[0].close()
+    except BlockingIOError:
+        return False
+    return True
+
+
+def test_a_delivery_connects_to_the_address_it_checked(server, make_sink, internal, monkeypatch):
+    # DNS rebinding: rebind.test answers the admitted 127.0.0.1 to the check, then the internal
+    # 127.0.0.2 to whoever asks again (TTL 0)
+    dns = FakeDNS(monkeypatch, {"rebind.test": ["127.0.0.1", "127.0.0.2"]})
+    internal_port = internal.getsockname()[1]
+    with HttpServer(internal_port) as srv:  # the admitted address, same port as the internal one
+        sink = make_sink(url=f"http://rebind.test:{internal_port}/hook", ssrf_allow=["127.0.0.1"],
+                         timeout=2)
+        sink.deliver(event(fixture_bytes("crm-deal-created.json")))
+        (got,) = srv.requests
+    assert dns.lookups == ["rebind.test"]  # resolved once, for the check
+    assert got.path == "/hook" and got.header("Host") == f"rebind.test:{internal_port}"
+    assert not connected(internal)
+    with pytest.raises(PermanentSinkError, match=r"rebind\.test \(127\.0\.0\.2\) is a loopback"):
+        sink.deliver(event(fixture_bytes("crm-deal-created.json")))  # checked again: refused
+    assert not connected(internal)
+
+
+def test_a_unicode_host_is_checked_under_the_name_it_is_delivered_to(make_sink, internal,
+                                                                     monkeypatch):
+    # getaddrinfo's IDNA 2003 makes strasse.test of the text; requests calls xn--strae-oqa.test
+    port = internal.getsockname()[1]
+    FakeDNS(monkeypatch, {"strasse.test": "127.0.0.1", "xn--strae-oqa.test": "127.0.0.2"})
+    with HttpServer(port) as srv:
+        sink = make_sink(url=f"http://straße.test:{port}/hook", ssrf_allow=["127.0.0.1"],
+                         timeout=2)
+        with pytest.raises(PermanentSinkError, match=r"xn--strae-oqa\.test \(127\.0\.0\.2\)"):
+            sink.deliver(event(fixture_bytes("crm-deal-created.json")))
+        assert srv.requests == []
+    assert not connected(internal)
+
+
+def test_a_unicode_host_is_delivered_to_its_idna_2008_name(make_sink, monkeypatch):
+    FakeDNS(monkeypatch, {"xn--strae-oqa.test": "127.0.0.1"})
+    with HttpServer() as srv:
+        make_sink(url=f"http://straße.test:{srv.port}/hook", ssrf_allow=["127.0.0.1"]).deliver(
+            event(fixture_bytes("crm-deal-created.json")))
+        (got,) = srv.requests
+    assert got.header("Host") == f"xn--strae-oqa.test:{srv.port}"
+
+
+def test_a_dripping_receiver_is_cut_at_the_timeout_as_a_whole(make_sink):
+    with Dripper() as drip:
+        for options in ({}, {"ssrf_allow": ["127.0.0.1"]}):  # plain and pinned sessions
+            drip.script.append(STATUS_LINE_DRIP)
+            sink = make_sink(url=f"http://127.0.0.1:{drip.port}/hook", timeout=0.5, **options)
+            started = time.monotonic()
+            with pytest.raises(RetryableSinkError, match="no answer within 0.5 s"):
+                sink.deliver(event(fixture_bytes("crm-deal-created.json")))
+            assert time.monotonic() - started < 1.5
+
+
+def test_https_delivery_to_a_checked_address_verifies_the_host_name(make_sink, tmp_path,
+                                                                    monkeypatch):
+    cert, key = certificate_for(tmp_path, "hooks.example")
+    trust(monkeypatch, cert)
+    dns = FakeDNS(monkeypatch, {"hooks.example": "127.0.0.1"})
+    with TLSServer(cert, key) as srv:
+        sink = make_sink(url=f"https://hooks.example:{srv.port}/hook", ssrf_allow=["127.0.0.1"])
+        assert sink.deliver(event(fixture_bytes("crm-deal-created.json"))) == 200
+        sink.deliver(event(fixture_bytes("crm-deal-created.json")))
+    assert srv.seen == [("hooks.example", f"hooks.example:{srv.port}")] * 2
+    assert dns.lookups == ["hooks.example"] * 2  # checked before each delivery

@@ -1,0 +1,93 @@
+"""The SSRF guard's resolution: the host it checks is the one the HTTP client calls.
+
+DNS is simulated at the resolver boundary only (`FakeDNS`): `_socket.getaddrinfo`, where CPython's
+C code IDNA-2003-encodes a str host before the lookup. Everything above it (socket.getaddrinfo,
+urllib3's create_connection, the guard) runs for real."""
+
+from __future__ import annotations
+
+import socket
+from collections.abc import Sequence
+from typing import Any
+
+import pytest
+import requests
+
+from ingest import ssrf
+
+
+class FakeDNS:
+    """Answers for some names, every other lookup going to the real resolver.
+
+    `zone` maps an ASCII name to an address, or to a list of addresses given to its successive
+    lookups (the last one repeats: a TTL-0 name that rebinds). A str host is encoded with the
+    "idna" codec (IDNA 2003) first, as Modules/socketmodule.c does: "straße" -> "strasse".
+    `lookups` lists the names asked for, in order."""
+
+    def __init__(self, monkeypatch: pytest.MonkeyPatch, zone: dict[str, str | Sequence[str]]):
+        self.zone = zone
+        self.lookups: list[str] = []
+        real = socket._socket.getaddrinfo  # type: ignore[attr-defined]
+
+        def getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0,
+                        flags: int = 0) -> list:
+            name = host.encode("idna").decode() if isinstance(host, str) else host.decode()
+            if name not in self.zone:
+                return real(host, port, family, type, proto, flags)
+            asked = sum(1 for n in self.lookups if n == name)
+            self.lookups.append(name)
+            answer = self.zone[name]
+            address = answer if isinstance(answer, str) else answer[min(asked, len(answer) - 1)]
+            af = socket.AF_INET6 if ":" in address else socket.AF_INET
+            if family not in (0, af):
+                return []
+            sockaddr = (address, int(port), 0, 0) if af == socket.AF_INET6 else (address, int(port))
+            return [(af, socket.SOCK_STREAM, 6, "", sockaddr)]
+
+        monkeypatch.setattr(socket._socket, "getaddrinfo", getaddrinfo)  # type: ignore
+
+
+# -- IDNA: the name checked is the name the client calls ---------------------------------------
+
+
+def test_a_unicode_host_is_checked_under_the_name_requests_calls(monkeypatch):
+    # strasse.attacker.test (IDNA 2003, what getaddrinfo would make of the text) is public;
+    # xn--strae-oqa.attacker.test (IDNA 2008/UTS 46, what requests connects to) is loopback
+    dns = FakeDNS(monkeypatch, {"strasse.attacker.test": "93.184.215.14",
+                                "xn--strae-oqa.attacker.test": "127.0.0.1"})
+    with pytest.raises(ssrf.Refused, match=r"xn--strae-oqa\.attacker\.test \(127\.0\.0\.1\) is a "
+                                           r"loopback address"):
+        ssrf.check_url("http://straße.attacker.test:8080/latest/meta-data", ssrf.AllowList())
+    assert dns.lookups == ["xn--strae-oqa.attacker.test"]
+
+
+def test_the_target_is_what_requests_sends_and_what_was_checked(monkeypatch):
+    FakeDNS(monkeypatch, {"xn--strae-oqa.example": ["93.184.215.14", "127.0.0.1"]})
+    url = "https://Straße.example/rd?x=1"
+    target = ssrf.check_url(url, ssrf.AllowList())
+    assert target.url == requests.Request("POST", url).prepare().url
+    assert target.url == "https://xn--strae-oqa.example/rd?x=1"
+    assert (target.host, target.port) == ("xn--strae-oqa.example", 443)
+    assert target.addresses == ((socket.AF_INET, ("93.184.215.14", 443)),)
+
+
+def test_address_literals_need_no_lookup():
+    assert ssrf.check_url("http://[2606:4700::6810:85e5]:81/x", ssrf.AllowList()) == ssrf.Target(
+        "http://[2606:4700::6810:85e5]:81/x", "2606:4700::6810:85e5", 81,
+        ((socket.AF_INET6, ("2606:4700::6810:85e5", 81, 0, 0)),))
+
+
+def test_an_allow_list_entry_in_unicode_admits_the_host_as_sent():
+    allow = ssrf.AllowList.parse(["Straße.intranet"])
+    target = ssrf.check_url("http://straße.intranet/hook", allow)  # no lookup: trusted name
+    assert (target.host, target.addresses) == ("xn--strae-oqa.intranet", None)
+    assert allow.admits_host("XN--STRAE-OQA.intranet.")
+
+
+def test_a_host_requests_cannot_encode_is_refused_with_the_reason(monkeypatch):
+    # getaddrinfo's IDNA 2003 maps fullwidth letters to ASCII and would find abc.example;
+    # requests (IDNA 2008) cannot send the URL at all
+    dns = FakeDNS(monkeypatch, {"abc.example": "93.184.215.14"})
+    with pytest.raises(ssrf.Refused, match="not a valid internationalized domain name"):
+        ssrf.check_url("http://ａｂｃ.example/hook", ssrf.AllowList())
+    assert dns.lookups == []
