@@ -176,7 +176,9 @@ class LocalPostgres:
     def __init__(self, directory: Path, port: int | None = None, database: str = "leadpipe",
                  settings: dict[str, str] | None = None):
         self.dir = Path(directory)
-        self.settings = settings or {}  # extra server settings (`-c name=value`)
+        # server settings (`-c name=value`): room in the lock table for the advisory locks of
+        # several batches being stored at once (docs/DEPLOYMENT.md, "Postgres")
+        self.settings = {"max_locks_per_transaction": "256", **(settings or {})}
         self.port = port or free_port(5440)
         self.database = database
         self.proc: subprocess.Popen | None = None

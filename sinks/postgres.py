@@ -33,7 +33,8 @@ DEAL_COLUMNS = (
 )
 DEAL_TYPES = {"amount_monthly": "numeric", "amount_unique": "numeric", "amount_total": "numeric",
               "rating": "bigint", "custom_fields": "jsonb", "created_at": "timestamptz",
-              "closed_at": "timestamptz", "deleted_at": "timestamptz", "updated_at": "timestamptz"}
+              "closed_at": "timestamptz", "deleted_at": "timestamptz", "updated_at": "timestamptz",
+              "document_updated_at": "timestamptz"}
 
 
 Router = Callable[[Event], list[str]]
@@ -66,27 +67,42 @@ _TAGS = ("CASE WHEN t.tags IS NULL THEN NULL "
          "ELSE ARRAY(SELECT jsonb_array_elements_text(t.tags)) END")
 
 
-def _upsert_sql(table: str, key: str, columns: Sequence[str], types: dict[str, str]) -> str:
-    """INSERT ... SELECT FROM unnest(...) that merges newer non-null values and never goes back."""
-    all_cols = (key, *columns, "updated_at", "last_event_id")
+# what orders a row's events besides updated_at: a deal's document updated_at (milliseconds)
+# breaks ties of event_timestamp (whole seconds); an event without one goes after the others
+# of its moment (NULL is taken as infinity): a delete, which carries none, ends its second
+LEAD_ORDER: tuple[str, ...] = ("updated_at",)
+DEAL_ORDER = ("updated_at", "document_updated_at")
+
+
+def _upsert_sql(table: str, key: str, columns: Sequence[str], types: dict[str, str],
+                order: Sequence[str]) -> str:
+    """INSERT ... SELECT FROM unnest(...) that merges newer non-null values and never goes back.
+
+    The batch was folded against the stored rows (_fold), so the WHERE refuses only what a
+    concurrent writer made stale; `order` is set as it is (NULL included), never merged."""
+    all_cols = (key, *columns, *order, "last_event_id")
     arrays = ", ".join(f"%b::{'jsonb' if types.get(c) == 'jsonb' else types.get(c, 'text')}[]"
                        for c in all_cols)
     select = ", ".join(
         _TAGS if c == "tags" else f"t.{c}" for c in all_cols)
-    merge = ",\n        ".join(f"{c} = COALESCE(EXCLUDED.{c}, {table}.{c})" for c in columns)
+    merge = ",\n        ".join(
+        [f"{c} = COALESCE(EXCLUDED.{c}, {table}.{c})" for c in columns]
+        + [f"{c} = EXCLUDED.{c}" for c in (*order, "last_event_id")])
+
+    def rank(row: str) -> str:
+        return ", ".join([f"{row}.{order[0]}"] + [
+            f"COALESCE({row}.{c}, 'infinity'::timestamptz)" for c in order[1:]])
     return f"""
     INSERT INTO {table} ({", ".join(all_cols)})
     SELECT {select} FROM unnest({arrays}) AS t({", ".join(all_cols)})
     ON CONFLICT ({key}) DO UPDATE SET
-        {merge},
-        updated_at = EXCLUDED.updated_at,
-        last_event_id = EXCLUDED.last_event_id
-    WHERE {table}.updated_at <= EXCLUDED.updated_at
+        {merge}
+    WHERE ({rank(table)}) <= ({rank("EXCLUDED")})
     """
 
 
-_LEADS_SQL = _upsert_sql("leads", "lead_key", LEAD_COLUMNS, LEAD_TYPES)
-_DEALS_SQL = _upsert_sql("deals", "id", DEAL_COLUMNS, DEAL_TYPES)
+_LEADS_SQL = _upsert_sql("leads", "lead_key", LEAD_COLUMNS, LEAD_TYPES, LEAD_ORDER)
+_DEALS_SQL = _upsert_sql("deals", "id", DEAL_COLUMNS, DEAL_TYPES, DEAL_ORDER)
 _EVENTS_SQL = """
     INSERT INTO events (id, dedup_key, source, event_type, entity_type, entity_id, occurred_at,
                         received_at, duplicates, payload)
@@ -143,10 +159,32 @@ class PostgresSink(Sink):
             with self.pool.connection() as conn, conn.transaction():
                 return store(conn, events, rejected, route)
         except (psycopg.OperationalError, PoolTimeout) as exc:
+            if not transient(exc):  # a value of the batch Postgres will never take, such as
+                raise  # a key past the index row limit (54000): trying again cannot help
             raise RetryableSinkError(f"postgres unavailable: {type(exc).__name__}") from exc
 
     def close(self) -> None:
         self.pool.close()
+
+
+# SQLSTATE classes of a database that is unavailable or busy, where the same write can succeed
+# later: connection exception, transaction rollback (deadlock, serialization failure),
+# insufficient resources, object in use (lock timeout), operator intervention (shutdown,
+# cancel), system error, configuration file error. Every other class is about what was sent
+# (22 data exception, 23 integrity, 54 program limit exceeded...), the same on every try.
+_TRANSIENT_CLASSES = frozenset({"08", "40", "53", "55", "57", "58", "F0"})
+
+
+def transient(exc: BaseException) -> bool:
+    """Whether writing the same batch again later can succeed: Postgres or its pool was
+    unavailable, as opposed to Postgres refusing a value (or a bug) that fails every time."""
+    if isinstance(exc, RetryableSinkError | PoolTimeout):
+        return True
+    if not isinstance(exc, psycopg.Error):
+        return False
+    if exc.sqlstate is None:  # raised by psycopg itself: a lost, closed or refused connection
+        return isinstance(exc, psycopg.OperationalError)
+    return exc.sqlstate[:2] in _TRANSIENT_CLASSES
 
 
 def store(conn: psycopg.Connection, events: Sequence[Event],
@@ -169,12 +207,15 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
         batch = [e for e in batch if e.dedup_key not in gone]
     if batch:
         _resolve_leads(conn, [e for e in batch if e.lead is not None])
+        # in dedup key order: two batches holding the same events lock their keys in one order,
+        # so the second waits for the first instead of deadlocking with it
+        keyed = sorted(batch, key=lambda e: e.dedup_key)
         rows = conn.execute(_EVENTS_SQL, (
-            [e.id for e in batch], [e.dedup_key for e in batch], [e.source for e in batch],
-            [e.event_type for e in batch], [e.entity_type for e in batch],
-            [e.entity_id for e in batch], [e.occurred_at for e in batch],
-            [e.received_at for e in batch], [repeats.get(e.dedup_key, 0) for e in batch],
-            [e.payload for e in batch],
+            [e.id for e in keyed], [e.dedup_key for e in keyed], [e.source for e in keyed],
+            [e.event_type for e in keyed], [e.entity_type for e in keyed],
+            [e.entity_id for e in keyed], [e.occurred_at for e in keyed],
+            [e.received_at for e in keyed], [repeats.get(e.dedup_key, 0) for e in keyed],
+            [e.payload for e in keyed],
         )).fetchall()
         inserted = {key for key, fresh in rows if fresh}
         result.duplicates += len(rows) - len(inserted)
@@ -243,10 +284,29 @@ def _merge(rows: dict[str, dict[str, Any]], key: str, state: dict[str, Any], eve
     row["last_event_id"] = event_id
 
 
+Rank = tuple[Any, ...]  # what orders the events of one row (and the row as stored)
+
+
+def _fold(items: list[tuple[str, Rank, dict[str, Any], str]], stored: dict[str, Rank],
+          exact: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+    """One row per key from (key, rank, state, event id), as storing the items one at a time,
+    oldest first, would leave it: an item older than the key's stored row is dropped (last
+    writer wins would refuse it), the others are merged in order, ties in batch order.
+    `exact` columns are the newest item's value, NULL included."""
+    rows: dict[str, dict[str, Any]] = {}
+    for key, rank, state, event_id in sorted(items, key=lambda item: item[1]):
+        if key in stored and rank < stored[key]:
+            continue
+        _merge(rows, key, state, event_id)
+        for column in exact:
+            rows[key][column] = state.get(column)
+    return rows
+
+
 def _columns(rows: dict[str, dict[str, Any]], columns: Sequence[str],
-             types: dict[str, str]) -> list[list[Any]]:
+             types: dict[str, str], order: Sequence[str]) -> list[list[Any]]:
     out: list[list[Any]] = [list(rows)]
-    for column in (*columns, "updated_at", "last_event_id"):
+    for column in (*columns, *order, "last_event_id"):
         values = [row.get(column) for row in rows.values()]
         if types.get(column) == "jsonb":
             values = [None if v is None else dump(v) for v in values]
@@ -254,76 +314,166 @@ def _columns(rows: dict[str, dict[str, Any]], columns: Sequence[str],
     return out
 
 
+# Transaction-scoped advisory locks on names (identifiers of the batch), all taken in one
+# statement in one global order (their hash), so two batches never wait on each other in a
+# cycle; released at commit or rollback.
+_LOCK_SQL = """
+    SELECT count(pg_advisory_xact_lock(h)) FROM (
+        SELECT DISTINCT hashtextextended(name, 0) AS h FROM unnest(%s::text[]) AS name
+        ORDER BY h) AS ordered
+"""
+
+
+def _lock(conn: psycopg.Connection, names: list[str]) -> None:
+    if names:
+        conn.execute(_LOCK_SQL, (names,))
+
+
+def _deal_rank(updated_at: Any, document_updated_at: Any) -> Rank:
+    """(event time, document updated_at); without the latter, after the others of its moment,
+    as the upsert's COALESCE(document_updated_at, 'infinity') has it."""
+    if document_updated_at is None:
+        return (updated_at, True, updated_at)
+    return (updated_at, False, document_updated_at)
+
+
 def _upsert_deals(conn: psycopg.Connection, events: list[Event]) -> None:
+    """Fold new deal events against the stored rows (_fold), then upsert. Each deal id is locked
+    first, so a concurrent batch with events of the same deal, stored or not yet, waits for this
+    one's commit and then folds against its row."""
     if not events:
         return
-    rows: dict[str, dict[str, Any]] = {}
-    for event in sorted(events, key=lambda e: e.occurred_at):
-        assert event.deal is not None
-        state = {k: v for k, v in event.deal.items() if k != "id"}
-        _merge(rows, event.deal["id"], state, event.id)
-    conn.execute(_DEALS_SQL, _columns(rows, DEAL_COLUMNS, DEAL_TYPES))
+    ids = list({e.deal["id"] for e in events if e.deal is not None})
+    _lock(conn, [f"leadpipe:deal:{deal_id}" for deal_id in ids])
+    stored = {key: _deal_rank(at, document_at) for key, at, document_at in conn.execute(
+        "SELECT id, updated_at, document_updated_at FROM deals WHERE id = ANY(%s) "
+        "ORDER BY id FOR UPDATE", (ids,))}
+    items = []
+    for event in events:
+        deal = event.deal
+        assert deal is not None
+        items.append((deal["id"], _deal_rank(deal["updated_at"], deal.get("document_updated_at")),
+                      {k: v for k, v in deal.items() if k != "id"}, event.id))
+    rows = _fold(items, stored, exact=("document_updated_at",))
+    if rows:
+        conn.execute(_DEALS_SQL, _columns(rows, DEAL_COLUMNS, DEAL_TYPES, DEAL_ORDER))
 
 
 def _resolve_leads(conn: psycopg.Connection, events: list[Event]) -> None:
     """Set each lead event's entity_id to its lead's key: the same lead across dialects is
-    matched by uuid, else legacy id, else e-mail, so every sink sees one identity."""
+    matched by uuid, else legacy id, else e-mail, so every sink sees one identity.
+
+    Every uuid, legacy id and e-mail of the batch is locked first, so a concurrent batch that
+    brings the same person (in whatever dialect) waits for this one's commit and then finds its
+    row; the rows found are locked as well, for a batch that reaches one by another identifier.
+    Events are resolved in time order, each against the rows as the earlier ones left them."""
     if not events:
         return
     leads = [e.lead for e in events if e.lead is not None]
     uuids = list({lead["uuid"] for lead in leads if lead["uuid"]})
     legacy = list({lead["legacy_id"] for lead in leads if lead["legacy_id"]})
     emails = list({lead["email"] for lead in leads if lead["email"]})
-    by_uuid: dict[str, str] = {}
-    by_legacy: dict[str, tuple[str, str | None]] = {}
-    by_email: dict[str, tuple[str, str | None]] = {}
-    for key, uuid, legacy_id, email in conn.execute(
-        "SELECT lead_key, uuid, legacy_id, email FROM leads "
-        "WHERE uuid = ANY(%s) OR legacy_id = ANY(%s) OR email = ANY(%s) ORDER BY created_at",
-        (uuids, legacy, emails),
+    _lock(conn, [f"leadpipe:lead:uuid:{v}" for v in uuids]
+          + [f"leadpipe:lead:id:{v}" for v in legacy]
+          + [f"leadpipe:lead:email:{v}" for v in emails])
+    # a key this batch could make may belong to a row that no longer carries its identifier
+    # (an e-mail changed since): fetched too, for its updated_at, never matched by it
+    keys = uuids + ["id:" + v for v in legacy] + ["email:" + v for v in emails]
+    known = _Leads()
+    for row in conn.execute(
+        "SELECT lead_key, uuid, legacy_id, email, updated_at FROM leads "
+        "WHERE uuid = ANY(%s) OR legacy_id = ANY(%s) OR email = ANY(%s) OR lead_key = ANY(%s) "
+        "ORDER BY created_at, lead_key FOR UPDATE",
+        (uuids, legacy, emails, keys),
+        # never a prepared statement: its generic plan cannot hash the arrays and compares
+        # every row with every value, a hundred times slower once the table has some rows
+        prepare=False,
     ):
-        _remember(by_uuid, by_legacy, by_email, key, uuid, legacy_id, email)
-    for event in sorted(events, key=lambda e: e.occurred_at):
+        known.add(*row)
+    for event in sorted(events, key=_lead_time):
         lead = event.lead
         assert lead is not None
-        key = _resolve(by_uuid, by_legacy, by_email, lead)
-        _remember(by_uuid, by_legacy, by_email, key, lead["uuid"], lead["legacy_id"],
-                  lead["email"])
+        key = known.resolve(lead)
+        known.apply(key, lead)
         event.entity_id = key
 
 
+def _lead_time(event: Event) -> Any:
+    assert event.lead is not None
+    return event.lead["updated_at"]
+
+
 def _upsert_leads(conn: psycopg.Connection, events: list[Event]) -> None:
-    """Fold new lead events, oldest first, into one row per lead key, then upsert."""
+    """Fold new lead events against the stored rows (_fold), one row per lead key, then
+    upsert. The rows were locked by _resolve_leads, new keys by their identifiers."""
     if not events:
         return
-    rows: dict[str, dict[str, Any]] = {}
-    for event in sorted(events, key=lambda e: e.occurred_at):
+    keys = list({e.entity_id for e in events})
+    stored = {key: (at,) for key, at in conn.execute(
+        "SELECT lead_key, updated_at FROM leads WHERE lead_key = ANY(%s)", (keys,))}
+    items = []
+    for event in events:
         assert event.lead is not None and event.entity_id is not None
-        _merge(rows, event.entity_id, event.lead, event.id)
-    conn.execute(_LEADS_SQL, _columns(rows, LEAD_COLUMNS, LEAD_TYPES))
+        items.append((event.entity_id, (event.lead["updated_at"],), event.lead, event.id))
+    rows = _fold(items, stored)
+    if rows:
+        conn.execute(_LEADS_SQL, _columns(rows, LEAD_COLUMNS, LEAD_TYPES, LEAD_ORDER))
 
 
-def _remember(by_uuid: dict, by_legacy: dict, by_email: dict, key: str, uuid: str | None,
-              legacy_id: str | None, email: str | None) -> None:
-    if uuid:
-        by_uuid.setdefault(uuid, key)
-    if legacy_id:
-        by_legacy.setdefault(legacy_id, (key, uuid))
-    if email:
-        by_email.setdefault(email, (key, uuid))
+_IDENTIFIERS = ("uuid", "legacy_id", "email")
 
 
-def _resolve(by_uuid: dict, by_legacy: dict, by_email: dict, lead: dict[str, Any]) -> str:
-    uuid = lead["uuid"]
-    if uuid and uuid in by_uuid:
-        return by_uuid[uuid]
-    for index, value in ((by_legacy, lead["legacy_id"]), (by_email, lead["email"])):
-        if value and value in index:
-            key, known_uuid = index[value]
-            if not uuid or not known_uuid or known_uuid == uuid:  # never merge two RD contacts
-                return key
-    if uuid:
-        return uuid
-    if lead["legacy_id"]:
-        return "id:" + lead["legacy_id"]
-    return "email:" + lead["email"]
+class _Leads:
+    """The leads rows one batch can reach, as its events stored one at a time would leave
+    them: each row's uuid, legacy id, e-mail and updated_at, in the order the rows were made."""
+
+    def __init__(self) -> None:
+        self.rows: dict[str, list[Any]] = {}  # lead key -> [uuid, legacy_id, email, updated_at]
+        self.made: dict[str, int] = {}  # lead key -> rank of its row's created_at
+        self.index: tuple[dict[str, list[str]], ...] = ({}, {}, {})  # per identifier
+
+    def add(self, key: str, uuid: str | None, legacy_id: str | None, email: str | None,
+            updated_at: Any) -> None:
+        self.rows[key] = [uuid, legacy_id, email, updated_at]
+        self.made[key] = len(self.made)
+        self._index(key)
+
+    def _index(self, key: str) -> None:
+        for n, value in enumerate(self.rows[key][:3]):
+            if value:
+                keys = self.index[n].setdefault(value, [])
+                if key not in keys:
+                    keys.append(key)
+
+    def first(self, n: int, value: str) -> str | None:
+        """The oldest row whose identifier n is `value` now (an e-mail can change)."""
+        found = [key for key in self.index[n].get(value, ()) if self.rows[key][n] == value]
+        return min(found, key=self.made.__getitem__) if found else None
+
+    def resolve(self, lead: dict[str, Any]) -> str:
+        uuid = lead["uuid"]
+        if uuid and (key := self.first(0, uuid)) is not None:
+            return key
+        for n, value in ((1, lead["legacy_id"]), (2, lead["email"])):
+            if value and (key := self.first(n, value)) is not None:
+                known_uuid = self.rows[key][0]
+                if not uuid or not known_uuid or known_uuid == uuid:  # never merge two contacts
+                    return key
+        if uuid:
+            return uuid
+        if lead["legacy_id"]:
+            return "id:" + lead["legacy_id"]
+        return "email:" + lead["email"]
+
+    def apply(self, key: str, lead: dict[str, Any]) -> None:
+        """What the upsert does to the row's identity: the row made, or a newer event's
+        non-null identifiers taken; an older event changes nothing."""
+        row = self.rows.get(key)
+        if row is None:
+            self.add(key, lead["uuid"], lead["legacy_id"], lead["email"], lead["updated_at"])
+        elif lead["updated_at"] >= row[3]:
+            for n, name in enumerate(_IDENTIFIERS):
+                if lead[name] is not None:
+                    row[n] = lead[name]
+            row[3] = lead["updated_at"]
+            self._index(key)

@@ -117,6 +117,9 @@ def test_postgres_has_a_volume_and_a_healthcheck(
     assert {"POSTGRES_USER", "POSTGRES_PASSWORD", "POSTGRES_DB"} <= set(env)
     # the password comes from the environment; the literal default is only for local use
     assert env["POSTGRES_PASSWORD"].startswith("${POSTGRES_PASSWORD")
+    # room in the lock table for the advisory locks of several batches stored at once
+    cmd = command(postgres)
+    assert cmd[0] == "postgres" and "max_locks_per_transaction=256" in cmd
 
 
 @pytest.mark.parametrize("name", APP_SERVICES)

@@ -152,7 +152,8 @@ def quarantine(runtime: Runtime, limit: int = 20) -> list[dict[str, Any]]:
     """The newest quarantined bodies with their reasons, the person in them masked."""
     return _rows(runtime,
                  "SELECT id, received_at, quarantined_at, replays, reason, event_type_hint, "
-                 "payload FROM quarantine ORDER BY quarantined_at DESC, id LIMIT %s", limit,
+                 "payload FROM quarantine "
+                 "ORDER BY quarantined_at DESC, received_at DESC, id DESC LIMIT %s", limit,
                  "reason")
 
 

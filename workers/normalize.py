@@ -20,6 +20,7 @@ from workers.schemas import (
     LegacyLeadSchema,
     MarketingV2Schema,
 )
+from workers.schemas import normal_email as _email
 
 _V2 = MarketingV2Schema()
 _LEGACY = LegacyLeadSchema()
@@ -304,11 +305,10 @@ def _deal_state(d: dict, name: str, occurred: datetime) -> dict[str, Any]:
         "closed_at": d.get("closed_at"),
         "deleted_at": occurred if name == "crm_deal_deleted" else None,
         "updated_at": occurred,
+        # event_timestamp has whole seconds: this orders the deal's events of one second
+        # (None, as in deletes, orders after them); see sinks.postgres.DEAL_ORDER
+        "document_updated_at": d.get("updated_at"),
     }
-
-
-def _email(value: str | None) -> str | None:
-    return value.strip().lower() or None if value else None
 
 
 def _text(value: Any) -> str | None:

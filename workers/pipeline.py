@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
 import psycopg
 
 from ingest.queue import Entry
-from sinks.base import RetryableSinkError
-from sinks.postgres import Stored
+from sinks.postgres import Router, Stored, transient
 from workers.events import Event, Rejected
 from workers.normalize import as_json_string, normalize, quarantine
 from workers.runtime import Runtime
@@ -35,31 +35,65 @@ def split(entries: Sequence[Entry]) -> tuple[list[Event], list[Rejected]]:
 
 
 def store(runtime: Runtime, events: list[Event], rejected: list[Rejected]) -> Stored:
-    """Store a batch; if Postgres refuses some value, store the rest and quarantine the culprits."""
+    """Store a batch. If it fails for anything but an unavailable database, store it one by
+    one and quarantine each event that still fails, with the reason: one event Postgres will
+    never take (or one a bug trips on) cannot block its batch. A transient error (Postgres
+    down, the pool exhausted) is raised, for the whole batch to be retried."""
     route = runtime.router()
     try:
         return runtime.postgres.store(events, rejected, route)
-    except (psycopg.OperationalError, RetryableSinkError):
-        raise
-    except psycopg.Error as exc:
-        log.warning("batch refused by postgres, storing one by one: %s", type(exc).__name__)
-    total = Stored()
-    for item in [*events, *rejected]:
-        try:
-            one = runtime.postgres.store(*(([item], []) if isinstance(item, Event) else
-                                           ([], [item])), route)
-        except (psycopg.OperationalError, RetryableSinkError):
+    except Exception as exc:
+        if transient(exc):
             raise
-        except psycopg.Error as exc:  # Postgres refuses this body (NaN, a lone surrogate...)
-            one = runtime.postgres.store([], [refused(item, exc)])
-        total.add(one)
+        log.warning("batch not stored, storing one by one: %s", type(exc).__name__)
+    total, refusals = store_each(runtime, [*events, *rejected], route)
+    if refusals:
+        total.add(runtime.postgres.store([], refusals))
     return total
 
 
-def refused(item: Event | Rejected, exc: psycopg.Error) -> Rejected:
-    """A quarantine row for what Postgres would not store: the reason, and the body kept as a
+def store_each(runtime: Runtime, items: Sequence[Event | Rejected],
+               route: Router | None = None) -> tuple[Stored, list[Rejected]]:
+    """Store each event or quarantine row in a transaction of its own. What fails comes back
+    as a quarantine row (not yet stored) saying why; a transient error is raised."""
+    total = Stored()
+    refusals: list[Rejected] = []
+    for item in items:
+        try:
+            total.add(runtime.postgres.store(*(([item], []) if isinstance(item, Event) else
+                                               ([], [item])), route))
+        except Exception as exc:
+            if transient(exc):
+                raise
+            if not isinstance(exc, psycopg.Error):  # a bug, not a value Postgres refuses
+                log.exception("storing an event failed", extra={"event_id": item.id})
+            refusals.append(refused(item, exc))
+    return total, refusals
+
+
+# a primary message that quotes the refused input ends with it: `...for type bigint: "..."`
+_QUOTED_INPUT = re.compile(r':\s*".*\Z', re.DOTALL)
+
+
+def refusal_reason(exc: BaseException) -> str:
+    """Why storing an event failed, fit for the quarantine table: Postgres' error type,
+    SQLSTATE and primary message, never its DETAIL or CONTEXT (they quote the body: an
+    e-mail, a phone); for anything else (a bug), only the exception's type."""
+    if not isinstance(exc, psycopg.Error):
+        return f"internal error while storing the event: {type(exc).__name__}"
+    why = f"postgres refused the event: {type(exc).__name__}"
+    if exc.sqlstate:  # an error from the server (else psycopg's own: its text is not ours)
+        why += f" ({exc.sqlstate})"
+        primary = _QUOTED_INPUT.sub("", exc.diag.message_primary or "")
+        if primary:
+            why += f": {primary}"
+    return why
+
+
+def refused(item: Event | Rejected, exc: BaseException) -> Rejected:
+    """A quarantine row for what could not be stored: the reason, and the body kept as a
     JSON string (which jsonb always accepts), so nothing is lost and the batch goes on."""
-    why = f"postgres refused the event: {type(exc).__name__}: {exc}".strip()
+    why = refusal_reason(exc)
     if isinstance(item, Rejected):
         why = f"{item.reason}; {why}"
         hint = item.hint

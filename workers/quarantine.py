@@ -8,7 +8,8 @@ from typing import Any
 import psycopg
 
 from ingest.queue import Entry
-from workers.pipeline import split, store
+from sinks.postgres import Stored
+from workers.pipeline import split, store_each
 from workers.runtime import Runtime
 
 
@@ -24,18 +25,22 @@ def list_rows(dsn: str, limit: int = 50) -> list[dict[str, Any]]:
     with psycopg.connect(dsn) as conn:
         cur = conn.execute(
             "SELECT id, received_at, quarantined_at, replays, reason FROM quarantine "
-            "ORDER BY quarantined_at DESC, id LIMIT %s", (limit,))
+            "ORDER BY quarantined_at DESC, received_at DESC, id DESC LIMIT %s", (limit,))
         names = [c.name for c in cur.description or ()]
         return [dict(zip(names, row, strict=True)) for row in cur]
 
 
 def replay(runtime: Runtime, quarantine_id: str) -> ReplayResult:
-    """Normalise the body again; stored events leave quarantine, a new reason replaces the old."""
+    """Normalise the body again; stored events leave quarantine, a new reason replaces the old.
+
+    A body that could not be kept as JSON (not JSON at all, or refused by Postgres) is kept as
+    a JSON string of its text: that text is what is replayed, not the string."""
     dsn = runtime.settings.database_url
     assert dsn
     with psycopg.connect(dsn) as conn:
         row = conn.execute(
-            "SELECT payload::text, received_at, event_type_hint FROM quarantine WHERE id = %s",
+            "SELECT CASE WHEN jsonb_typeof(payload) = 'string' THEN payload #>> '{}' "
+            "ELSE payload::text END, received_at, event_type_hint FROM quarantine WHERE id = %s",
             (quarantine_id,)).fetchone()
     if row is None:
         raise LookupError(f"no quarantined event with id {quarantine_id!r}")
@@ -43,14 +48,14 @@ def replay(runtime: Runtime, quarantine_id: str) -> ReplayResult:
     entry = Entry("replay", quarantine_id, int(received_at.timestamp() * 1000),
                   payload.encode(), hint)
     events, rejected = split([entry])
-    stored = store(runtime, events, []) if events else None
+    # one by one, keeping the reason of an event Postgres still refuses: the row stays, with it
+    stored, refusals = (store_each(runtime, events, runtime.router()) if events
+                        else (Stored(), []))
+    reason = "; ".join(r.reason for r in (*rejected, *refusals)) or None
     with psycopg.connect(dsn) as conn:
-        if rejected:
-            reason = "; ".join(r.reason for r in rejected)
+        if reason is not None:
             conn.execute("UPDATE quarantine SET reason = %s, replays = replays + 1 WHERE id = %s",
                          (reason, quarantine_id))
         else:
             conn.execute("DELETE FROM quarantine WHERE id = %s", (quarantine_id,))
-    return ReplayResult(quarantine_id, len(stored.new) if stored else 0,
-                        stored.duplicates if stored else 0,
-                        "; ".join(r.reason for r in rejected) if rejected else None)
+    return ReplayResult(quarantine_id, len(stored.new), stored.duplicates, reason)

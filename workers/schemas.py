@@ -14,6 +14,11 @@ MKT_EVENTS = ("WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY")
 DEAL_EVENTS = ("crm_deal_created", "crm_deal_updated", "crm_deal_deleted")
 
 
+def normal_email(value: str | None) -> str | None:
+    """An e-mail as leads are stored and matched by: trimmed, in lower case; blank is none."""
+    return value.strip().lower() or None if value else None
+
+
 class Lenient(Schema):
     """Unknown fields are no error (RD adds fields without notice); they are not copied into
     the loaded dict, which nothing reads them from: the stored payload is the body as sent."""
@@ -85,7 +90,8 @@ class ContactSchema(Lenient):
 
     @validates_schema
     def _identified(self, data: dict[str, Any], **kwargs: Any) -> None:
-        if not data.get("uuid") and not data.get("email"):
+        # the e-mail as stored: one of spaces would leave the lead with no identity at all
+        if not data.get("uuid") and not normal_email(data.get("email")):
             raise ValidationError("A contact needs a uuid or an email.", "uuid")
 
 
@@ -139,7 +145,7 @@ class LegacyLeadSchema(Lenient):
 
     @validates_schema
     def _identified(self, data: dict[str, Any], **kwargs: Any) -> None:
-        if not (data.get("uuid") or data.get("id") or data.get("email")):
+        if not (data.get("uuid") or data.get("id") or normal_email(data.get("email"))):
             raise ValidationError("A lead needs a uuid, an id or an email.", "uuid")
 
 

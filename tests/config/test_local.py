@@ -79,3 +79,12 @@ def test_stop_group_leaves_no_member_of_the_group(leader):
     assert running(member)
     stop_group(proc, timeout=5)
     wait_for(lambda: not running(member), timeout=10, what="the group's member to be gone")
+
+
+def test_local_postgres_has_room_for_the_advisory_locks_of_concurrent_batches(tmp_path):
+    pg = LocalPostgres(tmp_path / "pg", port=free_port()).start()
+    try:
+        with psycopg.connect(pg.url) as conn:
+            assert conn.execute("SHOW max_locks_per_transaction").fetchone() == ("256",)
+    finally:
+        pg.stop()

@@ -35,6 +35,17 @@ def test_list_shows_id_and_reason(settings):
     assert "q-1" in result.stdout and "Missing data" in result.stdout
 
 
+def test_list_is_newest_first_within_one_batch_too(settings):
+    sink = PostgresSink("postgres", {"dsn": settings.database_url})
+    sink.store([], [Rejected(f"q-{n}", datetime(2024, 1, 1, 0, 0, n, tzinfo=UTC), "bad",
+                             f'{{"n": {n}}}', None) for n in (1, 2, 3)])  # one transaction
+    sink.close()
+    result = leadpipe(settings, "quarantine", "list")
+    assert result.returncode == 0, result.stderr
+    ids = [word for word in result.stdout.split() if word.startswith("q-")]
+    assert ids == ["q-3", "q-2", "q-1"], result.stdout
+
+
 def test_list_when_empty(settings):
     result = leadpipe(settings, "quarantine", "list")
     assert result.returncode == 0 and "empty" in result.stdout
@@ -96,4 +107,71 @@ def test_bodies_postgres_refuses_are_quarantined_and_the_batch_goes_on(settings,
     assert count(db, "SELECT count(*) FROM events WHERE id = 'hostile-1'") == 1  # BOM dropped
     reasons = [r for (r,) in db.execute("SELECT reason FROM quarantine ORDER BY id")]
     assert len(reasons) == 2 and any("Not a finite number" in r for r in reasons), reasons
-    assert any(r.startswith("postgres refused") and "surrogate" in r for r in reasons), reasons
+    # Postgres' type, SQLSTATE and primary message; not its DETAIL or CONTEXT, which quote data
+    assert any(r.startswith("postgres refused") and "(22P02): invalid input syntax for type json"
+               in r for r in reasons), reasons
+
+
+def kept_as_text(settings, qid: str, body: bytes, reason: str) -> None:  # type: ignore[no-untyped-def]
+    """A quarantine row as the pipeline writes one for a body it cannot store as JSON (not
+    JSON at all, or refused by Postgres): the body's text as a JSON string."""
+    from workers.normalize import as_json_string
+
+    sink = PostgresSink("postgres", {"dsn": settings.database_url})
+    sink.store([], [Rejected(qid, datetime(2024, 1, 1, tzinfo=UTC), reason,
+                             as_json_string(body))])
+    sink.close()
+
+
+def replay(settings, qid: str):  # type: ignore[no-untyped-def]
+    from workers import quarantine as q
+    from workers.runtime import Runtime
+
+    runtime = Runtime(settings)
+    try:
+        return q.replay(runtime, qid)
+    finally:
+        runtime.close()
+
+
+def test_replay_of_a_body_postgres_refused_replays_the_body_and_keeps_a_real_reason(
+        settings, db):
+    """Postgres refused the body (a lone surrogate escape), so it was kept as a JSON string:
+    replay reads the body inside the string, and as Postgres still refuses it, the row stays
+    with Postgres' reason (not "body is not a JSON object", and not deleted)."""
+    from ingest.queue import Entry
+    from workers import pipeline
+    from workers.runtime import Runtime
+
+    body = (b'{"event_name":"crm_deal_created","transaction_uuid":"t-sur",'
+            b'"document":{"id":"d2","name":"\\ud800"}}')
+    runtime = Runtime(settings)
+    try:
+        events, rejected = pipeline.split([Entry("1-0", "q-sur", 1_700_000_000_000, body, None)])
+        pipeline.store(runtime, events, rejected)
+    finally:
+        runtime.close()
+    assert db.execute("SELECT jsonb_typeof(payload) FROM quarantine").fetchone() == ("string",)
+    result = replay(settings, "q-sur")
+    reason, replays = db.execute("SELECT reason, replays FROM quarantine WHERE id = 'q-sur'"
+                                 ).fetchone()
+    assert reason.startswith("postgres refused the event: InvalidTextRepresentation"), reason
+    assert result.still_rejected == reason and result.stored == 0 and replays == 1
+    assert count(db, "SELECT count(*) FROM events") == 0
+
+
+def test_replay_of_a_body_kept_as_text_stores_it_once_the_code_takes_it(settings, db):
+    body = fixture_bytes("crm-deal-created.json")
+    kept_as_text(settings, "q-kept", body, "postgres refused the event: SomeError")
+    result = replay(settings, "q-kept")
+    assert result.stored == 1 and result.still_rejected is None
+    assert count(db, "SELECT count(*) FROM quarantine") == 0
+    assert db.execute("SELECT payload FROM events WHERE id = 'q-kept'").fetchone()[0] == (
+        orjson.loads(body))
+
+
+def test_replay_of_a_body_that_is_not_json_says_so(settings, db):
+    kept_as_text(settings, "q-nj", b'{"event_name": "crm_deal_created", ', "not JSON: ...")
+    result = replay(settings, "q-nj")
+    reason = db.execute("SELECT reason FROM quarantine WHERE id = 'q-nj'").fetchone()[0]
+    assert reason.startswith("not JSON") and result.still_rejected == reason, reason
