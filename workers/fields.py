@@ -77,6 +77,15 @@ class Text(Optional):
         raise ValidationError("Not a valid string.")
 
 
+class Identifier(Text):
+    """A lead's uuid or legacy id: surrounding blanks are not part of it, and a blank one is
+    none (else every lead sent with `"uuid": " "` would be one lead)."""
+
+    def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> str | None:
+        text = super()._deserialize(value, attr, data, **kwargs)
+        return text.strip() or None if text is not None else None
+
+
 class Flag(Optional):
     """A boolean that also takes "true"/"false" strings and 0/1."""
 

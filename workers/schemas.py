@@ -8,7 +8,20 @@ from typing import Any
 from marshmallow import EXCLUDE, Schema, ValidationError, missing, validates_schema
 from marshmallow.validate import OneOf
 
-from workers.fields import Amount, Count, Flag, List, Nested, Obj, Raw, String, Tags, Text, When
+from workers.fields import (
+    Amount,
+    Count,
+    Flag,
+    Identifier,
+    List,
+    Nested,
+    Obj,
+    Raw,
+    String,
+    Tags,
+    Text,
+    When,
+)
 
 MKT_EVENTS = ("WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY")
 DEAL_EVENTS = ("crm_deal_created", "crm_deal_updated", "crm_deal_deleted")
@@ -74,7 +87,7 @@ class FunnelSchema(Lenient):
 class ContactSchema(Lenient):
     """Marketing v2 `contact`; custom fields arrive flattened as cf_<api_id>."""
 
-    uuid = Text()
+    uuid = Identifier()
     email = Text()
     name = Text()
     job_title = Text()
@@ -117,8 +130,8 @@ class ConversionSchema(Lenient):
 class LegacyLeadSchema(Lenient):
     """Dialect B: one lead of a `{"leads": [...]}` body; strings where v2 has types."""
 
-    id = Text()
-    uuid = Text()
+    id = Identifier()
+    uuid = Identifier()
     email = Text()
     name = Text()
     company = Text()

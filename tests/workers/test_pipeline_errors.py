@@ -55,7 +55,7 @@ def event_ids(db: psycopg.Connection) -> set[str]:
     return {i for (i,) in db.execute("SELECT id FROM events")}
 
 
-# -- bug 1: an identity that is blank once normalised; any error of one event ----------------
+# -- an identity that is blank once normalised; any error of one event ------------------------
 
 def blank_v2() -> dict[str, Any]:
     body = copy.deepcopy(V2)
@@ -77,6 +77,20 @@ def test_a_lead_whose_only_identity_is_a_blank_email_is_quarantined_naming_it(ru
     why = reasons(db)
     assert list(why) == ["blank"]
     assert "uuid" in why["blank"] and "email" in why["blank"], why
+
+
+def test_blank_uuids_and_ids_are_no_identity_and_never_join_two_people(runtime, db):
+    people = []
+    for n, email in enumerate(("ana@example.com", "bia@example.com")):
+        body = copy.deepcopy(LEGACY)
+        body["leads"][0].update(uuid="  ", id=" ", email=email)
+        people.append(entry(body, f"blank-ids-{n}"))
+    v2 = copy.deepcopy(V2)
+    v2["contact"].update(uuid=" ", email="caio@example.com")
+    store(runtime, *people, entry(v2, "blank-uuid"))
+    rows = db.execute("SELECT lead_key, uuid, legacy_id FROM leads ORDER BY lead_key").fetchall()
+    assert rows == [("email:ana@example.com", None, None), ("email:bia@example.com", None, None),
+                    ("email:caio@example.com", None, None)]
 
 
 def test_a_blank_email_beside_a_uuid_is_no_identity_problem(runtime, db):
@@ -142,7 +156,7 @@ def test_transient_is_decided_by_sqlstate(sqlstate, retry):
     assert transient(psycopg.errors.lookup(sqlstate)("x")) is retry
 
 
-# -- bug 2: an identifier past Postgres' index row limit -------------------------------------
+# -- an identifier past Postgres' index row limit --------------------------------------------
 
 def huge() -> str:
     return base64.b64encode(os.urandom(6000)).decode()  # 8 KB that does not compress
@@ -205,7 +219,7 @@ def test_the_sink_raises_a_refused_value_as_it_is_not_as_retryable(database_url)
         sink.close()
 
 
-# -- bug 4: reasons built from Postgres' errors carry no body text ---------------------------
+# -- reasons built from Postgres' errors carry no body text ----------------------------------
 
 def test_a_postgres_refusal_reason_quotes_nothing_of_the_body(runtime, db):
     body = (b'{"event_type":"WEBHOOK.CONVERTED","event_identifier":"f",'
