@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import math
+import re
 from datetime import UTC, datetime
 from decimal import Decimal, InvalidOperation
 from typing import Any
 
 from marshmallow import ValidationError, fields, missing
+
+_INTEGER = re.compile(r"\s*([+-]?[0-9]+)(?:\.0*)?\s*", re.ASCII)
 
 _TRUE = {"true", "1", "yes", "sim", "t"}
 _FALSE = {"false", "0", "no", "nao", "não", "f"}
@@ -106,7 +109,8 @@ class Flag(Optional):
 
 
 class Count(Optional):
-    """An integer that also takes digit strings ("3") and integral floats (3.0)."""
+    """An integer that also takes integer strings ("3", "+3", "3.0") and integral floats (3.0);
+    only ASCII digits ("²" and "٣" are digits to str.isdigit, not to int())."""
 
     def _deserialize(self, value: Any, attr: Any, data: Any, **kwargs: Any) -> int | None:
         if isinstance(value, bool):
@@ -115,10 +119,10 @@ class Count(Optional):
             result = value
         elif isinstance(value, float) and value.is_integer():
             result = int(value)
-        elif isinstance(value, str) and value.strip().lstrip("-").isdigit():
-            if len(value) > 30:
+        elif isinstance(value, str) and (match := _INTEGER.fullmatch(value)):
+            if len(match.group(1)) > 30:
                 raise ValidationError("Integer too large.")
-            result = int(value.strip())
+            result = int(match.group(1))
         elif isinstance(value, str) and not value.strip():
             return None
         else:

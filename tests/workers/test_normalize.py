@@ -58,6 +58,20 @@ def test_legacy_strings_become_types():
     assert lead["number_conversions"] == 17 and lead["interest"] == 3
 
 
+@pytest.mark.parametrize("text, count", [("+3", 3), ("3.0", 3), (" 17 ", 17), ("", None)])
+def test_legacy_counts_as_other_integer_spellings(text, count):
+    body = fixture("legacy-leads-full.json")
+    body["leads"][0]["number_conversions"] = text
+    assert one(body).lead["number_conversions"] == count
+
+
+@pytest.mark.parametrize("text", ["²", "٣", "3.5"])
+def test_a_count_that_is_no_integer_is_a_validation_reason(text):
+    body = fixture("legacy-leads-full.json")
+    body["leads"][0]["number_conversions"] = text
+    assert "number_conversions" in rejected(body).reason
+
+
 def test_legacy_hint_sets_the_event_type():
     event = one(fixture_bytes("legacy-leads-full.json"), hint="WEBHOOK.MARKED_OPPORTUNITY")
     assert event.event_type == "WEBHOOK.MARKED_OPPORTUNITY"
