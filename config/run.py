@@ -62,8 +62,8 @@ def run(args: argparse.Namespace) -> int:
         wait_port(args.port, children[-1], "the API", None, timeout=60,
                   host=_LOOPBACK.get(args.host, args.host))
         base = f"http://{args.host}:{args.port}"
-        admin = ("$(cat " + str(data / "admin-token") + ")" if not os.environ.get(
-            PREFIX + "ADMIN_TOKENS") else "<a token of LEADPIPE_ADMIN_TOKENS>")
+        admin = ("the token in " + str(data / "admin-token") if not os.environ.get(
+            PREFIX + "ADMIN_TOKENS") else "a token of LEADPIPE_ADMIN_TOKENS")
         print(f"""
 Leadpipe is running. Post an RD Station webhook:
 
