@@ -359,6 +359,16 @@ def _upsert_deals(conn: psycopg.Connection, events: list[Event]) -> None:
         conn.execute(_DEALS_SQL, _columns(rows, DEAL_COLUMNS, DEAL_TYPES, DEAL_ORDER))
 
 
+def lock_leads(conn: psycopg.Connection, uuids: Sequence[str], legacy: Sequence[str],
+               emails: Sequence[str]) -> None:
+    """Lock these lead identifiers until the transaction ends, the way every batch that stores
+    leads does, before it touches a `leads` or `events` row: whoever else changes a lead's rows
+    (`leadpipe erase`) takes them first too, so the two wait for each other in one order."""
+    _lock(conn, [f"leadpipe:lead:uuid:{v}" for v in uuids]
+          + [f"leadpipe:lead:id:{v}" for v in legacy]
+          + [f"leadpipe:lead:email:{v}" for v in emails])
+
+
 def _resolve_leads(conn: psycopg.Connection, events: list[Event]) -> None:
     """Set each lead event's entity_id to its lead's key: the same lead across dialects is
     matched by uuid, else legacy id, else e-mail, so every sink sees one identity.
@@ -373,9 +383,7 @@ def _resolve_leads(conn: psycopg.Connection, events: list[Event]) -> None:
     uuids = list({lead["uuid"] for lead in leads if lead["uuid"]})
     legacy = list({lead["legacy_id"] for lead in leads if lead["legacy_id"]})
     emails = list({lead["email"] for lead in leads if lead["email"]})
-    _lock(conn, [f"leadpipe:lead:uuid:{v}" for v in uuids]
-          + [f"leadpipe:lead:id:{v}" for v in legacy]
-          + [f"leadpipe:lead:email:{v}" for v in emails])
+    lock_leads(conn, uuids, legacy, emails)
     # a key this batch could make may belong to a row that no longer carries its identifier
     # (an e-mail changed since): fetched too, for its updated_at, never matched by it
     keys = uuids + ["id:" + v for v in legacy] + ["email:" + v for v in emails]

@@ -109,14 +109,22 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
     its way is dropped when its batch is stored (see `sinks.postgres`). A body is theirs when
     one of its strings holds the whole address (any case), never a longer one around it.
     """
+    from sinks.postgres import lock_leads  # here: sinks.postgres imports this module
+
     email = email.strip().lower()
     if not _EMAIL.match(email):
         raise ValueError("expected one e-mail address")
     pattern, address = _like(email), _address(email)
     touched: dict[str, int] = {}
     with conn.transaction():
+        # the order a storing batch locks in (sinks.postgres.lock_leads: identifiers, then the
+        # leads rows, then events), else a batch redelivering their event deadlocks with us
+        found = conn.execute("SELECT uuid, legacy_id FROM leads WHERE lower(email) = %s",
+                             (email,)).fetchall()
+        lock_leads(conn, [u for u, _ in found if u], [i for _, i in found if i], [email])
         keys = [k for (k,) in conn.execute(
-            "SELECT lead_key FROM leads WHERE lower(email) = %s", (email,))]
+            "SELECT lead_key FROM leads WHERE lower(email) = %s "
+            "ORDER BY created_at, lead_key FOR UPDATE", (email,))]
         rows = [(event_id, dedup_key) for event_id, dedup_key, theirs, payload in conn.execute(
             "SELECT id, dedup_key, entity_type = 'CONTACT' AND entity_id = ANY(%s), payload "
             "FROM events WHERE (entity_type = 'CONTACT' AND entity_id = ANY(%s)) "

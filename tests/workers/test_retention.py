@@ -6,10 +6,12 @@ import copy
 import os
 import subprocess
 import sys
+import threading
 import time
 from typing import Any
 
 import orjson
+import psycopg
 import pytest
 
 from ingest import create_app
@@ -159,6 +161,49 @@ def test_erase_spares_people_whose_address_holds_the_erased_one(runtime, setting
     assert note == "mariana@example.com"
     bodies = [f[b"b"] for _, f in redis_client.xrange(settings.stream_key)]
     assert len(bodies) == 2 and not any(b"mailto:" in body for body in bodies)
+
+
+def test_erase_waits_for_a_batch_redelivering_the_person_instead_of_deadlocking(
+        settings, database_url, db, monkeypatch):
+    from sinks import postgres
+    from sinks.postgres import PostgresSink
+    from workers import retention
+
+    body = conversion(PERSON, "aaaaaaaa-0000-4000-8000-000000000001", 1)
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    sink.store(*pipeline.split([entry(body)]))
+    locked = threading.Event()
+    resolve = postgres._resolve_leads
+
+    def resolve_then_wait_for_erase(conn, events):  # type: ignore[no-untyped-def]
+        resolve(conn, events)  # the batch now holds the person's locks
+        locked.set()
+        wait_for(lambda: count(db, "SELECT count(*) FROM pg_stat_activity WHERE "
+                                   "wait_event_type = 'Lock' AND pid <> pg_backend_pid()"),
+                 timeout=20, what="erase waiting for the batch's locks")
+
+    monkeypatch.setattr(postgres, "_resolve_leads", resolve_then_wait_for_erase)
+    outcome: dict[str, Any] = {}
+
+    def erase() -> None:
+        locked.wait(20)
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                outcome["erase"] = retention.erase(conn, None, PERSON)
+        except Exception as exc:  # a deadlock victim is what this test is about
+            outcome["erase"] = exc
+
+    eraser = threading.Thread(target=erase)
+    eraser.start()
+    try:
+        outcome["batch"] = sink.store(*pipeline.split([entry(body)]))  # a redelivery
+    except Exception as exc:
+        outcome["batch"] = exc
+    eraser.join(30)
+    sink.close()
+    assert not any(isinstance(v, Exception) for v in outcome.values()), outcome
+    assert outcome["batch"].duplicates == 1 and outcome["erase"]["leads"] == 1
+    assert mentions(db, PERSON) == {}
 
 
 def test_erase_through_the_operator_api(runtime, settings, db):
