@@ -95,12 +95,31 @@ def _fsync_dir(directory: Path) -> None:
         os.close(fd)
 
 
+# A spool file is closed for writing once it holds this much (the next record starts a new
+# one), so a drainer reads a bounded file into memory however long Redis stays away.
+FILE_BYTES = 64 * 1024 * 1024
+
+
+def _read_all(fd: int, size: int) -> bytes:
+    """The first `size` bytes of the file (a single pread may return fewer: Linux gives at
+    most 2 GiB per call)."""
+    parts, at = [], 0
+    while at < size:
+        part = os.pread(fd, size - at, at)
+        if not part:
+            break  # the file is shorter than it was: parse() sees the end where it is
+        parts.append(part)
+        at += len(part)
+    return b"".join(parts)
+
+
 class Spool:
     """This process' spool file, and the drainer that empties every spool file of the folder."""
 
     def __init__(self, directory: str | Path, client: redis.Redis, stream_key: str,
-                 interval: float = 1.0):
+                 interval: float = 1.0, max_file_bytes: int = FILE_BYTES):
         self.dir = Path(directory)
+        self.max_file_bytes = max_file_bytes
         self.client = client
         self.key = stream_key
         self.interval = interval
@@ -133,7 +152,7 @@ class Spool:
         with self._lock:
             fd = self._own_fd()
             fcntl.flock(fd, fcntl.LOCK_EX)
-            kept = True
+            kept, full = True, False
             try:
                 start = os.fstat(fd).st_size  # the end: only lock holders write or truncate
                 try:
@@ -142,9 +161,11 @@ class Spool:
                 except BaseException:
                     kept = self._take_back(fd, start)
                     raise
+                full = start + len(record) >= self.max_file_bytes
             finally:
                 fcntl.flock(fd, fcntl.LOCK_UN)
-                if not kept:  # the next record goes to a new file, not behind the torn one
+                # the next record goes to a new file: not behind a torn one, nor into a full one
+                if not kept or full:
                     os.close(fd)
                     self._fd = None
         self.start()
@@ -223,7 +244,7 @@ class Spool:
             if not size:
                 self._forget(path, fd)
                 return 0
-            data = os.pread(fd, size, 0)
+            data = _read_all(fd, size)
             records, end, problem = parse(data)
             if problem is not None:
                 self._set_aside(path, fd, data, end, problem)
@@ -267,12 +288,14 @@ class Spool:
                          "reason": problem})
 
     def _forget(self, path: Path, fd: int) -> None:
-        """Delete an empty file whose writer is gone (another process' file, or an old one)."""
+        """Delete an empty file nobody writes to any more: one this process has moved on from
+        (a full one), or one whose writing process is gone."""
         mine = self._fd is not None and os.fstat(self._fd).st_ino == os.fstat(fd).st_ino \
             if self._pid == os.getpid() else False
         if not mine:
             pid = path.name.split("-")[1]
-            if not pid.isdigit() or not Path(f"/proc/{pid}").exists():
+            if (not pid.isdigit() or int(pid) == os.getpid()
+                    or not Path(f"/proc/{pid}").exists()):
                 path.unlink(missing_ok=True)
 
     def pending(self) -> int:

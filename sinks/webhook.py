@@ -160,10 +160,21 @@ class WebhookSink(Sink):
     def _pin(self, target: ssrf.Target) -> None:
         """Connect only to the addresses just checked: a session pinned to them, kept (with its
         kept-alive connections) while the name keeps resolving to the same ones."""
-        if target != self.pinned:
+        if not _same_place(target, self.pinned):
             self.session.close()
             self.session = new_session(pin=target)
             self.pinned = target
 
     def close(self) -> None:
         self.session.close()
+
+
+def _same_place(target: ssrf.Target, pinned: ssrf.Target | None) -> bool:
+    """The same URL and the same set of addresses (a round-robin resolver changes their order
+    from one lookup to the next: that is no reason to drop kept-alive connections)."""
+    if pinned is None or (target.url, target.host, target.port) != (
+            pinned.url, pinned.host, pinned.port):
+        return False
+    if target.addresses is None or pinned.addresses is None:
+        return target.addresses is pinned.addresses
+    return set(target.addresses) == set(pinned.addresses)

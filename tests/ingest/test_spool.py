@@ -226,3 +226,32 @@ def test_a_short_write_that_cannot_be_taken_back_moves_to_a_new_file(redis_url, 
     assert [f[b"i"] for _, f in spool.client.xrange(spool.key)] == [b"e1", b"e3"]
     (aside,) = tmp_path.glob("*.bad")  # the torn bytes, kept
     assert len(aside.read_bytes()) == 10
+
+
+def test_a_full_spool_file_is_closed_and_every_record_of_every_file_drained(redis_url, tmp_path):
+    client = redis.Redis.from_url(redis_url)
+    key = f"s{time.time_ns()}"
+    spool = Spool(tmp_path, client, key, interval=3600, max_file_bytes=4096)
+    bodies = [b'{"n": %d, "pad": "%s"}' % (n, b"x" * 900) for n in range(20)]
+    for n, body in enumerate(bodies):
+        spool.append(f"rot-{n}", body, None)
+    spool.stop()
+    assert len(spool.files()) >= 4  # about four records per file
+    assert spool.drain() == 20
+    assert [f[b"b"] for _, f in client.xrange(key)] == bodies  # all of them, in order
+    spool.drain()  # the emptied files this process has moved on from are deleted
+    assert len(spool.files()) <= 1 and not spool.set_aside()
+
+
+def test_a_drainer_reads_a_file_whole_even_when_one_read_returns_less(redis_url, tmp_path,
+                                                                        monkeypatch):
+    client = redis.Redis.from_url(redis_url)
+    key = f"s{time.time_ns()}"
+    spool = Spool(tmp_path, client, key, interval=3600)
+    for n in range(5):
+        spool.append(f"short-read-{n}", b'{"n": %d}' % n, None)
+    spool.stop()
+    pread = os.pread
+    monkeypatch.setattr(os, "pread", lambda fd, n, at: pread(fd, min(n, 7), at))  # as past 2 GiB
+    assert spool.drain() == 5
+    assert client.xlen(key) == 5 and not spool.set_aside()

@@ -324,3 +324,18 @@ def test_https_delivery_to_a_checked_address_verifies_the_host_name(make_sink, t
         sink.deliver(event(fixture_bytes("crm-deal-created.json")))
     assert srv.seen == [("hooks.example", f"hooks.example:{srv.port}")] * 2
     assert dns.lookups == ["hooks.example"] * 2  # checked before each delivery
+
+
+def test_a_round_robin_answer_in_another_order_keeps_the_pinned_session(make_sink):
+    import socket
+
+    from ingest.ssrf import Target
+    from sinks.webhook import _same_place
+
+    one = (socket.AF_INET, ("203.0.113.1", 443))
+    two = (socket.AF_INET, ("203.0.113.2", 443))
+    first = Target("https://hooks.example/x", "hooks.example", 443, (one, two))
+    assert _same_place(Target(first.url, first.host, 443, (two, one)), first)
+    assert not _same_place(Target(first.url, first.host, 443, (one,)), first)
+    assert not _same_place(Target(first.url, first.host, 443, None), first)
+    assert not _same_place(first, None)
