@@ -105,10 +105,20 @@ def client_url(url: str) -> str:
     return prepared.url
 
 
+_IETF_PROTOCOL = ipaddress.ip_network("192.0.0.0/24")  # RFC 6890: not global but two hosts
+_IETF_GLOBAL = (ipaddress.ip_address("192.0.0.9"), ipaddress.ip_address("192.0.0.10"))
+
+
 def why_not_public(address: IPAddress) -> str | None:
     """Why `address` is not a public internet address (a short phrase), or None when it is."""
-    if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-        return why_not_public(address.ipv4_mapped)
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return why_not_public(address.ipv4_mapped)
+        # 6to4 (2002::/16) carries an IPv4 address a relay delivers to: judge that one
+        if address.sixtofour is not None and why_not_public(address.sixtofour):
+            return f"a 6to4 address of {why_not_public(address.sixtofour)}"
+    if address in _IETF_PROTOCOL and address not in _IETF_GLOBAL:  # tables of Python < 3.12
+        return "an IETF protocol assignment address"
     if address == _METADATA:
         return "the cloud metadata service (link-local)"
     for test, label in (

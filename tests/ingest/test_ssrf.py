@@ -91,3 +91,21 @@ def test_a_host_requests_cannot_encode_is_refused_with_the_reason(monkeypatch):
     with pytest.raises(ssrf.Refused, match="not a valid internationalized domain name"):
         ssrf.check_url("http://ａｂｃ.example/hook", ssrf.AllowList())
     assert dns.lookups == []
+
+
+@pytest.mark.parametrize("address, why", [
+    ("2002:7f00:1::1", "a 6to4 address of a loopback address"),
+    ("2002:a00:1::1", "a 6to4 address of a private address"),
+    ("192.0.0.8", "an IETF protocol assignment address"),
+])
+def test_addresses_that_lead_inside_through_another_form_are_refused(address, why):
+    import ipaddress
+
+    assert ssrf.why_not_public(ipaddress.ip_address(address)) == why
+
+
+@pytest.mark.parametrize("address", ["2002:5db8:d822::1", "192.0.0.9", "93.184.216.34"])
+def test_public_addresses_in_those_forms_pass(address):
+    import ipaddress
+
+    assert ssrf.why_not_public(ipaddress.ip_address(address)) is None
