@@ -120,6 +120,16 @@ def redis_client(redis_url: str) -> redis.Redis:
 
 
 @pytest.fixture
+def runtime(settings: Settings):  # type: ignore[no-untyped-def]
+    """The workers' runtime (pools, clients) on the test's settings, closed afterwards."""
+    from workers.runtime import Runtime
+
+    made = Runtime(settings)
+    yield made
+    made.close()
+
+
+@pytest.fixture
 def app(settings: Settings):  # type: ignore[no-untyped-def]
     from ingest import create_app
 

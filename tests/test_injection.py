@@ -11,7 +11,6 @@ from ingest import create_app, tokens
 from ingest.queue import Entry
 from tests.conftest import count, fixture_bytes
 from workers import pipeline
-from workers.runtime import Runtime
 
 INJECTIONS = [
     "'); DROP TABLE leads; --",
@@ -43,13 +42,6 @@ def poisoned(value: Any, text: str) -> Any:
     if isinstance(value, str):
         return text + value if "@" not in value else value.replace("@", text + "@", 1)
     return value
-
-
-@pytest.fixture
-def runtime(settings):  # type: ignore[no-untyped-def]
-    made = Runtime(settings)
-    yield made
-    made.close()
 
 
 def tables(db: Any) -> set[str]:

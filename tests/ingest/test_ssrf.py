@@ -7,45 +7,12 @@ urllib3's create_connection, the guard) runs for real."""
 from __future__ import annotations
 
 import socket
-from collections.abc import Sequence
-from typing import Any
 
 import pytest
 import requests
 
 from ingest import ssrf
-
-
-class FakeDNS:
-    """Answers for some names, every other lookup going to the real resolver.
-
-    `zone` maps an ASCII name to an address, or to a list of addresses given to its successive
-    lookups (the last one repeats: a TTL-0 name that rebinds). A str host is encoded with the
-    "idna" codec (IDNA 2003) first, as Modules/socketmodule.c does: "straße" -> "strasse".
-    `lookups` lists the names asked for, in order."""
-
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, zone: dict[str, str | Sequence[str]]):
-        self.zone = zone
-        self.lookups: list[str] = []
-        real = socket._socket.getaddrinfo  # type: ignore[attr-defined]
-
-        def getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0,
-                        flags: int = 0) -> list:
-            name = host.encode("idna").decode() if isinstance(host, str) else host.decode()
-            if name not in self.zone:
-                return real(host, port, family, type, proto, flags)
-            asked = sum(1 for n in self.lookups if n == name)
-            self.lookups.append(name)
-            answer = self.zone[name]
-            address = answer if isinstance(answer, str) else answer[min(asked, len(answer) - 1)]
-            af = socket.AF_INET6 if ":" in address else socket.AF_INET
-            if family not in (0, af):
-                return []
-            sockaddr = (address, int(port), 0, 0) if af == socket.AF_INET6 else (address, int(port))
-            return [(af, socket.SOCK_STREAM, 6, "", sockaddr)]
-
-        monkeypatch.setattr(socket._socket, "getaddrinfo", getaddrinfo)  # type: ignore
-
+from tests.support.dns import FakeDNS
 
 # -- IDNA: the name checked is the name the client calls ---------------------------------------
 

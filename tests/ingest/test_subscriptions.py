@@ -16,8 +16,8 @@ import pytest
 from config.local import free_port
 from config.settings import Settings
 from ingest import create_app, ssrf, subscriptions, tokens
-from tests.ingest.test_ssrf import FakeDNS
 from tests.sinks.test_http import STATUS_LINE_DRIP, Dripper
+from tests.support.dns import FakeDNS, connected, internal_listener
 from tests.support.http_server import HttpServer, Reply
 
 BIG_ACCOUNT = 9007199254740993  # 2^53 + 1: a float would turn it into ...992
@@ -488,18 +488,8 @@ def test_ssrf_allow_list_admits_networks_and_host_names(make_client):
 
 @pytest.fixture
 def internal() -> Iterator[socket.socket]:
-    """A listener on 127.0.0.2, standing for an internal service the guard must keep out."""
-    with socket.create_server(("127.0.0.2", 0)) as listener:
-        listener.setblocking(False)
+    with internal_listener() as listener:
         yield listener
-
-
-def connected(listener: socket.socket) -> bool:
-    try:
-        listener.accept()[0].close()
-    except BlockingIOError:
-        return False
-    return True
 
 
 def test_ssrf_checks_the_idna_name_the_probe_calls(make_client, subscriber, monkeypatch, db):

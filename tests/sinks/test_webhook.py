@@ -20,8 +20,8 @@ from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.registry import SinkConfigError, build, load_options, sink_class
 from sinks.webhook import WebhookSink
 from tests.conftest import fixture_bytes
-from tests.ingest.test_ssrf import FakeDNS
 from tests.sinks.test_http import STATUS_LINE_DRIP, Dripper, TLSServer, certificate_for, trust
+from tests.support.dns import FakeDNS, connected, internal_listener
 from tests.support.http_server import HttpServer, Reply
 from workers.events import Event
 from workers.normalize import normalize
@@ -247,18 +247,8 @@ def test_the_ssrf_guard_is_checked_again_before_each_request(server, make_sink):
 
 @pytest.fixture
 def internal() -> Iterator[socket.socket]:
-    """A listener on 127.0.0.2, standing for an internal service the guard must keep out."""
-    with socket.create_server(("127.0.0.2", 0)) as listener:
-        listener.setblocking(False)
+    with internal_listener() as listener:
         yield listener
-
-
-def connected(listener: socket.socket) -> bool:
-    try:
-        listener.accept()[0].close()
-    except BlockingIOError:
-        return False
-    return True
 
 
 def test_a_delivery_connects_to_the_address_it_checked(server, make_sink, internal, monkeypatch):

@@ -6,7 +6,6 @@ import copy
 from typing import Any
 
 import orjson
-import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -15,7 +14,6 @@ from tests.conftest import count, fixture_bytes
 from workers import pipeline
 from workers.events import Event, Rejected
 from workers.normalize import normalize
-from workers.runtime import Runtime
 
 FIXTURES = ("mkt-v2-converted.json", "mkt-v2-marked-opportunity.json", "legacy-leads-full.json",
             "legacy-leads-official.json", "crm-deal-created.json", "crm-deal-updated-won.json",
@@ -100,13 +98,6 @@ def test_any_json_document_at_all_is_an_event_or_a_quarantine(doc):
 
     items = normalize(entry(json.dumps(doc).encode(), None))
     assert items and all(isinstance(item, Event | Rejected) for item in items)
-
-
-@pytest.fixture
-def runtime(settings):  # type: ignore[no-untyped-def]
-    made = Runtime(settings)
-    yield made
-    made.close()
 
 
 def test_mutated_batches_are_stored_whole_in_postgres(runtime, db):

@@ -26,13 +26,6 @@ LEGACY = orjson.loads(fixture_bytes("legacy-leads-full.json"))
 DEAL = orjson.loads(fixture_bytes("crm-deal-created.json"))
 
 
-@pytest.fixture
-def runtime(settings):  # type: ignore[no-untyped-def]
-    made = Runtime(settings)
-    yield made
-    made.close()
-
-
 _n = iter(range(10**6))
 
 

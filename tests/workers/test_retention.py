@@ -12,7 +12,6 @@ from typing import Any
 
 import orjson
 import psycopg
-import pytest
 
 from ingest import create_app
 from ingest.queue import Entry, IngestStream
@@ -31,13 +30,6 @@ def leadpipe(settings: Any, *args: str) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "config.cli", *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=120,
                           env={**os.environ, **settings.to_env()})
-
-
-@pytest.fixture
-def runtime(settings):  # type: ignore[no-untyped-def]
-    made = Runtime(settings)
-    yield made
-    made.close()
 
 
 _n = iter(range(10**6))
