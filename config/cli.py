@@ -218,7 +218,8 @@ def cmd_sinks(args: argparse.Namespace) -> int:
         for row in states:
             print(f"{row['sink']:<20} {row['type']:<10} "
                   f"{'PAUSED' if row['paused'] else 'running':<8} circuit={row['circuit']:<9} "
-                  f"pending={row['pending']} delivered={row['delivered']} dead={row['dead']}")
+                  f"pending={row['pending']} delivered={row['delivered']} dead={row['dead']} "
+                  f"superseded={row['superseded']}")
         return 0
     if not args.name:
         raise ConfigError(f"sinks {args.action} needs a sink NAME (see `leadpipe sinks list`)")

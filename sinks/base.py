@@ -53,6 +53,11 @@ class Sink(ABC):
 
     name: ClassVar[str]
     Options: ClassVar[type[Schema]]
+    # True for a sink that keeps an entity's current state (create-or-update by key, as the crm
+    # sink does): an event whose lead or deal a newer event has changed since it was stored is
+    # not sent, as it would put older values over newer ones; its delivery ends "superseded".
+    # Sinks that tell of each event (e-mail, webhooks) leave it False and get every event.
+    latest_state_only: ClassVar[bool] = False
 
     def __init__(self, instance: str, options: dict[str, Any]):
         self.instance = instance  # the name of this configured instance, e.g. "crm-sales"

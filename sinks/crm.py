@@ -181,10 +181,12 @@ class CrmSink(Sink):
     value through workers.view.jsonable; paths that are absent or null are left out, so a field an
     event does not carry never blanks the CRM's value. Encoding: sinks.http.json_body (json.dumps,
     separators "," and ":", UTF-8). Events with neither a lead nor a deal are not for this sink.
+    An event whose lead or deal a newer event has changed since is not sent (latest_state_only).
     """
 
     name = "crm"
     Options = CrmOptions
+    latest_state_only = True  # a late, older event must not undo a newer one in the CRM
 
     def __init__(self, instance: str, options: dict[str, Any]):
         super().__init__(instance, options)

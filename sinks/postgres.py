@@ -428,6 +428,36 @@ def _upsert_leads(conn: psycopg.Connection, events: list[Event]) -> None:
         conn.execute(_LEADS_SQL, _columns(rows, LEAD_COLUMNS, LEAD_TYPES, LEAD_ORDER))
 
 
+def superseded(conn: psycopg.Connection, events: Sequence[Event]) -> dict[str, str]:
+    """Events whose lead or deal row a newer event has since changed, by the order the upserts
+    keep (a row's rank past the event's): event id -> the id of the row's newest event.
+
+    A sink that keeps an entity's current state must not be sent these: their values are older
+    than what the row, and that newer event's own delivery, hold."""
+    leads = {e.entity_id: None for e in events if e.lead is not None and e.entity_id}
+    deals = {str(e.deal["id"]): None for e in events
+             if e.lead is None and e.deal is not None and e.deal.get("id") is not None}
+    lead_rows = {key: ((at,), last) for key, at, last in conn.execute(
+        "SELECT lead_key, updated_at, last_event_id FROM leads WHERE lead_key = ANY(%s)",
+        (list(leads),))} if leads else {}
+    deal_rows = {key: (_deal_rank(at, document_at), last) for key, at, document_at, last in
+                 conn.execute("SELECT id, updated_at, document_updated_at, last_event_id "
+                              "FROM deals WHERE id = ANY(%s)", (list(deals),))} if deals else {}
+    newer: dict[str, str] = {}
+    for event in events:
+        if event.lead is not None:
+            row = lead_rows.get(event.entity_id)
+            rank: Rank = (event.lead["updated_at"],)
+        elif event.deal is not None:
+            row = deal_rows.get(str(event.deal.get("id")))
+            rank = _deal_rank(event.deal["updated_at"], event.deal.get("document_updated_at"))
+        else:
+            continue
+        if row is not None and rank[0] is not None and row[1] != event.id and row[0] > rank:
+            newer[event.id] = row[1]
+    return newer
+
+
 _IDENTIFIERS = ("uuid", "legacy_id", "email")
 
 

@@ -252,3 +252,68 @@ def test_sigkill_during_deliveries_still_delivers_each_once_in_effect(
     keys = [r.header("Idempotency-Key") for r in crm.requests]
     assert len(set(keys)) == 100  # every event reached the CRM; a resend carries the same key
     assert len(keys) - len(set(keys)) <= 2  # at most the ones in flight at the kill went twice
+
+
+# --- a late, older event never undoes newer state in the CRM -------------------------------------
+
+def deal_update(status: str, when: str, tx: str) -> bytes:
+    body = orjson.loads(fixture_bytes("crm-deal-updated-won.json"))
+    body["document"]["status"] = status
+    body["event_timestamp"], body["transaction_uuid"] = when, tx
+    return orjson.dumps(body)
+
+
+def with_audit(settings: Any, tmp_path: Path, crm: HttpServer) -> Any:
+    """The crm sink beside a sink that tells of each event (the dummy plugin), both for all."""
+    path = tmp_path / "routes.yaml"
+    path.write_text(yaml.safe_dump({
+        "sinks": {"crm": {"type": "crm", "options": {"base_url": crm.url,
+                                                     "auth_value": CRM_TOKEN, "timeout": 2}},
+                  "audit": {"type": "dummy", "options": {"path": str(tmp_path / "audit.jsonl")}}},
+        "routes": [{"name": "all", "to": ["crm", "audit"]}]}))
+    return settings.with_(routes_file=str(path))
+
+
+def test_a_late_older_deal_update_is_not_sent_to_the_crm(client, settings, tmp_path, crm,
+                                                        worker_factory, db):
+    custom = with_audit(settings, tmp_path, crm)
+    worker_factory(custom)
+    newer = post(client, deal_update("won", "2025-03-12T19:40:05.000Z", "tx-new")).json["id"]
+    settled(db, "crm", 1)
+    older = post(client, deal_update("ongoing", "2025-03-12T18:00:00.000Z", "tx-old")).json["id"]
+    settled(db, "crm", 2)
+    settled(db, "audit", 2)
+
+    assert len(crm.requests) == 1 and crm.requests[0].json()["status"] == "won"
+    assert db.execute("SELECT event_id, status FROM deliveries WHERE sink = 'crm' "
+                      "ORDER BY created_at").fetchall() == [(newer, "delivered"),
+                                                            (older, "superseded")]
+    assert db.execute("SELECT outcome, status_code, error FROM delivery_attempts "
+                      "WHERE sink = 'crm' AND event_id = %s", (older,)).fetchall() == [
+        ("superseded", None, f"superseded by newer event {newer}")]
+    assert db.execute("SELECT status FROM deals").fetchall() == [("won",)]
+    audit = [orjson.loads(line) for line in (tmp_path / "audit.jsonl").read_text().splitlines()]
+    assert {a["id"] for a in audit} == {newer, older}  # notifications still get every event
+    listing = leadpipe(custom, "sinks", "list")
+    assert "superseded=1" in listing.stdout, listing.stdout
+
+
+def test_an_older_lead_event_held_behind_a_newer_one_is_not_sent(client, settings, tmp_path,
+                                                                crm, worker_factory, db):
+    """The CRM paused (as after an outage): the newer conversion is sent, the older one that
+    arrived after it is closed as superseded instead of being PUT over it."""
+    custom = configure(settings, tmp_path, crm)
+    worker_factory(custom)
+    assert leadpipe(custom, "sinks", "pause", "crm").returncode == 0
+    for when, name in (("2025-03-10T12:00:00.000000-03:00", "Maria Nova"),
+                       ("2025-03-10T09:00:00.000000-03:00", "Maria Antiga")):
+        body = {**OPPORTUNITY, "event_timestamp": when,
+                "contact": {**OPPORTUNITY["contact"], "name": name}}
+        assert post(client, orjson.dumps(body)).status_code == 202
+    wait_for(lambda: count(db, "SELECT count(*) FROM deliveries") == 2, what="deliveries")
+    assert leadpipe(custom, "sinks", "resume", "crm").returncode == 0
+    settled(db, "crm", 2)
+    assert [r.json()["name"] for r in crm.requests] == ["Maria Nova"]
+    assert db.execute("SELECT status, count(*) FROM deliveries GROUP BY status "
+                      "ORDER BY status").fetchall() == [("delivered", 1), ("superseded", 1)]
+    assert db.execute("SELECT name FROM leads").fetchall() == [("Maria Nova",)]

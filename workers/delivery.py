@@ -14,6 +14,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from ingest.queue import Entry
 from sinks.base import PermanentSinkError, Sink
+from sinks.postgres import superseded
 from workers.events import Event
 from workers.normalize import normalize
 from workers.routing import SinkSpec
@@ -27,6 +28,7 @@ class Plan:
 
     delivered: int = 0
     dead: int = 0
+    superseded: int = 0  # not sent: a newer event of the same lead or deal was stored since
     retry_ids: list[str] = field(default_factory=list)
     countdown: float = 0.0
     next_round: int = 0
@@ -118,6 +120,28 @@ INSERT INTO delivery_attempts (event_id, sink, attempt, started_at, duration_ms,
 SELECT %(id)s, %(sink)s, d.attempts, %(started)s, %(ms)s, %(outcome)s, %(status)s, %(error)s
 FROM d
 """
+
+# A delivery a newer event made pointless: closed, with an attempt row saying by which event.
+_SUPERSEDE = """
+WITH d AS (
+    UPDATE deliveries SET status = 'superseded', attempts = attempts + 1, last_error = NULL
+    WHERE event_id = %(id)s AND sink = %(sink)s AND status = 'pending' RETURNING attempts)
+INSERT INTO delivery_attempts (event_id, sink, attempt, started_at, duration_ms, outcome, error)
+SELECT %(id)s, %(sink)s, d.attempts, now(), 0, 'superseded', %(note)s FROM d
+"""
+
+
+def supersede(conn: psycopg.Connection, sink: str, events: list[Event]) -> list[Event]:
+    """Close the deliveries of events a newer event of their lead or deal has overtaken (see
+    sinks.postgres.superseded); the rest, still to be sent."""
+    newer = superseded(conn, events)
+    for event in events:
+        if event.id in newer:
+            conn.execute(_SUPERSEDE, {"id": event.id, "sink": sink,
+                                      "note": f"superseded by newer event {newer[event.id]}"})
+            log.info("delivery superseded", extra={"event_id": event.id, "sink": sink,
+                                                   "newer_event_id": newer[event.id]})
+    return [event for event in events if event.id not in newer]
 
 
 def _dead(conn: psycopg.Connection, event_id: str, sink: str, exc: BaseException | None,
@@ -278,6 +302,11 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
             while wait > 0:
                 time.sleep(wait)
                 wait = control.rate_wait(spec.name, *spec.rate)
+        # checked just before the send: only a newer event stored while this one is on its
+        # way can still overtake it, if another worker sends that one first
+        if sink.latest_state_only and not supersede(conn, spec.name, [event]):
+            plan.superseded += 1
+            continue
         exc, tries = attempt(sink, spec, event)
         book.write(tries)
         if exc is None:

@@ -206,6 +206,7 @@ class MeasuredSink(Sink):
     def __init__(self, inner: Sink, recorder: Recorder):
         super().__init__(inner.instance, inner.options)
         self.inner = inner
+        self.latest_state_only = inner.latest_state_only  # type: ignore[misc]
         self.recorder = recorder
 
     def deliver(self, event: Event) -> int | None:
@@ -237,10 +238,10 @@ def count_batch(recorder: Recorder, outcomes: dict[tuple[str, str], int]) -> Non
 
 
 def count_round(recorder: Recorder, sink: str, delivered: int, dead: int, again: int,
-                reason: str) -> None:
+                reason: str, superseded: int = 0) -> None:
     """How the deliveries of one task round ended."""
     postponed = reason in {"paused", "rate limited"}
-    for outcome, n in (("delivered", delivered), ("dead", dead),
+    for outcome, n in (("delivered", delivered), ("dead", dead), ("superseded", superseded),
                        ("postponed" if postponed else "retrying", again)):
         if n:
             recorder.inc("leadpipe_deliveries", n, sink=sink, outcome=outcome)

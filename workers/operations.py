@@ -24,7 +24,8 @@ def sink_states(runtime: Runtime) -> list[dict[str, Any]]:
              "circuit": runtime.control.circuit_state(name),
              "pending": counts.get((name, "pending"), 0),
              "delivered": counts.get((name, "delivered"), 0),
-             "dead": counts.get((name, "dead"), 0)}
+             "dead": counts.get((name, "dead"), 0),
+             "superseded": counts.get((name, "superseded"), 0)}
             for name, spec in runtime.routing.sinks.items()]
 
 

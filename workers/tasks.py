@@ -69,8 +69,9 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0) -> dic
     if plan.rest_ids:  # the time budget ran out: the rest go on at once, in the same round
         runtime.publish(sink, plan.rest_ids, round_)
     metrics.count_round(runtime.metrics, sink, plan.delivered, plan.dead, len(plan.retry_ids),
-                        plan.reason)
+                        plan.reason, plan.superseded)
     summary = {"sink": sink, "round": round_, "delivered": plan.delivered, "dead": plan.dead,
+               "superseded": plan.superseded,
                "again": len(plan.retry_ids), "in_seconds": round(plan.countdown, 2),
                "rest": len(plan.rest_ids),
                "why": plan.reason}

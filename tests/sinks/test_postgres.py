@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 
 import orjson
 import psycopg
+import pytest
 
 from ingest.queue import Entry
 from sinks.postgres import PostgresSink
@@ -132,3 +133,33 @@ def test_unreachable_database_is_retryable(database_url):
     sink.pool.timeout = 1
     with pytest.raises((RetryableSinkError, psycopg.OperationalError)):
         sink.store(events(fixture_bytes("mkt-v2-converted.json")), [])
+
+
+def test_migration_0007_takes_superseded_and_goes_back_without_it(database_url, db):
+    """Head takes the "superseded" ending; going back to 0006 turns it into "delivered" (the
+    only ending the older schema has for a delivery done with), and up again works."""
+    import sqlalchemy
+    from alembic import command
+
+    from sinks.db import _alembic_config, _sqlalchemy_url, migrate
+
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    event = events(fixture_bytes("crm-deal-created.json"))[0]
+    sink.store([event], [], route=lambda e: ["crm"])
+    sink.close()
+    db.execute("UPDATE deliveries SET status = 'superseded' WHERE event_id = %s", (event.id,))
+    db.execute("INSERT INTO delivery_attempts (event_id, sink, attempt, started_at, duration_ms, "
+               "outcome) VALUES (%s, 'crm', 1, now(), 0, 'superseded')", (event.id,))
+    engine = sqlalchemy.create_engine(_sqlalchemy_url(database_url),
+                                      poolclass=sqlalchemy.NullPool)
+    with engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "0006")
+    engine.dispose()
+    assert db.execute("SELECT status FROM deliveries").fetchall() == [("delivered",)]
+    assert db.execute("SELECT outcome FROM delivery_attempts").fetchall() == [("delivered",)]
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute("UPDATE deliveries SET status = 'superseded'")
+    migrate(database_url)
+    db.execute("UPDATE deliveries SET status = 'superseded'")
+    with pytest.raises(psycopg.errors.CheckViolation):
+        db.execute("UPDATE deliveries SET status = 'bogus'")

@@ -282,3 +282,39 @@ def test_delete_in_the_same_second_as_an_update_stays_deleted(database_url, db):
     sink.store(events(late), [])
     assert deal_row(db, "D1") == ("won", datetime(2025, 3, 12, 19, 40, 5, tzinfo=UTC))
     sink.close()
+
+
+# --- what a sink keeping current state is not sent (postgres.superseded) ----------------------
+
+def test_superseded_names_the_newer_event_of_a_deal_and_of_a_lead(database_url, db):
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    newer_deal, newer_lead = events(deal_update("D1", at(1), "won"), v2("U-1", at(1), name="B"))
+    older_deal, older_lead = events(deal_update("D1", at(0), "ongoing"), v2("U-1", at(0),
+                                                                             name="A"))
+    sink.store([newer_deal, newer_lead], [])
+    sink.store([older_deal, older_lead], [])  # late: refused by last writer wins
+    with sink.pool.connection() as conn:
+        found = postgres.superseded(conn, [older_deal, older_lead, newer_deal, newer_lead])
+    assert found == {older_deal.id: newer_deal.id, older_lead.id: newer_lead.id}
+    sink.close()
+
+
+def test_superseded_orders_as_the_upserts_do(database_url, db):
+    """Same time: not superseded (the upsert merges it). Same second: the document's updated_at
+    decides, and a delete ends its second. No row (or not a lead or deal): not superseded."""
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    first, second = events(
+        deal_update("D2", SECOND, "ongoing", updated_at="2025-03-12T16:40:05.120-03:00"),
+        deal_update("D2", SECOND, "won", updated_at="2025-03-12T16:40:05.871-03:00"))
+    twin_a, twin_b = events(v2("U-2", at(0), form="a"), v2("U-2", at(0), form="b"))
+    other = events({"event_name": "crm_organization_updated", "document": {"id": "O1"},
+                    "event_timestamp": at(0), "transaction_uuid": "tx-org"})[0]
+    unstored = events(deal_update("D3", at(0), "won"))[0]
+    sink.store([first, second, twin_a, twin_b, other], [])
+    with sink.pool.connection() as conn:
+        assert postgres.superseded(conn, [first, second, twin_a, twin_b, other, unstored]) == {
+            first.id: second.id}
+        gone = events(deal_deleted("D2", SECOND))[0]
+        sink.store([gone], [])
+        assert postgres.superseded(conn, [second, gone]) == {second.id: gone.id}
+    sink.close()
