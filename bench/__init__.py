@@ -16,6 +16,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -131,10 +132,39 @@ def _proc_stats() -> dict[int, tuple[int, int, int]]:
     return stats
 
 
-def group_cpu_seconds(pgid: int) -> float:
-    """CPU time (user + system) used so far by the live processes of one process group."""
-    ticks = sum(cpu for _, group, cpu in _proc_stats().values() if group == pgid)
-    return ticks / os.sysconf("SC_CLK_TCK")
+@dataclass(frozen=True)
+class Usage:
+    """CPU seconds (user and system apart) and voluntary context switches of some processes."""
+
+    user: float = 0.0
+    system: float = 0.0
+    switches: int = 0
+
+    def __sub__(self, other: Usage) -> Usage:
+        return Usage(self.user - other.user, self.system - other.system,
+                     self.switches - other.switches)
+
+
+def group_usage(pgid: int) -> Usage:
+    """Usage so far of the live processes of one process group, every thread's context switches
+    included (a thread's are in its own /proc/PID/task/TID/status)."""
+    user = system = switches = 0
+    for pid, (_, group, _) in _proc_stats().items():
+        if group != pgid:
+            continue
+        try:
+            with open(f"/proc/{pid}/stat") as stat:
+                fields = stat.read().rpartition(")")[2].split()
+            user, system = user + int(fields[11]), system + int(fields[12])
+            for task in os.scandir(f"/proc/{pid}/task"):
+                with open(f"{task.path}/status") as status:
+                    for line in status:
+                        if line.startswith("voluntary_ctxt_switches:"):
+                            switches += int(line.split()[1])
+        except OSError:  # gone meanwhile
+            continue
+    tick = os.sysconf("SC_CLK_TCK")
+    return Usage(user / tick, system / tick, switches)
 
 
 def tree_pids(root: int, stats: dict[int, tuple[int, int, int]] | None = None) -> list[int]:

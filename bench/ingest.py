@@ -30,7 +30,8 @@ from bench import (
     FIXTURES,
     BenchError,
     Processes,
-    group_cpu_seconds,
+    Usage,
+    group_usage,
     machine,
     print_versions,
     tail,
@@ -66,9 +67,22 @@ class WrkResult:
     p99_ms: float
     max_ms: float
     output: str
-    server_cpu_us: float = 0.0  # CPU of the server's processes per request
-    redis_cpu_us: float = 0.0  # CPU of redis-server per request
+    server: Usage = Usage()  # of the server's processes during the run
+    redis: Usage = Usage()  # of redis-server during the run
+    wrk_cpu_s: float = 0.0  # of the load generator (user + system)
     aof_rewrites: int = 0  # AOF rewrites Redis started during the run
+
+    def per_request(self, seconds: float) -> float:
+        """Microseconds per request."""
+        return seconds * 1e6 / max(1, self.requests)
+
+    @property
+    def server_cpu_us(self) -> float:
+        return self.per_request(self.server.user + self.server.system)
+
+    @property
+    def redis_cpu_us(self) -> float:
+        return self.per_request(self.redis.user + self.redis.system)
 
     @property
     def rps(self) -> float:
@@ -78,8 +92,14 @@ class WrkResult:
         errors = sum(self.socket_errors.values())
         return (f"req/s {self.rps:9.1f}   p50 {self.p50_ms:6.2f} ms   p99 {self.p99_ms:6.2f} ms"
                 f"   ({self.requests} requests, {self.ok} 2xx, {self.non_2xx_3xx} non-2xx, "
-                f"{errors} socket errors; CPU per request: server {self.server_cpu_us:.0f} us, "
-                f"redis {self.redis_cpu_us:.0f} us; AOF rewrites {self.aof_rewrites})")
+                f"{errors} socket errors; AOF rewrites {self.aof_rewrites})\n"
+                f"        CPU per request: server {self.server_cpu_us:.0f} us (user "
+                f"{self.per_request(self.server.user):.0f}, system "
+                f"{self.per_request(self.server.system):.0f}; "
+                f"{self.server.switches / max(1, self.requests):.2f} voluntary context switches), "
+                f"redis {self.redis_cpu_us:.0f} us (user {self.per_request(self.redis.user):.0f}, "
+                f"system {self.per_request(self.redis.system):.0f}), "
+                f"wrk {self.per_request(self.wrk_cpu_s):.0f} us")
 
 
 def parse_wrk(output: str) -> WrkResult:
@@ -102,6 +122,7 @@ def run_wrk(port: int, duration: int, args: argparse.Namespace,
     cmd = ["wrk", "-t", str(args.wrk_threads), "-c", str(args.connections),
            "-d", f"{duration}s", "--timeout", "5s", "--latency", "-s", str(LUA),
            f"http://127.0.0.1:{port}{PATH}"]
+    before = os.times()
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             stdin=subprocess.DEVNULL, text=True, start_new_session=True)
     try:
@@ -112,7 +133,11 @@ def run_wrk(port: int, duration: int, args: argparse.Namespace,
             proc.communicate()
     if proc.returncode != 0:
         raise BenchError(f"wrk exited with code {proc.returncode}:\n{output}")
-    return parse_wrk(output)
+    after = os.times()  # wrk was waited for: its CPU is in the children's times
+    result = parse_wrk(output)
+    result.wrk_cpu_s = (after.children_user - before.children_user
+                        + after.children_system - before.children_system)
+    return result
 
 
 def start_server(procs: Processes, name: str, settings: Settings, env: dict[str, str],
@@ -301,20 +326,21 @@ def run_rounds(args: argparse.Namespace, settings: Settings,
                     run_wrk(port, args.warmup, args)
                     time.sleep(0.5)
                 client.delete(settings.stream_key)  # the stream holds this run's entries only
-                ids_file = tmp / f"ids-{name}-{n}.txt" if name == "ours" else None
+                # wrk keeps the answered ids of both, so the load generator does the same work
+                # on the same cores whichever app it drives; only ours' are checked
+                ids_file = tmp / f"ids-{name}-{n}.txt"
                 server_pgid = servers[name][0].pid
                 redis_pgid = redis_server.proc.pid if redis_server.proc else 0
-                cpu = group_cpu_seconds(server_pgid), group_cpu_seconds(redis_pgid)
+                usage = group_usage(server_pgid), group_usage(redis_pgid)
                 rewrites = client.info("persistence")["aof_rewrites"]
                 result = run_wrk(port, args.duration, args, ids_file)
                 after = client.info("persistence")
                 result.aof_rewrites = (after["aof_rewrites"] - rewrites
                                        + after["aof_rewrite_in_progress"])
-                per_request = 1e6 / max(1, result.requests)
-                result.server_cpu_us = (group_cpu_seconds(server_pgid) - cpu[0]) * per_request
-                result.redis_cpu_us = (group_cpu_seconds(redis_pgid) - cpu[1]) * per_request
+                result.server = group_usage(server_pgid) - usage[0]
+                result.redis = group_usage(redis_pgid) - usage[1]
                 check = None
-                if ids_file is not None:
+                if name == "ours":
                     check = check_stream(client, settings.stream_key, ids_file, result,
                                          args.connections)
                 results[name].append((result, check))

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import sys
 import time
@@ -140,7 +141,6 @@ def cmd_api(args: argparse.Namespace) -> int:
 
 def cmd_quarantine(args: argparse.Namespace) -> int:
     from workers import quarantine
-    from workers.runtime import Runtime
 
     settings = _settings()
     if not settings.database_url:
@@ -155,7 +155,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
         return 0
     if not args.id:
         raise ConfigError("quarantine replay needs an ID (see `leadpipe quarantine list`)")
-    result = quarantine.replay(Runtime(settings), args.id)
+    result = quarantine.replay(_ops_runtime(), args.id)  # with the app: deliveries go at once
     if result.still_rejected:
         print(f"{result.id}: still quarantined: {result.still_rejected}")
         return 1
@@ -267,10 +267,35 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\rreplayed {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    count = operations.replay(runtime, [int(i) for i in args.ids] or None, args.sink, since,
-                              progress)
+    count = operations.replay(runtime, [_letter_id(i) for i in args.ids] or None, args.sink,
+                              since, progress)
     print(f"\nreplayed {count} dead letter(s)")
     return 0
+
+
+def _letter_id(raw: str) -> int:
+    """A dead-letter id as `dead-letters list` prints it (a bigint above 0)."""
+    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) < 2**63:
+        raise ConfigError(f"{raw!r} is not a dead-letter id (see `leadpipe dead-letters list`)")
+    return int(raw)
+
+
+def _limit(raw: str) -> int:
+    """argparse type of --limit: a whole number from 1 to 100,000."""
+    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) <= 100_000:
+        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 100000, got {raw!r}")
+    return int(raw)
+
+
+def _timeout(raw: str) -> float:
+    """argparse type of status --timeout: seconds, above 0 and at most 60."""
+    try:
+        value = float(raw)
+    except ValueError:
+        value = math.nan
+    if not 0 < value <= 60:  # NaN fails this too
+        raise argparse.ArgumentTypeError(f"expected seconds above 0, at most 60, got {raw!r}")
+    return value
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -356,7 +381,7 @@ def parser() -> argparse.ArgumentParser:
     q = sub.add_parser("quarantine", help="bodies that could not be understood")
     q.add_argument("action", choices=("list", "replay"))
     q.add_argument("id", nargs="?")
-    q.add_argument("--limit", type=int, default=50)
+    q.add_argument("--limit", type=_limit, default=50)
     q.set_defaults(func=cmd_quarantine)
     cfg = sub.add_parser("config", help="list every LEADPIPE_* setting")
     cfg.add_argument("--markdown", action="store_true", help="as the README's table")
@@ -372,7 +397,7 @@ def parser() -> argparse.ArgumentParser:
     sinks.add_argument("name", nargs="?")
     sinks.set_defaults(func=cmd_sinks)
     st = sub.add_parser("status", help="ingest stream, sinks, quarantine and workers at a glance")
-    st.add_argument("--timeout", type=float, default=1.0,
+    st.add_argument("--timeout", type=_timeout, default=1.0,
                     help="seconds to wait for workers to answer (Celery inspect)")
     st.add_argument("--json", action="store_true", help="as JSON")
     st.set_defaults(func=cmd_status)
@@ -381,7 +406,7 @@ def parser() -> argparse.ArgumentParser:
     dl.add_argument("ids", nargs="*", help="replay: dead-letter ids")
     dl.add_argument("--sink")
     dl.add_argument("--since", help="replay: only those dead since this ISO-8601 time")
-    dl.add_argument("--limit", type=int, default=100)
+    dl.add_argument("--limit", type=_limit, default=100)
     dl.set_defaults(func=cmd_dead_letters)
     sub.add_parser("purge", help="apply the retention settings (LEADPIPE_RETAIN_*_DAYS) now"
                    ).set_defaults(func=cmd_purge)
@@ -394,6 +419,24 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
+def _unavailable(exc: BaseException) -> str | None:
+    """What a store's failure says to an operator (no traceback), or None if it is not one."""
+    import psycopg
+    import redis
+    from psycopg_pool import PoolTimeout
+
+    if isinstance(exc, redis.RedisError):
+        return f"Redis unavailable ({type(exc).__name__}: {exc}); check LEADPIPE_REDIS_URL"
+    if isinstance(exc, PoolTimeout | psycopg.OperationalError):
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
+        return (f"Postgres unavailable ({type(exc).__name__}: {first}); check "
+                "LEADPIPE_DATABASE_URL")
+    if type(exc).__module__.startswith("sqlalchemy") and isinstance(exc.__cause__,
+                                                                     psycopg.Error):
+        return _unavailable(exc.__cause__)  # `migrate` goes through SQLAlchemy
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     try:
@@ -401,6 +444,12 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, LookupError, ValueError, OSError) as exc:
         print(f"leadpipe: {exc}", file=sys.stderr)
         return 2
+    except Exception as exc:
+        message = _unavailable(exc)
+        if message is None:
+            raise
+        print(f"leadpipe: {message}", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

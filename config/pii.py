@@ -32,7 +32,15 @@ def mask_name(value: str) -> str:
 
 
 def mask_value(key: str, value: Any) -> Any:
-    """The masked form of one PII field's value (None and non-strings as they are)."""
+    """The masked form of one PII field's value, whatever it holds: a string masked by its kind,
+    a number as its digits would be (a phone sent as a number), lists and objects masked inside;
+    None, booleans and empty strings as they are."""
+    if isinstance(value, dict):
+        return {k: mask_value(key, v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [mask_value(key, v) for v in value]
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        value = str(value)
     if not isinstance(value, str) or not value:
         return value
     if "email" in key or "@" in value:

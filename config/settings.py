@@ -36,10 +36,13 @@ def as_positive_int(raw: str) -> int:
     return value
 
 
+MAX_DAYS = 36_500  # a hundred years: past it, "now - N days" leaves Postgres' calendar
+
+
 def as_days(raw: str) -> int:
     value = as_int(raw)
-    if value < 0:
-        raise ConfigError(f"expected a number of days, 0 or more, got {raw!r}")
+    if not 0 <= value <= MAX_DAYS:
+        raise ConfigError(f"expected a number of days from 0 to {MAX_DAYS}, got {raw!r}")
     return value
 
 

@@ -8,7 +8,10 @@ from datetime import datetime
 from typing import Any
 
 import orjson
+import psycopg
+import redis
 from flask import Blueprint, Response, current_app, request
+from psycopg_pool import PoolTimeout
 
 from ingest.errors import error
 from ingest.session import current_operator, require_operator
@@ -26,7 +29,22 @@ def invalid(exc: Invalid) -> Response:
     return error(400, "INVALID", str(exc))
 
 
-bp.register_error_handler(Invalid, invalid)
+def store_down(exc: Exception) -> Response:
+    """503 with Retry-After when Postgres or Redis cannot answer, never a 500."""
+    log.warning("operator API: %s unavailable: %s",
+                "Redis" if isinstance(exc, redis.RedisError) else "Postgres", type(exc).__name__)
+    return error(503, "SERVICE_UNAVAILABLE", "Postgres or Redis unavailable; retry later.",
+                 headers={"Retry-After": "5"})
+
+
+def operator_errors(blueprint: Blueprint) -> None:
+    """The answers every operator blueprint gives for refused input and stores that are down."""
+    blueprint.register_error_handler(Invalid, invalid)
+    for kind in (redis.RedisError, psycopg.OperationalError, PoolTimeout):
+        blueprint.register_error_handler(kind, store_down)
+
+
+operator_errors(bp)
 
 
 def whole_number(value: object, name: str, low: int = 1, high: int = BIGINT_MAX) -> int:
@@ -124,7 +142,10 @@ def replay_one(letter_id: str) -> Response:
     from workers import operations
 
     number = whole_number(letter_id, "The dead letter id")
-    replayed = operations.replay(_runtime(), ids=[number])
+    try:
+        replayed = operations.replay(_runtime(), ids=[number])
+    except LookupError as exc:  # its sink is no longer configured
+        return error(404, "RESOURCE_NOT_FOUND", str(exc))
     if not replayed:
         return error(404, "RESOURCE_NOT_FOUND", f"No dead letter {number} waiting for replay.")
     _audit("dead letter replayed", dead_letter=number)
@@ -145,7 +166,10 @@ def replay_many() -> Response:
             since = datetime.fromisoformat(str(body["since"]))
         except ValueError:
             return error(400, "INVALID", "since must be an ISO-8601 time.")
-    replayed = operations.replay(_runtime(), sink=sink, since=since)
+    try:
+        replayed = operations.replay(_runtime(), sink=sink, since=since)
+    except LookupError as exc:  # no such sink
+        return error(404, "RESOURCE_NOT_FOUND", str(exc))
     _audit("dead letters replayed", sink=sink, replayed=replayed)
     return _json({"replayed": replayed})
 

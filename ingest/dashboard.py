@@ -6,14 +6,14 @@ import logging
 
 from flask import Blueprint, Response, request
 
-from ingest.admin import Invalid, _json, _runtime, finite_number, invalid, text, whole_number
+from ingest.admin import _json, _runtime, finite_number, operator_errors, text, whole_number
 from ingest.errors import error
 from ingest.session import current_operator, require_operator
 
 log = logging.getLogger("leadpipe.ops")
 bp = Blueprint("dashboard", __name__, url_prefix="/api")
 bp.before_request(require_operator)
-bp.register_error_handler(Invalid, invalid)
+operator_errors(bp)
 
 
 @bp.get("/dashboard")

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import orjson
-from flask import Flask, Response
+from flask import Flask, Response, request
 from werkzeug.exceptions import HTTPException
 
 # error_type per status for errors raised by Werkzeug itself (unknown URL, wrong method...).
@@ -39,4 +39,6 @@ def register(app: Flask) -> None:
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
         app.logger.exception("unexpected error on %s", type(exc).__name__)
-        return error(500, "INTERNAL_ERROR", "Internal error; the event was not accepted.")
+        if request.path == "/webhooks/rdstation":
+            return error(500, "INTERNAL_ERROR", "Internal error; the event was not accepted.")
+        return error(500, "INTERNAL_ERROR", "Internal error.")

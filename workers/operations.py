@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -10,6 +11,8 @@ import psycopg
 
 from workers import subscribers
 from workers.runtime import Runtime, sink_queue
+
+log = logging.getLogger("leadpipe.operations")
 
 
 def sink_states(runtime: Runtime) -> list[dict[str, Any]]:
@@ -66,34 +69,58 @@ def dead_letters(dsn: str, sink: str | None = None, limit: int = 100,
 def replay(runtime: Runtime, ids: list[int] | None = None, sink: str | None = None,
            since: datetime | None = None,
            progress: Callable[[int, int], None] | None = None) -> int:
-    """Send dead letters back to their sinks as fresh deliveries; returns how many."""
+    """Send dead letters back to their sinks as fresh deliveries; returns how many.
+
+    A dead letter is taken once: of two replays at the same moment (a double click, the CLI
+    and the page), the second finds it taken and sends nothing. Dead letters of a sink no
+    longer configured stay waiting (no worker would consume its queue); naming such a sink
+    raises LookupError."""
+    if sink is not None and not _target(runtime, sink):
+        _known(runtime, sink)
     with runtime.pool.connection() as conn:
         rows = conn.execute(
-            "SELECT id, event_id, sink FROM dead_letters WHERE replayed_at IS NULL "
+            "SELECT id, sink FROM dead_letters WHERE replayed_at IS NULL "
             "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
             "AND (%(sink)s::text IS NULL OR sink = %(sink)s) "
             "AND (%(since)s::timestamptz IS NULL OR dead_at >= %(since)s) ORDER BY id",
             {"ids": ids, "sink": sink, "since": since}).fetchall()
+        gone = sorted({name for _, name in rows if not _target(runtime, name)})
+        if gone:
+            if ids is not None and len(gone) == len({name for _, name in rows}):
+                raise LookupError(f"dead letter of sink {gone[0]!r}, which is no longer "
+                                  f"configured in {runtime.routing.source}; configure it to "
+                                  "replay")
+            log.warning("dead letters of sinks no longer configured left waiting",
+                        extra={"sinks": gone})
+        letters = [letter for letter, name in rows if name not in gone]
         done = 0
-        for start in range(0, len(rows), 500):
-            chunk = rows[start:start + 500]
+        for start in range(0, len(letters), 500):
+            chunk = letters[start:start + 500]
             with conn.transaction():
-                conn.execute("UPDATE dead_letters SET replayed_at = now() WHERE id = ANY(%s)",
-                             ([r[0] for r in chunk],))
-                conn.execute(
+                taken = conn.execute(
+                    "UPDATE dead_letters SET replayed_at = now() "
+                    "WHERE id = ANY(%s) AND replayed_at IS NULL RETURNING event_id, sink",
+                    (chunk,)).fetchall()
+                moved = conn.execute(
                     "UPDATE deliveries d SET status = 'pending', dispatched_at = now() "
                     "FROM unnest(%s::text[], %s::text[]) AS t(event_id, sink) "
-                    "WHERE d.event_id = t.event_id AND d.sink = t.sink",
-                    ([r[1] for r in chunk], [r[2] for r in chunk]))
+                    "WHERE d.event_id = t.event_id AND d.sink = t.sink AND d.status = 'dead' "
+                    "RETURNING d.event_id, d.sink",
+                    ([t[0] for t in taken], [t[1] for t in taken])).fetchall()
             by_sink: dict[str, list[str]] = {}
-            for _, event_id, sink_name in chunk:
+            for event_id, sink_name in moved:
                 by_sink.setdefault(sink_name, []).append(event_id)
             for sink_name, event_ids in by_sink.items():
                 runtime.publish(sink_name, event_ids)
-            done += len(chunk)
+            done += len(moved)
             if progress:
-                progress(done, len(rows))
+                progress(start + len(chunk), len(letters))
     return done
+
+
+def _target(runtime: Runtime, sink: str) -> bool:
+    """A sink the workers deliver to: configured in the routing file, or a subscription."""
+    return sink in runtime.routing.sinks or subscribers.is_target(sink)
 
 
 def relay(runtime: Runtime, limit: int = 1000) -> int:
@@ -112,7 +139,7 @@ def relay(runtime: Runtime, limit: int = 1000) -> int:
     for event_id, sink in rows:
         by_sink.setdefault(sink, []).append(event_id)
     for sink, event_ids in by_sink.items():
-        if sink in runtime.routing.sinks or subscribers.is_target(sink):
+        if _target(runtime, sink):
             runtime.publish(sink, event_ids)
     return len(rows)
 

@@ -9,7 +9,7 @@ import psycopg
 
 from ingest.queue import Entry
 from sinks.postgres import Stored
-from workers.pipeline import split, store_each
+from workers.pipeline import fan_out, split, store_each
 from workers.runtime import Runtime
 
 
@@ -32,6 +32,8 @@ def list_rows(dsn: str, limit: int = 50) -> list[dict[str, Any]]:
 
 def replay(runtime: Runtime, quarantine_id: str) -> ReplayResult:
     """Normalise the body again; stored events leave quarantine, a new reason replaces the old.
+    The stored events' deliveries are queued at once when the runtime has the Celery app
+    (otherwise the relay sends them after LEADPIPE_RELAY_AFTER_SECONDS).
 
     A body that could not be kept as JSON (not JSON at all, or refused by Postgres) is kept as
     a JSON string of its text: that text is what is replayed, not the string."""
@@ -51,6 +53,8 @@ def replay(runtime: Runtime, quarantine_id: str) -> ReplayResult:
     # one by one, keeping the reason of an event Postgres still refuses: the row stays, with it
     stored, refusals = (store_each(runtime, events, runtime.router()) if events
                         else (Stored(), []))
+    if runtime.app is not None:
+        fan_out(runtime, stored)
     reason = "; ".join(r.reason for r in (*rejected, *refusals)) or None
     with psycopg.connect(dsn) as conn:
         if reason is not None:

@@ -169,8 +169,11 @@ def render(state: PipelineState, found: dict[str, dict[str, Any]], timeout: floa
     def count(value: object) -> str:
         return str(value) if known and value is not None else "?"
 
+    live = state.redis_up  # else pause and circuit were never read: "?", not running/closed
+
     rows = [header] + [
-        (s.sink, "PAUSED" if s.paused else "running", s.circuit, count(s.pending),
+        (s.sink, ("PAUSED" if s.paused else "running") if live else "?",
+         s.circuit if live else "?", count(s.pending),
          age(s.oldest_pending_seconds) if known else "?",
          age(s.oldest_lead_seconds) if known else "?", count(s.delivered), count(s.dead))
         for s in sorted(state.sinks.values(), key=lambda s: s.sink)]

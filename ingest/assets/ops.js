@@ -109,14 +109,18 @@ function personCell(kind, id, person) {
 }
 
 function sinkCard(sink) {
-  const classes = ["card", sink.paused ? "paused" : "", sink.circuit !== "closed" ? "open" : ""];
+  // null: Redis could not be read, so neither is known
+  const state = sink.paused === null ? "?" : sink.paused ? "paused" : "running";
+  const circuit = sink.circuit === null ? "?" : sink.circuit;
+  const classes = ["card", sink.paused ? "paused" : "",
+                   circuit !== "closed" && circuit !== "?" ? "open" : ""];
   const success = sink.success_rate === null ? "-" : `${(sink.success_rate * 100).toFixed(1)}%`;
   const rows = [
     ["pending", sink.pending, "pending"], ["oldest pending", age(sink.oldest_pending_seconds), "oldest"],
     ["oldest lead waiting", age(sink.oldest_lead_seconds), "oldest-lead"],
     ["delivered (1 h)", sink.delivered_hour, "delivered"], ["success (1 h)", success, "success"],
     ["p95 call", sink.p95_ms === null ? "-" : `${sink.p95_ms} ms`, "p95"],
-    ["circuit", sink.circuit, "circuit"], ["dead letters", sink.dead, "dead"],
+    ["circuit", circuit, "circuit"], ["dead letters", sink.dead, "dead"],
   ];
   const toggle = h("button", {
     class: "action", type: "button", testid: "sink-toggle",
@@ -132,7 +136,7 @@ function sinkCard(sink) {
     }}, `Replay all ${sink.dead}`) : null;
   return h("div", {class: classes.join(" ").trim(), testid: `sink-${sink.sink}`},
     h("h3", {}, h("span", {}, sink.sink, " ", h("small", {}, sink.type)),
-      h("span", {class: "state", testid: "sink-state"}, sink.paused ? "paused" : "running")),
+      h("span", {class: "state", testid: "sink-state"}, state)),
     h("dl", {}, rows.map(([label, value, id]) => [h("dt", {}, label),
                                                    h("dd", {testid: `sink-${id}`}, value)])),
     toggle, replayAll);

@@ -113,6 +113,24 @@ def test_status_shows_unknown_sink_counts_when_postgres_is_unreachable(routed):
     assert audit.split()[3:] == ["?"] * 5, audit  # pending, oldest, oldest lead, delivered, dead
 
 
+def test_status_shows_unknown_sink_state_when_redis_is_unreachable(routed):
+    """A paused sink must not read "running, closed" because Redis could not be asked."""
+    from config.local import free_port
+
+    assert subprocess.run([sys.executable, "-m", "config.cli", "sinks", "pause", "held"],
+                          cwd=ROOT, env={**os.environ, **routed.to_env()}, capture_output=True,
+                          timeout=60).returncode == 0
+    down = routed.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    result = status(down, "--timeout", "0.3")
+    assert result.returncode == 1 and "REDIS UNREACHABLE" in result.stdout
+    assert row(result.stdout, "held")[1:3] == ["?", "?"], result.stdout  # state, circuit
+    dashboard = create_app(down.with_(admin_tokens=("t-admin",))).test_client().get(
+        "/api/dashboard", headers={"Authorization": "Bearer t-admin"})
+    assert dashboard.status_code == 200
+    held = next(s for s in dashboard.get_json()["sinks"] if s["sink"] == "held")
+    assert (held["paused"], held["circuit"]) == (None, None)
+
+
 @pytest.mark.parametrize("seconds, text", [(0, "-"), (None, "-"), (4.2, "4s"), (185, "3m05s"),
                                            (7800, "2h10m"), (273600, "3d04h")])
 def test_ages_read_at_a_glance(seconds, text):

@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import threading
+import time
+
+import psycopg
 import pytest
 import yaml
 
 from ingest import create_app
-from tests.conftest import count, fixture_bytes, post, wait_for
+from tests.conftest import count, fixture_bytes, free_port, post, wait_for
 
 ADMIN = "admin-token-abcdef"
 PUBLIC = {"/healthz", "/readyz", "/static/<path:filename>"}
@@ -80,3 +84,91 @@ def test_sinks_pause_resume_and_dead_letter_replay(routed, worker_factory, db):
     assert bulk.get_json() == {"replayed": 1}
     assert client.post("/api/dead-letters/replay", json={"since": "x"},
                        headers=auth()).status_code == 400
+
+
+def dead_letter(routed, worker_factory, db) -> int:  # type: ignore[no-untyped-def]
+    """One dead letter of the refuser sink, made by a real worker."""
+    worker_factory(routed)
+    post(create_app(routed).test_client(), fixture_bytes("crm-deal-updated-won.json"))
+    wait_for(lambda: count(db, "SELECT count(*) FROM dead_letters") == 1, what="a dead letter")
+    return count(db, "SELECT id FROM dead_letters")
+
+
+def test_two_replays_at_once_send_a_dead_letter_once(routed, worker_factory, db, database_url):
+    """A double click, or the CLI and the page together: both read the dead letter as waiting;
+    the one that takes it second must find it taken, not send it again."""
+    letter = dead_letter(routed, worker_factory, db)
+    app = create_app(routed)
+    answers: list[tuple[int, dict]] = []
+
+    def replay() -> None:
+        response = app.test_client().post(f"/api/dead-letters/{letter}/replay", headers=auth())
+        answers.append((response.status_code, response.get_json()))
+
+    with psycopg.connect(database_url) as holder:  # holds the row: both replays queue behind it
+        holder.execute("SELECT 1 FROM dead_letters WHERE id = %s FOR UPDATE", (letter,))
+        threads = [threading.Thread(target=replay) for _ in range(2)]
+        for thread in threads:
+            thread.start()
+        waiting = ("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                   "AND query LIKE 'UPDATE dead_letters%%'")
+        wait_for(lambda: count(db, waiting) == 2, what="both replays waiting for the dead letter")
+        holder.commit()
+    for thread in threads:
+        thread.join(timeout=30)
+    assert sorted(status for status, _ in answers) == [200, 404]
+    assert [body for status, body in answers if status == 200] == [{"replayed": 1}]
+    # the refuser refuses again: one more attempt, one more dead letter, and no third
+    wait_for(lambda: count(db, "SELECT count(*) FROM dead_letters") == 2, what="second death")
+    time.sleep(2)
+    assert count(db, "SELECT attempts FROM deliveries WHERE sink = 'refuser'") == 2
+    assert count(db, "SELECT count(*) FROM dead_letters") == 2
+
+
+def test_replay_names_an_unknown_sink_and_leaves_a_removed_sinks_letters_waiting(
+        routed, worker_factory, db, tmp_path):
+    letter = dead_letter(routed, worker_factory, db)
+    client = create_app(routed).test_client()
+    unknown = client.post("/api/dead-letters/replay", json={"sink": "ghost"}, headers=auth())
+    assert unknown.status_code == 404 and "ghost" in unknown.get_json()["errors"]["error_message"]
+
+    # the refuser taken out of the routing file: its dead letter has no worker to go to
+    path = tmp_path / "without-refuser.yaml"
+    path.write_text(yaml.safe_dump({"sinks": {"audit": {"type": "dummy", "options": {
+        "path": str(tmp_path / "a.jsonl")}}}, "routes": [{"to": ["audit"]}]}))
+    client = create_app(routed.with_(routes_file=str(path))).test_client()
+    answer = client.post(f"/api/dead-letters/{letter}/replay", headers=auth())
+    assert answer.status_code == 404
+    assert "'refuser', which is no longer configured" in answer.get_json()["errors"][
+        "error_message"]
+    assert db.execute("SELECT d.status, l.replayed_at FROM deliveries d JOIN dead_letters l "
+                      "USING (event_id, sink)").fetchall() == [("dead", None)]
+
+
+@pytest.mark.parametrize("down", ["redis", "postgres"])
+def test_operator_api_answers_503_when_a_store_is_down(routed, down):
+    dead = f"{'redis' if down == 'redis' else 'postgresql'}://127.0.0.1:{free_port()}/0"
+    broken = routed.with_(**{"redis_url" if down == "redis" else "database_url": dead})
+    client = create_app(broken).test_client()
+    needs = {"redis": [("GET", "/api/sinks"), ("POST", "/api/sinks/audit/pause")],
+             "postgres": [("GET", "/api/sinks"), ("GET", "/api/dead-letters"),
+                          ("GET", "/api/quarantine"), ("POST", "/api/dead-letters/1/replay")]}
+    for method, url in needs[down]:
+        answer = client.open(url, method=method, headers=auth())
+        assert answer.status_code == 503, (url, answer.status_code, answer.get_data())
+        assert answer.headers["Retry-After"] == "5"
+        assert answer.get_json()["errors"]["error_type"] == "SERVICE_UNAVAILABLE"
+
+
+def test_quarantined_bodies_with_odd_types_show_no_pii(routed, db):
+    db.execute("INSERT INTO quarantine (id, received_at, reason, payload) VALUES "
+               "('q1', now(), 'contact.email: Not a valid string.', %s)",
+               ('{"event_type": "WEBHOOK.CONVERTED", "contact": {"email": '
+                '["maria.souza@example.com.br"], "name": ["Maria Souza"]}}',))
+    client = create_app(routed).test_client()
+    for url in ("/api/quarantine", "/api/dashboard"):
+        answer = client.get(url, headers=auth())
+        assert answer.status_code == 200
+        text = answer.get_data(as_text=True)
+        assert "maria.souza" not in text and "Maria Souza" not in text, (url, text)
+        assert "m***@***.br" in text

@@ -32,8 +32,11 @@ REFUSED = [
 
 
 @pytest.fixture
-def operator(settings):  # type: ignore[no-untyped-def]
-    app = create_app(settings.with_(admin_tokens=(ADMIN,)))
+def operator(settings, tmp_path):  # type: ignore[no-untyped-def]
+    routes = tmp_path / "routes.yaml"  # one sink, "audit", that the replays below may name
+    routes.write_text("sinks: {audit: {type: dummy, options: {path: x}}}\n"
+                      "routes: [{to: [audit]}]\n")
+    app = create_app(settings.with_(admin_tokens=(ADMIN,), routes_file=str(routes)))
     return app.test_client()
 
 

@@ -8,9 +8,10 @@ import sys
 from datetime import UTC, datetime
 
 import orjson
+import yaml
 
 from sinks.postgres import PostgresSink
-from tests.conftest import ROOT, count, fixture_bytes
+from tests.conftest import ROOT, count, fixture_bytes, wait_for
 from workers.events import Rejected
 
 
@@ -175,3 +176,18 @@ def test_replay_of_a_body_that_is_not_json_says_so(settings, db):
     result = replay(settings, "q-nj")
     reason = db.execute("SELECT reason FROM quarantine WHERE id = 'q-nj'").fetchone()[0]
     assert reason.startswith("not JSON") and result.still_rejected == reason, reason
+
+
+def test_a_replayed_body_reaches_its_sinks_at_once(settings, db, tmp_path, worker_factory):
+    """Its deliveries are queued by the replay itself, not left to the relay (minutes later)."""
+    routes = tmp_path / "routes.yaml"
+    routes.write_text(yaml.safe_dump({"sinks": {"audit": {"type": "dummy", "options": {
+        "path": str(tmp_path / "audit.jsonl")}}}, "routes": [{"to": ["audit"]}]}))
+    custom = settings.with_(routes_file=str(routes), relay_after_seconds=3600)
+    worker_factory(custom)
+    quarantine(custom, "q-fan", orjson.loads(fixture_bytes("crm-deal-created.json")))
+    result = leadpipe(custom, "quarantine", "replay", "q-fan")
+    assert result.returncode == 0, result.stderr
+    wait_for(lambda: count(db, "SELECT count(*) FROM deliveries WHERE status = 'delivered'")
+             == 1, timeout=30, what="the replayed event delivered")
+    assert "q-fan" in (tmp_path / "audit.jsonl").read_text()
