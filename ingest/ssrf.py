@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import ipaddress
 import socket
+import threading
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -31,7 +32,30 @@ _METADATA = ipaddress.ip_address("169.254.169.254")
 
 
 class Refused(ValueError):
-    """The URL's host is, or resolves to, an address subscriptions may not reach."""
+    """The URL's host is, or resolves to, an address subscriptions may not reach.
+
+    The message is for whoever gave the URL: it names the host and why, never the addresses a
+    name resolved to (those are in `detail`, for the server's log), so the API does not tell
+    its callers what an internal name points at."""
+
+    def __init__(self, message: str, detail: str = ""):
+        super().__init__(message)
+        self.detail = detail
+
+
+class Unresolved(Refused):
+    """The host name could not be looked up. `temporary`: the resolver failed this time (no
+    answer, a server failure), so the same lookup may succeed later; else the name has no
+    address."""
+
+    def __init__(self, message: str, temporary: bool):
+        super().__init__(message)
+        self.temporary = temporary
+
+
+# getaddrinfo failures that say nothing about the name: the resolver could not answer now
+_TEMPORARY = frozenset(getattr(socket, name) for name in (
+    "EAI_AGAIN", "EAI_FAIL", "EAI_MEMORY", "EAI_SYSTEM") if hasattr(socket, name))
 
 
 @dataclass(frozen=True)
@@ -105,6 +129,24 @@ def client_url(url: str) -> str:
     return prepared.url
 
 
+_DEFAULT_PORTS = {"http": 80, "https": 443}
+
+
+def endpoint_key(url: str) -> str:
+    """`url` as the endpoint it reaches, for telling two subscriptions of one endpoint apart
+    from two endpoints: scheme and host in lower case (the host as requests calls it), no
+    default port, no fragment (never sent), no empty query, "/" for an empty path. The path and
+    query are kept as they are (a server may tell /Hook from /hook)."""
+    parts = parse_url(client_url(url))
+    scheme = (parts.scheme or "").lower()
+    host = (parts.host or "").lower()
+    if ":" in host and not host.startswith("["):
+        host = f"[{host}]"
+    port = "" if parts.port in (None, _DEFAULT_PORTS.get(scheme)) else f":{parts.port}"
+    query = f"?{parts.query}" if parts.query else ""
+    return f"{scheme}://{host}{port}{parts.path or '/'}{query}"
+
+
 _IETF_PROTOCOL = ipaddress.ip_network("192.0.0.0/24")  # RFC 6890: not global but two hosts
 _IETF_GLOBAL = (ipaddress.ip_address("192.0.0.9"), ipaddress.ip_address("192.0.0.10"))
 
@@ -139,8 +181,36 @@ def why_not_public(address: IPAddress) -> str | None:
     return None
 
 
-def _resolve(host: str, port: int,
-             resolver: Resolver) -> list[tuple[IPAddress, int, SockAddr]]:
+def _lookup(resolver: Resolver, host: str, port: int, timeout: float | None) -> list:
+    """resolver(host, port) answered within `timeout` seconds (None: however long it takes).
+
+    getaddrinfo cannot be interrupted, so a bounded lookup runs in a thread of its own, left to
+    finish on its own when it is too slow: the caller (an API thread that also serves ingest, a
+    delivery with its own deadline) goes on."""
+    if timeout is None:
+        return resolver(host, port, type=socket.SOCK_STREAM)
+    outcome: list[Any] = []
+
+    def run() -> None:
+        try:
+            outcome.append((True, resolver(host, port, type=socket.SOCK_STREAM)))
+        except BaseException as exc:  # handed to the caller below
+            outcome.append((False, exc))
+
+    worker = threading.Thread(target=run, name="leadpipe-dns", daemon=True)
+    worker.start()
+    worker.join(timeout)
+    if not outcome:
+        raise Unresolved(f"The host {host} could not be resolved within {timeout:g} s; try "
+                         "again later.", True)
+    ok, value = outcome[0]
+    if not ok:
+        raise value
+    return value  # type: ignore[no-any-return]
+
+
+def _resolve(host: str, port: int, resolver: Resolver,
+             timeout: float | None = None) -> list[tuple[IPAddress, int, SockAddr]]:
     """(address, family, socket address) of every answer for `host` (ASCII), or Refused."""
     try:
         literal = ipaddress.ip_address(host)
@@ -151,9 +221,13 @@ def _resolve(host: str, port: int,
             return [(literal, socket.AF_INET6, (host, port, 0, 0))]
         return [(literal, socket.AF_INET, (host, port))]
     try:
-        infos = resolver(host, port, type=socket.SOCK_STREAM)
-    except (socket.gaierror, UnicodeError) as exc:
-        raise Refused(f"The host {host} could not be resolved ({exc}).") from None
+        infos = _lookup(resolver, host, port, timeout)
+    except UnicodeError as exc:
+        raise Unresolved(f"The host {host} could not be resolved ({exc}).", False) from None
+    except socket.gaierror as exc:
+        temporary = exc.errno in _TEMPORARY
+        why = " now; try again later." if temporary else f" ({exc})."
+        raise Unresolved(f"The host {host} could not be resolved{why}", temporary) from None
     found = []
     for info in infos:
         family, sockaddr = info[0], tuple(info[4])
@@ -162,18 +236,20 @@ def _resolve(host: str, port: int,
         text = str(sockaddr[0]).split("%", 1)[0]  # drop an IPv6 zone ("fe80::1%eth0")
         found.append((ipaddress.ip_address(text), family, sockaddr))
     if not found:
-        raise Refused(f"The host {host} has no address.")
+        raise Unresolved(f"The host {host} has no address.", False)
     return found
 
 
-def check_url(url: str, allow: AllowList, resolver: Resolver | None = None) -> Target:
+def check_url(url: str, allow: AllowList, resolver: Resolver | None = None,
+              timeout: float | None = None) -> Target:
     """The Target of `url`, or Refused unless every address its host resolves to is public or
     allow-listed.
 
     The host checked is the one requests will call (`client_url`), resolved once here: connect
     to `Target.addresses` (`sinks.transport.new_session(pin=target)`), never to the name again. An
     allow-listed host name is trusted as it is, without looking at its addresses. The caller is
-    expected to have checked that `url` is an absolute http(s) URL."""
+    expected to have checked that `url` is an absolute http(s) URL. With `timeout`, a lookup
+    slower than that many seconds is Unresolved (temporary)."""
     sent = client_url(url)
     try:
         parts = parse_url(sent)
@@ -185,14 +261,15 @@ def check_url(url: str, allow: AllowList, resolver: Resolver | None = None) -> T
     port = parts.port or (443 if parts.scheme == "https" else 80)
     if allow.admits_host(host):
         return Target(sent, host, port, None)
-    found = _resolve(host, port, resolver or socket.getaddrinfo)  # looked up at each call
+    found = _resolve(host, port, resolver or socket.getaddrinfo, timeout)  # at each call
     for address, _, _ in found:
         if allow.admits(address):
             continue
         reason = why_not_public(address)
         if reason is not None:
-            shown = host if host == str(address) else f"{host} ({address})"
+            named = host != str(address)
             raise Refused(
-                f"{shown} is {reason}: subscriber URLs must reach a public address. An "
-                "operator can admit it with LEADPIPE_SSRF_ALLOW.")
+                f"{host} {'resolves to' if named else 'is'} {reason}: subscriber URLs must reach "
+                "a public address. An operator can admit it with LEADPIPE_SSRF_ALLOW.",
+                detail=f"{host} resolved to {address}" if named else "")
     return Target(sent, host, port, tuple((family, sockaddr) for _, family, sockaddr in found))

@@ -150,7 +150,8 @@ def _input() -> dict[str, Any]:
     except ValidationError as exc:
         raise _field_errors(422, rd_errors(exc.normalized_messages())) from None
     data["event_identifiers"] = data.get("event_identifiers") or []
-    data["include_relations"] = data.get("include_relations") or []
+    # a set (RD: "subset of COMPANY, CONTACT_FUNNEL"): each once, in the order first given
+    data["include_relations"] = list(dict.fromkeys(data.get("include_relations") or []))
     return data
 
 
@@ -174,13 +175,23 @@ def _taken() -> Refusal:
 def _check_url(url: str, event_type: str, moved: bool, own: uuid.UUID | None = None) -> None:
     """SSRF guard, uniqueness, then (for a new URL) the probe RD makes before subscribing."""
     try:
-        target = ssrf.check_url(url, ssrf.AllowList.parse(_option("ssrf_allow", ())))
+        target = ssrf.check_url(url, ssrf.AllowList.parse(_option("ssrf_allow", ())),
+                                timeout=PROBE_TIMEOUT)  # a slow resolver holds no API thread
+    except ssrf.Unresolved as exc:
+        if not exc.temporary:
+            raise _field_errors(422, {"url": [{"error_type": "INVALID",
+                                               "error_message": str(exc)}]}) from None
+        current_app.logger.warning("subscriptions: the resolver failed; answered 503")
+        raise Refusal(error(503, "SERVICE_UNAVAILABLE", f"{exc} The URL was not checked.",
+                            headers={"Retry-After": "5"})) from None
     except ssrf.Refused as exc:
+        current_app.logger.info("subscriptions: URL refused by the SSRF guard",
+                                extra={"detail": exc.detail or str(exc)})
         raise _field_errors(422, {"url": [{"error_type": "INVALID",
                                            "error_message": str(exc)}]}) from None
     clash = _db().execute(
-        "SELECT 1 FROM subscriptions WHERE event_type = %s AND url = %s AND uuid IS DISTINCT "
-        "FROM %s", (event_type, url, own)).fetchone()
+        "SELECT 1 FROM subscriptions WHERE event_type = %s AND url_key = %s AND uuid IS DISTINCT "
+        "FROM %s", (event_type, ssrf.endpoint_key(url), own)).fetchone()
     if clash:
         raise _taken()
     if moved and _option("subscription_probe", True):
@@ -253,14 +264,14 @@ def create_webhook() -> Response:
     data = _input()
     _check_url(data["url"], data["event_type"], moved=True)
     values = {**data, "uuid": uuid.uuid4(), "source": _source(data["event_type"]),
-              "secret": new_secret()}
+              "secret": new_secret(), "url_key": ssrf.endpoint_key(data["url"])}
     with _db().cursor(row_factory=dict_row) as cur:
         cur.execute(
-            "INSERT INTO subscriptions (uuid, event_type, entity_type, url, http_method, "
-            "event_identifiers, include_relations, source, secret) VALUES (%(uuid)s, "
-            "%(event_type)s, %(entity_type)s, %(url)s, %(http_method)s, %(event_identifiers)s, "
-            "%(include_relations)s, %(source)s, %(secret)s) ON CONFLICT (event_type, url) "
-            f"DO NOTHING RETURNING {_COLUMNS}, secret", values)
+            "INSERT INTO subscriptions (uuid, event_type, entity_type, url, url_key, "
+            "http_method, event_identifiers, include_relations, source, secret) VALUES "
+            "(%(uuid)s, %(event_type)s, %(entity_type)s, %(url)s, %(url_key)s, %(http_method)s, "
+            "%(event_identifiers)s, %(include_relations)s, %(source)s, %(secret)s) "
+            f"ON CONFLICT DO NOTHING RETURNING {_COLUMNS}, secret", values)
         row = cur.fetchone()
     if row is None:  # created by a concurrent request since _check_url looked
         raise _taken()
@@ -290,12 +301,14 @@ def update_webhook(webhook_uuid: str) -> Response:
         with _db().cursor(row_factory=dict_row) as cur:
             cur.execute(
                 "UPDATE subscriptions SET event_type = %(event_type)s, "
-                "entity_type = %(entity_type)s, url = %(url)s, http_method = %(http_method)s, "
+                "entity_type = %(entity_type)s, url = %(url)s, url_key = %(url_key)s, "
+                "http_method = %(http_method)s, "
                 "event_identifiers = %(event_identifiers)s, "
                 "include_relations = %(include_relations)s, source = %(source)s, "
                 "status = 'active', consecutive_failures = 0, updated_at = now() "
                 f"WHERE uuid = %(uuid)s RETURNING {_COLUMNS}",
-                {**data, "uuid": key, "source": _source(data["event_type"])})
+                {**data, "uuid": key, "source": _source(data["event_type"]),
+                 "url_key": ssrf.endpoint_key(data["url"])})
             row = cur.fetchone()
     except psycopg.errors.UniqueViolation:
         raise _taken() from None

@@ -13,7 +13,7 @@ from marshmallow import RAISE, Schema, ValidationError, fields, validate
 from standardwebhooks import Webhook
 
 from ingest import ssrf
-from sinks.base import PermanentSinkError, Sink
+from sinks.base import PermanentSinkError, RetryableSinkError, Sink
 from sinks.http import (
     free_header,
     header_value,
@@ -148,9 +148,12 @@ class WebhookSink(Sink):
         url = self.options["url"]
         if self.allow is not None:
             try:  # the URL was checked when subscribed; its DNS may point elsewhere now
-                target = ssrf.check_url(url, self.allow)
-            except ssrf.Refused as exc:
-                raise PermanentSinkError(f"{self.label}: refused: {exc}") from None
+                target = ssrf.check_url(url, self.allow, timeout=self.options["timeout"])
+            except ssrf.Unresolved as exc:  # a resolver's bad moment, or a name that lapsed:
+                raise RetryableSinkError(f"{self.label}: {exc}") from None  # the rounds decide
+            except ssrf.Refused as exc:  # for operators (dead letters): where the name pointed
+                detail = f" ({exc.detail})" if exc.detail else ""
+                raise PermanentSinkError(f"{self.label}: refused: {exc}{detail}") from None
             self._pin(target)
             url = target.url
         data, headers = self.request(event)

@@ -7,6 +7,7 @@ urllib3's create_connection, the guard) runs for real."""
 from __future__ import annotations
 
 import socket
+import time
 
 import pytest
 import requests
@@ -22,10 +23,13 @@ def test_a_unicode_host_is_checked_under_the_name_requests_calls(monkeypatch):
     # xn--strae-oqa.attacker.test (IDNA 2008/UTS 46, what requests connects to) is loopback
     dns = FakeDNS(monkeypatch, {"strasse.attacker.test": "93.184.215.14",
                                 "xn--strae-oqa.attacker.test": "127.0.0.1"})
-    with pytest.raises(ssrf.Refused, match=r"xn--strae-oqa\.attacker\.test \(127\.0\.0\.1\) is a "
-                                           r"loopback address"):
+    with pytest.raises(ssrf.Refused, match=r"^xn--strae-oqa\.attacker\.test resolves to a "
+                                           r"loopback address") as refused:
         ssrf.check_url("http://straße.attacker.test:8080/latest/meta-data", ssrf.AllowList())
     assert dns.lookups == ["xn--strae-oqa.attacker.test"]
+    # the address a name points at is for the server's log, not for whoever gave the URL
+    assert "127.0.0.1" not in str(refused.value)
+    assert refused.value.detail == "xn--strae-oqa.attacker.test resolved to 127.0.0.1"
 
 
 def test_the_target_is_what_requests_sends_and_what_was_checked(monkeypatch):
@@ -76,3 +80,18 @@ def test_public_addresses_in_those_forms_pass(address):
     import ipaddress
 
     assert ssrf.why_not_public(ipaddress.ip_address(address)) is None
+
+
+def test_a_lookup_slower_than_its_time_limit_is_unresolved_for_now():
+    def slow(host, port, **kwargs):  # type: ignore[no-untyped-def]
+        time.sleep(2)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", ("93.184.215.14", port))]
+
+    started = time.monotonic()
+    with pytest.raises(ssrf.Unresolved, match="within 0.3 s") as unresolved:
+        ssrf.check_url("https://slow.example/rd", ssrf.AllowList(), resolver=slow, timeout=0.3)
+    assert time.monotonic() - started < 1.5 and unresolved.value.temporary
+    # within its limit, the same lookup is used as it is
+    target = ssrf.check_url("https://slow.example/rd", ssrf.AllowList(), resolver=slow,
+                            timeout=5)
+    assert target.addresses == ((socket.AF_INET, ("93.184.215.14", 443)),)

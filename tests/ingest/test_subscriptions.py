@@ -262,6 +262,31 @@ def test_same_url_twice_for_one_event_type_is_taken(client):
     assert len(client.get(HOOKS).get_json()["webhooks"]) == 2
 
 
+def test_one_endpoint_written_another_way_is_taken_too(client, db):
+    """Case of scheme and host, the default port, a fragment, an empty query: the same endpoint,
+    which two subscriptions would each send every event to. The URL is kept as given."""
+    first = client.post(HOOKS, json=body(url="https://93.184.215.14/rd"))
+    assert first.status_code == 201
+    for same in ("HTTPS://93.184.215.14/rd", "https://93.184.215.14:443/rd",
+                 "https://93.184.215.14/rd#x", "https://93.184.215.14/rd?"):
+        assert field_errors(client.post(HOOKS, json=body(url=same))) == {"url": ["TAKEN"]}, same
+    for other in ("https://93.184.215.14/RD", "https://93.184.215.14:8443/rd",
+                  "http://93.184.215.14/rd", "https://93.184.215.14/rd?x=1"):
+        created = client.post(HOOKS, json=body(url=other))
+        assert created.status_code == 201 and created.get_json()["url"] == other
+    moved = client.post(HOOKS, json=body(url="https://93.184.215.14/moved")).get_json()["uuid"]
+    assert field_errors(client.put(f"{HOOKS}/{moved}", json=body(
+        url="https://93.184.215.14:443/rd#y"))) == {"url": ["TAKEN"]}
+    assert db.execute("SELECT count(*) FROM subscriptions").fetchone() == (6,)
+
+
+def test_include_relations_is_a_set(client):
+    created = client.post(HOOKS, json=body(include_relations=["COMPANY", "CONTACT_FUNNEL",
+                                                              "COMPANY"]))
+    assert created.status_code == 201
+    assert created.get_json()["include_relations"] == ["COMPANY", "CONTACT_FUNNEL"]
+
+
 @pytest.mark.parametrize(("data", "content_type", "status", "error_type"), [
     (b"{not json", "application/json", 400, "BAD_REQUEST"),
     (b"", "application/json", 400, "BAD_REQUEST"),
@@ -504,6 +529,42 @@ def test_ssrf_checks_the_idna_name_the_probe_calls(make_client, subscriber, monk
     assert db.execute("SELECT count(*) FROM subscriptions").fetchone() == (0,)
 
 
+def test_a_resolver_failure_is_a_503_not_an_invalid_url(make_client, monkeypatch, db):
+    """The resolver could not answer now: the URL may be right, so the client is told to come
+    back (503, Retry-After), not that its URL is invalid. A name that does not exist stays 422."""
+    FakeDNS(monkeypatch, {
+        "flaky.example": socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+        "nowhere.example": socket.gaierror(socket.EAI_NONAME, "Name or service not known")})
+    client = make_client(subscription_probe=True)
+    response = client.post(HOOKS, json=body(url="https://flaky.example/rd"))
+    assert response.status_code == 503 and response.headers["Retry-After"] == "5"
+    assert response.get_json()["errors"]["error_type"] == "SERVICE_UNAVAILABLE"
+    assert "flaky.example could not be resolved now" in response.get_json()["errors"][
+        "error_message"]
+    assert field_errors(client.post(HOOKS, json=body(url="https://nowhere.example/rd"))) == {
+        "url": ["INVALID"]}
+    assert db.execute("SELECT count(*) FROM subscriptions").fetchone() == (0,)
+
+
+def test_a_slow_resolver_holds_the_api_thread_no_longer_than_the_probe_limit(
+        make_client, monkeypatch):
+    import ingest.subscriptions as api
+
+    real = socket._socket.getaddrinfo  # type: ignore[attr-defined]
+
+    def getaddrinfo(host, *args, **kwargs):  # type: ignore[no-untyped-def]
+        if host in ("slow.example", b"slow.example"):
+            time.sleep(3)
+        return real(host, *args, **kwargs)
+
+    monkeypatch.setattr(socket._socket, "getaddrinfo", getaddrinfo)  # type: ignore[attr-defined]
+    monkeypatch.setattr(api, "PROBE_TIMEOUT", 0.5)
+    started = time.monotonic()
+    response = make_client(subscription_probe=True).post(
+        HOOKS, json=body(url="https://slow.example/rd"))
+    assert response.status_code == 503 and time.monotonic() - started < 2
+
+
 def test_an_idn_subscriber_url_is_probed_under_its_idna_name(probing, subscriber, monkeypatch):
     FakeDNS(monkeypatch, {"xn--strae-oqa.test": "127.0.0.1"})
     url = f"http://straße.test:{subscriber.port}/rd"
@@ -533,7 +594,7 @@ def test_ssrf_check_looks_at_every_resolved_address():
     def resolver(host: str, port: int, **kwargs: Any) -> list:
         return [(2, 1, 6, "", ("127.0.0.1", port)), (10, 1, 6, "", ("::1", port, 0, 0))]
 
-    with pytest.raises(ssrf.Refused, match=r"localhost \(::1\) is a loopback address"):
+    with pytest.raises(ssrf.Refused, match=r"localhost resolves to a loopback address"):
         ssrf.check_url("http://localhost/x", allow, resolver)
     ssrf.check_url("http://localhost/x", ssrf.AllowList.parse(["127.0.0.0/8", "::1/128"]),
                    resolver)
@@ -550,4 +611,4 @@ def test_subscriptions_table_matches_the_api(database_url):
     assert {"uuid", "event_type", "entity_type", "url", "http_method", "event_identifiers",
             "include_relations", "status", "source", "created_at", "updated_at", "secret",
             "previous_secret", "previous_secret_expires_at", "consecutive_failures",
-            "suspended_at", "last_error"} == columns
+            "suspended_at", "last_error", "url_key"} == columns

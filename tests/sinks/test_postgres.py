@@ -163,3 +163,34 @@ def test_migration_0007_takes_superseded_and_goes_back_without_it(database_url, 
     db.execute("UPDATE deliveries SET status = 'superseded'")
     with pytest.raises(psycopg.errors.CheckViolation):
         db.execute("UPDATE deliveries SET status = 'bogus'")
+
+
+def test_migration_0008_keys_existing_subscriptions_and_keeps_old_duplicates(database_url, db):
+    """Subscriptions made before 0008 get their endpoint key; two that reach one endpoint are
+    both kept (told apart by uuid), and from then on a third is refused by the constraint."""
+    import sqlalchemy
+    from alembic import command
+
+    from sinks.db import _alembic_config, _sqlalchemy_url, migrate
+
+    engine = sqlalchemy.create_engine(_sqlalchemy_url(database_url),
+                                      poolclass=sqlalchemy.NullPool)
+    with engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "0007")
+    engine.dispose()
+    for n, url in enumerate(("https://hooks.example/rd", "HTTPS://Hooks.Example:443/rd#old",
+                             "https://hooks.example/other")):
+        db.execute("INSERT INTO subscriptions (uuid, event_type, entity_type, url, http_method, "
+                   "source, secret, created_at) VALUES (%s, 'WEBHOOK.CONVERTED', 'CONTACT', %s, "
+                   "'POST', 'MKT', 'whsec_x', now() + make_interval(secs => %s))",
+                   (f"00000000-0000-4000-8000-00000000000{n}", url, n))
+    migrate(database_url)
+    keys = [row[0] for row in db.execute("SELECT url_key FROM subscriptions ORDER BY created_at")]
+    assert keys == ["https://hooks.example/rd",
+                    "https://hooks.example/rd#00000000-0000-4000-8000-000000000001",
+                    "https://hooks.example/other"]
+    with pytest.raises(psycopg.errors.UniqueViolation):
+        db.execute("INSERT INTO subscriptions (uuid, event_type, entity_type, url, url_key, "
+                   "http_method, source, secret) VALUES (gen_random_uuid(), "
+                   "'WEBHOOK.CONVERTED', 'CONTACT', 'https://hooks.example/rd/', "
+                   "'https://hooks.example/rd', 'POST', 'MKT', 'whsec_x')")

@@ -264,9 +264,24 @@ def test_a_delivery_connects_to_the_address_it_checked(server, make_sink, intern
     assert dns.lookups == ["rebind.test"]  # resolved once, for the check
     assert got.path == "/hook" and got.header("Host") == f"rebind.test:{internal_port}"
     assert not connected(internal)
-    with pytest.raises(PermanentSinkError, match=r"rebind\.test \(127\.0\.0\.2\) is a loopback"):
+    with pytest.raises(PermanentSinkError, match=r"rebind\.test resolves to a loopback.*"
+                                                 r"\(rebind\.test resolved to 127\.0\.0\.2\)"):
         sink.deliver(event(fixture_bytes("crm-deal-created.json")))  # checked again: refused
     assert not connected(internal)
+
+
+@pytest.mark.parametrize("failure", [
+    socket.gaierror(socket.EAI_AGAIN, "Temporary failure in name resolution"),
+    socket.gaierror(socket.EAI_NONAME, "Name or service not known"),
+])
+def test_a_host_that_does_not_resolve_now_is_retried_not_dead_lettered(make_sink, monkeypatch,
+                                                                         failure):
+    """A resolver's bad moment (or a name that lapsed for a while) is the subscriber's outage:
+    the retry rounds decide, as for a refused connection; only a non-public address is final."""
+    FakeDNS(monkeypatch, {"hooks.example": failure})
+    sink = make_sink(url="https://hooks.example/rd", ssrf_allow=[], timeout=2)
+    with pytest.raises(RetryableSinkError, match="hooks.example could not be resolved"):
+        sink.deliver(event(fixture_bytes("crm-deal-created.json")))
 
 
 def test_a_unicode_host_is_checked_under_the_name_it_is_delivered_to(make_sink, internal,
@@ -277,7 +292,8 @@ def test_a_unicode_host_is_checked_under_the_name_it_is_delivered_to(make_sink, 
     with HttpServer(port) as srv:
         sink = make_sink(url=f"http://straße.test:{port}/hook", ssrf_allow=["127.0.0.1"],
                          timeout=2)
-        with pytest.raises(PermanentSinkError, match=r"xn--strae-oqa\.test \(127\.0\.0\.2\)"):
+        with pytest.raises(PermanentSinkError,
+                           match=r"xn--strae-oqa\.test resolved to 127\.0\.0\.2"):
             sink.deliver(event(fixture_bytes("crm-deal-created.json")))
         assert srv.requests == []
     assert not connected(internal)

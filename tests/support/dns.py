@@ -18,11 +18,13 @@ class FakeDNS:
     """Answers for some names, every other lookup going to the real resolver.
 
     `zone` maps an ASCII name to an address, or to a list of addresses given to its successive
-    lookups (the last one repeats: a TTL-0 name that rebinds). A str host is encoded with the
+    lookups (the last one repeats: a TTL-0 name that rebinds), or to the socket.gaierror a
+    lookup of it raises. A str host is encoded with the
     "idna" codec (IDNA 2003) first, as Modules/socketmodule.c does: "straße" -> "strasse".
     `lookups` lists the names asked for, in order."""
 
-    def __init__(self, monkeypatch: pytest.MonkeyPatch, zone: dict[str, str | Sequence[str]]):
+    def __init__(self, monkeypatch: pytest.MonkeyPatch,
+                 zone: dict[str, str | Sequence[str] | socket.gaierror]):
         self.zone = zone
         self.lookups: list[str] = []
         real = socket._socket.getaddrinfo  # type: ignore[attr-defined]
@@ -35,6 +37,8 @@ class FakeDNS:
             asked = sum(1 for n in self.lookups if n == name)
             self.lookups.append(name)
             answer = self.zone[name]
+            if isinstance(answer, socket.gaierror):
+                raise answer
             address = answer if isinstance(answer, str) else answer[min(asked, len(answer) - 1)]
             af = socket.AF_INET6 if ":" in address else socket.AF_INET
             if family not in (0, af):
