@@ -125,8 +125,34 @@ def server_log_config(settings: Settings) -> Path:
                     for name in ("_granian", "granian.access", "gunicorn.error",
                                  "gunicorn.access")},
     }
-    path = Path(tempfile.gettempdir()) / f"leadpipe-server-logging-{os.getuid()}.json"
-    path.write_text(json.dumps(config))
+    path = private_dir() / "server-logging.json"
+    fd, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # mode 0600
+    with os.fdopen(fd, "w") as out:
+        out.write(json.dumps(config))
+    os.replace(temporary, path)  # whole: a server starting meanwhile never reads half a file
+    return path
+
+
+def private_dir() -> Path:
+    """A folder under the temp dir that only this user can enter: /tmp/leadpipe-<uid>, made
+    0700, or a fresh one when that name is taken by anything else (another user's, a symlink,
+    open to others): a file the server loads as its logging config (which can name classes
+    to import) must not be one another local user could place or change."""
+    import stat
+    import tempfile
+
+    path = Path(tempfile.gettempdir()) / f"leadpipe-{os.getuid()}"
+    try:
+        path.mkdir(mode=0o700)
+    except FileExistsError:
+        pass
+    try:
+        info = os.lstat(path)
+    except OSError:
+        info = None
+    if (info is None or not stat.S_ISDIR(info.st_mode) or info.st_uid != os.getuid()
+            or info.st_mode & 0o077):
+        return Path(tempfile.mkdtemp(prefix="leadpipe-"))
     return path
 
 
@@ -334,7 +360,8 @@ def cmd_config(args: argparse.Namespace) -> int:
     if args.markdown:
         print("| variable | default | meaning |\n|---|---|---|")
         for name, default, doc in documented():
-            print(f"| `{name}` | {f'`{default}`' if default else '—'} | {doc} |")
+            shown = default if default.startswith("(") else f"`{default}`" if default else "—"
+            print(f"| `{name}` | {shown} | {doc} |")
         return 0
     width = max(len(name) for name, _, _ in documented())
     for name, default, doc in documented():

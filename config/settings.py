@@ -47,10 +47,14 @@ def as_days(raw: str) -> int:
 
 
 def as_float(raw: str) -> float:
+    """A number of seconds: finite and above 0 (nan, inf and 0 would never time out or always)."""
     try:
-        return float(raw.strip())
+        value = float(raw.strip())
     except ValueError:
         raise ConfigError(f"expected a number, got {raw!r}") from None
+    if not 0 < value < float("inf"):  # nan fails this too
+        raise ConfigError(f"expected a number of seconds above 0, got {raw!r}")
+    return value
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -108,9 +112,12 @@ def as_log_level(raw: str) -> str:
     return value
 
 
-def setting(env: str, convert: Callable[[str], Any], default: Any, doc: str) -> Any:
-    """Declare one setting: the variable it comes from, its converter, default and meaning."""
-    return field(default=default, metadata={"env": env, "convert": convert, "doc": doc})
+def setting(env: str, convert: Callable[[str], Any], default: Any, doc: str,
+            shown: str | None = None) -> Any:
+    """Declare one setting: the variable it comes from, its converter, default and meaning;
+    `shown`: how the docs give a default that depends on the machine, in brackets."""
+    return field(default=default, metadata={"env": env, "convert": convert, "doc": doc,
+                                            "shown": shown})
 
 
 @dataclass(frozen=True)
@@ -182,7 +189,7 @@ class Settings:
     )
     worker_concurrency: int = setting(
         "WORKER_CONCURRENCY", as_positive_int, os.cpu_count() or 1,
-        "Celery worker processes per `leadpipe worker`.",
+        "Celery worker processes per `leadpipe worker`.", shown="(the number of CPUs)",
     )
     visibility_timeout_seconds: int = setting(
         "VISIBILITY_TIMEOUT_SECONDS", as_positive_int, 12 * 3600,
@@ -341,6 +348,8 @@ def documented() -> list[tuple[str, str, str]]:
         default = f.default
         if isinstance(default, tuple):
             default = ",".join(default)
+        if f.metadata.get("shown"):
+            default = f.metadata["shown"]
         rows.append((PREFIX + f.metadata["env"], "" if default is None else str(default),
                      f.metadata["doc"]))
     return rows

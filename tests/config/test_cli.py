@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 import subprocess
 import sys
 
@@ -52,3 +53,35 @@ def test_redis_down(settings, tmp_path, args):
 ])
 def test_bad_input(settings, args, env, words):
     one_clear_line(leadpipe(settings, *args, **env), 2, *words)
+
+
+def test_the_server_logging_config_is_written_where_only_this_user_can(settings, tmp_path,
+                                                                       monkeypatch):
+    """The server imports what that file names: it must not be a file another local user could
+    have placed (a fixed name in /tmp) or could change."""
+    import stat
+    import tempfile
+
+    from config.cli import server_log_config
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    path = server_log_config(settings)
+    assert path.parent == tmp_path / f"leadpipe-{os.getuid()}"
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert '"config.logs.JsonFormatter"' in path.read_text()
+
+    # that name already taken by a folder open to others, or by a symlink: not used
+    for taken in ("open", "link"):
+        shutil.rmtree(path.parent)
+        if taken == "open":
+            path.parent.mkdir(mode=0o777)
+            path.parent.chmod(0o777)
+        else:
+            (tmp_path / "elsewhere").mkdir(mode=0o700, exist_ok=True)
+            path.parent.symlink_to(tmp_path / "elsewhere")
+        other = server_log_config(settings)
+        assert other.parent != path.parent and other.parent.parent == tmp_path
+        assert stat.S_IMODE(other.parent.stat().st_mode) == 0o700
+        if taken == "link":
+            path.parent.unlink()

@@ -56,3 +56,17 @@ def test_bad_setting_stops_a_command_with_a_clear_message():
                             capture_output=True, text=True, timeout=60)
     assert result.returncode == 2
     assert "LEADPIPE_BATCH_SIZE" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_documented_defaults_do_not_depend_on_the_machine():
+    """The README's table is compared with `leadpipe config --markdown` on whatever machine runs
+    the tests: a default computed from the machine is documented by what it is, not its value."""
+    shown = {name: default for name, default, _ in documented()}
+    assert shown["LEADPIPE_WORKER_CONCURRENCY"] == "(the number of CPUs)"
+    assert Settings.from_env({}).worker_concurrency == (os.cpu_count() or 1)
+
+
+@pytest.mark.parametrize("raw", ["nan", "inf", "-1", "0"])
+def test_a_timeout_must_be_a_finite_time(raw):
+    with pytest.raises(ConfigError, match="seconds above 0"):
+        Settings.from_env({"LEADPIPE_REDIS_TIMEOUT_SECONDS": raw})
