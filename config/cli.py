@@ -265,7 +265,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     state = status.collect(runtime, delivered=True)
     workers = status.workers(runtime.app, args.timeout)
     if args.json:
-        print(json.dumps({**asdict(state), "workers": workers}, indent=2, default=str))
+        out = asdict(state)
+        if not state.redis_up:  # pause and circuit were never read: unknown, not running
+            for sink in out["sinks"].values():
+                sink.update(paused=None, circuit=None)
+        print(json.dumps({**out, "workers": workers}, indent=2, default=str))
     else:
         print(status.render(state, workers, args.timeout))
     return 0 if state.redis_up and state.postgres_up else 1
@@ -448,11 +452,12 @@ def parser() -> argparse.ArgumentParser:
 
 def _unavailable(exc: BaseException) -> str | None:
     """What a store's failure says to an operator (no traceback), or None if it is not one."""
+    import kombu.exceptions
     import psycopg
     import redis
     from psycopg_pool import PoolTimeout
 
-    if isinstance(exc, redis.RedisError):
+    if isinstance(exc, redis.RedisError | kombu.exceptions.OperationalError):
         return f"Redis unavailable ({type(exc).__name__}: {exc}); check LEADPIPE_REDIS_URL"
     if isinstance(exc, PoolTimeout | psycopg.OperationalError):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

@@ -7,6 +7,7 @@ import math
 from datetime import datetime
 from typing import Any
 
+import kombu.exceptions
 import orjson
 import psycopg
 import redis
@@ -31,8 +32,9 @@ def invalid(exc: Invalid) -> Response:
 
 def store_down(exc: Exception) -> Response:
     """503 with Retry-After when Postgres or Redis cannot answer, never a 500."""
-    log.warning("operator API: %s unavailable: %s",
-                "Redis" if isinstance(exc, redis.RedisError) else "Postgres", type(exc).__name__)
+    redis_side = isinstance(exc, redis.RedisError | kombu.exceptions.OperationalError)
+    log.warning("operator API: %s unavailable: %s", "Redis" if redis_side else "Postgres",
+                type(exc).__name__)
     return error(503, "SERVICE_UNAVAILABLE", "Postgres or Redis unavailable; retry later.",
                  headers={"Retry-After": "5"})
 
@@ -40,7 +42,8 @@ def store_down(exc: Exception) -> Response:
 def operator_errors(blueprint: Blueprint) -> None:
     """The answers every operator blueprint gives for refused input and stores that are down."""
     blueprint.register_error_handler(Invalid, invalid)
-    for kind in (redis.RedisError, psycopg.OperationalError, PoolTimeout):
+    for kind in (redis.RedisError, kombu.exceptions.OperationalError, psycopg.OperationalError,
+                 PoolTimeout):
         blueprint.register_error_handler(kind, store_down)
 
 

@@ -135,8 +135,9 @@ _DEFAULT_PORTS = {"http": 80, "https": 443}
 def endpoint_key(url: str) -> str:
     """`url` as the endpoint it reaches, for telling two subscriptions of one endpoint apart
     from two endpoints: scheme and host in lower case (the host as requests calls it), no
-    default port, no fragment (never sent), no empty query, "/" for an empty path. The path and
-    query are kept as they are (a server may tell /Hook from /hook)."""
+    default port, no fragment (never sent), no empty query, "/" for an empty path. The path,
+    query and credentials are kept as they are (a server may tell /Hook from /hook, and
+    user:password@ is sent as Basic auth)."""
     parts = parse_url(client_url(url))
     scheme = (parts.scheme or "").lower()
     host = (parts.host or "").lower()
@@ -144,7 +145,8 @@ def endpoint_key(url: str) -> str:
         host = f"[{host}]"
     port = "" if parts.port in (None, _DEFAULT_PORTS.get(scheme)) else f":{parts.port}"
     query = f"?{parts.query}" if parts.query else ""
-    return f"{scheme}://{host}{port}{parts.path or '/'}{query}"
+    auth = f"{parts.auth}@" if parts.auth else ""  # sent as Basic auth: another tenant
+    return f"{scheme}://{auth}{host}{port}{parts.path or '/'}{query}"
 
 
 _IETF_PROTOCOL = ipaddress.ip_network("192.0.0.0/24")  # RFC 6890: not global but two hosts

@@ -172,8 +172,10 @@ def _taken() -> Refusal:
         "error_message": "has already been taken for this event_type"}]})
 
 
-def _check_url(url: str, event_type: str, moved: bool, own: uuid.UUID | None = None) -> None:
-    """SSRF guard, uniqueness, then (for a new URL) the probe RD makes before subscribing."""
+def _check_url(url: str, event_type: str, moved: bool, own: uuid.UUID | None = None,
+               unique: bool = True) -> None:
+    """SSRF guard, uniqueness (unless the subscription keeps its endpoint and event type),
+    then (for a new URL) the probe RD makes before subscribing."""
     try:
         target = ssrf.check_url(url, ssrf.AllowList.parse(_option("ssrf_allow", ())),
                                 timeout=PROBE_TIMEOUT)  # a slow resolver holds no API thread
@@ -189,10 +191,9 @@ def _check_url(url: str, event_type: str, moved: bool, own: uuid.UUID | None = N
                                 extra={"detail": exc.detail or str(exc)})
         raise _field_errors(422, {"url": [{"error_type": "INVALID",
                                            "error_message": str(exc)}]}) from None
-    clash = _db().execute(
-        "SELECT 1 FROM subscriptions WHERE event_type = %s AND url_key = %s AND uuid IS DISTINCT "
-        "FROM %s", (event_type, ssrf.endpoint_key(url), own)).fetchone()
-    if clash:
+    if unique and _db().execute(
+            "SELECT 1 FROM subscriptions WHERE event_type = %s AND url_key = %s "
+            "AND uuid IS DISTINCT FROM %s", (event_type, ssrf.endpoint_key(url), own)).fetchone():
         raise _taken()
     if moved and _option("subscription_probe", True):
         problem = probe(url, target=target)  # to the addresses just checked, not a new lookup
@@ -295,20 +296,26 @@ def update_webhook(webhook_uuid: str) -> Response:
     if current is None:
         raise _not_found(key)
     data = _input()
-    _check_url(data["url"], data["event_type"], moved=data["url"] != current["url"], own=key)
+    # its own endpoint and event type again: no clash to look for, and its key is kept (one
+    # made before keys existed may share its endpoint with an older one: see migration 0008)
+    kept = data["event_type"] == current["event_type"] and _same_endpoint(data["url"],
+                                                                         current["url"])
+    _check_url(data["url"], data["event_type"], moved=data["url"] != current["url"], own=key,
+               unique=not kept)
     # a PUT re-activates a suspended subscription (RD's way to say "try my URL again")
     try:
         with _db().cursor(row_factory=dict_row) as cur:
             cur.execute(
                 "UPDATE subscriptions SET event_type = %(event_type)s, "
-                "entity_type = %(entity_type)s, url = %(url)s, url_key = %(url_key)s, "
+                "entity_type = %(entity_type)s, url = %(url)s, "
+                "url_key = CASE WHEN %(kept)s THEN url_key ELSE %(url_key)s END, "
                 "http_method = %(http_method)s, "
                 "event_identifiers = %(event_identifiers)s, "
                 "include_relations = %(include_relations)s, source = %(source)s, "
                 "status = 'active', consecutive_failures = 0, updated_at = now() "
                 f"WHERE uuid = %(uuid)s RETURNING {_COLUMNS}",
                 {**data, "uuid": key, "source": _source(data["event_type"]),
-                 "url_key": ssrf.endpoint_key(data["url"])})
+                 "url_key": ssrf.endpoint_key(data["url"]), "kept": kept})
             row = cur.fetchone()
     except psycopg.errors.UniqueViolation:
         raise _taken() from None
@@ -316,6 +323,13 @@ def update_webhook(webhook_uuid: str) -> Response:
         raise _not_found(key)
     _audit("updated", row)
     return _json(_out(row))
+
+
+def _same_endpoint(url: str, stored: str) -> bool:
+    try:
+        return ssrf.endpoint_key(url) == ssrf.endpoint_key(stored)
+    except (ssrf.Refused, ValueError):  # a stored URL today's checks would refuse
+        return False
 
 
 @bp.delete("/<webhook_uuid>")

@@ -133,8 +133,14 @@ SELECT %(id)s, %(sink)s, d.attempts, now(), 0, 'superseded', %(note)s FROM d
 
 def supersede(conn: psycopg.Connection, sink: str, events: list[Event]) -> list[Event]:
     """Close the deliveries of events a newer event of their lead or deal has overtaken (see
-    sinks.postgres.superseded); the rest, still to be sent."""
+    sinks.postgres.superseded) when that newer event goes to this sink too (its delivery
+    pending or done): it brings the newer state. The rest, still to be sent."""
     newer = superseded(conn, events)
+    if newer:
+        coming = {row[0] for row in conn.execute(
+            "SELECT event_id FROM deliveries WHERE sink = %s AND event_id = ANY(%s) "
+            "AND status IN ('pending', 'delivered')", (sink, list(set(newer.values()))))}
+        newer = {old: new for old, new in newer.items() if new in coming}
     for event in events:
         if event.id in newer:
             conn.execute(_SUPERSEDE, {"id": event.id, "sink": sink,
@@ -292,6 +298,12 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
                 failed += [(e, RuntimeError("circuit open")) for e in rest]
                 waits.append(blocked)
                 break
+        # checked just before the send (and before it costs a rate-limit token): only a newer
+        # event stored while this one is on its way can still overtake it, if another worker
+        # sends that one first
+        if sink.latest_state_only and not supersede(conn, spec.name, [event]):
+            plan.superseded += 1
+            continue
         if spec.rate:
             wait = control.rate_wait(spec.name, *spec.rate)
             if wait > 1.0:  # a long wait is a scheduled task, not a sleeping worker
@@ -302,11 +314,6 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
             while wait > 0:
                 time.sleep(wait)
                 wait = control.rate_wait(spec.name, *spec.rate)
-        # checked just before the send: only a newer event stored while this one is on its
-        # way can still overtake it, if another worker sends that one first
-        if sink.latest_state_only and not supersede(conn, spec.name, [event]):
-            plan.superseded += 1
-            continue
         exc, tries = attempt(sink, spec, event)
         book.write(tries)
         if exc is None:

@@ -7,7 +7,9 @@ from collections.abc import Callable
 from datetime import datetime
 from typing import Any
 
+import kombu.exceptions
 import psycopg
+import redis
 
 from workers import subscribers
 from workers.runtime import Runtime, sink_queue
@@ -111,11 +113,22 @@ def replay(runtime: Runtime, ids: list[int] | None = None, sink: str | None = No
             for event_id, sink_name in moved:
                 by_sink.setdefault(sink_name, []).append(event_id)
             for sink_name, event_ids in by_sink.items():
-                runtime.publish(sink_name, event_ids)
+                publish_or_relay(runtime, sink_name, event_ids)
             done += len(moved)
             if progress:
                 progress(start + len(chunk), len(letters))
     return done
+
+
+def publish_or_relay(runtime: Runtime, sink: str, event_ids: list[str]) -> None:
+    """Queue deliveries already committed as pending; if the broker cannot take them now, the
+    relay sends them after LEADPIPE_RELAY_AFTER_SECONDS (they are in Postgres: nothing lost)."""
+    try:
+        runtime.publish(sink, event_ids)
+    except (kombu.exceptions.OperationalError, redis.RedisError) as exc:
+        log.warning("broker unavailable: deliveries left to the relay",
+                    extra={"sink": sink, "deliveries": len(event_ids),
+                           "error": type(exc).__name__})
 
 
 def _target(runtime: Runtime, sink: str) -> bool:

@@ -9,7 +9,8 @@ import psycopg
 
 from ingest.queue import Entry
 from sinks.postgres import Stored
-from workers.pipeline import fan_out, split, store_each
+from workers.operations import publish_or_relay
+from workers.pipeline import split, store_each
 from workers.runtime import Runtime
 
 
@@ -54,7 +55,8 @@ def replay(runtime: Runtime, quarantine_id: str) -> ReplayResult:
     stored, refusals = (store_each(runtime, events, runtime.router()) if events
                         else (Stored(), []))
     if runtime.app is not None:
-        fan_out(runtime, stored)
+        for sink, event_ids in stored.deliveries.items():
+            publish_or_relay(runtime, sink, event_ids)
     reason = "; ".join(r.reason for r in (*rejected, *refusals)) or None
     with psycopg.connect(dsn) as conn:
         if reason is not None:

@@ -124,6 +124,8 @@ def test_status_shows_unknown_sink_state_when_redis_is_unreachable(routed):
     result = status(down, "--timeout", "0.3")
     assert result.returncode == 1 and "REDIS UNREACHABLE" in result.stdout
     assert row(result.stdout, "held")[1:3] == ["?", "?"], result.stdout  # state, circuit
+    held = json.loads(status(down, "--timeout", "0.3", "--json").stdout)["sinks"]["held"]
+    assert (held["paused"], held["circuit"]) == (None, None)
     dashboard = create_app(down.with_(admin_tokens=("t-admin",))).test_client().get(
         "/api/dashboard", headers={"Authorization": "Bearer t-admin"})
     assert dashboard.status_code == 200

@@ -172,3 +172,15 @@ def test_quarantined_bodies_with_odd_types_show_no_pii(routed, db):
         text = answer.get_data(as_text=True)
         assert "maria.souza" not in text and "Maria Souza" not in text, (url, text)
         assert "m***@***.br" in text
+
+
+def test_a_replay_while_the_broker_is_down_is_left_to_the_relay(routed, worker_factory, db):
+    """The dead letter is taken and its delivery pending in Postgres before the publish: a
+    broker that cannot take the task must not turn that into an error (the relay sends it)."""
+    letter = dead_letter(routed, worker_factory, db)
+    broker_down = routed.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    answer = create_app(broker_down).test_client().post(f"/api/dead-letters/{letter}/replay",
+                                                        headers=auth())
+    assert (answer.status_code, answer.get_json()) == (200, {"replayed": 1})
+    assert db.execute("SELECT d.status, l.replayed_at IS NOT NULL FROM deliveries d JOIN "
+                      "dead_letters l USING (event_id, sink)").fetchall() == [("pending", True)]

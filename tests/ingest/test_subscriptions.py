@@ -271,13 +271,48 @@ def test_one_endpoint_written_another_way_is_taken_too(client, db):
                  "https://93.184.215.14/rd#x", "https://93.184.215.14/rd?"):
         assert field_errors(client.post(HOOKS, json=body(url=same))) == {"url": ["TAKEN"]}, same
     for other in ("https://93.184.215.14/RD", "https://93.184.215.14:8443/rd",
-                  "http://93.184.215.14/rd", "https://93.184.215.14/rd?x=1"):
+                  "http://93.184.215.14/rd", "https://93.184.215.14/rd?x=1",
+                  "https://tenant-a:pw@93.184.215.14/rd"):  # Basic auth: another tenant
         created = client.post(HOOKS, json=body(url=other))
         assert created.status_code == 201 and created.get_json()["url"] == other
     moved = client.post(HOOKS, json=body(url="https://93.184.215.14/moved")).get_json()["uuid"]
     assert field_errors(client.put(f"{HOOKS}/{moved}", json=body(
         url="https://93.184.215.14:443/rd#y"))) == {"url": ["TAKEN"]}
-    assert db.execute("SELECT count(*) FROM subscriptions").fetchone() == (6,)
+    assert db.execute("SELECT count(*) FROM subscriptions").fetchone() == (7,)
+    # a URL the API takes whose key, percent-encoded, is past what one index entry can hold
+    long = "https://93.184.215.14/" + "字" * 900
+    assert client.post(HOOKS, json=body(url=long)).status_code == 201
+    assert field_errors(client.post(HOOKS, json=body(url=long + "#x"))) == {"url": ["TAKEN"]}
+
+
+def test_two_subscriptions_of_one_endpoint_made_before_keys_both_still_work(client, db,
+                                                                             database_url):
+    """Migration 0008 keeps both; each can still be PUT with its own data (a suspended one
+    re-activated), and deleting the first frees the endpoint for no one else but it."""
+    import sqlalchemy
+    from alembic import command
+
+    from sinks.db import _alembic_config, _sqlalchemy_url, migrate
+
+    engine = sqlalchemy.create_engine(_sqlalchemy_url(database_url),
+                                      poolclass=sqlalchemy.NullPool)
+    with engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "0007")
+    engine.dispose()
+    for n, url in enumerate(("https://93.184.215.14/rd", "HTTPS://93.184.215.14:443/rd")):
+        db.execute("INSERT INTO subscriptions (uuid, event_type, entity_type, url, http_method, "
+                   "source, secret, status, created_at) VALUES (%s, 'WEBHOOK.CONVERTED', "
+                   "'CONTACT', %s, 'POST', 'MKT', 'whsec_x', 'suspended', "
+                   "now() + make_interval(secs => %s))",
+                   (f"00000000-0000-4000-8000-00000000000{n}", url, n))
+    migrate(database_url)
+    for n, url in enumerate(("https://93.184.215.14/rd", "HTTPS://93.184.215.14:443/rd")):
+        again = client.put(f"{HOOKS}/00000000-0000-4000-8000-00000000000{n}",
+                           json=body(url=url, event_identifiers=[], include_relations=[]))
+        assert again.status_code == 200, again.data
+        assert again.get_json()["status"] == "active"
+    assert field_errors(client.post(HOOKS, json=body(url="https://93.184.215.14/rd#3"))) == {
+        "url": ["TAKEN"]}
 
 
 def test_include_relations_is_a_set(client):

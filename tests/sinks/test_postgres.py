@@ -178,17 +178,19 @@ def test_migration_0008_keys_existing_subscriptions_and_keeps_old_duplicates(dat
     with engine.begin() as conn:
         command.downgrade(_alembic_config(conn), "0007")
     engine.dispose()
+    long = "https://hooks.example/" + "字" * 900  # its key, percent-encoded: 8 kB
     for n, url in enumerate(("https://hooks.example/rd", "HTTPS://Hooks.Example:443/rd#old",
-                             "https://hooks.example/other")):
+                             "https://hooks.example/other", "ftp://[bad/", long)):
         db.execute("INSERT INTO subscriptions (uuid, event_type, entity_type, url, http_method, "
                    "source, secret, created_at) VALUES (%s, 'WEBHOOK.CONVERTED', 'CONTACT', %s, "
                    "'POST', 'MKT', 'whsec_x', now() + make_interval(secs => %s))",
                    (f"00000000-0000-4000-8000-00000000000{n}", url, n))
     migrate(database_url)
     keys = [row[0] for row in db.execute("SELECT url_key FROM subscriptions ORDER BY created_at")]
-    assert keys == ["https://hooks.example/rd",
-                    "https://hooks.example/rd#00000000-0000-4000-8000-000000000001",
-                    "https://hooks.example/other"]
+    assert keys[:4] == ["https://hooks.example/rd",
+                        "https://hooks.example/rd#00000000-0000-4000-8000-000000000001",
+                        "https://hooks.example/other", "ftp://[bad/"]  # unparsable: as it is
+    assert keys[4] == "https://hooks.example/" + "%E5%AD%97" * 900
     with pytest.raises(psycopg.errors.UniqueViolation):
         db.execute("INSERT INTO subscriptions (uuid, event_type, entity_type, url, url_key, "
                    "http_method, source, secret) VALUES (gen_random_uuid(), "

@@ -100,3 +100,25 @@ def test_a_slow_receiver_gets_its_events_over_several_tasks_none_twice(
              and json.loads(line).get("rest")]
     assert rests, "no task handed the rest of its events on"
     assert max(rests) <= events - TASK_BUDGET_SECONDS / 0.5 + 1
+
+
+def test_an_older_event_is_superseded_only_by_a_newer_one_that_goes_to_the_same_sink(
+        database_url, db):
+    """The newer event brings the newer state only if it reaches that sink: one routed
+    elsewhere (or dead there) leaves the older one to be sent."""
+    from sinks.postgres import PostgresSink
+    from tests.sinks.test_postgres_lww import at, events, v2
+    from workers import delivery
+
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    older, = events(v2("U-9", at(0), name="Ana Old", job_title="CEO"))
+    newer, = events(v2("U-9", at(1)))
+    sink.store([older], [], route=lambda e: ["crm"])
+    sink.store([newer], [], route=lambda e: ["audit"])  # a route that leaves the crm out
+    with sink.pool.connection() as conn:
+        assert [e.id for e in delivery.supersede(conn, "crm", [older])] == [older.id]
+        conn.execute("INSERT INTO deliveries (event_id, sink) VALUES (%s, 'crm')", (newer.id,))
+        assert delivery.supersede(conn, "crm", [older]) == []
+    assert db.execute("SELECT sink, status FROM deliveries WHERE event_id = %s",
+                      (older.id,)).fetchall() == [("crm", "superseded")]
+    sink.close()
