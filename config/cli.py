@@ -110,6 +110,7 @@ def api_command(settings: Settings, host: str, port: int, workers: int, server: 
 def server_log_config(settings: Settings) -> Path:
     """A logging dictConfig file that makes the server's own lines (granian's, gunicorn's) the
     same JSON lines as Leadpipe's, so a log pipeline reads one format."""
+    import hashlib
     import json
     import tempfile
 
@@ -125,10 +126,14 @@ def server_log_config(settings: Settings) -> Path:
                     for name in ("_granian", "granian.access", "gunicorn.error",
                                  "gunicorn.access")},
     }
-    path = private_dir() / "server-logging.json"
+    text = json.dumps(config, sort_keys=True)
+    # named by its content: two servers started with different settings (log_pii) at once
+    # never read each other's; the same settings share one file
+    digest = hashlib.sha256(text.encode()).hexdigest()[:16]
+    path = private_dir() / f"server-logging-{digest}.json"
     fd, temporary = tempfile.mkstemp(dir=path.parent, suffix=".tmp")  # mode 0600
     with os.fdopen(fd, "w") as out:
-        out.write(json.dumps(config))
+        out.write(text)
     os.replace(temporary, path)  # whole: a server starting meanwhile never reads half a file
     return path
 

@@ -70,6 +70,10 @@ def test_the_server_logging_config_is_written_where_only_this_user_can(settings,
     assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
     assert stat.S_IMODE(path.stat().st_mode) == 0o600
     assert '"config.logs.JsonFormatter"' in path.read_text()
+    # another setting, another file: servers started at once never swap configs
+    other_settings = server_log_config(settings.with_(log_pii=not settings.log_pii))
+    assert other_settings != path and path.exists()
+    assert server_log_config(settings) == path
 
     # that name already taken by a folder open to others, or by a symlink: not used
     for taken in ("open", "link"):
