@@ -268,7 +268,8 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     runtime = _ops_runtime()
     state = status.collect(runtime, delivered=True)
-    workers = status.workers(runtime.app, args.timeout)
+    # with the broker unreachable no worker can answer: do not spend kombu's retries asking
+    workers = status.workers(runtime.app, args.timeout) if state.redis_up else {}
     if args.json:
         out = asdict(state)
         if not state.redis_up:  # pause and circuit were never read: unknown, not running
