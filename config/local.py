@@ -183,6 +183,7 @@ class LocalPostgres:
         self.database = database
         self.proc: subprocess.Popen | None = None
         self.user = _unprivileged_user()
+        self.data: Path | None = None  # the cluster's folder, once started
 
     def _cmd(self, *args: str) -> list[str]:
         return ["runuser", "-u", self.user, "--", *args] if self.user else list(args)
@@ -214,7 +215,7 @@ class LocalPostgres:
 
     def start(self) -> LocalPostgres:
         self.dir.mkdir(parents=True, exist_ok=True)
-        data = self._data_dir()
+        data = self.data = self._data_dir()
         sockets = data.parent if data.parent != self.dir else self.dir
         if self.user:
             data.parent.mkdir(parents=True, exist_ok=True)
@@ -290,3 +291,13 @@ class LocalPostgres:
 
     def stop(self, kill: bool = False) -> None:
         stop_group(self.proc, signal.SIGKILL if kill else signal.SIGINT, 60)
+
+    def discard(self) -> None:
+        """Stop the server and delete the cluster with its folder, for a throw-away cluster (the
+        test suite's): as root the data lives outside that folder, in /var/lib/leadpipe, where
+        it would otherwise stay until its folder is gone and another cluster is made."""
+        self.stop()
+        if self.data is not None and self.data.parent != self.dir:
+            shutil.rmtree(self.data, ignore_errors=True)
+            (self.data.parent / f"{self.data.name}.folder").unlink(missing_ok=True)
+        shutil.rmtree(self.dir, ignore_errors=True)

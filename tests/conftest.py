@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -57,6 +58,7 @@ def _discard_recorders() -> Iterator[None]:
 def service_dir() -> Iterator[Path]:
     path = Path(tempfile.mkdtemp(prefix="leadpipe-tests-"))
     yield path
+    shutil.rmtree(path, ignore_errors=True)  # after the servers in it stopped (they use it)
 
 
 @pytest.fixture(scope="session")
@@ -84,7 +86,7 @@ def postgres_admin_url(service_dir: Path) -> Iterator[str]:
     migrate(template)
     yield admin
     if not os.environ.get("LEADPIPE_TEST_DATABASE_URL"):
-        server.stop()
+        server.discard()  # its cluster too (as root: ~100 MB under /var/lib/leadpipe per run)
 
 
 _db_numbers = itertools.count()

@@ -56,6 +56,18 @@ def test_clusters_of_removed_folders_are_pruned(tmp_path):
         kept.stop()
 
 
+def test_a_discarded_cluster_leaves_nothing_behind(tmp_path):
+    """The test suite's cluster is thrown away at its end: as root its data lives under
+    /var/lib/leadpipe, where a hundred megabytes a run used to stay."""
+    pg = LocalPostgres(tmp_path / "once", port=free_port()).start()
+    data = pg.data
+    assert data is not None and (data / "PG_VERSION").exists()
+    pg.discard()
+    assert pg.proc is not None and pg.proc.poll() is not None
+    assert not data.exists() and not (tmp_path / "once").exists()
+    assert not (data.parent / f"{data.name}.folder").exists()
+
+
 def test_a_server_that_refuses_us_is_stopped_not_left_running(tmp_path):
     pg = LocalPostgres(tmp_path / "pg", port=free_port()).start()
     pg.stop()
