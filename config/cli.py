@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
+from config.inputs import Invalid, finite_number, whole_number
 from config.settings import ConfigError, Settings, documented
 
 SERVERS = ("gunicorn", "granian")
@@ -262,7 +264,6 @@ def cmd_sinks(args: argparse.Namespace) -> int:
 def cmd_status(args: argparse.Namespace) -> int:
     """The pipeline at a glance; exit status 1 when Redis or Postgres could not be read."""
     import json
-    from dataclasses import asdict
 
     from workers import status
 
@@ -271,11 +272,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     # with the broker unreachable no worker can answer: do not spend kombu's retries asking
     workers = status.workers(runtime.app, args.timeout) if state.redis_up else {}
     if args.json:
-        out = asdict(state)
-        if not state.redis_up:  # pause and circuit were never read: unknown, not running
-            for sink in out["sinks"].values():
-                sink.update(paused=None, circuit=None)
-        print(json.dumps({**out, "workers": workers}, indent=2, default=str))
+        print(json.dumps({**state.as_dict(), "workers": workers}, indent=2, default=str))
     else:
         print(status.render(state, workers, args.timeout))
     return 0 if state.redis_up and state.postgres_up else 1
@@ -303,35 +300,32 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     def progress(done: int, total: int) -> None:
         print(f"\rreplayed {done}/{total}", end="", file=sys.stderr, flush=True)
 
-    count = operations.replay(runtime, [_letter_id(i) for i in args.ids] or None, args.sink,
-                              since, progress)
+    ids = [whole_number(i, "A dead-letter id (see `leadpipe dead-letters list`)")
+           for i in args.ids]
+    count = operations.replay(runtime, ids or None, args.sink, since, progress)
     print(f"\nreplayed {count} dead letter(s)")
     return 0
 
 
-def _letter_id(raw: str) -> int:
-    """A dead-letter id as `dead-letters list` prints it (a bigint above 0)."""
-    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) < 2**63:
-        raise ConfigError(f"{raw!r} is not a dead-letter id (see `leadpipe dead-letters list`)")
-    return int(raw)
+def _argument(check: Callable[[str], Any]) -> Callable[[str], Any]:
+    """An argparse type from an operator-input check, keeping the check's own message."""
+    def convert(raw: str) -> Any:
+        try:
+            return check(raw)
+        except Invalid as exc:
+            raise argparse.ArgumentTypeError(str(exc)) from None
+    return convert
 
 
-def _limit(raw: str) -> int:
-    """argparse type of --limit: a whole number from 1 to 100,000."""
-    if not raw.isascii() or not raw.isdigit() or not 0 < int(raw) <= 100_000:
-        raise argparse.ArgumentTypeError(f"expected a whole number from 1 to 100000, got {raw!r}")
-    return int(raw)
-
-
-def _timeout(raw: str) -> float:
-    """argparse type of status --timeout: seconds, above 0 and at most 60."""
-    try:
-        value = float(raw)
-    except ValueError:
-        value = math.nan
-    if not 0 < value <= 60:  # NaN fails this too
-        raise argparse.ArgumentTypeError(f"expected seconds above 0, at most 60, got {raw!r}")
+def _seconds(raw: str) -> float:
+    value = finite_number(raw, "--timeout")
+    if not 0 < value <= 60:
+        raise Invalid("--timeout must be seconds above 0, at most 60.")
     return value
+
+
+_limit = _argument(lambda raw: whole_number(raw, "--limit", 1, 100_000))
+_timeout = _argument(_seconds)
 
 
 def cmd_purge(args: argparse.Namespace) -> int:

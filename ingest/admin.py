@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-import math
 from datetime import datetime
 from typing import Any
 
@@ -14,16 +13,12 @@ import redis
 from flask import Blueprint, Response, current_app, request
 from psycopg_pool import PoolTimeout
 
+from config.inputs import Invalid, whole_number
 from ingest.errors import error
 from ingest.session import current_operator, require_operator
 
 log = logging.getLogger("leadpipe.ops")
 bp = Blueprint("admin", __name__, url_prefix="/api")
-BIGINT_MAX = 2**63 - 1  # the largest id Postgres can hold (bigint)
-
-
-class Invalid(ValueError):
-    """Operator input refused before it reaches a store: 400 INVALID with this message."""
 
 
 def invalid(exc: Invalid) -> Response:
@@ -48,29 +43,6 @@ def operator_errors(blueprint: Blueprint) -> None:
 
 
 operator_errors(bp)
-
-
-def whole_number(value: object, name: str, low: int = 1, high: int = BIGINT_MAX) -> int:
-    """A JSON integer, or a string of ASCII digits, from `low` to `high`; else Invalid."""
-    number = None
-    if isinstance(value, str) and value.isascii() and value.isdigit() and len(value) <= 20:
-        number = int(value)  # isascii: "²" and "٣" are digits to isdigit(), not to us
-    elif isinstance(value, int) and not isinstance(value, bool):
-        number = value
-    if number is None or not low <= number <= high:
-        raise Invalid(f"{name} must be a number from {low} to {high}.")
-    return number
-
-
-def finite_number(value: str, name: str) -> float:
-    """A decimal number that is not nan or infinite; else Invalid."""
-    try:
-        number = float(value)
-    except ValueError:
-        number = math.nan
-    if not math.isfinite(number):
-        raise Invalid(f"{name} must be a number.")
-    return number
 
 
 def text(value: object, name: str, max_length: int = 1000) -> str:

@@ -6,7 +6,8 @@ import logging
 
 from flask import Blueprint, Response, request
 
-from ingest.admin import _json, _runtime, finite_number, operator_errors, text, whole_number
+from config.inputs import finite_number, whole_number
+from ingest.admin import _json, _runtime, operator_errors, text
 from ingest.errors import error
 from ingest.session import current_operator, require_operator
 

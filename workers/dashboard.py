@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import time
-from dataclasses import asdict
 from typing import Any
 
 from config import pii
@@ -112,11 +111,9 @@ def overview(runtime: Runtime, minutes: int = 60) -> dict[str, Any]:
     out["rates"] = {k: round(sum(point[k] for point in series[-2:]) / covered, 3)
                     for k in ("in", "processed", "delivered", "failed")}
     per_hour = _sink_hour(hour)
-    unknown = {} if state.redis_up else {"paused": None, "circuit": None}  # never read
-    out["sinks"] = [{**asdict(s), **unknown,
-                     **per_hour.get(s.sink, {"delivered_hour": 0, "failed_hour": 0,
-                                             "success_rate": None, "p95_ms": None})}
-                    for s in sorted(state.sinks.values(), key=lambda s: s.sink)]
+    out["sinks"] = [{**s, **per_hour.get(name, {"delivered_hour": 0, "failed_hour": 0,
+                                                "success_rate": None, "p95_ms": None})}
+                    for name, s in sorted(state.as_dict()["sinks"].items())]
     out["dead_letters"] = dead_letters(runtime) if state.postgres_up else []
     out["quarantine"] = quarantine(runtime) if state.postgres_up else []
     return out

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import kombu.exceptions
@@ -39,6 +39,15 @@ class PipelineState:
     ingest_oldest_seconds: float = 0.0  # age of the oldest entry still on the stream
     quarantined: int = 0
     sinks: dict[str, SinkState] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        """The state as JSON-ready data; a sink's pause and circuit are None (unknown, not
+        "running, closed") when Redis could not be read."""
+        out = asdict(self)
+        if not self.redis_up:
+            for sink in out["sinks"].values():
+                sink.update(paused=None, circuit=None)
+        return out
 
 
 def collect(runtime: Runtime, delivered: bool = False) -> PipelineState:

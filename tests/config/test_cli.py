@@ -44,7 +44,8 @@ def test_redis_down(settings, tmp_path, args):
 
 
 @pytest.mark.parametrize("args, env, words", [
-    (("dead-letters", "replay", "99999999999999999999"), {}, ["is not a dead-letter id"]),
+    (("dead-letters", "replay", "99999999999999999999"), {},
+     ["A dead-letter id", "must be a number from 1 to"]),
     (("dead-letters", "replay", "--sink", "ghost"), {}, ["no sink 'ghost'"]),
     (("dead-letters", "list", "--limit", "-1"), {}, ["--limit", "from 1 to 100000"]),
     (("quarantine", "list", "--limit", "0"), {}, ["--limit"]),
