@@ -262,12 +262,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--nodes", type=int, default=2)
     parser.add_argument("--concurrency", type=int, default=4,
                         help="Celery processes per worker node (deliveries wait on receivers)")
+    parser.add_argument("--crm-timeout", type=float, default=2.0,
+                        help="the crm sink's timeout; the CRM's hangs last one second longer")
     parser.add_argument("--settle", type=float, default=600.0,
                         help="longest wait for the queues to drain after the load")
     args = parser.parse_args(argv)
     print(f"configuration: {args.events} events (10 % duplicates) over {args.window:.0f} s, "
           f"seed {args.seed}, {args.nodes} worker nodes x {args.concurrency} processes, "
-          "API granian x 2")
+          f"API granian x 2, crm timeout {args.crm_timeout:g} s")
     print_versions(("python", "redis-server", "postgres", "celery", "redis-py", "psycopg",
                     "granian"), machine())
     rng = random.Random(args.seed)
@@ -275,10 +277,12 @@ def main(argv: list[str] | None = None) -> int:
     errors: list[BaseException] = []
     figures = Figures()
     with terminate_as_interrupt(), tempfile.TemporaryDirectory(prefix="leadpipe-chaos-") as tmp:
-        crm = Receiver("Idempotency-Key", fail=0.30, hang=0.05, hang_seconds=3.0,
+        crm = Receiver("Idempotency-Key", fail=0.30, hang=0.05,
+                       hang_seconds=args.crm_timeout + 1.0,
                        seed=args.seed)
         subscriber = Receiver("webhook-id", seed=args.seed + 1)
-        pipe = Pipeline(Path(tmp), crm, subscriber, "chaos", settings=CHAOS_SETTINGS)
+        pipe = Pipeline(Path(tmp), crm, subscriber, "chaos", settings=CHAOS_SETTINGS,
+                        crm_timeout=args.crm_timeout)
         try:
             pipe.start([Node(args.concurrency)] * args.nodes)
             plan = schedule(rng, args.window, pipe, args.nodes)

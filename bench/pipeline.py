@@ -39,7 +39,7 @@ class Pipeline:
 
     def __init__(self, root: Path, crm: Receiver, subscriber: Receiver, namespace: str,
                  api_workers: int = 2, settings: dict[str, str] | None = None,
-                 postgres_settings: dict[str, str] | None = None):
+                 postgres_settings: dict[str, str] | None = None, crm_timeout: float = 2.0):
         self.root = root
         self.procs = Processes()
         self.redis = LocalRedis(root / "redis", port=free_port())
@@ -52,6 +52,7 @@ class Pipeline:
         self.api_port = free_port()
         self.api_workers = api_workers
         self.extra = settings or {}
+        self.crm_timeout = crm_timeout  # the crm sink's timeout per request, in seconds
         self.env: dict[str, str] = {}
         self.nodes: list[Node] = []
         self.workers: list[Any] = []
@@ -94,7 +95,7 @@ class Pipeline:
             "sinks": {
                 "crm": {"type": "crm", "options": {"base_url": self.crm.url,
                                                    "auth_value": "Bearer bench",
-                                                   "timeout": 2}, **retries},
+                                                   "timeout": self.crm_timeout}, **retries},
                 "sales-email": {"type": "email", "options": {
                     "host": "127.0.0.1", "port": self.smtp.port, "security": "none",
                     "from": "leadpipe@example.com", "to": ["sales@example.com"]}, **retries},

@@ -250,6 +250,7 @@ class LocalPostgres:
                           "-c", "listen_addresses=127.0.0.1",
                           "-c", f"unix_socket_directories={sockets}",
                           "-c", "max_connections=200", "-c", "shared_buffers=256MB",
+                          "-c", "lc_messages=C",  # _check_ours reads the server's refusals
                           *(arg for k, v in self.settings.items() for arg in ("-c", f"{k}={v}"))),
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
@@ -266,6 +267,8 @@ class LocalPostgres:
     def _admin_url(self) -> str:
         return self.url.rsplit("/", 1)[0] + "/postgres"
 
+    _REFUSALS = ("authentication failed", "does not exist")
+
     def _check_ours(self) -> None:
         """The port answering is not enough (another server may hold it): log in as ourselves."""
         import psycopg
@@ -279,7 +282,10 @@ class LocalPostgres:
                 psycopg.connect(self._admin_url(), connect_timeout=2).close()
                 return
             except psycopg.OperationalError as exc:
-                if time.monotonic() > deadline:
+                # a server still starting up is waited for; one that knows us not is no
+                # better in 30 s (the password file no longer matches the cluster)
+                final = any(word in str(exc) for word in self._REFUSALS)
+                if final or time.monotonic() > deadline:
                     raise ConfigError(f"postgres on port {self.port} refused us: {exc}") from None
                 time.sleep(0.1)
 

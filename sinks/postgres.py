@@ -428,15 +428,24 @@ def _upsert_leads(conn: psycopg.Connection, events: list[Event]) -> None:
         conn.execute(_LEADS_SQL, _columns(rows, LEAD_COLUMNS, LEAD_TYPES, LEAD_ORDER))
 
 
+def state_row(event: Event) -> tuple[str, str] | None:
+    """The row an event's state lands in: ("leads", lead key) or ("deals", deal id), if any."""
+    if event.lead is not None:
+        return ("leads", event.entity_id) if event.entity_id else None
+    if event.deal is not None and event.deal.get("id") is not None:
+        return ("deals", str(event.deal["id"]))
+    return None
+
+
 def superseded(conn: psycopg.Connection, events: Sequence[Event]) -> dict[str, str]:
     """Events whose lead or deal row a newer event has since changed, by the order the upserts
     keep (a row's rank past the event's): event id -> the id of the row's newest event.
 
     A sink that keeps an entity's current state must not be sent these: their values are older
     than what the row, and that newer event's own delivery, hold."""
-    leads = {e.entity_id: None for e in events if e.lead is not None and e.entity_id}
-    deals = {str(e.deal["id"]): None for e in events
-             if e.lead is None and e.deal is not None and e.deal.get("id") is not None}
+    rows = [row for row in map(state_row, events) if row is not None]
+    leads = {key: None for table, key in rows if table == "leads"}
+    deals = {key: None for table, key in rows if table == "deals"}
     lead_rows = {key: ((at,), last) for key, at, last in conn.execute(
         "SELECT lead_key, updated_at, last_event_id FROM leads WHERE lead_key = ANY(%s)",
         (list(leads),))} if leads else {}

@@ -298,6 +298,29 @@ def test_a_late_older_deal_update_is_not_sent_to_the_crm(client, settings, tmp_p
     assert "superseded=1" in listing.stdout, listing.stdout
 
 
+def test_a_newer_deal_update_is_sent_after_an_older_one_already_on_its_way(
+        client, settings, tmp_path, crm, worker_factory, db):
+    """The older update's first try fails slowly and its quick retry follows; the newer one,
+    stored and routed meanwhile on the worker's other process, waits for the deal's turn,
+    so the CRM's last word is the newer state (not the older retry landing over it)."""
+    custom = configure(settings, tmp_path, crm, quick_retries=2)
+    worker = worker_factory(custom)  # two processes: both deliveries run at once
+    crm.script(Reply(503, delay=1.5))
+    older = post(client, deal_update("ongoing", "2025-03-12T18:00:00.000Z", "tx-old")).json["id"]
+    wait_for(lambda: len(crm.requests) == 1, what="the older update's first try")
+    newer = post(client, deal_update("won", "2025-03-12T19:40:05.000Z", "tx-new")).json["id"]
+    settled(db, "crm", 2)
+
+    assert [r.json()["status"] for r in crm.requests] == ["ongoing", "ongoing", "won"]
+    assert crm.requests[2].at >= crm.requests[1].at
+    assert db.execute("SELECT event_id, status FROM deliveries WHERE sink = 'crm' "
+                      "ORDER BY created_at").fetchall() == [(older, "delivered"),
+                                                            (newer, "delivered")]
+    waited = [line for line in worker.log_path.read_text().splitlines()
+              if '"msg":"deliveries"' in line and '"busy":1' in line]
+    assert waited, "the newer update's delivery never waited for the deal's turn"
+
+
 def test_an_older_lead_event_held_behind_a_newer_one_is_not_sent(client, settings, tmp_path,
                                                                 crm, worker_factory, db):
     """The CRM paused (as after an outage): the newer conversion is sent, the older one that

@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -14,7 +16,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from ingest.queue import Entry
 from sinks.base import PermanentSinkError, Sink
-from sinks.postgres import superseded
+from sinks.postgres import state_row, superseded
 from workers.events import Event
 from workers.normalize import normalize
 from workers.routing import SinkSpec
@@ -34,12 +36,16 @@ class Plan:
     next_round: int = 0
     reason: str = ""
     rest_ids: list[str] = field(default_factory=list)  # not tried: the task's time was up
+    # not tried: another delivery of the same lead or deal to this sink was on its way; sent
+    # again in the same round after BUSY_SECONDS
+    busy_ids: list[str] = field(default_factory=list)
 
 
 # One task delivers for at most this long, then hands the rest to a new task of the same round:
 # a slow receiver must not hold a worker process for minutes, so the storing of new events
 # (the ingest queue, served by the same processes) keeps its turns.
 TASK_BUDGET_SECONDS = 5.0
+BUSY_SECONDS = 1.0
 
 
 def _lock_key(sink: str, event_id: str) -> str:
@@ -150,6 +156,31 @@ def supersede(conn: psycopg.Connection, sink: str, events: list[Event]) -> list[
     return [event for event in events if event.id not in newer]
 
 
+@contextlib.contextmanager
+def turn(conn: psycopg.Connection, sink: str, event: Event) -> Iterator[bool]:
+    """For a sink that keeps an entity's current state: True while this session alone sends to
+    `sink` an event of that lead or deal (False: another one is on its way, try later).
+
+    Held from the superseded check to the end of the last quick retry, so a newer event can
+    neither be sent while an older one is under way (and be overwritten by it) nor be
+    overtaken after its check. The lock is the session's: Postgres frees it if the process
+    dies mid-send."""
+    row = state_row(event)
+    if row is None:
+        yield True
+        return
+    key = f"{sink}:{row[0]}:{row[1]}"
+    if not conn.execute("SELECT pg_try_advisory_lock(hashtextextended('turn:' || %s, 0))",
+                        (key,)).fetchone()[0]:
+        yield False
+        return
+    try:
+        yield True
+    finally:
+        if not conn.broken:  # a lost session has freed it already
+            conn.execute("SELECT pg_advisory_unlock(hashtextextended('turn:' || %s, 0))", (key,))
+
+
 def _dead(conn: psycopg.Connection, event_id: str, sink: str, exc: BaseException | None,
           reason: str) -> int:
     """Dead-letter one pending delivery; 1 if it was pending, else 0."""
@@ -258,6 +289,7 @@ class Bookkeeping:
 
 
 SIGNAL_SECONDS = 0.5
+_ALWAYS = contextlib.nullcontext(True)  # the turn of a sink that gets every event
 
 
 def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
@@ -298,23 +330,26 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
                 failed += [(e, RuntimeError("circuit open")) for e in rest]
                 waits.append(blocked)
                 break
-        # checked just before the send (and before it costs a rate-limit token): only a newer
-        # event stored while this one is on its way can still overtake it, if another worker
-        # sends that one first
-        if sink.latest_state_only and not supersede(conn, spec.name, [event]):
-            plan.superseded += 1
-            continue
-        if spec.rate:
-            wait = control.rate_wait(spec.name, *spec.rate)
-            if wait > 1.0:  # a long wait is a scheduled task, not a sleeping worker
-                plan.retry_ids = [e.id for e in events[n:]]
-                plan.countdown = wait
-                plan.reason = "rate limited"
-                break
-            while wait > 0:
-                time.sleep(wait)
+        with turn(conn, spec.name, event) if sink.latest_state_only else _ALWAYS as mine:
+            if not mine:
+                plan.busy_ids.append(event.id)
+                continue
+            # checked just before the send (and before it costs a rate-limit token), in the
+            # entity's turn: no newer event can be sent meanwhile
+            if sink.latest_state_only and not supersede(conn, spec.name, [event]):
+                plan.superseded += 1
+                continue
+            if spec.rate:
                 wait = control.rate_wait(spec.name, *spec.rate)
-        exc, tries = attempt(sink, spec, event)
+                if wait > 1.0:  # a long wait is a scheduled task, not a sleeping worker
+                    plan.retry_ids = [e.id for e in events[n:]]
+                    plan.countdown = wait
+                    plan.reason = "rate limited"
+                    break
+                while wait > 0:
+                    time.sleep(wait)
+                    wait = control.rate_wait(spec.name, *spec.rate)
+            exc, tries = attempt(sink, spec, event)
         book.write(tries)
         if exc is None:
             plan.delivered += 1
@@ -354,4 +389,8 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
     if plan.rest_ids:
         conn.execute("UPDATE deliveries SET dispatched_at = now() "
                      "WHERE sink = %s AND event_id = ANY(%s)", (spec.name, plan.rest_ids))
+    if plan.busy_ids:
+        conn.execute("UPDATE deliveries SET dispatched_at = now() + make_interval(secs => %s) "
+                     "WHERE sink = %s AND event_id = ANY(%s)",
+                     (BUSY_SECONDS, spec.name, plan.busy_ids))
     return plan

@@ -68,12 +68,14 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0) -> dic
         runtime.publish(sink, plan.retry_ids, plan.next_round, plan.countdown)
     if plan.rest_ids:  # the time budget ran out: the rest go on at once, in the same round
         runtime.publish(sink, plan.rest_ids, round_)
+    if plan.busy_ids:  # their lead's or deal's turn was taken: shortly, in the same round
+        runtime.publish(sink, plan.busy_ids, round_, delivery.BUSY_SECONDS)
     metrics.count_round(runtime.metrics, sink, plan.delivered, plan.dead, len(plan.retry_ids),
                         plan.reason, plan.superseded)
     summary = {"sink": sink, "round": round_, "delivered": plan.delivered, "dead": plan.dead,
                "superseded": plan.superseded,
                "again": len(plan.retry_ids), "in_seconds": round(plan.countdown, 2),
-               "rest": len(plan.rest_ids),
+               "rest": len(plan.rest_ids), "busy": len(plan.busy_ids),
                "why": plan.reason}
     log.info("deliveries", extra={"task_id": self.request.id, **summary})
     return summary

@@ -12,6 +12,7 @@ from tests.bench.test_bench_smoke import run_bench
 @pytest.mark.slow
 def test_chaos_run_passes_with_every_fault():
     out = run_bench("bench.chaos", "--events", "5000", "--window", "45", "--seed", "3",
+                    "--crm-timeout", "0.5",
                     timeout=900)
     faults = re.findall(r"^\s+[\d.]+s  (.+)$", out, re.M)
     assert sum(f.startswith("SIGKILL worker") for f in faults) == 5, faults

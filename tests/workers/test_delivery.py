@@ -122,3 +122,32 @@ def test_an_older_event_is_superseded_only_by_a_newer_one_that_goes_to_the_same_
     assert db.execute("SELECT sink, status FROM deliveries WHERE event_id = %s",
                       (older.id,)).fetchall() == [("crm", "superseded")]
     sink.close()
+
+
+def test_sends_of_one_deal_to_one_sink_take_turns_across_sessions(database_url):
+    """The turn of a deal at a sink is one session's at a time (what a second worker would
+    find while the first sends), freed when the first is done; other deals, other sinks and
+    events with no lead or deal row never wait."""
+    import psycopg
+
+    from tests.sinks.test_postgres_lww import at, deal_update, events
+    from workers import delivery
+
+    first, again, other = events(deal_update("D-1", at(0), "ongoing"),
+                                 deal_update("D-1", at(1), "won"),
+                                 deal_update("D-2", at(0), "won"))
+    note, = events({"event_name": "crm_organization_updated", "document": {"id": "O-1"},
+                    "event_timestamp": at(0), "transaction_uuid": "tx-org"})
+    with psycopg.connect(database_url, autocommit=True) as a, \
+            psycopg.connect(database_url, autocommit=True) as b:
+        with delivery.turn(a, "crm", first) as mine:
+            assert mine
+            with delivery.turn(b, "crm", again) as theirs:
+                assert not theirs
+            for event, sink in ((other, "crm"), (again, "audit"), (note, "crm")):
+                with delivery.turn(b, sink, event) as theirs:
+                    assert theirs, (event.id, sink)
+        with delivery.turn(b, "crm", again) as theirs:
+            assert theirs
+        assert a.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                         "AND pid = pg_backend_pid()").fetchone() == (0,)
