@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -12,6 +13,7 @@ from typing import Any
 
 import orjson
 import pytest
+import redis
 import yaml
 
 from tests.conftest import ROOT, count, fixture_bytes, post, wait_for
@@ -300,25 +302,39 @@ def test_a_late_older_deal_update_is_not_sent_to_the_crm(client, settings, tmp_p
 
 def test_a_newer_deal_update_is_sent_after_an_older_one_already_on_its_way(
         client, settings, tmp_path, crm, worker_factory, db):
-    """The older update's first try fails slowly and its quick retry follows; the newer one,
-    stored and routed meanwhile on the worker's other process, waits for the deal's turn,
-    so the CRM's last word is the newer state (not the older retry landing over it)."""
+    """The older update's first try fails (answered only once the newer update's delivery
+    has found the deal's turn taken) and its quick retry follows; the newer one, stored and
+    routed meanwhile on the worker's other process, is sent after it, so the CRM's last word
+    is the newer state (not the older retry landing over it)."""
     custom = configure(settings, tmp_path, crm, quick_retries=2)
     worker = worker_factory(custom)  # two processes: both deliveries run at once
-    crm.script(Reply(503, delay=1.5))
+    answer = threading.Event()
+    crm.script(Reply(503, hold=answer))
     older = post(client, deal_update("ongoing", "2025-03-12T18:00:00.000Z", "tx-old")).json["id"]
     wait_for(lambda: len(crm.requests) == 1, what="the older update's first try")
     newer = post(client, deal_update("won", "2025-03-12T19:40:05.000Z", "tx-new")).json["id"]
+
+    def waited() -> bool:
+        return any('"msg":"deliveries"' in line and '"busy":1' in line
+                   for line in worker.log_path.read_text().splitlines())
+
+    wait_for(waited, what="the newer update's delivery to find the deal's turn taken")
+    assert len(crm.requests) == 1  # nothing sent for the deal while its turn is held
+    answer.set()
     settled(db, "crm", 2)
 
     assert [r.json()["status"] for r in crm.requests] == ["ongoing", "ongoing", "won"]
-    assert crm.requests[2].at >= crm.requests[1].at
     assert db.execute("SELECT event_id, status FROM deliveries WHERE sink = 'crm' "
                       "ORDER BY created_at").fetchall() == [(older, "delivered"),
                                                             (newer, "delivered")]
-    waited = [line for line in worker.log_path.read_text().splitlines()
-              if '"msg":"deliveries"' in line and '"busy":1' in line]
-    assert waited, "the newer update's delivery never waited for the deal's turn"
+    metrics = redis.Redis.from_url(custom.redis_url)
+
+    def postponed() -> float:
+        field = orjson.dumps(["leadpipe_deliveries", [["outcome", "postponed"], ["sink", "crm"]],
+                              None])
+        return float(metrics.hget(f"{custom.namespace}:metrics", field) or 0)
+
+    wait_for(lambda: postponed() >= 1, what="the wait counted as postponed")
 
 
 def test_an_older_lead_event_held_behind_a_newer_one_is_not_sent(client, settings, tmp_path,

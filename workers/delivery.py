@@ -177,8 +177,10 @@ def turn(conn: psycopg.Connection, sink: str, event: Event) -> Iterator[bool]:
     try:
         yield True
     finally:
-        if not conn.broken:  # a lost session has freed it already
+        try:
             conn.execute("SELECT pg_advisory_unlock(hashtextextended('turn:' || %s, 0))", (key,))
+        except psycopg.OperationalError:  # a lost session has freed its locks; the next
+            pass  # statement reports the loss, after the send's outcome is known
 
 
 def _dead(conn: psycopg.Connection, event_id: str, sink: str, exc: BaseException | None,

@@ -238,10 +238,12 @@ def count_batch(recorder: Recorder, outcomes: dict[tuple[str, str], int]) -> Non
 
 
 def count_round(recorder: Recorder, sink: str, delivered: int, dead: int, again: int,
-                reason: str, superseded: int = 0) -> None:
-    """How the deliveries of one task round ended."""
+                reason: str, superseded: int = 0, busy: int = 0) -> None:
+    """How the deliveries of one task round ended (`busy`: postponed, their lead's or deal's
+    turn was taken)."""
     postponed = reason in {"paused", "rate limited"}
+    again_as = "postponed" if postponed else "retrying"
     for outcome, n in (("delivered", delivered), ("dead", dead), ("superseded", superseded),
-                       ("postponed" if postponed else "retrying", again)):
+                       (again_as, again), ("postponed", busy)):
         if n:
             recorder.inc("leadpipe_deliveries", n, sink=sink, outcome=outcome)

@@ -71,7 +71,7 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0) -> dic
     if plan.busy_ids:  # their lead's or deal's turn was taken: shortly, in the same round
         runtime.publish(sink, plan.busy_ids, round_, delivery.BUSY_SECONDS)
     metrics.count_round(runtime.metrics, sink, plan.delivered, plan.dead, len(plan.retry_ids),
-                        plan.reason, plan.superseded)
+                        plan.reason, plan.superseded, len(plan.busy_ids))
     summary = {"sink": sink, "round": round_, "delivered": plan.delivered, "dead": plan.dead,
                "superseded": plan.superseded,
                "again": len(plan.retry_ids), "in_seconds": round(plan.countdown, 2),

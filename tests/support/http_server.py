@@ -18,14 +18,16 @@ HOST = "127.0.0.1"
 
 @dataclass(frozen=True)
 class Reply:
-    """One scripted answer. `delay` (seconds) is waited before answering; stopping the server cuts
-    it short and drops the connection unanswered."""
+    """One scripted answer. `delay` (seconds) is waited before answering, and then `hold`, if
+    given, until it is set (at most 30 s); stopping the server cuts either short and drops the
+    connection unanswered."""
 
     status: int = 200
     body: bytes | str = b"{}"
     headers: Mapping[str, str] = field(
         default_factory=lambda: {"Content-Type": "application/json"})
     delay: float = 0.0
+    hold: threading.Event | None = None
 
     def payload(self) -> bytes:
         return self.body.encode("utf-8") if isinstance(self.body, str) else self.body
@@ -68,6 +70,12 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.delay > 0 and owner._stopping.wait(reply.delay):
             self.close_connection = True
             return
+        if reply.hold is not None:
+            deadline = time.monotonic() + 30
+            while not reply.hold.wait(0.05):
+                if owner._stopping.is_set() or time.monotonic() > deadline:
+                    self.close_connection = True
+                    return
         payload = reply.payload()
         self.send_response(reply.status)
         for name, value in reply.headers.items():
