@@ -90,12 +90,18 @@ class GroupCommit:
                 if isinstance(reply, hiredis.ReplyError):  # this entry refused, the rest not
                     pending.error = redis.ResponseError(str(reply))
                 answered += 1
-        except Exception as exc:  # no reply: written or not, those callers get the error
+        except BaseException as exc:  # no reply: written or not, those callers get the error
             if self._wire is not None:
                 self._wire.close()
                 self._wire = None
+            # the waiters answer 503 for a RedisError; an interrupt of the leader's thread
+            # (SystemExit, KeyboardInterrupt) is theirs as a lost connection, and the leader's
+            error = exc if isinstance(exc, Exception) else redis.ConnectionError(
+                f"the stream write was interrupted ({type(exc).__name__})")
             for pending in batch[answered:]:
-                pending.error = exc
+                pending.error = error
+            if error is not exc:
+                raise
         finally:
             with self._mutex:
                 if self._queue:  # callers came while this write ran: the first one leads next

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -13,7 +13,7 @@ from psycopg_pool import PoolTimeout
 
 from sinks.base import RetryableSinkError, Sink
 from workers.events import Event, Rejected
-from workers.normalize import claimed_type, dump
+from workers.normalize import claimed_type, dump, lead_hash, legacy_key_before
 from workers.retention import email_digest, erased_key
 
 LEAD_COLUMNS = (
@@ -75,8 +75,9 @@ DEAL_ORDER = ("updated_at", "document_updated_at")
 
 
 def _upsert_sql(table: str, key: str, columns: Sequence[str], types: dict[str, str],
-                order: Sequence[str]) -> str:
-    """INSERT ... SELECT FROM unnest(...) that merges newer non-null values and never goes back.
+                order: Sequence[str], whole: bool = False) -> str:
+    """INSERT ... SELECT FROM unnest(...) that merges newer non-null values and never goes back
+    (`whole`: that sets every column as given, NULL included: rows folded from a snapshot).
 
     The batch was folded against the stored rows (_fold), so the WHERE refuses only what a
     concurrent writer made stale; `order` is set as it is (NULL included), never merged."""
@@ -86,7 +87,8 @@ def _upsert_sql(table: str, key: str, columns: Sequence[str], types: dict[str, s
     select = ", ".join(
         _TAGS if c == "tags" else f"t.{c}" for c in all_cols)
     merge = ",\n        ".join(
-        [f"{c} = COALESCE(EXCLUDED.{c}, {table}.{c})" for c in columns]
+        [f"{c} = EXCLUDED.{c}" if whole else f"{c} = COALESCE(EXCLUDED.{c}, {table}.{c})"
+         for c in columns]
         + [f"{c} = EXCLUDED.{c}" for c in (*order, "last_event_id")])
 
     def rank(row: str) -> str:
@@ -103,6 +105,7 @@ def _upsert_sql(table: str, key: str, columns: Sequence[str], types: dict[str, s
 
 _LEADS_SQL = _upsert_sql("leads", "lead_key", LEAD_COLUMNS, LEAD_TYPES, LEAD_ORDER)
 _DEALS_SQL = _upsert_sql("deals", "id", DEAL_COLUMNS, DEAL_TYPES, DEAL_ORDER)
+_DEALS_WHOLE_SQL = _upsert_sql("deals", "id", DEAL_COLUMNS, DEAL_TYPES, DEAL_ORDER, whole=True)
 _EVENTS_SQL = """
     INSERT INTO events (id, dedup_key, source, event_type, entity_type, entity_id, occurred_at,
                         received_at, duplicates, payload)
@@ -205,6 +208,17 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
         result.erased = len(gone)
         result.outcomes.update((e.event_type, "erased") for e in batch if e.dedup_key in gone)
         batch = [e for e in batch if e.dedup_key not in gone]
+    before = _stored_before(conn, batch) if batch else {}
+    if before:
+        for key, old in before.items():
+            conn.execute("UPDATE events SET duplicates = duplicates + 1 + %s, "
+                         "last_duplicate_at = now() WHERE dedup_key = %s",
+                         (repeats.get(key, 0), old))
+        result.duplicates += len(before)
+        for e in batch:
+            if e.dedup_key in before:
+                result.outcomes[(e.event_type, "duplicate")] += 1 + repeats.get(e.dedup_key, 0)
+        batch = [e for e in batch if e.dedup_key not in before]
     if batch:
         _resolve_leads(conn, [e for e in batch if e.lead is not None])
         # in dedup key order: two batches holding the same events lock their keys in one order,
@@ -240,10 +254,30 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
     return result
 
 
+def _stored_before(conn: psycopg.Connection, batch: list[Event]) -> dict[str, str]:
+    """Legacy events of the batch an earlier version stored under its older key (without the
+    lead's hash) with the same lead: their key -> the stored key. A redelivery across an
+    upgrade is then a duplicate, as it was before, not a second event."""
+    older = {old: e for e in batch if (old := legacy_key_before(e.dedup_key))}
+    if not older:
+        return {}
+    found: dict[str, str] = {}
+    for old, payload in conn.execute(
+            "SELECT dedup_key, payload FROM events WHERE dedup_key = ANY(%s)", (list(older),)):
+        leads = payload.get("leads") if isinstance(payload, dict) else None
+        event = older[old]
+        if (isinstance(leads, list) and leads
+                and event.dedup_key.endswith(":" + lead_hash(leads[0]))):
+            found[event.dedup_key] = old
+    return found
+
+
 def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
     """Dedup keys of the batch that must not be stored: redeliveries of an erased event, and
     events of an erased person received before their erasure (`leadpipe erase`)."""
     hashed = {erased_key(e.dedup_key): e.dedup_key for e in batch}
+    hashed.update({erased_key(old): e.dedup_key for e in batch  # erased by an earlier version
+                   if (old := legacy_key_before(e.dedup_key))})
     emails = {email_digest(e.lead["email"]) for e in batch if e.lead and e.lead.get("email")}
     gone: set[str] = set()
     erased_at: dict[str, Any] = {}
@@ -288,16 +322,24 @@ Rank = tuple[Any, ...]  # what orders the events of one row (and the row as stor
 
 
 def _fold(items: list[tuple[str, Rank, dict[str, Any], str]], stored: dict[str, Rank],
-          exact: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
+          exact: Sequence[str] = (), snapshots: Collection[str] = (),
+          whole: set[str] | None = None) -> dict[str, dict[str, Any]]:
     """One row per key from (key, rank, state, event id), as storing the items one at a time,
     oldest first, would leave it: an item older than the key's stored row is dropped (last
     writer wins would refuse it), the others are merged in order, ties in batch order.
-    `exact` columns are the newest item's value, NULL included."""
+    `exact` columns are the newest item's value, NULL included. The state of an event in
+    `snapshots` is the entity's whole state: it replaces the row, NULLs included, and the
+    row's key goes into `whole` (to be stored as it is, not merged with the stored row)."""
     rows: dict[str, dict[str, Any]] = {}
     for key, rank, state, event_id in sorted(items, key=lambda item: item[1]):
         if key in stored and rank < stored[key]:
             continue
-        _merge(rows, key, state, event_id)
+        if event_id in snapshots:
+            rows[key] = {**state, "last_event_id": event_id}
+            if whole is not None:
+                whole.add(key)
+        else:
+            _merge(rows, key, state, event_id)
         for column in exact:
             rows[key][column] = state.get(column)
     return rows
@@ -354,9 +396,17 @@ def _upsert_deals(conn: psycopg.Connection, events: list[Event]) -> None:
         assert deal is not None
         items.append((deal["id"], _deal_rank(deal["updated_at"], deal.get("document_updated_at")),
                       {k: v for k, v in deal.items() if k != "id"}, event.id))
-    rows = _fold(items, stored, exact=("document_updated_at",))
-    if rows:
-        conn.execute(_DEALS_SQL, _columns(rows, DEAL_COLUMNS, DEAL_TYPES, DEAL_ORDER))
+    # a created or updated document is the deal's whole state: a value RD cleared (closed_at
+    # of a reopened deal, a rating or custom field removed) is NULL in it and must clear the
+    # row; a delete carries only id and name, and keeps the rest
+    snapshots = {e.id for e in events if e.event_type != "crm_deal_deleted"}
+    whole: set[str] = set()
+    rows = _fold(items, stored, exact=("document_updated_at",), snapshots=snapshots,
+                 whole=whole)
+    for sql, part in ((_DEALS_WHOLE_SQL, {k: v for k, v in rows.items() if k in whole}),
+                      (_DEALS_SQL, {k: v for k, v in rows.items() if k not in whole})):
+        if part:
+            conn.execute(sql, _columns(part, DEAL_COLUMNS, DEAL_TYPES, DEAL_ORDER))
 
 
 def lock_leads(conn: psycopg.Connection, uuids: Sequence[str], legacy: Sequence[str],

@@ -53,30 +53,43 @@ def _lock_key(sink: str, event_id: str) -> str:
 
 
 def load_events(conn: psycopg.Connection, sink: str,
-                event_ids: list[str]) -> tuple[list[Event], list[str]]:
+                event_ids: list[str]) -> tuple[list[Event], list[str], dict[str, str]]:
     """Pending deliveries of `sink` among `event_ids`, rebuilt from the stored raw events.
 
     Each is first locked for this session (`release` unlocks; Postgres does if the process
     dies), then checked to be still pending, so two tasks never deliver one event at once.
-    Returns the events and the ids this session now holds locks for.
+    Returns the events, the ids this session now holds locks for, and the stored events the
+    current code no longer reads as an event (id -> why). An event keeps its stored dedup key
+    (the idempotency key its sinks were given), whatever the key the code would make today.
     """
     locked = [event_id for event_id, ok in conn.execute(
         "SELECT id, pg_try_advisory_lock(hashtextextended(%s || ':' || id, 0)) "
         "FROM unnest(%s::text[]) AS id", (sink, event_ids)) if ok]
-    rows = conn.execute(
-        "SELECT e.id, e.event_type, e.entity_id, e.received_at, e.payload::text "
-        "FROM deliveries d JOIN events e ON e.id = d.event_id "
-        "WHERE d.sink = %s AND d.event_id = ANY(%s) AND d.status = 'pending' "
-        "ORDER BY e.received_at, e.id", (sink, locked)).fetchall()
-    events = []
-    for event_id, event_type, entity_id, received_at, payload in rows:
-        entry = Entry("stored", event_id, int(received_at.timestamp() * 1000), payload.encode(),
-                      event_type if event_type.startswith("WEBHOOK.") else None)
-        for event in normalize(entry):
-            if isinstance(event, Event):
+    try:
+        rows = conn.execute(
+            "SELECT e.id, e.event_type, e.entity_id, e.received_at, e.dedup_key, e.payload::text "
+            "FROM deliveries d JOIN events e ON e.id = d.event_id "
+            "WHERE d.sink = %s AND d.event_id = ANY(%s) AND d.status = 'pending' "
+            "ORDER BY e.received_at, e.id", (sink, locked)).fetchall()
+        events: list[Event] = []
+        unreadable: dict[str, str] = {}
+        for event_id, event_type, entity_id, received_at, dedup_key, payload in rows:
+            entry = Entry("stored", event_id, int(received_at.timestamp() * 1000),
+                          payload.encode(),
+                          event_type if event_type.startswith("WEBHOOK.") else None)
+            items = normalize(entry)
+            found = [item for item in items if isinstance(item, Event)]
+            if not found:
+                unreadable[event_id] = "; ".join(
+                    str(getattr(item, "reason", item))[:300] for item in items) or "no event"
+            for event in found[:1]:
                 event.entity_id = entity_id  # the resolved identity, as stored
+                event.dedup_key = dedup_key
                 events.append(event)
-    return events, locked
+    except BaseException:
+        release(conn, sink, locked)  # nobody else would: the caller never saw them
+        raise
+    return events, locked, unreadable
 
 
 def release(conn: psycopg.Connection, sink: str, locked: list[str]) -> None:
@@ -239,9 +252,14 @@ class Health(Protocol):
 def run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any, event_ids: list[str],
         round_: int, health: Health | None = None) -> Plan:
     """One round of deliveries to one sink; tells the task what to schedule next."""
-    events, locked = load_events(conn, spec.name, event_ids)
+    events, locked, unreadable = load_events(conn, spec.name, event_ids)
     try:
-        return _run(conn, sink, spec, control, events, round_, health)
+        dead = sum(_dead(conn, event_id, spec.name, None,
+                         f"stored event no longer readable by this version: {why}")
+                   for event_id, why in unreadable.items())
+        plan = _run(conn, sink, spec, control, events, round_, health)
+        plan.dead += dead
+        return plan
     finally:
         release(conn, spec.name, locked)
 

@@ -111,7 +111,7 @@ def normalize(entry: Entry) -> list[Event | Rejected]:
         return [quarantine(entry, received, "body nested too deeply")]
 
 
-_CRM_NAME = re.compile(r"crm_[a-z]{1,40}_(created|updated|deleted)")
+_CRM_NAME = re.compile(r"crm_([a-z][a-z_]{0,39})_(created|updated|deleted)")  # lost_reason too
 _V2_TYPES = frozenset({"WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY"})
 
 
@@ -149,8 +149,8 @@ def _v2(entry: Entry, received: datetime, data: dict) -> Event:
     raw_ts = data.get("event_timestamp")
     if raw_ts:
         key = f"mkt:{event_type}:{ident}:{_raw(data.get('event_identifier'))}:{_raw(raw_ts)}"
-    else:
-        key = "mkt:hash:" + canonical_hash(data)
+    else:  # without `timestamp`: the time RD sent it, new on each of its retries
+        key = "mkt:hash:" + canonical_hash({k: v for k, v in data.items() if k != "timestamp"})
     funnel = contact.get("funnel") or {}
     company = contact.get("company") or {}
     converted = event_type == "WEBHOOK.CONVERTED"
@@ -208,6 +208,24 @@ def _legacy(entry: Entry, received: datetime, data: dict) -> list[Event | Reject
     return out
 
 
+def legacy_key_before(key: str) -> str | None:
+    """The key versions before the lead's hash joined it gave this legacy event, if any (a
+    body stored by one of them and delivered again now is still the same event)."""
+    if key.startswith("legacy:") and not key.startswith("legacy:hash:"):
+        before, _, tail = key.rpartition(":")
+        if len(tail) == LEAD_HASH_DIGITS:
+            return before
+    return None
+
+
+LEAD_HASH_DIGITS = 16
+
+
+def lead_hash(raw: Any) -> str:
+    """The part of a legacy key that tells two sendings of one lead apart."""
+    return canonical_hash(raw)[:LEAD_HASH_DIGITS]
+
+
 def _legacy_event(entry: Entry, received: datetime, event_type: str, raw: dict, lead: dict,
                   payload: str, suffix: str) -> Event:
     last = lead.get("last_conversion") or {}
@@ -217,8 +235,11 @@ def _legacy_event(entry: Entry, received: datetime, event_type: str, raw: dict, 
     ident = lead.get("uuid") or lead.get("id") or (lead.get("email") or "").lower()
     raw_last = raw.get("last_conversion") if isinstance(raw.get("last_conversion"), dict) else {}
     if ident and raw_last.get("created_at"):
+        # and the lead's own hash: RD's "send leads to integration" automation sends a lead
+        # again with no new conversion, and its changed stage, owner or tags are news (a retry
+        # of one delivery sends the same lead, which carries no send time)
         key = (f"legacy:{event_type}:{ident}:{_raw(raw_last['created_at'])}:"
-               f"{lead.get('opportunity')}")
+               f"{lead.get('opportunity')}:{lead_hash(raw)}")
     else:
         key = "legacy:hash:" + canonical_hash({"type": event_type, "lead": raw})
     content = last.get("content") or {}
@@ -258,8 +279,8 @@ def _legacy_event(entry: Entry, received: datetime, event_type: str, raw: dict, 
 def _crm(entry: Entry, received: datetime, data: dict) -> Event | Rejected:
     msg = _CRM.load(data)
     name = msg["event_name"]
-    parts = name.split("_")
-    if len(parts) != 3 or parts[0] != "crm" or parts[2] not in {"created", "updated", "deleted"}:
+    known = _CRM_NAME.fullmatch(name)
+    if known is None:
         return quarantine(entry, received,
                            {"event_name": [f"Unknown CRM event {name[:80]!r}."]})
     doc = msg["document"]
@@ -274,7 +295,7 @@ def _crm(entry: Entry, received: datetime, data: dict) -> Event | Rejected:
         occurred = occurred or d["updated_at"] or received
         deal = _deal_state(d, name, occurred)
     occurred = occurred or received
-    return Event(entry.event_id, key, "CRM", name, parts[1].upper(), entity_id, occurred,
+    return Event(entry.event_id, key, "CRM", name, known[1].upper(), entity_id, occurred,
                  received, _payload(entry, data), deal=deal, data=data)
 
 

@@ -155,3 +155,50 @@ def test_appends_over_tls_with_the_certificate_checked(tmp_path, kind):
         with pytest.raises(redis.ConnectionError, match="CERTIFICATE_VERIFY_FAILED"):
             untrusting.append({"i": "x", "t": 1, "b": b"{}"})
         assert client.xlen("tls-stream") == 3
+
+
+def test_an_interrupted_leader_answers_its_batch_with_an_error_never_ok(redis_client, settings,
+                                                                        monkeypatch):
+    """SystemExit in the leader's thread while it waits for a batch's replies: the callers
+    written for in that batch get a RedisError (their request answers 503), not a 2xx for an
+    unconfirmed entry; the leader's own thread gets the interrupt."""
+    from ingest import commit as module
+    from tests.conftest import wait_for
+
+    commit = GroupCommit(redis_client, settings.stream_key)
+    sends = [0]
+    real_send, real_reply = module._Wire.send, module._Wire.reply
+
+    def send(wire, data):  # type: ignore[no-untyped-def]
+        sends[0] += 1
+        if sends[0] == 1:  # hold the first write until three callers queue behind it
+            wait_for(lambda: len(commit._queue) == 3, timeout=10, what="three queued callers")
+        return real_send(wire, data)
+
+    def reply(wire):  # type: ignore[no-untyped-def]
+        if sends[0] == 2:
+            raise SystemExit("the worker is going away")
+        return real_reply(wire)
+
+    monkeypatch.setattr(module._Wire, "send", send)
+    monkeypatch.setattr(module._Wire, "reply", reply)
+    outcomes: dict[str, str] = {}
+
+    def writer(name: str) -> None:
+        try:
+            commit.append({"i": name, "t": 1, "b": b"{}"})
+            outcomes[name] = "ok"
+        except BaseException as exc:  # noqa: BLE001 (the outcome is what is asserted)
+            outcomes[name] = type(exc).__name__
+
+    first = threading.Thread(target=writer, args=("first",))
+    first.start()
+    wait_for(lambda: sends[0] == 1, timeout=10, what="the first write")
+    rest = [threading.Thread(target=writer, args=(name,)) for name in ("b", "c", "d")]
+    for t in rest:
+        t.start()
+    for t in (first, *rest):
+        t.join(10)
+    assert outcomes["first"] == "ok"
+    assert sorted(outcomes[n] for n in "bcd") == ["ConnectionError", "ConnectionError",
+                                                  "SystemExit"]

@@ -196,3 +196,37 @@ def test_migration_0008_keys_existing_subscriptions_and_keeps_old_duplicates(dat
                    "http_method, source, secret) VALUES (gen_random_uuid(), "
                    "'WEBHOOK.CONVERTED', 'CONTACT', 'https://hooks.example/rd/', "
                    "'https://hooks.example/rd', 'POST', 'MKT', 'whsec_x')")
+
+
+def test_a_legacy_lead_stored_by_an_earlier_version_is_still_a_duplicate(database_url, db):
+    """Keys of legacy leads gained the lead's hash; a body stored under the key an earlier
+    version made (without it) and delivered again after the upgrade counts as a duplicate,
+    the same lead with news is a new event, and an erasure under the earlier key holds."""
+    from workers.normalize import legacy_key_before
+    from workers.retention import erased_key
+
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    body = legacy(uuid="U-up", lead_stage="Lead", opportunity="false",
+                  last_conversion={"created_at": "2024-01-01T00:00:00Z"})
+    first, = events(body)
+    earlier = legacy_key_before(first.dedup_key)
+    assert earlier == "legacy:WEBHOOK.CONVERTED:U-up:2024-01-01T00:00:00Z:False"
+    sink.store([first], [])
+    db.execute("UPDATE events SET dedup_key = %s", (earlier,))  # as the earlier version kept it
+
+    again = sink.store(events(body, body), [])  # RD's retry, twice in one batch
+    assert (again.new, again.duplicates) == ([], 2)
+    assert db.execute("SELECT dedup_key, duplicates FROM events").fetchall() == [(earlier, 2)]
+
+    news = sink.store(events(legacy(uuid="U-up", lead_stage="Cliente", opportunity="false",
+                                    last_conversion={"created_at": "2024-01-01T00:00:00Z"})), [])
+    assert len(news.new) == 1 and count(db, "SELECT count(*) FROM events") == 2
+    assert db.execute("SELECT lifecycle_stage FROM leads").fetchall() == [("Cliente",)]
+
+    other = legacy(uuid="U-gone", last_conversion={"created_at": "2024-02-01T00:00:00Z"})
+    gone, = events(other)
+    sink.store([gone], [])
+    db.execute("UPDATE events SET dedup_key = %s WHERE dedup_key = %s",
+               (erased_key(legacy_key_before(gone.dedup_key)), gone.dedup_key))
+    assert sink.store(events(other), []).erased == 1
+    sink.close()

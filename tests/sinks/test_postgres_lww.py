@@ -76,6 +76,40 @@ def test_late_older_deal_update_batched_with_a_newer_event_is_refused(database_u
     sink.close()
 
 
+def _reopened(deal_id: str, when: str) -> dict:
+    """A won deal reopened in RD: its document has closed_at, rating and custom fields empty."""
+    return deal_update(deal_id, when, "ongoing", closed_at=None, rating=None,
+                       prediction_date=None, deal_custom_fields=[])
+
+
+def _cleared(db: psycopg.Connection, deal_id: str) -> tuple:
+    return db.execute("SELECT status, closed_at, rating, prediction_date, custom_fields, "
+                      "name, deleted_at IS NOT NULL FROM deals WHERE id = %s",
+                      (deal_id,)).fetchone()
+
+
+def test_a_value_rd_cleared_in_a_deal_is_cleared_in_its_row(database_url, db):
+    won = deal_update("D7", at(0), "won")
+    assert won["document"]["closed_at"] and won["document"]["rating"]  # the fixture has them
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    sink.store(events(won), [])
+    sink.store(events(_reopened("D7", at(1))), [])  # in the next batch
+    assert _cleared(db, "D7") == ("ongoing", None, None, None, None, won["document"]["name"],
+                                  False)
+    sink.store(events(deal_update("D8", at(0), "won"), _reopened("D8", at(1))), [])  # one batch
+    assert _cleared(db, "D8")[:5] == ("ongoing", None, None, None, None)
+    # a delete carries only id and name: what the row holds stays, deleted_at is set
+    sink.store(events(deal_update("D9", at(0), "won")), [])
+    sink.store(events(deal_deleted("D9", at(1))), [])
+    status, closed_at, rating, _, custom, _, deleted = _cleared(db, "D9")
+    assert (status, rating, deleted) == ("won", won["document"]["rating"], True)
+    assert closed_at is not None and custom
+    # and an older reopening arriving late changes nothing
+    sink.store(events(_reopened("D9", at(-1))), [])
+    assert _cleared(db, "D9")[:3] == ("won", closed_at, won["document"]["rating"])
+    sink.close()
+
+
 def test_late_older_lead_event_batched_with_a_newer_one_is_refused(database_url, db):
     sink = PostgresSink("postgres", {"dsn": database_url})
     marked = {"event_type": "WEBHOOK.MARKED_OPPORTUNITY", "event_identifier": "default",

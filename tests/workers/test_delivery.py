@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT, count, fixture_bytes, post, wait_for
@@ -151,3 +152,39 @@ def test_sends_of_one_deal_to_one_sink_take_turns_across_sessions(database_url):
             assert theirs
         assert a.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
                          "AND pid = pg_backend_pid()").fetchone() == (0,)
+
+
+def test_rebuilt_events_keep_their_stored_key_and_unreadable_ones_are_named(
+        database_url, db, monkeypatch):
+    """A delivery goes out under the key its event was stored with (sinks were given it as
+    their idempotency key), even if this version would make another; a stored event this
+    version cannot read is reported, not skipped; a failed rebuild leaves no lock behind."""
+    import psycopg
+
+    from sinks.postgres import PostgresSink
+    from tests.sinks.test_postgres_lww import at, events, v2
+    from workers import delivery
+
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    kept, gone = events(v2("U-41", at(0)), v2("U-42", at(0)))
+    sink.store([kept, gone], [], route=lambda e: ["crm"])
+    sink.close()
+    db.execute("UPDATE events SET dedup_key = 'mkt:made-by-an-older-version' WHERE id = %s",
+               (kept.id,))
+    db.execute("""UPDATE events SET payload = '{"neither": "shape"}' WHERE id = %s""",
+               (gone.id,))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        rebuilt, locked, unreadable = delivery.load_events(conn, "crm", [kept.id, gone.id])
+        assert [(e.id, e.dedup_key) for e in rebuilt] == [(kept.id,
+                                                          "mkt:made-by-an-older-version")]
+        assert list(unreadable) == [gone.id] and "unknown shape" in unreadable[gone.id]
+        delivery.release(conn, "crm", locked)
+
+        def broken(entry):  # noqa: ARG001
+            raise RuntimeError("rebuild failed")
+
+        monkeypatch.setattr(delivery, "normalize", broken)
+        with pytest.raises(RuntimeError):
+            delivery.load_events(conn, "crm", [kept.id])
+        assert conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                            "AND pid = pg_backend_pid()").fetchone() == (0,)

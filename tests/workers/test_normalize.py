@@ -190,3 +190,42 @@ def test_deep_nesting_is_quarantined_not_a_crash():
     deep = b'{"event_type": "WEBHOOK.CONVERTED", "contact": ' + nested + b"}"
     item = run(deep)[0]
     assert isinstance(item, Rejected)
+
+
+def test_legacy_lead_sent_again_with_news_is_a_new_event_and_a_retry_is_not():
+    # RD's "send leads to integration" automation: the same lead and last conversion, but
+    # its stage, owner and tags have changed since the conversion was delivered
+    first = fixture("legacy-leads-official.json")
+    again = json.loads(json.dumps(first))
+    lead = again["leads"][0]
+    lead.update(lead_stage="Cliente", user="outro@example.com", tags=["comprou"])
+    reordered = {"leads": [dict(reversed(list(first["leads"][0].items())))]}
+    assert one(first).dedup_key != one(again).dedup_key
+    assert one(first).dedup_key == one(reordered).dedup_key  # a retry, keys in another order
+    assert one(first).dedup_key.startswith(
+        f"legacy:WEBHOOK.CONVERTED:{first['leads'][0]['uuid']}:")
+
+
+def test_v2_without_event_timestamp_is_one_event_across_rds_retries():
+    body = fixture("mkt-v2-converted.json")
+    del body["event_timestamp"]
+    retry = {**body, "timestamp": "2099-01-01T00:00:00.000-03:00"}  # RD's send time moves
+    assert one(body).dedup_key.startswith("mkt:hash:")
+    assert one(body).dedup_key == one(retry).dedup_key
+    other = {**body, "event_identifier": "another-form"}
+    assert one(other).dedup_key != one(body).dedup_key
+
+
+@pytest.mark.parametrize("action", ["created", "updated", "deleted"])
+def test_crm_lost_reason_events_are_kept_raw_not_quarantined(action):
+    body = {"event_name": f"crm_lost_reason_{action}",
+            "document": {"id": "64f1c0ffee", "name": "Preço"},
+            "event_timestamp": "2025-03-12T19:40:05.000Z", "transaction_uuid": f"tx-lr-{action}"}
+    event = one(body)
+    assert (event.event_type, event.entity_type, event.entity_id) == (
+        f"crm_lost_reason_{action}", "LOST_REASON", "64f1c0ffee")
+    assert event.deal is None
+    from workers.normalize import claimed_type
+    assert claimed_type(orjson.dumps(body).decode()) == f"crm_lost_reason_{action}"
+    bad, = run({**body, "event_name": "crm__created"})
+    assert isinstance(bad, Rejected) and "Unknown CRM event" in str(bad.reason)
