@@ -183,6 +183,12 @@ class Settings:
         "MAX_INFLIGHT_BATCHES", as_positive_int, 4,
         "Batches one worker node may have dispatched and not finished (back-pressure).",
     )
+    oversized_retries: int = setting(
+        "OVERSIZED_RETRIES", as_positive_int, 10,
+        "Tries of a batch in which one event alone exceeds a Postgres limit that can also be "
+        "load (the lock table, `statement_timeout`) before that event is quarantined with "
+        "the error; the rest of its batch is stored one by one meanwhile.",
+    )
     claim_idle_seconds: int = setting(
         "CLAIM_IDLE_SECONDS", as_positive_int, 60,
         "Events a dead worker held are re-dispatched by another after this long.",

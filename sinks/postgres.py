@@ -178,6 +178,20 @@ class PostgresSink(Sink):
 _TRANSIENT_CLASSES = frozenset({"08", "40", "53", "55", "57", "58", "F0"})
 
 
+# Errors of a write too big for one transaction under the server's limits, or of a busy
+# server: the lock table full (53200 out of shared memory), `statement_timeout` or a cancel
+# (57014). Transient, but a smaller write may pass at once: a batch meeting one is stored one
+# event at a time, and one event that meets it alone is quarantined after a few tries.
+_OVERSIZED = frozenset({"53200", "57014"})
+
+
+def oversized(exc: BaseException) -> bool:
+    """Whether the write failed for its size as much as for the server's state (_OVERSIZED)."""
+    if isinstance(exc, RetryableSinkError) and exc.__cause__ is not None:
+        exc = exc.__cause__
+    return isinstance(exc, psycopg.Error) and exc.sqlstate in _OVERSIZED
+
+
 def transient(exc: BaseException) -> bool:
     """Whether writing the same batch again later can succeed: Postgres or its pool was
     unavailable, as opposed to Postgres refusing a value (or a bug) that fails every time."""

@@ -10,7 +10,8 @@ from datetime import UTC, datetime
 import psycopg
 
 from ingest.queue import Entry
-from sinks.postgres import Router, Stored, transient
+from sinks.base import RetryableSinkError
+from sinks.postgres import Router, Stored, oversized, transient
 from workers.events import Event, Rejected
 from workers.normalize import as_json_string, normalize, quarantine
 from workers.runtime import Runtime
@@ -34,28 +35,37 @@ def split(entries: Sequence[Entry]) -> tuple[list[Event], list[Rejected]]:
     return events, rejected
 
 
-def store(runtime: Runtime, events: list[Event], rejected: list[Rejected]) -> Stored:
+def store(runtime: Runtime, events: list[Event], rejected: list[Rejected],
+          last_try: bool = False) -> Stored:
     """Store a batch. If it fails for anything but an unavailable database, store it one by
     one and quarantine each event that still fails, with the reason: one event Postgres will
     never take (or one a bug trips on) cannot block its batch. A transient error (Postgres
-    down, the pool exhausted) is raised, for the whole batch to be retried."""
+    down, the pool exhausted) is raised, for the whole batch to be retried. A batch too big
+    for the server's limits (sinks.postgres.oversized) is stored one by one too; an event that
+    meets such a limit alone is raised for a retry, and quarantined on the `last_try`."""
     route = runtime.router()
     try:
         return runtime.postgres.store(events, rejected, route)
     except Exception as exc:
-        if transient(exc):
+        if oversized(exc) and len(events) + len(rejected) > 1:
+            log.warning("batch too big for the server's limits, storing one by one: %s",
+                        type(exc.__cause__ or exc).__name__)
+        elif transient(exc):
             raise
-        log.warning("batch not stored, storing one by one: %s", type(exc).__name__)
-    total, refusals = store_each(runtime, [*events, *rejected], route)
+        else:
+            log.warning("batch not stored, storing one by one: %s", type(exc).__name__)
+    total, refusals = store_each(runtime, [*events, *rejected], route, last_try)
     if refusals:
         total.add(runtime.postgres.store([], refusals))
     return total
 
 
 def store_each(runtime: Runtime, items: Sequence[Event | Rejected],
-               route: Router | None = None) -> tuple[Stored, list[Rejected]]:
+               route: Router | None = None,
+               last_try: bool = False) -> tuple[Stored, list[Rejected]]:
     """Store each event or quarantine row in a transaction of its own. What fails comes back
-    as a quarantine row (not yet stored) saying why; a transient error is raised."""
+    as a quarantine row (not yet stored) saying why; a transient error is raised (after the
+    deliveries of what was stored are queued), unless it is an oversized one on the last try."""
     total = Stored()
     refusals: list[Rejected] = []
     for item in items:
@@ -63,9 +73,10 @@ def store_each(runtime: Runtime, items: Sequence[Event | Rejected],
             total.add(runtime.postgres.store(*(([item], []) if isinstance(item, Event) else
                                                ([], [item])), route))
         except Exception as exc:
-            if transient(exc):
+            if transient(exc) and not (last_try and oversized(exc)):
+                fan_out(runtime, total)  # stored and committed: not left to the relay
                 raise
-            if not isinstance(exc, psycopg.Error):  # a bug, not a value Postgres refuses
+            if not isinstance(exc, psycopg.Error | RetryableSinkError):  # a bug
                 log.exception("storing an event failed", extra={"event_id": item.id})
             refusals.append(refused(item, exc))
     return total, refusals
@@ -93,6 +104,8 @@ def refusal_reason(exc: BaseException) -> str:
 def refused(item: Event | Rejected, exc: BaseException) -> Rejected:
     """A quarantine row for what could not be stored: the reason, and the body kept as a
     JSON string (which jsonb always accepts), so nothing is lost and the batch goes on."""
+    if isinstance(exc, RetryableSinkError) and exc.__cause__ is not None:
+        exc = exc.__cause__  # the sink's wrapper of what Postgres said
     why = refusal_reason(exc)
     if isinstance(item, Rejected):
         why = f"{item.reason}; {why}"
@@ -103,15 +116,16 @@ def refused(item: Event | Rejected, exc: BaseException) -> Rejected:
                     as_json_string(item.payload.encode("utf-8", "surrogatepass")), hint)
 
 
-def process(runtime: Runtime, entry_ids: list[str]) -> Stored:
-    """Handle one batch of stream entries end to end; running it twice changes nothing twice."""
+def process(runtime: Runtime, entry_ids: list[str], last_try: bool = False) -> Stored:
+    """Handle one batch of stream entries end to end; running it twice changes nothing twice.
+    `last_try`: an event too big for the server's limits is quarantined, not retried."""
     entries = runtime.stream.fetch(entry_ids)
     # the first line of each event's journey: arrival is logged per batch, not per request,
     # so the ingest endpoint's hot path does no logging at all
     log.info("batch received", extra={"event_ids": [e.event_id for e in entries],
                                       "entries": len(entry_ids)})
     events, rejected = split(entries)
-    stored = store(runtime, events, rejected)
+    stored = store(runtime, events, rejected, last_try)
     fan_out(runtime, stored)
     runtime.stream.done(entry_ids)
     return stored

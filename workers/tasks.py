@@ -31,7 +31,8 @@ def process_batch(self: Task, entry_ids: list[str], consumer: str) -> dict[str, 
     """Store one batch of ingest-stream entries in Postgres and acknowledge them."""
     runtime = self.app.leadpipe.runtime()
     try:
-        stored = pipeline.process(runtime, entry_ids)
+        stored = pipeline.process(runtime, entry_ids, last_try=self.request.retries
+                                  >= runtime.settings.oversized_retries)
     except TRANSIENT as exc:
         try:  # keep the entries ours while we wait, so no other worker re-dispatches them
             runtime.stream.touch(consumer, entry_ids)

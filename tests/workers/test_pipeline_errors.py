@@ -238,3 +238,80 @@ def test_a_refusal_reason_cuts_the_input_postgres_quotes(db):
     assert pipeline.refusal_reason(client_side) == "postgres refused the event: DataError"
     assert pipeline.refusal_reason(KeyError("maria")) == (
         "internal error while storing the event: KeyError")
+
+
+# -- an event too big for the server's limits (or a busy server): statement_timeout, locks ----
+
+POISON = "poison@example.com"
+
+
+@pytest.fixture
+def poisoned(db):  # type: ignore[no-untyped-def]
+    """Postgres cancels any write of the poison lead, as a statement_timeout would a body
+    with tens of thousands of leads (or a full lock table: 53200)."""
+    db.execute("""
+        CREATE FUNCTION leadpipe_test_poison() RETURNS trigger LANGUAGE plpgsql AS $$
+        BEGIN
+            IF NEW.email = 'poison@example.com' THEN
+                RAISE EXCEPTION 'canceling statement due to statement timeout'
+                    USING ERRCODE = '57014';
+            END IF;
+            RETURN NEW;
+        END $$""")
+    db.execute("CREATE TRIGGER leadpipe_test_poison BEFORE INSERT OR UPDATE ON leads "
+               "FOR EACH ROW EXECUTE FUNCTION leadpipe_test_poison()")
+    yield POISON
+    db.execute("DROP TRIGGER leadpipe_test_poison ON leads")
+    db.execute("DROP FUNCTION leadpipe_test_poison()")
+
+
+def poison_v2() -> dict[str, Any]:
+    body = copy.deepcopy(V2)
+    body["contact"].update(uuid="poison-uuid", email=POISON)
+    return body
+
+
+def test_an_oversized_event_is_retried_then_quarantined_and_its_batch_stored(runtime, db,
+                                                                             poisoned):
+    events, rejected = pipeline.split([entry(DEAL, "good-1"), entry(poison_v2(), "poison"),
+                                       entry(fixture_bytes("crm-deal-deleted.json"), "good-2")])
+    with pytest.raises(RetryableSinkError):  # not the last try: the whole batch again later
+        pipeline.store(runtime, events, rejected)
+    assert event_ids(db) == {"good-1"}  # stored one by one, up to the poison
+    assert count(db, "SELECT count(*) FROM quarantine") == 0
+
+    stored = pipeline.store(runtime, events, rejected, last_try=True)
+    assert sorted(e.id for e in stored.new) == ["good-2"] and stored.quarantined == 1
+    assert event_ids(db) == {"good-1", "good-2"}
+    why = reasons(db)["poison"]
+    assert why.startswith("postgres refused the event: QueryCanceled (57014)"), why
+    assert POISON not in why
+
+
+@pytest.mark.parametrize(("sqlstate", "expected"), [
+    ("57014", True), ("53200", True), ("57P01", False), ("53300", False), ("08006", False),
+    ("54000", False),
+])
+def test_oversized_is_decided_by_sqlstate_through_the_sinks_wrapper(sqlstate, expected):
+    from sinks.postgres import oversized
+
+    error = psycopg.errors.lookup(sqlstate)("x")
+    wrapped = RetryableSinkError("postgres unavailable")
+    wrapped.__cause__ = error
+    assert oversized(error) is expected and oversized(wrapped) is expected
+
+
+def test_a_worker_quarantines_an_oversized_event_after_its_tries(client, settings, db,
+                                                                 worker_factory, poisoned):
+    """Through a real worker: the batch task is retried, the good event is stored, and the
+    poison one is quarantined on the try LEADPIPE_OVERSIZED_RETRIES allows, not retried on."""
+    from tests.conftest import post, wait_for
+
+    worker = worker_factory(settings.with_(oversized_retries=1))
+    good = post(client, fixture_bytes("crm-deal-created.json")).json["id"]
+    poison = post(client, orjson.dumps(poison_v2())).json["id"]
+    wait_for(lambda: count(db, "SELECT count(*) FROM quarantine") == 1, timeout=60,
+             what="the poison event quarantined")
+    assert event_ids(db) == {good}
+    assert "(57014)" in reasons(db)[poison]
+    assert "will be retried: RetryableSinkError" in worker.log_path.read_text()
