@@ -185,9 +185,9 @@ class Settings:
     )
     oversized_retries: int = setting(
         "OVERSIZED_RETRIES", as_positive_int, 10,
-        "Tries of a batch in which one event alone exceeds a Postgres limit that can also be "
-        "load (the lock table, `statement_timeout`) before that event is quarantined with "
-        "the error; the rest of its batch is stored one by one meanwhile.",
+        "Tries in a row of a batch in which one event alone exceeds a Postgres limit that "
+        "can also be load (the lock table, `statement_timeout`) before that event is "
+        "quarantined with the error; the rest of its batch is stored one by one meanwhile.",
     )
     claim_idle_seconds: int = setting(
         "CLAIM_IDLE_SECONDS", as_positive_int, 60,

@@ -75,9 +75,10 @@ DEAL_ORDER = ("updated_at", "document_updated_at")
 
 
 def _upsert_sql(table: str, key: str, columns: Sequence[str], types: dict[str, str],
-                order: Sequence[str], whole: bool = False) -> str:
+                order: Sequence[str], whole: bool = False, sticky: Sequence[str] = ()) -> str:
     """INSERT ... SELECT FROM unnest(...) that merges newer non-null values and never goes back
-    (`whole`: that sets every column as given, NULL included: rows folded from a snapshot).
+    (`whole`: that sets every column as given, NULL included, but the `sticky` ones: rows
+    folded from a snapshot).
 
     The batch was folded against the stored rows (_fold), so the WHERE refuses only what a
     concurrent writer made stale; `order` is set as it is (NULL included), never merged."""
@@ -87,8 +88,8 @@ def _upsert_sql(table: str, key: str, columns: Sequence[str], types: dict[str, s
     select = ", ".join(
         _TAGS if c == "tags" else f"t.{c}" for c in all_cols)
     merge = ",\n        ".join(
-        [f"{c} = EXCLUDED.{c}" if whole else f"{c} = COALESCE(EXCLUDED.{c}, {table}.{c})"
-         for c in columns]
+        [f"{c} = EXCLUDED.{c}" if whole and c not in sticky
+         else f"{c} = COALESCE(EXCLUDED.{c}, {table}.{c})" for c in columns]
         + [f"{c} = EXCLUDED.{c}" for c in (*order, "last_event_id")])
 
     def rank(row: str) -> str:
@@ -105,17 +106,24 @@ def _upsert_sql(table: str, key: str, columns: Sequence[str], types: dict[str, s
 
 _LEADS_SQL = _upsert_sql("leads", "lead_key", LEAD_COLUMNS, LEAD_TYPES, LEAD_ORDER)
 _DEALS_SQL = _upsert_sql("deals", "id", DEAL_COLUMNS, DEAL_TYPES, DEAL_ORDER)
-_DEALS_WHOLE_SQL = _upsert_sql("deals", "id", DEAL_COLUMNS, DEAL_TYPES, DEAL_ORDER, whole=True)
+# deleted_at is ours (a delete's time), not a field of RD's document: a snapshot keeps it
+DEAL_STICKY = ("deleted_at",)
+_DEALS_WHOLE_SQL = _upsert_sql("deals", "id", DEAL_COLUMNS, DEAL_TYPES, DEAL_ORDER, whole=True,
+                               sticky=DEAL_STICKY)
 _EVENTS_SQL = """
     INSERT INTO events (id, dedup_key, source, event_type, entity_type, entity_id, occurred_at,
                         received_at, duplicates, payload)
     SELECT * FROM unnest(%b::text[], %b::text[], %b::text[], %b::text[], %b::text[], %b::text[],
                          %b::timestamptz[], %b::timestamptz[], %b::int[], %b::jsonb[])
     ON CONFLICT (dedup_key) DO UPDATE SET
-        duplicates = events.duplicates + EXCLUDED.duplicates + 1,
-        last_duplicate_at = now()
-    RETURNING dedup_key, (xmax = 0) AS inserted
+        duplicates = events.duplicates + CASE WHEN events.id = EXCLUDED.id THEN 0
+                                              ELSE EXCLUDED.duplicates + 1 END,
+        last_duplicate_at = CASE WHEN events.id = EXCLUDED.id THEN events.last_duplicate_at
+                                 ELSE now() END
+    RETURNING dedup_key, (xmax = 0) AS inserted, id
 """
+# (the same event id is this batch stored again: a retry after a failure that came after its
+# commit, or entries claimed from a worker that died before acknowledging them; not news)
 _QUARANTINE_SQL = """
     INSERT INTO quarantine (id, received_at, reason, event_type_hint, payload)
     SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::text[], %b::text[], %b::jsonb[])
@@ -245,11 +253,13 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
             [e.received_at for e in keyed], [repeats.get(e.dedup_key, 0) for e in keyed],
             [e.payload for e in keyed],
         )).fetchall()
-        inserted = {key for key, fresh in rows if fresh}
-        result.duplicates += len(rows) - len(inserted)
+        ids = {e.dedup_key: e.id for e in keyed}
+        inserted = {key for key, fresh, _ in rows if fresh}
+        again = {key for key, fresh, row_id in rows if not fresh and row_id == ids[key]}
+        result.duplicates += len(rows) - len(inserted) - len(again)
         result.new = [e for e in batch if e.dedup_key in inserted]
-        for e in batch:
-            result.outcomes[(e.event_type, "accepted" if e.dedup_key in inserted else
+        for e in batch:  # stored again: counted once, as its first storing never was
+            result.outcomes[(e.event_type, "accepted" if e.dedup_key in inserted | again else
                              "duplicate")] += 1
             if e.dedup_key in repeats:
                 result.outcomes[(e.event_type, "duplicate")] += repeats[e.dedup_key]
@@ -272,26 +282,30 @@ def _stored_before(conn: psycopg.Connection, batch: list[Event]) -> dict[str, st
     """Legacy events of the batch an earlier version stored under its older key (without the
     lead's hash) with the same lead: their key -> the stored key. A redelivery across an
     upgrade is then a duplicate, as it was before, not a second event."""
-    older = {old: e for e in batch if (old := legacy_key_before(e.dedup_key))}
+    older: dict[str, list[Event]] = {}
+    for e in batch:
+        if old := legacy_key_before(e.dedup_key):
+            older.setdefault(old, []).append(e)  # a retry and a re-send with news may meet
     if not older:
         return {}
     found: dict[str, str] = {}
     for old, payload in conn.execute(
             "SELECT dedup_key, payload FROM events WHERE dedup_key = ANY(%s)", (list(older),)):
         leads = payload.get("leads") if isinstance(payload, dict) else None
-        event = older[old]
-        if (isinstance(leads, list) and leads
-                and event.dedup_key.endswith(":" + lead_hash(leads[0]))):
-            found[event.dedup_key] = old
+        if isinstance(leads, list) and leads:
+            same = ":" + lead_hash(leads[0])
+            found.update((e.dedup_key, old) for e in older[old] if e.dedup_key.endswith(same))
     return found
 
 
 def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
     """Dedup keys of the batch that must not be stored: redeliveries of an erased event, and
     events of an erased person received before their erasure (`leadpipe erase`)."""
-    hashed = {erased_key(e.dedup_key): e.dedup_key for e in batch}
-    hashed.update({erased_key(old): e.dedup_key for e in batch  # erased by an earlier version
-                   if (old := legacy_key_before(e.dedup_key))})
+    hashed: dict[str, list[str]] = {}
+    for e in batch:
+        hashed.setdefault(erased_key(e.dedup_key), []).append(e.dedup_key)
+        if old := legacy_key_before(e.dedup_key):  # erased under an earlier version's key
+            hashed.setdefault(erased_key(old), []).append(e.dedup_key)
     emails = {email_digest(e.lead["email"]) for e in batch if e.lead and e.lead.get("email")}
     gone: set[str] = set()
     erased_at: dict[str, Any] = {}
@@ -301,7 +315,7 @@ def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
             "WHERE email_sha256 = ANY(%s) GROUP BY email_sha256",
             (list(hashed), list(emails))):
         if key is not None:
-            gone.add(hashed[key])
+            gone.update(hashed[key])
         else:
             erased_at[digest] = when
     if erased_at:
@@ -337,19 +351,24 @@ Rank = tuple[Any, ...]  # what orders the events of one row (and the row as stor
 
 def _fold(items: list[tuple[str, Rank, dict[str, Any], str]], stored: dict[str, Rank],
           exact: Sequence[str] = (), snapshots: Collection[str] = (),
-          whole: set[str] | None = None) -> dict[str, dict[str, Any]]:
+          whole: set[str] | None = None, sticky: Sequence[str] = ()) -> dict[str, dict[str, Any]]:
     """One row per key from (key, rank, state, event id), as storing the items one at a time,
     oldest first, would leave it: an item older than the key's stored row is dropped (last
     writer wins would refuse it), the others are merged in order, ties in batch order.
     `exact` columns are the newest item's value, NULL included. The state of an event in
     `snapshots` is the entity's whole state: it replaces the row, NULLs included, and the
-    row's key goes into `whole` (to be stored as it is, not merged with the stored row)."""
+    row's key goes into `whole` (to be stored as it is, not merged with the stored row), but
+    for its `sticky` columns, which keep a value once set."""
     rows: dict[str, dict[str, Any]] = {}
     for key, rank, state, event_id in sorted(items, key=lambda item: item[1]):
         if key in stored and rank < stored[key]:
             continue
         if event_id in snapshots:
+            before = rows.get(key, {})
             rows[key] = {**state, "last_event_id": event_id}
+            for column in sticky:
+                if rows[key].get(column) is None:
+                    rows[key][column] = before.get(column)
             if whole is not None:
                 whole.add(key)
         else:
@@ -416,7 +435,7 @@ def _upsert_deals(conn: psycopg.Connection, events: list[Event]) -> None:
     snapshots = {e.id for e in events if e.event_type != "crm_deal_deleted"}
     whole: set[str] = set()
     rows = _fold(items, stored, exact=("document_updated_at",), snapshots=snapshots,
-                 whole=whole)
+                 whole=whole, sticky=DEAL_STICKY)
     for sql, part in ((_DEALS_WHOLE_SQL, {k: v for k, v in rows.items() if k in whole}),
                       (_DEALS_SQL, {k: v for k, v in rows.items() if k not in whole})):
         if part:

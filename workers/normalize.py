@@ -111,7 +111,7 @@ def normalize(entry: Entry) -> list[Event | Rejected]:
         return [quarantine(entry, received, "body nested too deeply")]
 
 
-_CRM_NAME = re.compile(r"crm_([a-z][a-z_]{0,39})_(created|updated|deleted)")  # lost_reason too
+_CRM_NAME = re.compile(r"crm_([a-z]{1,40}|lost_reason)_(created|updated|deleted)")
 _V2_TYPES = frozenset({"WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY"})
 
 

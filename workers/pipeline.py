@@ -47,7 +47,7 @@ def store(runtime: Runtime, events: list[Event], rejected: list[Rejected],
     try:
         return runtime.postgres.store(events, rejected, route)
     except Exception as exc:
-        if oversized(exc) and len(events) + len(rejected) > 1:
+        if oversized(exc):  # even a batch of one: the last try quarantines it, below
             log.warning("batch too big for the server's limits, storing one by one: %s",
                         type(exc.__cause__ or exc).__name__)
         elif transient(exc):
@@ -74,7 +74,7 @@ def store_each(runtime: Runtime, items: Sequence[Event | Rejected],
                                                ([], [item])), route))
         except Exception as exc:
             if transient(exc) and not (last_try and oversized(exc)):
-                fan_out(runtime, total)  # stored and committed: not left to the relay
+                fan_out(runtime, total, quietly=True)  # committed: queued now, not relayed
                 raise
             if not isinstance(exc, psycopg.Error | RetryableSinkError):  # a bug
                 log.exception("storing an event failed", extra={"event_id": item.id})
@@ -131,7 +131,14 @@ def process(runtime: Runtime, entry_ids: list[str], last_try: bool = False) -> S
     return stored
 
 
-def fan_out(runtime: Runtime, stored: Stored) -> None:
-    """Queue the deliveries the batch's transaction recorded (a lost publish is relayed later)."""
+def fan_out(runtime: Runtime, stored: Stored, quietly: bool = False) -> None:
+    """Queue the deliveries the batch's transaction recorded (a lost publish is relayed later;
+    `quietly`: a broker that is down is not raised, the relay has them)."""
+    if quietly:
+        from workers.operations import publish_or_relay
+
+        for sink, event_ids in stored.deliveries.items():
+            publish_or_relay(runtime, sink, event_ids)
+        return
     for sink, event_ids in stored.deliveries.items():
         runtime.publish(sink, event_ids)

@@ -12,6 +12,7 @@ from celery import Task, shared_task
 from psycopg_pool import PoolTimeout
 
 from sinks.base import RetryableSinkError
+from sinks.postgres import oversized
 from workers import delivery, metrics, pipeline
 
 log = logging.getLogger("leadpipe.tasks")
@@ -27,11 +28,16 @@ def backoff(retries: int, base: float = 1.0, cap: float = 60.0) -> float:
 
 @shared_task(bind=True, name="leadpipe.process_batch", acks_late=True, ignore_result=True,
              max_retries=None)
-def process_batch(self: Task, entry_ids: list[str], consumer: str) -> dict[str, Any]:
-    """Store one batch of ingest-stream entries in Postgres and acknowledge them."""
+def process_batch(self: Task, entry_ids: list[str], consumer: str,
+                  oversized_tries: int = 0) -> dict[str, Any]:
+    """Store one batch of ingest-stream entries in Postgres and acknowledge them.
+
+    `oversized_tries`: the tries in a row that ended on an event too big for the server's
+    limits (sinks.postgres.oversized); any other failure (Postgres down) starts the count
+    again, so only LEADPIPE_OVERSIZED_RETRIES such tries in a row quarantine the event."""
     runtime = self.app.leadpipe.runtime()
     try:
-        stored = pipeline.process(runtime, entry_ids, last_try=self.request.retries
+        stored = pipeline.process(runtime, entry_ids, last_try=oversized_tries
                                   >= runtime.settings.oversized_retries)
     except TRANSIENT as exc:
         try:  # keep the entries ours while we wait, so no other worker re-dispatches them
@@ -39,7 +45,9 @@ def process_batch(self: Task, entry_ids: list[str], consumer: str) -> dict[str, 
         except redis.RedisError:
             pass
         log.warning("batch of %d will be retried: %s", len(entry_ids), type(exc).__name__)
-        raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+        tries = oversized_tries + 1 if oversized(exc) else 0
+        raise self.retry(exc=exc, countdown=backoff(self.request.retries),
+                         args=(entry_ids, consumer), kwargs={"oversized_tries": tries}) from exc
     metrics.count_batch(runtime.metrics, stored.outcomes)
     summary = {"entries": len(entry_ids), "new": len(stored.new),
                "duplicates": stored.duplicates, "quarantined": stored.quarantined}

@@ -230,3 +230,39 @@ def test_a_legacy_lead_stored_by_an_earlier_version_is_still_a_duplicate(databas
                (erased_key(legacy_key_before(gone.dedup_key)), gone.dedup_key))
     assert sink.store(events(other), []).erased == 1
     sink.close()
+
+
+def test_the_same_event_stored_again_is_not_counted_as_rds_duplicate(database_url, db):
+    """A batch stored again with its own event ids (a retry after a failure that came after
+    its commit, or entries claimed from a worker that died before acknowledging them) is not
+    news and not a redelivery: `duplicates` stays; RD's redelivery (a new id) counts."""
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    body = fixture_bytes("crm-deal-created.json")
+    batch = events(body, body)  # one event and RD's repeat of it, in one batch
+    first = sink.store(batch, [])
+    assert (len(first.new), first.duplicates) == (1, 1)
+    again = sink.store(batch, [])  # reported as the first storing would have been
+    assert again.new == [] and again.outcomes[("crm_deal_created", "accepted")] == 1
+    assert db.execute("SELECT duplicates FROM events").fetchall() == [(1,)]
+    redelivered = sink.store(events(body), [])
+    assert redelivered.duplicates == 1
+    assert db.execute("SELECT duplicates FROM events").fetchall() == [(2,)]
+    sink.close()
+
+
+def test_a_retry_and_a_resend_with_news_of_an_earlier_versions_lead_in_one_batch(
+        database_url, db):
+    from workers.normalize import legacy_key_before
+
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    body = legacy(uuid="U-two", lead_stage="Lead",
+                  last_conversion={"created_at": "2024-03-01T00:00:00Z"})
+    first, = events(body)
+    sink.store([first], [])
+    db.execute("UPDATE events SET dedup_key = %s", (legacy_key_before(first.dedup_key),))
+    news = legacy(uuid="U-two", lead_stage="Cliente",
+                  last_conversion={"created_at": "2024-03-01T00:00:00Z"})
+    stored = sink.store(events(news, body), [])  # the re-send with news first, then the retry
+    assert len(stored.new) == 1 and stored.duplicates == 1
+    assert count(db, "SELECT count(*) FROM events") == 2
+    sink.close()

@@ -227,5 +227,6 @@ def test_crm_lost_reason_events_are_kept_raw_not_quarantined(action):
     assert event.deal is None
     from workers.normalize import claimed_type
     assert claimed_type(orjson.dumps(body).decode()) == f"crm_lost_reason_{action}"
-    bad, = run({**body, "event_name": "crm__created"})
-    assert isinstance(bad, Rejected) and "Unknown CRM event" in str(bad.reason)
+    for name in ("crm__created", "crm_deal_created_updated", "crm_lost_reasons_created"):
+        bad, = run({**body, "event_name": name})
+        assert isinstance(bad, Rejected) and "Unknown CRM event" in str(bad.reason), name

@@ -315,3 +315,13 @@ def test_a_worker_quarantines_an_oversized_event_after_its_tries(client, setting
     assert event_ids(db) == {good}
     assert "(57014)" in reasons(db)[poison]
     assert "will be retried: RetryableSinkError" in worker.log_path.read_text()
+
+
+def test_an_oversized_event_alone_in_its_batch_is_quarantined_on_the_last_try(runtime, db,
+                                                                              poisoned):
+    events, rejected = pipeline.split([entry(poison_v2(), "alone")])
+    with pytest.raises(RetryableSinkError):
+        pipeline.store(runtime, events, rejected)
+    stored = pipeline.store(runtime, events, rejected, last_try=True)
+    assert stored.quarantined == 1 and "(57014)" in reasons(db)["alone"]
+    assert event_ids(db) == set()
