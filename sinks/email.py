@@ -367,9 +367,8 @@ def classify(exc: BaseException) -> SinkError:
     if isinstance(exc, smtplib.SMTPRecipientsRefused):
         codes = [reply[0] for reply in exc.recipients.values()]
         return _by_code(codes[0] if codes else None, "refused the recipient")
-    if isinstance(exc, smtplib.SMTPAuthenticationError):
-        return PermanentSinkError(f"smtp {exc.smtp_code} authentication failed",
-                                  status=exc.smtp_code)
+    if isinstance(exc, smtplib.SMTPAuthenticationError):  # 454: the server's own trouble
+        return _by_code(exc.smtp_code, "authentication failed")
     if isinstance(exc, smtplib.SMTPSenderRefused):
         return _by_code(exc.smtp_code, "refused the sender")
     if isinstance(exc, smtplib.SMTPDataError):

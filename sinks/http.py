@@ -24,6 +24,12 @@ from sinks.transport import Deadline
 RETRYABLE_STATUSES = frozenset({408, 429})
 # Answers whose Retry-After is honoured (RFC 9110 section 10.2.3; RFC 6585 for 429).
 RETRY_AFTER_STATUSES = frozenset({429, 503})
+# A Retry-After past this is taken as this: a destination cannot park a delivery for years
+# (nor a Celery countdown past its calendar); the sink's retry rounds go on from there.
+MAX_RETRY_AFTER_SECONDS = 3600.0
+# Of an answer's body, at most this much is read (nothing of it is used; reading a small one
+# keeps the connection for the next request), so a destination cannot fill a worker's memory.
+MAX_ANSWER_BYTES = 64 * 1024
 
 _TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP field name (RFC 9110 5.1)
 _HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")  # visible ASCII, space and tab: no CR/LF
@@ -97,21 +103,24 @@ def json_body(data: Any) -> bytes:
 def retry_after(value: str | None, now: float | None = None) -> float | None:
     """A Retry-After header (delay-seconds or an HTTP-date) as seconds from now; None if unusable.
 
-    A date in the past means "now" (0).
+    A date in the past means "now" (0); anything past MAX_RETRY_AFTER_SECONDS is that.
     """
     if value is None:
         return None
     value = value.strip()
-    if value.isdigit():
-        return float(int(value))
+    if _SECONDS.fullmatch(value):
+        return min(MAX_RETRY_AFTER_SECONDS, float(int(value)))
     try:
         when = parsedate_to_datetime(value)
-    except (TypeError, ValueError, IndexError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:  # "-0000": RFC 5322's "UTC, source zone unknown"
         when = when.replace(tzinfo=UTC)
     now = time.time() if now is None else now
-    return max(0.0, when.timestamp() - now)
+    return min(MAX_RETRY_AFTER_SECONDS, max(0.0, when.timestamp() - now))
+
+
+_SECONDS = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes "²" too
 
 
 # ---------------------------------------------------------------------------------------------
@@ -136,7 +145,15 @@ def send(session: requests.Session, method: str, url: str, *, body: bytes,
     with Deadline(timeout) as deadline:
         try:
             response = session.request(method, url, data=body, headers=dict(headers),
-                                       timeout=timeout, allow_redirects=False)
+                                       timeout=timeout, allow_redirects=False, stream=True)
+            try:
+                read = 0
+                for chunk in response.iter_content(16 * 1024):
+                    read += len(chunk)
+                    if read >= MAX_ANSWER_BYTES:
+                        break  # the rest is never read: the connection is dropped, not kept
+            finally:
+                response.close()
         except requests.RequestException as exc:
             if deadline.expired or isinstance(exc, requests.Timeout):
                 raise RetryableSinkError(f"{label}: no answer within {timeout:g} s") from None

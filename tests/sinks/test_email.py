@@ -304,3 +304,14 @@ def test_registry_finds_email_and_build_uses_the_postgres_ledger(smtp, ledger, d
         assert count(conn, "SELECT count(*) FROM email_sent") == 1
     with pytest.raises(SinkConfigError, match="ledger"):
         build(INSTANCE, "email", options(smtp))
+
+
+def test_a_temporary_authentication_failure_is_retried_a_refusal_is_not():
+    import smtplib
+
+    from sinks.email import classify
+
+    temporary = classify(smtplib.SMTPAuthenticationError(454, b"4.7.0 Temporary failure"))
+    refused = classify(smtplib.SMTPAuthenticationError(535, b"5.7.8 Bad credentials"))
+    assert isinstance(temporary, RetryableSinkError) and temporary.status == 454
+    assert isinstance(refused, PermanentSinkError) and refused.status == 535

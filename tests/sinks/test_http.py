@@ -474,3 +474,40 @@ def test_https_through_a_pin_still_needs_a_trusted_certificate(tls, no_dns):
     with new_session(pin=target) as pinned, pytest.raises(RetryableSinkError):
         send(pinned, "POST", target.url, body=b"{}", headers={}, timeout=5, label="test")
     assert srv.seen == []
+
+
+def test_retry_after_is_bounded_and_reads_only_ascii_digits():
+    from sinks.http import MAX_RETRY_AFTER_SECONDS
+
+    now = 1_700_000_000.0
+    assert retry_after("99999999999999") == MAX_RETRY_AFTER_SECONDS
+    assert retry_after("Fri, 31 Dec 9999 23:59:59 GMT", now=now) == MAX_RETRY_AFTER_SECONDS
+    assert retry_after("31536000") == MAX_RETRY_AFTER_SECONDS  # a year: one hour at most
+    assert retry_after("120") == 120.0
+    assert retry_after("\xb2") is None and retry_after("\u0663") is None  # "²", Arabic three
+
+
+def test_an_endless_answer_body_is_not_read_past_a_small_limit(session):
+    """A destination that answers 2xx with a body that never ends (or gigabytes of it): the
+    send returns on the status once a little of the body is read; memory stays flat."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    held: list[socket.socket] = []
+
+    def serve() -> None:
+        conn, _ = listener.accept()
+        held.append(conn)
+        conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 10000000000\r\n\r\n" + b"x" * (1024 * 1024))
+        # and then nothing more, the connection left open: reading it all would never end
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        answer = send(session, "PUT", f"http://127.0.0.1:{listener.getsockname()[1]}/x",
+                      body=b"{}", headers={}, timeout=5, label="crm")
+        assert answer.status_code == 200
+    finally:
+        for conn in held:
+            conn.close()
+        listener.close()
