@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
@@ -300,7 +301,9 @@ def _stored_before(conn: psycopg.Connection, batch: list[Event]) -> dict[str, st
 
 def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
     """Dedup keys of the batch that must not be stored: redeliveries of an erased event, and
-    events of an erased person received before their erasure (`leadpipe erase`)."""
+    events received before an erasure whose body names the erased person anywhere, as
+    `leadpipe erase` found them among the stored ones (the lead's e-mail, a CRM contact's
+    `emails`, a deal's contacts)."""
     hashed: dict[str, list[str]] = {}
     for e in batch:
         hashed.setdefault(erased_key(e.dedup_key), []).append(e.dedup_key)
@@ -309,22 +312,42 @@ def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
     emails = {email_digest(e.lead["email"]) for e in batch if e.lead and e.lead.get("email")}
     gone: set[str] = set()
     erased_at: dict[str, Any] = {}
+    recent = None  # the last erasure since the batch's oldest event arrived, if any
     for key, digest, when in conn.execute(
             "SELECT dedup_key, NULL, NULL FROM events WHERE dedup_key = ANY(%s) UNION ALL "
             "SELECT NULL, email_sha256, max(erased_at) FROM erasures "
-            "WHERE email_sha256 = ANY(%s) GROUP BY email_sha256",
-            (list(hashed), list(emails))):
+            "WHERE email_sha256 = ANY(%s) GROUP BY email_sha256 UNION ALL "
+            "SELECT NULL, NULL, max(erased_at) FROM erasures WHERE erased_at >= %s",
+            (list(hashed), list(emails), min(e.received_at for e in batch))):
         if key is not None:
             gone.update(hashed[key])
-        else:
+        elif digest is not None:
             erased_at[digest] = when
+        else:
+            recent = when
+    named: dict[str, set[str]] = {}  # event's key -> digests of every address in its body
+    if recent is not None:  # rare: only then is every body read for addresses
+        for event in batch:
+            if event.received_at <= recent:
+                named[event.dedup_key] = {email_digest(a) for a in _ADDRESSES.findall(
+                    event.payload.lower())}
+        wanted = set().union(*named.values()) - set(erased_at)
+        if wanted:
+            erased_at.update(conn.execute(
+                "SELECT email_sha256, max(erased_at) FROM erasures WHERE email_sha256 = ANY(%s) "
+                "GROUP BY email_sha256", (list(wanted),)).fetchall())
     if erased_at:
         for event in batch:
             email = event.lead.get("email") if event.lead else None
-            when = erased_at.get(email_digest(email)) if email else None
-            if when is not None and event.received_at <= when:
+            digests = named.get(event.dedup_key, set()) | (
+                {email_digest(email)} if email else set())
+            if any(event.received_at <= erased_at[d] for d in digests if d in erased_at):
                 gone.add(event.dedup_key)
     return gone
+
+
+# what `leadpipe erase` takes for an address in a body: the whole of one, never a part
+_ADDRESSES = re.compile(r"[a-z0-9.!#$%&'*+/=?^_`{|}~\-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
 
 
 def _outbox(conn: psycopg.Connection, result: Stored, route: Router) -> None:

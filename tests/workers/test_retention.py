@@ -118,6 +118,33 @@ def test_erase_removes_the_person_from_every_store_and_nothing_comes_back(
     assert PERSON.lower() not in digest  # the erasure record keeps a hash, not the address
 
 
+def test_a_body_on_its_way_naming_the_erased_person_outside_a_lead_is_dropped(
+        runtime, settings, db):
+    """`erase` blanks every stored body holding the address; a body received before it and
+    stored after it is dropped the same way when the address is anywhere in it (a CRM
+    contact's `emails`, a deal's contacts), not only in a lead. Others are stored."""
+    result = leadpipe(settings, "erase", "--email", PERSON)
+    assert result.returncode == 0, result.stderr
+    before = int(time.time() * 1000) - 60_000
+
+    def contact(email: str, n: int) -> dict[str, Any]:
+        return {"event_name": "crm_contact_created", "event_timestamp": "2025-05-01T10:00:00Z",
+                "transaction_uuid": f"tx-erase-contact-{n}",
+                "document": {"id": f"c-{n}", "name": "Maria", "emails": [{"email": email}]}}
+
+    deal = orjson.loads(fixture_bytes("crm-deal-updated-won.json"))
+    deal["transaction_uuid"] = "tx-erase-deal"
+    deal["document"]["contacts"] = [{"name": "Maria", "emails": [{"email": f"<{PERSON}>"}]}]
+    stored = store(runtime, entry(contact(PERSON.upper(), 1), received_ms=before),
+                   entry(deal, received_ms=before),
+                   entry(contact(f"x{PERSON}", 2), received_ms=before),  # another person
+                   entry(contact(OTHER, 3), received_ms=before))
+    assert stored.erased == 2 and len(stored.new) == 2
+    assert mentions(db, PERSON) == {"events": 1}  # x-maria's, whose address holds hers
+    after = store(runtime, entry(contact(PERSON, 4)))  # received after the erasure: new data
+    assert len(after.new) == 1
+
+
 def test_erase_spares_people_whose_address_holds_the_erased_one(runtime, settings, db,
                                                                   redis_client):
     person = "ana@example.com"
