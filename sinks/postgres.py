@@ -216,6 +216,7 @@ def transient(exc: BaseException) -> bool:
 def store(conn: psycopg.Connection, events: Sequence[Event],
           rejected: Sequence[Rejected], route: Router | None = None) -> Stored:
     """The batch write itself, inside the caller's transaction."""
+    events = _as_stored_before(conn, events)
     result = Stored()
     unique: dict[str, Event] = {}
     repeats: dict[str, int] = {}
@@ -231,17 +232,6 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
         result.erased = len(gone)
         result.outcomes.update((e.event_type, "erased") for e in batch if e.dedup_key in gone)
         batch = [e for e in batch if e.dedup_key not in gone]
-    before = _stored_before(conn, batch) if batch else {}
-    if before:
-        for key, old in before.items():
-            conn.execute("UPDATE events SET duplicates = duplicates + 1 + %s, "
-                         "last_duplicate_at = now() WHERE dedup_key = %s",
-                         (repeats.get(key, 0), old))
-        result.duplicates += len(before)
-        for e in batch:
-            if e.dedup_key in before:
-                result.outcomes[(e.event_type, "duplicate")] += 1 + repeats.get(e.dedup_key, 0)
-        batch = [e for e in batch if e.dedup_key not in before]
     if batch:
         _resolve_leads(conn, [e for e in batch if e.lead is not None])
         # in dedup key order: two batches holding the same events lock their keys in one order,
@@ -279,24 +269,25 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
     return result
 
 
-def _stored_before(conn: psycopg.Connection, batch: list[Event]) -> dict[str, str]:
-    """Legacy events of the batch an earlier version stored under its older key (without the
-    lead's hash) with the same lead: their key -> the stored key. A redelivery across an
-    upgrade is then a duplicate, as it was before, not a second event."""
+def _as_stored_before(conn: psycopg.Connection, events: Sequence[Event]) -> Sequence[Event]:
+    """The events, those of them an earlier version stored under its older legacy key (without
+    the lead's hash) with the same lead taking that key again: a redelivery across an upgrade
+    is then the duplicate it was before (counted by the upsert), not a second event."""
     older: dict[str, list[Event]] = {}
-    for e in batch:
+    for e in events:
         if old := legacy_key_before(e.dedup_key):
             older.setdefault(old, []).append(e)  # a retry and a re-send with news may meet
     if not older:
-        return {}
-    found: dict[str, str] = {}
+        return events
     for old, payload in conn.execute(
             "SELECT dedup_key, payload FROM events WHERE dedup_key = ANY(%s)", (list(older),)):
         leads = payload.get("leads") if isinstance(payload, dict) else None
         if isinstance(leads, list) and leads:
             same = ":" + lead_hash(leads[0])
-            found.update((e.dedup_key, old) for e in older[old] if e.dedup_key.endswith(same))
-    return found
+            for e in older[old]:
+                if e.dedup_key.endswith(same):
+                    e.dedup_key = old
+    return events
 
 
 def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:

@@ -14,6 +14,7 @@ from sinks.base import RetryableSinkError
 from sinks.postgres import Router, Stored, oversized, transient
 from workers.events import Event, Rejected
 from workers.normalize import as_json_string, normalize, quarantine
+from workers.operations import publish_or_relay
 from workers.runtime import Runtime
 
 log = logging.getLogger("leadpipe.pipeline")
@@ -74,7 +75,7 @@ def store_each(runtime: Runtime, items: Sequence[Event | Rejected],
                                                ([], [item])), route))
         except Exception as exc:
             if transient(exc) and not (last_try and oversized(exc)):
-                fan_out(runtime, total, quietly=True)  # committed: queued now, not relayed
+                fan_out(runtime, total)  # committed: queued now, not left to the relay
                 raise
             if not isinstance(exc, psycopg.Error | RetryableSinkError):  # a bug
                 log.exception("storing an event failed", extra={"event_id": item.id})
@@ -131,14 +132,8 @@ def process(runtime: Runtime, entry_ids: list[str], last_try: bool = False) -> S
     return stored
 
 
-def fan_out(runtime: Runtime, stored: Stored, quietly: bool = False) -> None:
-    """Queue the deliveries the batch's transaction recorded (a lost publish is relayed later;
-    `quietly`: a broker that is down is not raised, the relay has them)."""
-    if quietly:
-        from workers.operations import publish_or_relay
-
-        for sink, event_ids in stored.deliveries.items():
-            publish_or_relay(runtime, sink, event_ids)
-        return
+def fan_out(runtime: Runtime, stored: Stored) -> None:
+    """Queue the deliveries the batch's transaction recorded; a broker that cannot take them
+    now leaves them to the relay (they are committed as pending: nothing lost)."""
     for sink, event_ids in stored.deliveries.items():
-        runtime.publish(sink, event_ids)
+        publish_or_relay(runtime, sink, event_ids)
