@@ -39,6 +39,8 @@ class Access:
             address = ipaddress.ip_address(remote_addr or "")
         except ValueError:
             return False
+        if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
+            address = address.ipv4_mapped  # a dual-stack listener (--host ::) sees IPv4 so
         return any(address in network for network in self.networks)
 
 

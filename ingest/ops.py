@@ -7,6 +7,7 @@ import secrets
 from pathlib import Path
 from urllib.parse import urlsplit
 
+import redis
 from flask import Blueprint, Response, redirect, render_template, request, send_from_directory
 
 from ingest.errors import error
@@ -99,9 +100,17 @@ def login() -> Response:
 
 @bp.post("/logout")
 def logout() -> Response:
-    """Drop the session cookie (needs the CSRF token, like every other change)."""
-    if current_operator() is None:
+    """End the session for good and drop its cookie (needs the CSRF token, like every change)."""
+    operator = current_operator()
+    if operator is None:
         return _unauthorized()
+    if operator.via == "session":
+        try:
+            sessions().sign_out(request)
+        except redis.RedisError:  # the cookie would still work elsewhere: say so, keep it
+            return error(503, "SERVICE_UNAVAILABLE",
+                         "Redis is unreachable, so the session could not be ended; try again.",
+                         headers={"Retry-After": "5"})
     response = _secure(Response(status=204))
     sessions().clear_cookie(response, secure=request.is_secure)
     return response

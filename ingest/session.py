@@ -5,22 +5,30 @@ A browser signs in once by posting an admin token to /ops/login; it gets back a 
 the token and a random CSRF token. The cookie is refused once it is older than
 LEADPIPE_OPS_SESSION_HOURS or once its token is no longer one of LEADPIPE_ADMIN_TOKENS. Every
 request that changes something must also send the CSRF token in the X-CSRF-Token header, which
-only the dashboard page itself can read (it is written into the page).
+only the dashboard page itself can read (it is written into the page). Signing out records the
+session as ended on Redis until it would have expired anyway, so a copy of the cookie is refused
+from then on by every API process.
 """
 
 from __future__ import annotations
 
 import hashlib
 import hmac
+import logging
 import secrets
 from dataclasses import dataclass
 
-from flask import Request, Response, current_app, request
+import redis
+from flask import Request, Response, current_app, g, request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
+from werkzeug.exceptions import ServiceUnavailable
 
 from config.settings import Settings
 from ingest.auth import TokenSet
 from ingest.errors import error
+from ingest.queue import make_redis
+
+log = logging.getLogger("leadpipe.ops")
 
 COOKIE = "leadpipe_ops"
 CSRF_HEADER = "X-CSRF-Token"
@@ -51,6 +59,8 @@ class Sessions:
         self.signer = URLSafeTimedSerializer(key, salt="leadpipe-ops-session")
         self.max_age = settings.ops_session_hours * 3600
         self.always_secure = settings.ops_secure_cookie
+        self._ended_prefix = f"{settings.namespace}:ops:signed-out:"
+        self._redis = make_redis(settings.redis_url or "", timeout=2, retries=0)
 
     def sign_in(self, token: str | None) -> tuple[str, str] | None:
         """(cookie value, CSRF token) for a valid admin token, else None."""
@@ -74,6 +84,30 @@ class Sessions:
             ok |= hmac.compare_digest(known, data["t"])
         return data if ok else None
 
+    def _ended_key(self, data: dict[str, str]) -> str:
+        # the session's CSRF token is its random identity; the key holds only a hash of it
+        return self._ended_prefix + hashlib.sha256(str(data.get("c")).encode()).hexdigest()[:32]
+
+    def _signed_out(self, data: dict[str, str], method: str) -> bool:
+        """Was this session signed out? Unknown (Redis unreachable): a read is let through, a
+        change is refused with 503, so an outage neither locks operators out of the dashboard
+        nor lets a signed-out cookie change anything."""
+        try:
+            return bool(self._redis.exists(self._ended_key(data)))
+        except redis.RedisError as exc:
+            if method in SAFE_METHODS:
+                log.warning("ops session not checked for sign-out: %s", type(exc).__name__)
+                return False
+            raise ServiceUnavailable(
+                "Redis is unreachable, so this session cannot be checked; try again shortly, "
+                "or send an admin token as Bearer.", retry_after=5) from None
+
+    def sign_out(self, req: Request) -> None:
+        """End the request's session for every API process (raises RedisError if it cannot)."""
+        data = self._session(req.cookies.get(COOKIE))
+        if data is not None:
+            self._redis.set(self._ended_key(data), b"1", ex=max(self.max_age, 1))
+
     def operator(self, req: Request) -> Operator | None:
         """The operator making this request, or None (no token, or a CSRF check that failed)."""
         header = req.headers.get("Authorization", "")
@@ -88,6 +122,8 @@ class Sessions:
             sent = req.headers.get(CSRF_HEADER) or req.form.get("csrf") or ""
             if not hmac.compare_digest(sent.encode(), str(data.get("c", "")).encode()):
                 return None
+        if self._signed_out(data, req.method):
+            return None
         return Operator(f"token:{data['t']}", "session", data.get("c"))
 
     def set_cookie(self, response: Response, value: str, secure: bool) -> None:
@@ -109,7 +145,10 @@ def sessions() -> Sessions:
 
 
 def current_operator() -> Operator | None:
-    return sessions().operator(request)
+    """The request's operator, checked once per request."""
+    if "leadpipe_operator" not in g:
+        g.leadpipe_operator = sessions().operator(request)
+    return g.leadpipe_operator
 
 
 def require_operator() -> Response | None:

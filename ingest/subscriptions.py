@@ -7,7 +7,6 @@ clients work by changing the base URL. Every route needs an API token (`leadpipe
 from __future__ import annotations
 
 import base64
-import json
 import secrets
 import time
 import uuid
@@ -21,7 +20,7 @@ from flask import Blueprint, Response, current_app, g, request
 from marshmallow import ValidationError
 from psycopg.rows import dict_row
 
-from ingest import ssrf, tokens
+from ingest import ssrf, tokens, views
 from ingest.errors import error
 from ingest.subscription_schemas import (
     CreatedWebhookSchema,
@@ -140,7 +139,7 @@ def _input() -> dict[str, Any]:
     if len(raw) > limit:
         raise Refusal(error(413, "PAYLOAD_TOO_LARGE", f"Body larger than {limit} bytes."))
     try:
-        body = json.loads(raw)
+        body = views.loads(raw)
     except (ValueError, RecursionError):
         raise Refusal(error(400, "BAD_REQUEST", "Body is not valid JSON.")) from None
     if not isinstance(body, dict):

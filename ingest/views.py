@@ -27,15 +27,30 @@ def is_json(mimetype: str) -> bool:
     return mimetype == "application/json" or mimetype.endswith("+json")
 
 
+def _not_json(name: str) -> None:
+    raise ValueError(f"{name} is not JSON")
+
+
+def loads(body: bytes) -> object:
+    """JSON text to Python; raises ValueError (or RecursionError) for anything that is not JSON.
+
+    orjson reads almost every body; what it refuses is read again by the standard library for
+    the two things that are still JSON: integers past 64 bits and escaped lone surrogates
+    (RFC 8259 allows them; the workers store them as U+FFFD). Its extensions (NaN, Infinity)
+    are refused.
+    """
+    try:
+        return orjson.loads(body)
+    except orjson.JSONDecodeError:
+        return json.loads(body, parse_constant=_not_json)
+
+
 def body_shape(body: bytes) -> str:
     """"object", "empty" ({}), "other" (JSON but not an object) or "invalid"."""
     try:
-        value = orjson.loads(body)
-    except orjson.JSONDecodeError:
-        try:  # orjson refuses integers past 64 bits, which are still valid JSON
-            value = json.loads(body)
-        except (ValueError, RecursionError):
-            return "invalid"
+        value = loads(body)
+    except (ValueError, RecursionError):
+        return "invalid"
     if isinstance(value, dict):
         return "object" if value else "empty"
     return "other"

@@ -162,3 +162,14 @@ def test_bad_legacy_lead_is_quarantined_with_its_reason(client, worker, db, muta
     post(client, orjson.dumps(body))
     settled(db, 0, 1)
     assert field in db.execute("SELECT reason FROM quarantine").fetchone()[0]
+
+
+def test_a_name_cut_in_half_an_emoji_is_stored_not_quarantined(client, worker, db):
+    body = fixture_bytes("mkt-v2-converted.json").replace(
+        b'"name": "Contact Name"', b'"name": "Contact \\ud83d"')
+    assert post(client, body).status_code == 202
+    settled(db, 1)
+    assert lead(db, "contact@example.com")["name"] == "Contact \ufffd"
+    payload = db.execute("SELECT payload FROM events").fetchone()[0]
+    assert payload["contact"]["name"] == "Contact \ufffd"
+    assert count(db, "SELECT count(*) FROM quarantine") == 0

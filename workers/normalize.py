@@ -29,13 +29,16 @@ _DEAL = DealSchema()
 
 
 def parse_body(body: bytes) -> Any:
-    """JSON text to Python, keeping integers past 64 bits and dropping NUL characters."""
+    """JSON text to Python that Postgres' jsonb accepts: integers past 64 bits kept, NUL
+    characters dropped, lone surrogates (a name cut in the middle of an emoji) as U+FFFD."""
     try:
         data = orjson.loads(body)
-    except orjson.JSONDecodeError:
+        lone = False
+    except orjson.JSONDecodeError:  # big integers, or a lone surrogate
         data = json.loads(body)
-    if b"\\u0000" in body:
-        data = _strip_nul(data)
+        lone = b"\\u" in body
+    if lone or b"\\u0000" in body:
+        data = _repair(data)
     return data
 
 
@@ -47,13 +50,16 @@ def dump(data: Any) -> str:
         return json.dumps(data, ensure_ascii=True)
 
 
-def _strip_nul(value: Any) -> Any:
+_LONE_SURROGATE = re.compile("[\ud800-\udfff]")  # a valid pair is one character once parsed
+
+
+def _repair(value: Any) -> Any:
     if isinstance(value, str):
-        return value.replace("\x00", "")
+        return _LONE_SURROGATE.sub("\ufffd", value.replace("\x00", ""))
     if isinstance(value, list):
-        return [_strip_nul(v) for v in value]
+        return [_repair(v) for v in value]
     if isinstance(value, dict):
-        return {_strip_nul(k): _strip_nul(v) for k, v in value.items()}
+        return {_repair(k): _repair(v) for k, v in value.items()}
     return value
 
 
@@ -134,10 +140,24 @@ def claimed_type(payload: str, hint: str | None = None) -> str:
 
 def _payload(entry: Entry, data: dict) -> str:
     # the body as received is the exact record; re-serialise only what was cleaned of NULs or
-    # starts with a byte order mark (jsonb refuses both)
-    if b"\\u0000" in entry.body or entry.body.startswith(b"\xef\xbb\xbf"):
+    # lone surrogates, or starts with a byte order mark (jsonb refuses all three)
+    body = entry.body
+    if b"\\u0000" in body or body.startswith(b"\xef\xbb\xbf") or _has_lone_surrogate(body):
         return dump(data)
-    return entry.body.decode()
+    return body.decode()
+
+
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
+
+
+def _has_lone_surrogate(body: bytes) -> bool:
+    if _SURROGATE_ESCAPE.search(body) is None:  # escaped surrogates are rare: mostly one scan
+        return False
+    try:
+        orjson.loads(body)  # it refuses a lone one, takes a pair
+    except orjson.JSONDecodeError:
+        return True
+    return False
 
 
 def _v2(entry: Entry, received: datetime, data: dict) -> Event:

@@ -77,9 +77,13 @@ def replay(runtime: Runtime, ids: list[int] | None = None, sink: str | None = No
     and the page), the second finds it taken and sends nothing. Dead letters of a sink no
     longer configured stay waiting (no worker would consume its queue); naming such a sink
     raises LookupError."""
-    if sink is not None and not _target(runtime, sink):
-        _known(runtime, sink)
     with runtime.pool.connection() as conn:
+        if sink is not None and subscribers.is_target(sink):
+            if subscribers.load(conn, sink) is None:
+                raise LookupError(f"no subscription {sink[len(subscribers.PREFIX):]!r} "
+                                  "(GET /integrations/webhooks lists them)")
+        elif sink is not None:
+            _known(runtime, sink)
         rows = conn.execute(
             "SELECT id, sink FROM dead_letters WHERE replayed_at IS NULL "
             "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "

@@ -131,6 +131,10 @@ def test_replay_names_an_unknown_sink_and_leaves_a_removed_sinks_letters_waiting
     client = create_app(routed).test_client()
     unknown = client.post("/api/dead-letters/replay", json={"sink": "ghost"}, headers=auth())
     assert unknown.status_code == 404 and "ghost" in unknown.get_json()["errors"]["error_message"]
+    nobody = "subscription:1b4e28ba-2fa1-11d2-883f-0016d3cca427"  # no such subscription
+    unknown = client.post("/api/dead-letters/replay", json={"sink": nobody}, headers=auth())
+    assert unknown.status_code == 404
+    assert "1b4e28ba-2fa1-11d2-883f-0016d3cca427" in unknown.get_json()["errors"]["error_message"]
 
     # the refuser taken out of the routing file: its dead letter has no worker to go to
     path = tmp_path / "without-refuser.yaml"

@@ -13,6 +13,7 @@ import pytest
 import requests
 import yaml
 
+from config.local import free_port
 from config.settings import Settings
 from ingest import create_app
 from tests.conftest import TOKEN, ApiProcess, count, fixture_bytes, wait_for
@@ -80,14 +81,37 @@ def test_session_cookie_flags_and_csrf(ops_settings):
     assert client.post("/api/sinks/audit/pause",
                        headers={"X-CSRF-Token": csrf + "x"}).status_code == 401
     assert client.post("/api/sinks/audit/resume", headers={"X-CSRF-Token": csrf}).status_code == 200
+    copied = cookie.split(";")[0].split("=", 1)[1]  # a copy of the cookie, kept by someone
     assert client.post("/ops/logout", headers={"X-CSRF-Token": csrf}).status_code == 204
     assert client.get("/api/sinks").status_code == 401
+    for elsewhere in (client, create_app(ops_settings).test_client()):  # any API process
+        elsewhere.set_cookie("leadpipe_ops", copied)
+        assert elsewhere.get("/api/sinks").status_code == 401
+        assert elsewhere.get("/ops", headers={"Accept": "application/json"}).status_code == 401
+        assert elsewhere.post("/api/sinks/audit/pause",
+                              headers={"X-CSRF-Token": csrf}).status_code == 401
     secure = create_app(ops_settings).test_client()
     https = secure.post("/ops/login", data={"token": ADMIN}, base_url="https://localhost")
     assert "Secure" in https.headers["Set-Cookie"]
     rotated = create_app(ops_settings.with_(admin_tokens=("another-admin-token",))).test_client()
     rotated.set_cookie("leadpipe_ops", cookie.split(";")[0].split("=", 1)[1])
     assert rotated.get("/api/sinks").status_code == 401  # the token behind it was retired
+
+
+def test_a_session_is_not_ended_nor_trusted_with_changes_while_redis_is_down(ops_settings):
+    dead = f"redis://127.0.0.1:{free_port()}/0"  # nothing listens there
+    client = create_app(ops_settings.with_(redis_url=dead)).test_client()
+    assert client.post("/ops/login", data={"token": ADMIN}).status_code == 303
+    page = client.get("/ops")
+    assert page.status_code == 200  # watching the outage from the dashboard still works
+    csrf = re.search(r'name="csrf-token" content="([^"]+)"', page.get_data(as_text=True)).group(1)
+    change = client.post("/api/sinks/audit/pause", headers={"X-CSRF-Token": csrf})
+    assert change.status_code == 503 and change.headers["Retry-After"] == "5"
+    assert change.get_json()["errors"]["error_type"] == "SERVICE_UNAVAILABLE"
+    assert "Bearer" in change.get_json()["errors"]["error_message"]
+    out = client.post("/ops/logout", headers={"X-CSRF-Token": csrf})
+    assert out.status_code == 503 and "Set-Cookie" not in out.headers  # not ended: says so
+    assert client.get("/ops").status_code == 200
 
 
 def _post_mix(api: ApiProcess) -> list[str]:

@@ -109,7 +109,8 @@ def chunked_checks(settings, redis_client, live_api):  # type: ignore[no-untyped
 
 
 @pytest.mark.parametrize("body", [b"{not json", b'{"a": 1', b"\xff\xfe{}", b'{"a": "\xc3"}',
-                                  b"nul\x00l"])
+                                  b"nul\x00l", b'{"a": NaN}', b'{"a": Infinity}',
+                                  b'{"a": [-Infinity], "n": 123456789012345678901234567890}'])
 def test_invalid_json_is_400(client, redis_client, settings, body):
     rd_error(post(client, body), 400, "BAD_REQUEST")
     assert stream_len(redis_client, settings) == 0

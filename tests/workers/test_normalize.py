@@ -147,6 +147,27 @@ def test_integers_beyond_64_bits_survive():
     assert json.loads(event.payload)["platform_account_id"] == big
 
 
+def test_a_name_cut_in_the_middle_of_an_emoji_is_kept_with_a_replacement_character():
+    # RD cuts long texts in UTF-16 units: the escape of half a pair is left, which jsonb refuses
+    raw = fixture_bytes("mkt-v2-converted.json").replace(
+        b'"name": "Contact Name",\n    "job_title": "Developer"',
+        b'"name": "Maria \\ud83d", "job_title": "\\udc00 \\ud83d\\ude00"')
+    assert raw != fixture_bytes("mkt-v2-converted.json")
+    event = one(raw)
+    assert event.lead["name"] == "Maria \ufffd"
+    assert event.lead["job_title"] == "\ufffd \U0001f600"  # the whole pair is kept as it is
+    payload = orjson.loads(event.payload)  # orjson, like jsonb, refuses a lone surrogate
+    assert payload["contact"]["name"] == "Maria \ufffd"
+
+
+def test_an_escaped_backslash_before_u_d800_is_not_taken_for_a_surrogate():
+    raw = fixture_bytes("mkt-v2-converted.json").replace(
+        b'"name": "Contact Name"', b'"name": "C:\\\\ud800"')
+    event = one(raw)
+    assert event.lead["name"] == "C:\\ud800"
+    assert event.payload == raw.decode()  # stored as received
+
+
 def test_nul_characters_are_removed_not_fatal():
     body = fixture("mkt-v2-converted.json")
     body["contact"]["name"] = "Ana\u0000Maria"
