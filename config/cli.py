@@ -10,10 +10,11 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from config.inputs import Invalid, finite_number, whole_number
+from config.inputs import Invalid, finite_number, instant, whole_number
 from config.settings import ConfigError, Settings, documented
 
 SERVERS = ("gunicorn", "granian")
+STILL_QUARANTINED = 3  # exit code of `quarantine replay` when the current code still refuses it
 # Request threads per API process: they mostly wait for Redis' fsync, and the more wait at
 # once, the more requests share one write (docs/PERFORMANCE.md: 16 against 4).
 THREADS = 16
@@ -34,7 +35,12 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     settings = _settings()
     if not settings.database_url:
         raise ConfigError("LEADPIPE_DATABASE_URL is not set")
-    migrate(settings.database_url)
+    from alembic.util.exc import CommandError
+
+    try:
+        migrate(settings.database_url)
+    except CommandError as exc:  # e.g. a database migrated by a newer Leadpipe
+        raise ConfigError(f"migrations: {str(exc).strip().splitlines()[0]}") from None
     print(f"database at revision {current_revision(settings.database_url)[0]}")
     return 0
 
@@ -191,7 +197,7 @@ def cmd_quarantine(args: argparse.Namespace) -> int:
     result = quarantine.replay(_ops_runtime(), args.id)  # with the app: deliveries go at once
     if result.still_rejected:
         print(f"{result.id}: still quarantined: {result.still_rejected}")
-        return 1
+        return STILL_QUARANTINED
     print(f"{result.id}: replayed: {result.stored} event(s) stored, "
           f"{result.duplicates} duplicate(s)")
     return 0
@@ -210,6 +216,11 @@ def cmd_routes(args: argparse.Namespace) -> int:
         for route in routing.routes:
             print(f"  route {route.name!r} -> {', '.join(route.to)}")
         return 0
+    if args.event_type is not None:
+        from ingest.views import KNOWN_HINTS
+
+        if args.event_type not in KNOWN_HINTS:  # the endpoint answers such a hint with 400
+            raise ConfigError(f"--event-type must be {' or '.join(sorted(KNOWN_HINTS))}")
     return _explain(args.file, args.routes or _settings().routes_file, args.event_type)
 
 
@@ -279,13 +290,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 
 def cmd_dead_letters(args: argparse.Namespace) -> int:
-    from datetime import datetime
-
     from workers import operations
 
     runtime = _ops_runtime()
     if args.action == "list":
-        rows = operations.dead_letters(runtime.settings.database_url, args.sink, args.limit)
+        rows = operations.dead_letters(runtime.settings.database_url, args.sink, args.limit,
+                                       since=args.since)
         if not rows:
             print("no dead letters")
         for r in rows:
@@ -295,15 +305,19 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
         return 0
     if not (args.ids or args.sink):
         raise ConfigError("dead-letters replay needs IDs or --sink NAME")
-    since = datetime.fromisoformat(args.since) if args.since else None
 
     def progress(done: int, total: int) -> None:
         print(f"\rreplayed {done}/{total}", end="", file=sys.stderr, flush=True)
 
     ids = [whole_number(i, "A dead-letter id (see `leadpipe dead-letters list`)")
            for i in args.ids]
-    count = operations.replay(runtime, ids or None, args.sink, since, progress)
+    count = operations.replay(runtime, ids or None, args.sink, args.since, progress)
     print(f"\nreplayed {count} dead letter(s)")
+    missed = len(set(ids)) - count
+    if ids and missed:  # as the operator API's 404: say so, and fail the script that asked
+        print(f"leadpipe: {missed} of the dead letters named were not waiting for replay "
+              "(no such id, already replayed, or not matching --sink/--since)", file=sys.stderr)
+        return 2
     return 0
 
 
@@ -326,6 +340,19 @@ def _seconds(raw: str) -> float:
 
 _limit = _argument(lambda raw: whole_number(raw, "--limit", 1, 100_000))
 _timeout = _argument(_seconds)
+_since = _argument(lambda raw: instant(raw, "--since"))
+_port = _argument(lambda raw: whole_number(raw, "--port", 1, 65_535))
+
+
+def _count(name: str) -> Callable[[str], int]:
+    return _argument(lambda raw: whole_number(raw, name, 1, 1024))
+
+
+class _Parser(argparse.ArgumentParser):
+    """Refuses bad arguments in one line on stderr (exit 2), as every other refusal."""
+
+    def error(self, message: str) -> Any:  # type: ignore[override]
+        self.exit(2, f"{self.prog}: {message} (see `{self.prog} --help`)\n")
 
 
 def cmd_purge(args: argparse.Namespace) -> int:
@@ -380,14 +407,14 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="leadpipe", description=__doc__)
+    p = _Parser(prog="leadpipe", description=__doc__)
     sub = p.add_subparsers(dest="command", required=True)
 
     def add_server_options(sp: argparse.ArgumentParser, port: int) -> None:
         sp.add_argument("--host", default="127.0.0.1")
-        sp.add_argument("--port", type=int, default=port)
-        sp.add_argument("--workers", type=int, default=os.cpu_count() or 1)
-        sp.add_argument("--threads", type=int, default=THREADS)
+        sp.add_argument("--port", type=_port, default=port)
+        sp.add_argument("--workers", type=_count("--workers"), default=os.cpu_count() or 1)
+        sp.add_argument("--threads", type=_count("--threads"), default=THREADS)
         sp.add_argument("--server", choices=SERVERS, default="granian",
                         help="granian (default: measured fastest here, see docs/PERFORMANCE.md) "
                              "or gunicorn (gthread)")
@@ -399,12 +426,12 @@ def parser() -> argparse.ArgumentParser:
     add_server_options(api, 8000)
     api.set_defaults(func=cmd_api)
     worker = sub.add_parser("worker", help="a Celery worker node (with its ingest pump)")
-    worker.add_argument("--concurrency", type=int)
+    worker.add_argument("--concurrency", type=_count("--concurrency"))
     worker.add_argument("--queues", help="comma-separated Celery queues (default: all of ours)")
     worker.set_defaults(func=cmd_worker)
     flower = sub.add_parser("flower", help="Flower (Celery's monitor) on our broker, basic auth")
     flower.add_argument("--host", default="127.0.0.1")
-    flower.add_argument("--port", type=int, help="default LEADPIPE_FLOWER_PORT")
+    flower.add_argument("--port", type=_port, help="default LEADPIPE_FLOWER_PORT")
     flower.add_argument("--no-auth", action="store_true",
                         help="run without LEADPIPE_FLOWER_BASIC_AUTH (open to anyone)")
     flower.set_defaults(func=cmd_flower)
@@ -436,7 +463,8 @@ def parser() -> argparse.ArgumentParser:
     dl.add_argument("action", choices=("list", "replay"))
     dl.add_argument("ids", nargs="*", help="replay: dead-letter ids")
     dl.add_argument("--sink")
-    dl.add_argument("--since", help="replay: only those dead since this ISO-8601 time")
+    dl.add_argument("--since", type=_since,
+                    help="only those dead since this ISO-8601 time (no offset: UTC)")
     dl.add_argument("--limit", type=_limit, default=100)
     dl.set_defaults(func=cmd_dead_letters)
     sub.add_parser("purge", help="apply the retention settings (LEADPIPE_RETAIN_*_DAYS) now"
@@ -459,6 +487,13 @@ def _unavailable(exc: BaseException) -> str | None:
 
     if isinstance(exc, redis.RedisError | kombu.exceptions.OperationalError):
         return f"Redis unavailable ({type(exc).__name__}: {exc}); check LEADPIPE_REDIS_URL"
+    if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
+        return ("the database at LEADPIPE_DATABASE_URL is not migrated to this version of "
+                "Leadpipe: run `leadpipe migrate`")
+    if isinstance(exc, psycopg.ProgrammingError | psycopg.InterfaceError) and not isinstance(
+            exc, psycopg.errors.DatabaseError):  # the URL refused before any server answers
+        return (f"Postgres cannot be reached with LEADPIPE_DATABASE_URL ({type(exc).__name__}; "
+                "the message is not shown: it may hold the password)")
     if isinstance(exc, PoolTimeout | psycopg.OperationalError):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return (f"Postgres unavailable ({type(exc).__name__}: {first}); check "
@@ -469,8 +504,16 @@ def _unavailable(exc: BaseException) -> str | None:
     return None
 
 
+LONG_RUNNING = frozenset({"run", "api", "worker", "flower"})
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.command not in LONG_RUNNING:
+        import logging
+
+        # the pool logs each failed connection attempt; the command says it once, at the end
+        logging.getLogger("psycopg.pool").setLevel(logging.CRITICAL)
     try:
         return int(args.func(args) or 0)
     except (ConfigError, LookupError, ValueError, OSError) as exc:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+from datetime import UTC, datetime
 
 BIGINT_MAX = 2**63 - 1  # the largest id Postgres can hold (bigint)
 
@@ -33,3 +34,12 @@ def finite_number(value: str, name: str) -> float:
     if not math.isfinite(number):
         raise Invalid(f"{name} must be a number.")
     return number
+
+
+def instant(value: object, name: str) -> datetime:
+    """An ISO-8601 time (a date alone is its midnight; no offset means UTC); else Invalid."""
+    try:
+        when = datetime.fromisoformat(str(value))
+    except ValueError:
+        raise Invalid(f"{name} must be an ISO-8601 time, such as 2026-01-31T12:00:00Z.") from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)

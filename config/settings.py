@@ -29,10 +29,23 @@ def as_int(raw: str) -> int:
         raise ConfigError(f"expected a whole number, got {raw!r}") from None
 
 
+MAX_WHOLE = 1_000_000_000  # past it a size, count or number of seconds only overflows somewhere
+
+
 def as_positive_int(raw: str) -> int:
     value = as_int(raw)
-    if value <= 0:
-        raise ConfigError(f"expected a number above 0, got {raw!r}")
+    if not 0 < value <= MAX_WHOLE:
+        raise ConfigError(f"expected a number from 1 to {MAX_WHOLE:_}, got {raw!r}")
+    return value
+
+
+MAX_HOURS = 87_600  # ten years: a cookie's expiry must stay within the calendar
+
+
+def as_hours(raw: str) -> int:
+    value = as_int(raw)
+    if not 0 < value <= MAX_HOURS:
+        raise ConfigError(f"expected a number of hours from 1 to {MAX_HOURS}, got {raw!r}")
     return value
 
 
@@ -46,14 +59,19 @@ def as_days(raw: str) -> int:
     return value
 
 
+MAX_TIMEOUT = 86_400.0  # a day: socket timeouts past it overflow the kernel's
+
+
 def as_float(raw: str) -> float:
-    """A number of seconds: finite and above 0 (nan, inf and 0 would never time out or always)."""
+    """A number of seconds: above 0 and at most a day (nan, inf and 0 would never time out or
+    always)."""
     try:
         value = float(raw.strip())
     except ValueError:
         raise ConfigError(f"expected a number, got {raw!r}") from None
-    if not 0 < value < float("inf"):  # nan fails this too
-        raise ConfigError(f"expected a number of seconds above 0, got {raw!r}")
+    if not 0 < value <= MAX_TIMEOUT:  # nan fails this too
+        raise ConfigError(f"expected a number of seconds above 0 and at most {MAX_TIMEOUT:g}, "
+                          f"got {raw!r}")
     return value
 
 
@@ -105,6 +123,34 @@ def as_networks(raw: str) -> tuple[str, ...]:
     return networks
 
 
+def _url(raw: str, schemes: tuple[str, ...], example: str) -> str | None:
+    """A URL of one of `schemes`; the error names what is wrong, never the value (a password)."""
+    from urllib.parse import urlsplit
+
+    value = raw.strip()
+    if not value:
+        return None
+    try:
+        parts = urlsplit(value)
+        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError as exc:
+        raise ConfigError(f"not a valid URL ({exc}; the value is not shown: it may hold a "
+                          "password)") from None
+    if parts.scheme.lower() not in schemes:
+        given = f"not one starting {parts.scheme}://" if parts.scheme else "got no scheme"
+        hint = " (drop SQLAlchemy's driver suffix)" if "+" in parts.scheme else ""
+        raise ConfigError(f"expected a URL like {example}, {given}{hint}")
+    return value
+
+
+def as_redis_url(raw: str) -> str | None:
+    return _url(raw, ("redis", "rediss", "unix"), "redis://host:6379/0")
+
+
+def as_database_url(raw: str) -> str | None:
+    return _url(raw, ("postgresql", "postgres"), "postgresql://user:password@host:5432/db")
+
+
 def as_log_level(raw: str) -> str:
     value = raw.strip().upper()
     if value not in {"DEBUG", "INFO", "WARNING", "ERROR"}:
@@ -125,14 +171,14 @@ class Settings:
     """Everything Leadpipe can be told; build it with `Settings.from_env()`."""
 
     redis_url: str | None = setting(
-        "REDIS_URL", as_optional_str, None,
+        "REDIS_URL", as_redis_url, None,
         "Redis for the ingest stream and the Celery broker. Unset: `leadpipe run` starts one. "
         "TLS: `rediss://host:port/0?ssl_ca_certs=/path/ca.pem`; the server's certificate is "
         "checked (against the system's CAs without `ssl_ca_certs`) unless the URL says "
         "`ssl_cert_reqs=none`.",
     )
     database_url: str | None = setting(
-        "DATABASE_URL", as_optional_str, None,
+        "DATABASE_URL", as_database_url, None,
         "Postgres (libpq URL). Unset: `leadpipe run` starts one.",
     )
     ingest_tokens: tuple[str, ...] = setting(
@@ -289,7 +335,7 @@ class Settings:
         "changing those signs every operator out.",
     )
     ops_session_hours: int = setting(
-        "OPS_SESSION_HOURS", as_positive_int, 12,
+        "OPS_SESSION_HOURS", as_hours, 12,
         "How long an /ops sign-in lasts.",
     )
     ops_secure_cookie: bool = setting(

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from datetime import datetime
 from typing import Any
 
 import kombu.exceptions
@@ -13,7 +12,7 @@ import redis
 from flask import Blueprint, Response, current_app, request
 from psycopg_pool import PoolTimeout
 
-from config.inputs import Invalid, whole_number
+from config.inputs import Invalid, instant, whole_number
 from ingest.errors import error
 from ingest.session import current_operator, require_operator
 
@@ -34,9 +33,18 @@ def store_down(exc: Exception) -> Response:
                  headers={"Retry-After": "5"})
 
 
+def not_migrated(exc: Exception) -> Response:
+    log.warning("operator API: database not migrated: %s", type(exc).__name__)
+    return error(503, "SERVICE_UNAVAILABLE",
+                 "The database is not migrated to this version: run `leadpipe migrate`.",
+                 headers={"Retry-After": "5"})
+
+
 def operator_errors(blueprint: Blueprint) -> None:
     """The answers every operator blueprint gives for refused input and stores that are down."""
     blueprint.register_error_handler(Invalid, invalid)
+    for kind in (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+        blueprint.register_error_handler(kind, not_migrated)
     for kind in (redis.RedisError, kombu.exceptions.OperationalError, psycopg.OperationalError,
                  PoolTimeout):
         blueprint.register_error_handler(kind, store_down)
@@ -135,12 +143,7 @@ def replay_many() -> Response:
     if not isinstance(body, dict) or not isinstance(body.get("sink"), str):
         return error(400, "INVALID", 'Send {"sink": NAME} and optionally "since" (ISO-8601).')
     sink = text(body["sink"], "sink")
-    since = None
-    if body.get("since") is not None:
-        try:
-            since = datetime.fromisoformat(str(body["since"]))
-        except ValueError:
-            return error(400, "INVALID", "since must be an ISO-8601 time.")
+    since = None if body.get("since") is None else instant(body["since"], "since")
     try:
         replayed = operations.replay(_runtime(), sink=sink, since=since)
     except LookupError as exc:  # no such sink

@@ -13,6 +13,8 @@ from typing import Any
 import psycopg
 from psycopg.rows import dict_row
 
+from config.inputs import whole_number
+
 PREFIX = "lp_"
 SHOWN = 8  # characters kept in clear (the `prefix` column) so a listed token can be recognised
 
@@ -120,9 +122,9 @@ def cmd_tokens(args: argparse.Namespace) -> int:
                   f"created {_when(r['created_at'])}  last used {_when(r['last_used_at'])}  "
                   f"{state}")
         return 0
-    if not args.arg or not args.arg.isdigit():
+    if not args.arg:
         raise ValueError("tokens revoke needs a token ID (see `leadpipe tokens list`)")
-    done = revoke(dsn, int(args.arg))
+    done = revoke(dsn, whole_number(args.arg, "A token ID (see `leadpipe tokens list`)"))
     print(f"token {args.arg}: {'revoked' if done else 'was already revoked'}")
     return 0
 

@@ -56,14 +56,16 @@ def resume(runtime: Runtime, sink: str) -> None:
 
 
 def dead_letters(dsn: str, sink: str | None = None, limit: int = 100,
-                 include_replayed: bool = False) -> list[dict[str, Any]]:
+                 include_replayed: bool = False,
+                 since: datetime | None = None) -> list[dict[str, Any]]:
     with psycopg.connect(dsn) as conn:
         cur = conn.execute(
             "SELECT id, event_id, sink, error, status_code, attempts, first_attempt_at, "
             "last_attempt_at, dead_at, replayed_at FROM dead_letters "
             "WHERE (%(sink)s::text IS NULL OR sink = %(sink)s) "
+            "AND (%(since)s::timestamptz IS NULL OR dead_at >= %(since)s) "
             "AND (%(all)s OR replayed_at IS NULL) ORDER BY id LIMIT %(limit)s",
-            {"sink": sink, "all": include_replayed, "limit": limit})
+            {"sink": sink, "all": include_replayed, "limit": limit, "since": since})
         names = [c.name for c in cur.description or ()]
         return [dict(zip(names, row, strict=True)) for row in cur]
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import difflib
 import operator
 import re
 import tomllib
@@ -12,12 +13,28 @@ from typing import Any
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
+from sinks.postgres import DEAL_COLUMNS, DEAL_ORDER, LEAD_COLUMNS, LEAD_ORDER
 from sinks.registry import SinkConfigError, load_options
 from workers.events import Event
 from workers.view import MISSING, identifier, lookup, view
 
 DEFAULT_SCHEDULE = (5.0, 60.0, 300.0, 1800.0, 7200.0, 21600.0)
 ROOTS = ("event", "lead", "funnel", "deal", "contact", "document")
+# The roots whose names are a closed set: what workers.view.view() puts under them (an event's
+# lead and deal are the leads and deals columns the postgres sink writes, less the bookkeeping
+# leads.lead_key, leads.created_at and last_event_id). A condition naming anything else is
+# refused: it would never match. contact. and document. are RD's own fields as it sent them,
+# and a `custom_fields` value holds whatever the account defined: below those any name goes.
+FIELDS: dict[str, frozenset[str]] = {
+    "event": frozenset({"id", "type", "source", "entity_type", "entity_id", "identifier",
+                        "occurred_at", "received_at", "dedup_key"}),
+    "lead": frozenset({*LEAD_COLUMNS, *LEAD_ORDER}),
+    "funnel": frozenset({"opportunity", "lifecycle_stage", "fit", "interest",
+                         "contact_owner_email"}),
+    "deal": frozenset({"id", *DEAL_COLUMNS, *DEAL_ORDER}),
+}
+_FIELDS_ARE = {"event": "the event's fields", "lead": "the leads columns",
+               "funnel": "the funnel's fields", "deal": "the deals columns"}
 _CONDITION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s+(==|!=|>=|<=|>|<|not in|in)\s+(.+?)\s*$")
 _PRESENCE = re.compile(r"^\s*([A-Za-z_][\w.]*)\s+(exists|missing)\s*$")
 _RATE = re.compile(r"^\s*(\d+)\s*/\s*(s|sec|second|m|min|minute|h|hour)\s*$")
@@ -44,14 +61,14 @@ class Condition:
     def parse(cls, text: str) -> Condition:
         presence = _PRESENCE.match(text)
         if presence:
+            _check_path(text, presence.group(1))
             return cls(text, presence.group(1), presence.group(2))
         found = _CONDITION.match(text)
         if not found:
             raise RoutingError(f"condition {text!r}: expected `path op value` with op one of "
                                "==, !=, >, >=, <, <=, in, not in, or `path exists|missing`")
         path, op, raw = found.groups()
-        if path.split(".")[0] not in ROOTS:
-            raise RoutingError(f"condition {text!r}: path must start with one of {ROOTS}")
+        _check_path(text, path)
         try:
             value = yaml.safe_load(raw)
         except yaml.YAMLError:
@@ -76,6 +93,26 @@ class Condition:
             return bool(_COMPARE[self.op](actual, self.value)), f"{self.path} is {_show(actual)}"
         except TypeError:
             return False, f"{self.path} is {_show(actual)}, not comparable with {self.value!r}"
+
+
+def _check_path(text: str, path: str) -> None:
+    """A path's root is known, and so is the name after it where the root's names are a closed
+    set (FIELDS); the message suggests the closest valid name."""
+    root, _, rest = path.partition(".")
+    if root not in ROOTS:
+        raise RoutingError(f"condition {text!r}: path must start with one of {ROOTS}")
+    known = FIELDS.get(root)
+    name = rest.partition(".")[0]
+    if known is None or not name or name in known:
+        return
+    unknown = f"{root}.{name}"
+    close = difflib.get_close_matches(name, known, n=1)
+    if close:
+        suggestion = f"{root}.{close[0]}"
+        raise RoutingError(f"condition {text!r}: unknown name {unknown!r}; "
+                           f"did you mean {suggestion!r}?")
+    raise RoutingError(f"condition {text!r}: unknown name {unknown!r}; {root}. has "
+                       f"{_FIELDS_ARE[root]}: {', '.join(sorted(known))}")
 
 
 def _show(value: Any) -> str:
@@ -185,8 +222,15 @@ class _SinkSchema(Schema):
 
     @validates("rate_limit")
     def _rate(self, value: str | None, **kwargs: Any) -> None:
-        if value is not None and not _RATE.match(value):
+        if value is None:
+            return
+        found = _RATE.match(value)
+        if not found:
             raise ValidationError("expected N/s, N/min or N/hour, e.g. 10/s")
+        if int(found.group(1)) == 0:  # delivery spaces events per_seconds / N apart
+            raise ValidationError(f"{value.strip()!r} lets no event through: allow at least 1 "
+                                  "per period, e.g. 1/hour (to hold a sink's deliveries, "
+                                  "pause it: leadpipe sinks pause NAME)")
 
 
 class _When(Schema):

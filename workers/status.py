@@ -39,6 +39,7 @@ class PipelineState:
     ingest_oldest_seconds: float = 0.0  # age of the oldest entry still on the stream
     quarantined: int = 0
     sinks: dict[str, SinkState] = field(default_factory=dict)
+    postgres_problem: str = "UNREACHABLE: check LEADPIPE_DATABASE_URL"  # when not postgres_up
 
     def as_dict(self) -> dict[str, Any]:
         """The state as JSON-ready data; a sink's pause and circuit are None (unknown, not
@@ -63,6 +64,9 @@ def collect(runtime: Runtime, delivered: bool = False) -> PipelineState:
     try:
         _postgres(runtime, state, delivered)
         state.postgres_up = True
+    except psycopg.errors.UndefinedTable:
+        state.postgres_problem = "NOT MIGRATED: run `leadpipe migrate`"
+        log.warning("status: postgres not migrated")
     except (psycopg.Error, PoolTimeout) as exc:
         log.warning("status: postgres unreachable: %s", type(exc).__name__)
     return state
@@ -168,10 +172,10 @@ def render(state: PipelineState, found: dict[str, dict[str, Any]], timeout: floa
         lines.append(f"ingest stream  depth {state.ingest_depth}  unread {state.ingest_unread}  "
                      f"oldest {age(state.ingest_oldest_seconds)}")
     else:
-        lines.append("ingest stream  REDIS UNREACHABLE")
+        lines.append("ingest stream  REDIS UNREACHABLE: check LEADPIPE_REDIS_URL")
     lines.append(f"quarantine     {state.quarantined if state.postgres_up else '?'}")
     if not state.postgres_up:
-        lines.append("POSTGRES UNREACHABLE: sink counts unknown")
+        lines.append(f"POSTGRES {state.postgres_problem}: sink counts unknown")
     header = ("sink", "state", "circuit", "pending", "oldest", "oldest lead", "delivered", "dead")
     known = state.postgres_up  # else the counts below were never read: show "?", not 0
 

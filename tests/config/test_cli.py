@@ -23,6 +23,7 @@ def leadpipe(settings: Settings, *args: str, **env: str) -> subprocess.Completed
 def one_clear_line(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
     assert result.returncode == code, (result.stdout, result.stderr)
     assert "Traceback" not in result.stderr, result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1, result.stderr
     for word in words:
         assert word in result.stderr, result.stderr
 
@@ -51,6 +52,29 @@ def test_redis_down(settings, tmp_path, args):
     (("quarantine", "list", "--limit", "0"), {}, ["--limit"]),
     (("status", "--timeout", "nan"), {}, ["--timeout"]),
     (("purge",), {"LEADPIPE_RETAIN_QUARANTINE_DAYS": "100000000"}, ["from 0 to 36500"]),
+    (("nosuch",), {}, ["invalid choice: 'nosuch'", "leadpipe --help"]),
+    ((), {}, ["required: command"]),
+    (("api", "--port", "70000"), {}, ["--port must be a number from 1 to 65535"]),
+    (("run", "--port", "-1"), {}, ["--port must be a number from 1 to 65535"]),
+    (("flower", "--port", "0", "--no-auth"), {}, ["--port must be a number from 1 to 65535"]),
+    (("worker", "--concurrency", "0"), {}, ["--concurrency must be a number from 1"]),
+    (("api", "--threads", "x"), {}, ["--threads must be a number from 1"]),
+    (("tokens", "revoke", "\u0663"), {}, ["A token ID"]),  # ARABIC-INDIC DIGIT THREE
+    (("tokens", "revoke", "\u00b2"), {}, ["A token ID"]),
+    (("dead-letters", "replay", "--sink", "x", "--since", "garbage"), {},
+     ["--since must be an ISO-8601 time"]),
+    (("dead-letters", "list", "--since", "2026-01-01T00:00:00+99:00"), {},
+     ["--since must be an ISO-8601 time"]),
+    (("dead-letters", "replay", "--sink", "subscription:nope"), {}, ["no subscription 'nope'"]),
+    (("status",), {"LEADPIPE_CLAIM_IDLE_SECONDS": "9999999999999999"},
+     ["LEADPIPE_CLAIM_IDLE_SECONDS", "from 1 to 1_000_000_000"]),
+    (("status",), {"LEADPIPE_REDIS_TIMEOUT_SECONDS": "1e308"},
+     ["LEADPIPE_REDIS_TIMEOUT_SECONDS", "at most 86400"]),
+    (("status",), {"LEADPIPE_RELAY_AFTER_SECONDS": "9999999999999"},
+     ["LEADPIPE_RELAY_AFTER_SECONDS"]),
+    (("status",), {"LEADPIPE_OPS_SESSION_HOURS": "1000000000"}, ["LEADPIPE_OPS_SESSION_HOURS"]),
+    (("status",), {"LEADPIPE_REDIS_URL": "redis://h:notaport/0"}, ["LEADPIPE_REDIS_URL"]),
+    (("status",), {"LEADPIPE_REDIS_URL": "http://h/0"}, ["LEADPIPE_REDIS_URL", "redis://"]),
 ])
 def test_bad_input(settings, args, env, words):
     one_clear_line(leadpipe(settings, *args, **env), 2, *words)
@@ -90,3 +114,39 @@ def test_the_server_logging_config_is_written_where_only_this_user_can(settings,
         assert stat.S_IMODE(other.parent.stat().st_mode) == 0o700
         if taken == "link":
             path.parent.unlink()
+
+
+@pytest.mark.parametrize("args", [("quarantine", "list"), ("tokens", "list"), ("status",),
+                                  ("erase", "--email", "a@example.com"), ("migrate",)])
+@pytest.mark.parametrize("url", ["postgresql+psycopg://leadpipe:hunter2pw@127.0.0.1:1/x",
+                                 "mysql://leadpipe:hunter2pw@127.0.0.1:1/x",
+                                 "leadpipe:hunter2pw@127.0.0.1:1/x"])
+def test_a_database_url_of_another_kind_is_refused_without_showing_it(settings, args, url):
+    result = leadpipe(settings, *args, LEADPIPE_DATABASE_URL=url)
+    one_clear_line(result, 2, "LEADPIPE_DATABASE_URL", "postgresql://")
+    assert "hunter2pw" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("args", [("quarantine", "list"), ("tokens", "list"),
+                                  ("dead-letters", "list"), ("sinks", "list")])
+def test_a_database_that_is_not_migrated_says_run_migrate(settings, db, args):
+    db.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    one_clear_line(leadpipe(settings, *args), 1, "not migrated", "leadpipe migrate")
+
+
+def test_a_database_migrated_by_a_newer_version_is_one_line(settings, db):
+    db.execute("UPDATE alembic_version SET version_num = '0099'")
+    one_clear_line(leadpipe(settings, "migrate"), 2, "migrations:", "0099")
+
+
+def test_replaying_dead_letters_that_are_not_waiting_fails(settings):
+    result = leadpipe(settings, "dead-letters", "replay", "999")
+    assert "replayed 0 dead letter(s)" in result.stdout
+    one_clear_line(result, 2, "1 of the dead letters named were not waiting")
+
+
+def test_routes_explain_refuses_a_hint_the_endpoint_refuses(settings, tmp_path):
+    body = tmp_path / "legacy.json"
+    body.write_text('{"leads": [{"email": "a@example.com"}]}')
+    one_clear_line(leadpipe(settings, "routes", "explain", str(body), "--event-type", "BOGUS"),
+                   2, "--event-type must be WEBHOOK.CONVERTED or WEBHOOK.MARKED_OPPORTUNITY")

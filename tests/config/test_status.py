@@ -100,7 +100,14 @@ def test_status_exits_1_when_postgres_is_unreachable(settings):
     down = settings.with_(database_url=f"postgresql://x:y@127.0.0.1:{free_port()}/none")
     result = status(down, "--timeout", "0.3")
     assert result.returncode == 1
-    assert "POSTGRES UNREACHABLE" in result.stdout
+    assert "POSTGRES UNREACHABLE: check LEADPIPE_DATABASE_URL" in result.stdout
+
+
+def test_status_says_a_database_that_is_not_migrated_is_not_migrated(settings, db):
+    db.execute("DROP SCHEMA public CASCADE; CREATE SCHEMA public")
+    result = status(settings, "--timeout", "0.3")
+    assert result.returncode == 1
+    assert "POSTGRES NOT MIGRATED: run `leadpipe migrate`" in result.stdout
 
 
 def test_status_shows_unknown_sink_counts_when_postgres_is_unreachable(routed):
@@ -122,7 +129,8 @@ def test_status_shows_unknown_sink_state_when_redis_is_unreachable(routed):
                           timeout=60).returncode == 0
     down = routed.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0")
     result = status(down, "--timeout", "0.3")
-    assert result.returncode == 1 and "REDIS UNREACHABLE" in result.stdout
+    assert result.returncode == 1
+    assert "REDIS UNREACHABLE: check LEADPIPE_REDIS_URL" in result.stdout
     assert row(result.stdout, "held")[1:3] == ["?", "?"], result.stdout  # state, circuit
     held = json.loads(status(down, "--timeout", "0.3", "--json").stdout)["sinks"]["held"]
     assert (held["paused"], held["circuit"]) == (None, None)

@@ -92,7 +92,10 @@ def test_cli_refuses_what_it_cannot_do(env, monkeypatch):
     with pytest.raises(ValueError, match="needs a NAME"):
         tokens_cli("create")
     with pytest.raises(ValueError, match="needs a token ID"):
-        tokens_cli("revoke", "abc")
+        tokens_cli("revoke")
+    for not_an_id in ("abc", "\u0663", "\u00b2", "0"):  # ARABIC-INDIC THREE is no 3 to us
+        with pytest.raises(ValueError, match="A token ID"):
+            tokens_cli("revoke", not_an_id)
     with pytest.raises(ValueError, match="needs a name"):
         tokens.create(env, "   ")
     monkeypatch.delenv("LEADPIPE_DATABASE_URL")

@@ -66,7 +66,7 @@ def test_replay_after_a_fix_stores_the_event_and_empties_quarantine(settings, db
 def test_replay_of_what_is_still_bad_keeps_it_with_the_new_reason(settings, db):
     quarantine(settings, "q-3", {"event_type": "WEBHOOK.CONVERTED"})
     result = leadpipe(settings, "quarantine", "replay", "q-3")
-    assert result.returncode == 1
+    assert result.returncode == 3  # not 1: that says a store is unreachable
     assert "contact" in result.stdout
     reason, replays = db.execute("SELECT reason, replays FROM quarantine").fetchone()
     assert "contact" in reason and replays == 1
@@ -78,21 +78,34 @@ def test_replay_of_unknown_id_is_a_clear_error(settings):
     assert "no quarantined event with id 'nope'" in result.stderr
 
 
+def refuse_deal(db, deal_id: str) -> None:  # type: ignore[no-untyped-def]
+    """Postgres refuses every write of one deal (22P02, as for a value it cannot read)."""
+    db.execute("CREATE FUNCTION refuse_deal() RETURNS trigger LANGUAGE plpgsql AS $$ BEGIN "
+               f"IF NEW.id = '{deal_id}' THEN PERFORM 'maria.souza@example.com'::bigint; "
+               "END IF; RETURN NEW; END $$")
+    db.execute("CREATE TRIGGER refuse_deal BEFORE INSERT OR UPDATE ON deals "
+               "FOR EACH ROW EXECUTE FUNCTION refuse_deal()")
+
+
 def test_bodies_postgres_refuses_are_quarantined_and_the_batch_goes_on(settings, db):
-    """Valid JSON that jsonb refuses (found by the fuzz run): a byte order mark, NaN, a lone
-    surrogate escape, a NUL in a key. One batch with a good event: the good one is stored,
-    each other body is stored or quarantined with its text, and nothing raises."""
+    """Valid JSON that jsonb refuses as it is (found by the fuzz run): a byte order mark, NaN,
+    a lone surrogate escape, a NUL in a key; and a body Postgres itself refuses. One batch with
+    a good event: the good one is stored, each other body is stored cleaned or quarantined with
+    its text, and nothing raises."""
     from ingest.queue import Entry
     from workers import pipeline
     from workers.runtime import Runtime
 
+    refuse_deal(db, "d-refused")
     good = fixture_bytes("crm-deal-created.json")
     hostile = [b"\xef\xbb\xbf" + fixture_bytes("crm-deal-updated-won.json"),
                b'{"event_name": "crm_deal_updated", "transaction_uuid": "t-nan", '
                b'"document": {"id": "d1", "amount_total": NaN}}',
                b'{"event_name": "crm_deal_created", "transaction_uuid": "t-sur", '
                b'"document": {"id": "d2", "name": "\\ud800"}}',
-               b'{"leads": [{"email": "nul@example.com", "k\\u0000": "v"}]}']
+               b'{"leads": [{"email": "nul@example.com", "k\\u0000": "v"}]}',
+               b'{"event_name": "crm_deal_created", "transaction_uuid": "t-refused", '
+               b'"document": {"id": "d-refused", "name": "maria.souza@example.com"}}']
     entries = [Entry(f"{n}-0", f"hostile-{n}", 1_700_000_000_000 + n, body, None)
                for n, body in enumerate([good, *hostile])]
     runtime = Runtime(settings)
@@ -101,16 +114,18 @@ def test_bodies_postgres_refuses_are_quarantined_and_the_batch_goes_on(settings,
         stored = pipeline.store(runtime, events, rejected)
     finally:
         runtime.close()
-    assert len(stored.new) + stored.quarantined == 5
+    assert len(stored.new) + stored.quarantined == 6
     ids = {i for (i,) in db.execute("SELECT id FROM events UNION ALL SELECT id FROM quarantine")}
-    assert ids == {f"hostile-{n}" for n in range(5)}
+    assert ids == {f"hostile-{n}" for n in range(6)}
     assert count(db, "SELECT count(*) FROM events WHERE id = 'hostile-0'") == 1
     assert count(db, "SELECT count(*) FROM events WHERE id = 'hostile-1'") == 1  # BOM dropped
-    reasons = [r for (r,) in db.execute("SELECT reason FROM quarantine ORDER BY id")]
-    assert len(reasons) == 2 and any("Not a finite number" in r for r in reasons), reasons
+    assert db.execute("SELECT name FROM deals WHERE id = 'd2'").fetchone() == ("\ufffd",)
+    reasons = dict(db.execute("SELECT id, reason FROM quarantine ORDER BY id").fetchall())
+    assert set(reasons) == {"hostile-2", "hostile-5"}, reasons
+    assert "Not a finite number" in reasons["hostile-2"]
     # Postgres' type, SQLSTATE and primary message; not its DETAIL or CONTEXT, which quote data
-    assert any(r.startswith("postgres refused") and "(22P02): invalid input syntax for type json"
-               in r for r in reasons), reasons
+    assert reasons["hostile-5"] == ("postgres refused the event: InvalidTextRepresentation "
+                                    "(22P02): invalid input syntax for type bigint")
 
 
 def kept_as_text(settings, qid: str, body: bytes, reason: str) -> None:  # type: ignore[no-untyped-def]
@@ -137,28 +152,32 @@ def replay(settings, qid: str):  # type: ignore[no-untyped-def]
 
 def test_replay_of_a_body_postgres_refused_replays_the_body_and_keeps_a_real_reason(
         settings, db):
-    """Postgres refused the body (a lone surrogate escape), so it was kept as a JSON string:
-    replay reads the body inside the string, and as Postgres still refuses it, the row stays
-    with Postgres' reason (not "body is not a JSON object", and not deleted)."""
-    from ingest.queue import Entry
-    from workers import pipeline
-    from workers.runtime import Runtime
-
-    body = (b'{"event_name":"crm_deal_created","transaction_uuid":"t-sur",'
-            b'"document":{"id":"d2","name":"\\ud800"}}')
-    runtime = Runtime(settings)
-    try:
-        events, rejected = pipeline.split([Entry("1-0", "q-sur", 1_700_000_000_000, body, None)])
-        pipeline.store(runtime, events, rejected)
-    finally:
-        runtime.close()
+    """Postgres refused the body, so it was kept as a JSON string: replay reads the body inside
+    the string, and as Postgres still refuses it, the row stays with Postgres' reason (not
+    "body is not a JSON object", and not deleted)."""
+    body = (b'{"event_name":"crm_deal_created","transaction_uuid":"t-ref",'
+            b'"document":{"id":"d-refused","name":"x"}}')
+    refuse_deal(db, "d-refused")
+    kept_as_text(settings, "q-ref", body, "postgres refused the event: old reason")
     assert db.execute("SELECT jsonb_typeof(payload) FROM quarantine").fetchone() == ("string",)
-    result = replay(settings, "q-sur")
-    reason, replays = db.execute("SELECT reason, replays FROM quarantine WHERE id = 'q-sur'"
+    result = replay(settings, "q-ref")
+    reason, replays = db.execute("SELECT reason, replays FROM quarantine WHERE id = 'q-ref'"
                                  ).fetchone()
     assert reason.startswith("postgres refused the event: InvalidTextRepresentation"), reason
     assert result.still_rejected == reason and result.stored == 0 and replays == 1
-    assert count(db, "SELECT count(*) FROM events") == 0
+
+
+def test_a_lone_surrogate_an_earlier_version_quarantined_is_stored_by_replay(settings, db):
+    """Until lone surrogates were read as U+FFFD, Postgres refused such bodies and they were
+    quarantined as text: a replay now stores them."""
+    body = (b'{"event_name":"crm_deal_created","transaction_uuid":"t-sur",'
+            b'"document":{"id":"d2","name":"cut \\ud83d"}}')
+    kept_as_text(settings, "q-sur", body, "postgres refused the event: InvalidTextRepresentation "
+                 "(22P02): invalid input syntax for type json")
+    result = replay(settings, "q-sur")
+    assert result.still_rejected is None and result.stored == 1, result
+    assert count(db, "SELECT count(*) FROM quarantine") == 0
+    assert db.execute("SELECT name FROM deals WHERE id = 'd2'").fetchone() == ("cut \ufffd",)
 
 
 def test_replay_of_a_body_kept_as_text_stores_it_once_the_code_takes_it(settings, db):

@@ -8,6 +8,7 @@ import sys
 from pathlib import Path
 
 import orjson
+import psycopg
 import pytest
 import yaml
 
@@ -15,7 +16,8 @@ from ingest.queue import Entry
 from tests.conftest import FIXTURES, ROOT, fixture_bytes
 from workers.events import Event
 from workers.normalize import normalize
-from workers.routing import RoutingError, load, parse
+from workers.routing import FIELDS, RoutingError, load, parse
+from workers.view import view
 
 EXAMPLE = ROOT / "docs" / "routes.example.yaml"
 
@@ -102,6 +104,102 @@ def test_bad_files_are_refused_with_a_clear_message(doc, words):
         parse(doc)
     for word in words:
         assert word in str(info.value)
+
+
+@pytest.mark.parametrize("rate", ["0/s", "0/m", "00/s", " 0 / hour"])
+def test_a_zero_rate_is_refused_when_the_file_is_loaded(rate):
+    # 0 events per period passed the format check and later divided by zero in delivery
+    with pytest.raises(RoutingError) as info:
+        parse({"sinks": {"crm": {"type": "dummy", "options": {"path": "x"},
+                                 "rate_limit": rate}}})
+    message = str(info.value)
+    assert "sinks.crm.rate_limit:" in message and "at least 1" in message
+    assert "\n" not in message
+
+
+def one_condition(condition: str) -> dict:
+    return {"sinks": {"a": {"type": "dummy", "options": {"path": "x"}}},
+            "routes": [{"name": "r1", "to": ["a"], "when": {"match": [condition]}}]}
+
+
+@pytest.mark.parametrize("condition, unknown, closest", [
+    ("lead.emial exists", "lead.emial", "lead.email"),
+    ("lead.emial missing", "lead.emial", "lead.email"),
+    ("lead.intrest >= 40", "lead.intrest", "lead.interest"),
+    ("lead.last_conversion_identifer == pricing-form", "lead.last_conversion_identifer",
+     "lead.last_conversion_identifier"),
+    ("deal.stauts in [won]", "deal.stauts", "deal.status"),
+    ("deal.amount == 10", "deal.amount", "deal.amount_total"),
+    ("event.tpye == crm_deal_updated", "event.tpye", "event.type"),
+    ("funnel.oportunity == true", "funnel.oportunity", "funnel.opportunity"),
+    ("funnel.owner_email exists", "funnel.owner_email", "funnel.contact_owner_email"),
+])
+def test_an_unknown_name_under_a_closed_root_is_refused(condition, unknown, closest):
+    # such a route used to load and then silently never match
+    with pytest.raises(RoutingError) as info:
+        parse(one_condition(condition))
+    message = str(info.value)
+    assert "\n" not in message
+    assert "route 'r1'" in message and repr(condition) in message
+    assert f"unknown name {unknown!r}" in message
+    assert f"did you mean {closest!r}?" in message
+
+
+def test_an_unknown_name_with_nothing_close_lists_the_valid_ones():
+    with pytest.raises(RoutingError) as info:
+        parse(one_condition("deal.zzz exists"))
+    assert "unknown name 'deal.zzz'" in str(info.value)
+    assert "did you mean" not in str(info.value)
+    assert "stage_name" in str(info.value) and "status" in str(info.value)
+
+
+def test_leads_columns_the_matcher_cannot_see_are_refused_too():
+    # a leads column, but not part of the lead a condition reads: it would never exist
+    with pytest.raises(RoutingError) as info:
+        parse(one_condition("lead.lead_key exists"))
+    assert "unknown name 'lead.lead_key'" in str(info.value)
+
+
+def test_an_unknown_root_is_refused_in_presence_conditions_too():
+    with pytest.raises(RoutingError) as info:
+        parse(one_condition("weird.path exists"))
+    assert "route 'r1'" in str(info.value) and "path must start" in str(info.value)
+
+
+@pytest.mark.parametrize("condition", [
+    "contact.cf_anything_rd_sends == x", "contact.funnel.lifecycle_stage exists",
+    "document.deal_stage.name == Proposta", "lead.custom_fields.segmento == Varejo",
+    "deal.custom_fields.Origem exists", "lead.tags exists", "deal.id exists",
+    "event.identifier == pricing-form", "funnel.fit == A1",
+])
+def test_free_form_parts_and_known_names_are_accepted(condition):
+    assert parse(one_condition(condition)).routes[0].conditions[0].text == condition
+
+
+def test_the_checked_names_are_what_the_matcher_reads():
+    """FIELDS can neither miss a name the matcher sees nor allow one it never does: it equals
+    the keys of view() for real events of each kind, the lead and deal dicts normalize builds."""
+    seen: dict[str, set[str]] = {root: set() for root in FIELDS}
+    for name in ("mkt-v2-converted.json", "mkt-v2-marked-opportunity.json",
+                 "legacy-leads-full.json", "crm-deal-updated-won.json", "crm-deal-created.json"):
+        data = view(event(name))
+        for root in FIELDS:
+            seen[root] |= set(data[root])
+    assert {root: set(names) for root, names in FIELDS.items()} == seen
+    assert {"contact", "document"}.isdisjoint(FIELDS)  # free-form: RD's own fields
+
+
+def test_lead_and_deal_names_are_columns_of_the_migrated_tables(database_url):
+    """`lead.` and `deal.` name columns of the leads and deals tables the migrations create
+    (all of them but the bookkeeping ones, which are not part of an event's lead or deal)."""
+    with psycopg.connect(database_url) as conn:
+        columns = {table: {name for (name,) in conn.execute(
+            "SELECT column_name FROM information_schema.columns WHERE table_name = %s",
+            (table,))} for table in ("leads", "deals")}
+    assert columns["leads"] - FIELDS["lead"] == {"lead_key", "last_event_id", "created_at"}
+    assert FIELDS["lead"] <= columns["leads"]
+    assert columns["deals"] - FIELDS["deal"] == {"last_event_id"}
+    assert FIELDS["deal"] <= columns["deals"]
 
 
 def test_toml_files_work_too(tmp_path):
