@@ -39,6 +39,17 @@ def as_positive_int(raw: str) -> int:
     return value
 
 
+BIGINT_MAX = 2**63 - 1
+
+
+def as_account_id(raw: str) -> int:
+    """RD's account id: a whole number a JSON encoder and Postgres' bigint both hold."""
+    value = as_int(raw)
+    if not 0 <= value <= BIGINT_MAX:
+        raise ConfigError(f"expected a number from 0 to {BIGINT_MAX}, got {raw!r}")
+    return value
+
+
 MAX_HOURS = 87_600  # ten years: a cookie's expiry must stay within the calendar
 
 
@@ -266,7 +277,7 @@ class Settings:
         "address; X-Forwarded-For is not trusted).",
     )
     platform_account_id: int = setting(
-        "PLATFORM_ACCOUNT_ID", as_int, 0,
+        "PLATFORM_ACCOUNT_ID", as_account_id, 0,
         "RD account id shown as platform_account_id by /integrations/webhooks (exact past 2^53).",
     )
     subscription_probe: bool = setting(
@@ -280,7 +291,7 @@ class Settings:
     )
     subscription_suspend_after: int = setting(
         "SUBSCRIPTION_SUSPEND_AFTER", as_positive_int, 20,
-        "Consecutive failed deliveries (each after its quick tries) that suspend a subscription; "
+        "Consecutive failed deliveries (one try per round) that suspend a subscription; "
         "its missed events wait in dead letters until a PUT re-activates it.",
     )
     subscription_secret_grace_seconds: int = setting(

@@ -311,7 +311,8 @@ def update_webhook(webhook_uuid: str) -> Response:
                 "http_method = %(http_method)s, "
                 "event_identifiers = %(event_identifiers)s, "
                 "include_relations = %(include_relations)s, source = %(source)s, "
-                "status = 'active', consecutive_failures = 0, updated_at = now() "
+                "status = 'active', consecutive_failures = 0, suspended_at = NULL, "
+                "updated_at = now() "
                 f"WHERE uuid = %(uuid)s RETURNING {_COLUMNS}",
                 {**data, "uuid": key, "source": _source(data["event_type"]),
                  "url_key": ssrf.endpoint_key(data["url"]), "kept": kept})

@@ -128,16 +128,20 @@ _SECONDS = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes 
 
 
 def send(session: requests.Session, method: str, url: str, *, body: bytes,
-         headers: Mapping[str, str], timeout: float, label: str) -> requests.Response:
+         headers: Mapping[str, str], timeout: float, label: str,
+         retry_any_status: bool = False) -> requests.Response:
     """Make exactly one request; return the answer if it is 2xx, else raise the sink error.
 
     - 2xx: returned.
     - 408, 429, 5xx, a connection that fails or breaks, a timeout: RetryableSinkError with the
       status (None without an answer) and, for 429 and 503, the Retry-After in seconds.
     - anything else (other 4xx, and 3xx: redirects are not followed, configure the final URL):
-      PermanentSinkError with the status.
+      PermanentSinkError with the status; RetryableSinkError too with `retry_any_status` (RD's
+      rule for the URLs it calls: anything but a 2xx is a failure to try again).
 
-    `timeout` bounds the whole request, answer included (a `Deadline`), not only each read.
+    `timeout` bounds the whole request (a `Deadline`), not only each read; the answer counts once
+    its status line and headers are in: its body (at most MAX_ANSWER_BYTES read) only has until
+    the same deadline, and a body that is late or broken changes nothing.
 
     Messages hold `label`, the status and a short reason only: never the URL (an entity key may be
     an e-mail), the body or what the destination answered, so they are safe to log.
@@ -146,14 +150,6 @@ def send(session: requests.Session, method: str, url: str, *, body: bytes,
         try:
             response = session.request(method, url, data=body, headers=dict(headers),
                                        timeout=timeout, allow_redirects=False, stream=True)
-            try:
-                read = 0
-                for chunk in response.iter_content(16 * 1024):
-                    read += len(chunk)
-                    if read >= MAX_ANSWER_BYTES:
-                        break  # the rest is never read: the connection is dropped, not kept
-            finally:
-                response.close()
         except requests.RequestException as exc:
             if deadline.expired or isinstance(exc, requests.Timeout):
                 raise RetryableSinkError(f"{label}: no answer within {timeout:g} s") from None
@@ -164,15 +160,31 @@ def send(session: requests.Session, method: str, url: str, *, body: bytes,
             # unexpected: keep the event, try again later
             raise RetryableSinkError(
                 f"{label}: request failed ({type(exc).__name__})") from None
+        _drain(response)
     status = response.status_code
     if 200 <= status < 300:
         return response
     message = f"{label}: HTTP {status} {_phrase(status)}".rstrip()
-    if status in RETRYABLE_STATUSES or 500 <= status < 600:
+    if retry_any_status or status in RETRYABLE_STATUSES or 500 <= status < 600:
         delay = (retry_after(response.headers.get("Retry-After"))
                  if status in RETRY_AFTER_STATUSES else None)
         raise RetryableSinkError(message, status=status, retry_after=delay)
     raise PermanentSinkError(message, status=status)
+
+
+def _drain(response: requests.Response) -> None:
+    """Read what the answer's body holds, up to MAX_ANSWER_BYTES, so the connection can serve
+    the next request; a body that breaks or outlasts the deadline only costs the connection."""
+    try:
+        read = 0
+        for chunk in response.iter_content(16 * 1024):
+            read += len(chunk)
+            if read >= MAX_ANSWER_BYTES:
+                break  # the rest is never read: the connection is dropped, not kept
+    except (requests.RequestException, OSError):
+        pass
+    finally:
+        response.close()
 
 
 def _phrase(status: int) -> str:

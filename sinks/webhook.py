@@ -71,6 +71,9 @@ class WebhookOptions(Schema):
     previous_secret_expires_at = fields.AwareDateTime(load_default=None, allow_none=True)
     # set: check the URL's addresses before every request (DNS may have changed since)
     ssrf_allow = fields.List(fields.String(), load_default=None, allow_none=True)
+    # every answer but a 2xx is tried again (RD's rule for the URLs it calls), not only 408,
+    # 429 and 5xx: for a receiver that answers 404 or 410 while it is being deployed
+    retry_any_status = fields.Boolean(load_default=False)
 
 
 def webhook_id(dedup_key: str) -> str:
@@ -158,7 +161,8 @@ class WebhookSink(Sink):
             url = target.url
         data, headers = self.request(event)
         return send(self.session, "POST", url, body=data, headers=headers,
-                    timeout=self.options["timeout"], label=f"{self.label} POST").status_code
+                    timeout=self.options["timeout"], label=f"{self.label} POST",
+                    retry_any_status=self.options["retry_any_status"]).status_code
 
     def _pin(self, target: ssrf.Target) -> None:
         """Connect only to the addresses just checked: a session pinned to them, kept (with its

@@ -119,12 +119,21 @@ def _funnel(event: Event) -> dict[str, Any]:
     return {
         "name": "default",
         "lifecycle_stage": lead.get("lifecycle_stage"),
-        "opportunity": bool(lead.get("opportunity")),
+        "opportunity": _opportunity(event),
         "contact_owner_email": lead.get("owner_email"),
         "interest": lead.get("interest"),
         "fit": int(fit) if isinstance(fit, str) and fit.isdigit() else None,
         "origin": origin or None,
     }
+
+
+def _opportunity(event: Event) -> bool | None:
+    """The lead's opportunity flag; None when the event does not say (not False: a lead that
+    is one must not be reported as not one), True for an opportunity mark."""
+    value = (event.lead or {}).get("opportunity")
+    if value is None and event.event_type == "WEBHOOK.MARKED_OPPORTUNITY":
+        return True
+    return value if isinstance(value, bool) else None
 
 
 def snake(label: str) -> str:

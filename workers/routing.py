@@ -323,6 +323,14 @@ def parse(data: Any, source: str = "<routing>") -> Routing:
     return Routing(sinks, tuple(routes), source)
 
 
+def _one_line(exc: Exception) -> str:
+    """A parser's error in one line: YAML's own message draws the line it quotes with a caret."""
+    if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
+        mark = exc.problem_mark
+        return f"{exc.problem} (line {mark.line + 1}, column {mark.column + 1})"
+    return " ".join(str(exc).split())
+
+
 def load(path: str | Path | None) -> Routing:
     """Read a routing file (.yaml/.yml or .toml); no path means no sinks besides Postgres."""
     if not path:
@@ -336,5 +344,5 @@ def load(path: str | Path | None) -> Routing:
         data = tomllib.loads(text) if p.suffix == ".toml" else yaml.safe_load(text)
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise RoutingError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: "
-                           f"{exc}") from None
+                           f"{_one_line(exc)}") from None
     return parse(data, str(p))

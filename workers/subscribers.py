@@ -80,7 +80,7 @@ class Subscription:
                 "body": "rd", "include_relations": list(self.include_relations),
                 "previous_secret": self.previous_secret,
                 "previous_secret_expires_at": self.previous_secret_expires_at,
-                "ssrf_allow": list(settings.ssrf_allow)}
+                "ssrf_allow": list(settings.ssrf_allow), "retry_any_status": True}
 
 
 def load(conn: psycopg.Connection, name: str) -> Subscription | None:
@@ -93,8 +93,10 @@ def load(conn: psycopg.Connection, name: str) -> Subscription | None:
 
 
 def spec(name: str) -> SinkSpec:
-    """The delivery policy of every subscription: RD's 5 s answer limit, Leadpipe's rounds."""
-    return SinkSpec(name, "webhook", {})
+    """The delivery policy of every subscription: RD's 5 s answer limit and its rule that any
+    other answer is a failure to try again; one try per round, in Leadpipe's rounds (7 tries
+    over about 8.6 hours, then a dead letter that can be replayed)."""
+    return SinkSpec(name, "webhook", {}, quick_retries=1)
 
 
 class Health:

@@ -73,6 +73,9 @@ def test_redis_down(settings, tmp_path, args):
     (("status",), {"LEADPIPE_RELAY_AFTER_SECONDS": "9999999999999"},
      ["LEADPIPE_RELAY_AFTER_SECONDS"]),
     (("status",), {"LEADPIPE_OPS_SESSION_HOURS": "1000000000"}, ["LEADPIPE_OPS_SESSION_HOURS"]),
+    (("status",), {"LEADPIPE_PLATFORM_ACCOUNT_ID": "99999999999999999999"},
+     ["LEADPIPE_PLATFORM_ACCOUNT_ID", "from 0 to 9223372036854775807"]),
+    (("status",), {"LEADPIPE_PLATFORM_ACCOUNT_ID": "-1"}, ["LEADPIPE_PLATFORM_ACCOUNT_ID"]),
     (("status",), {"LEADPIPE_REDIS_URL": "redis://h:notaport/0"}, ["LEADPIPE_REDIS_URL"]),
     (("status",), {"LEADPIPE_REDIS_URL": "http://h/0"}, ["LEADPIPE_REDIS_URL", "redis://"]),
 ])
@@ -150,3 +153,13 @@ def test_routes_explain_refuses_a_hint_the_endpoint_refuses(settings, tmp_path):
     body.write_text('{"leads": [{"email": "a@example.com"}]}')
     one_clear_line(leadpipe(settings, "routes", "explain", str(body), "--event-type", "BOGUS"),
                    2, "--event-type must be WEBHOOK.CONVERTED or WEBHOOK.MARKED_OPPORTUNITY")
+
+
+@pytest.mark.parametrize("name, text, words", [
+    ("routes.yaml", "sinks:\n  crm: {type: dummy\nroutes: [\n", ["not valid YAML", "line 3"]),
+    ("routes.toml", "sinks = [\n", ["not valid TOML"]),
+])
+def test_a_broken_routing_file_is_one_line(settings, tmp_path, name, text, words):
+    path = tmp_path / name
+    path.write_text(text)
+    one_clear_line(leadpipe(settings, "routes", "check", str(path)), 2, *words)

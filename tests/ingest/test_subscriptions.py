@@ -184,10 +184,13 @@ def test_put_needs_every_required_field_and_replaces_the_lists(client):
 
 def test_put_reactivates_a_suspended_subscription(client, db):
     hook = client.post(HOOKS, json=body()).get_json()
-    db.execute("UPDATE subscriptions SET status = 'suspended', consecutive_failures = 7")
+    db.execute("UPDATE subscriptions SET status = 'suspended', consecutive_failures = 7, "
+               "suspended_at = now(), last_error = 'HTTP 500'")
     assert client.get(f"{HOOKS}/{hook['uuid']}").get_json()["status"] == "suspended"
     assert client.put(f"{HOOKS}/{hook['uuid']}", json=body()).get_json()["status"] == "active"
-    assert db.execute("SELECT consecutive_failures FROM subscriptions").fetchone() == (0,)
+    # no longer suspended; the last error stays as the history it is
+    assert db.execute("SELECT consecutive_failures, suspended_at, last_error FROM subscriptions"
+                      ).fetchone() == (0, None, "HTTP 500")
 
 
 # -- errors ------------------------------------------------------------------------------------

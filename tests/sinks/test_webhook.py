@@ -143,6 +143,14 @@ def test_410_gone_is_permanent(server, make_sink):
     assert caught.value.status == 410
 
 
+@pytest.mark.parametrize("status", [301, 400, 404, 410])
+def test_with_retry_any_status_every_answer_but_a_2xx_is_retryable(server, make_sink, status):
+    server.script(status)  # RD's rule, which subscriptions follow
+    with pytest.raises(RetryableSinkError) as caught:
+        make_sink(retry_any_status=True).deliver(event(fixture_bytes("mkt-v2-converted.json")))
+    assert caught.value.status == status and caught.value.retry_after is None
+
+
 def test_503_with_retry_after_is_retryable(server, make_sink):
     server.script(Reply(503, headers={"Retry-After": "7"}))
     with pytest.raises(RetryableSinkError) as caught:
@@ -195,7 +203,7 @@ def test_bad_options_name_the_sink_and_the_option(options, option):
 def test_defaults():
     loaded = load_options("hook-x", "webhook", {"url": "https://hooks.example.com/x",
                                                 "secret": SECRET})
-    assert (loaded["timeout"], loaded["headers"]) == (5.0, {})
+    assert (loaded["timeout"], loaded["headers"], loaded["retry_any_status"]) == (5.0, {}, False)
 
 
 # -- RD's body, secret rotation, the SSRF re-check (what subscriptions use) --------------------

@@ -35,9 +35,11 @@ def test_relations_asked_for_but_not_received_are_filled_from_the_lead():
     ev = event(orjson.dumps(body))
     shaped = rd_body(ev, ["COMPANY", "CONTACT_FUNNEL"])
     assert shaped["contact"]["company"] == {"name": None}
-    assert shaped["contact"]["funnel"] == {
-        "name": "default", "lifecycle_stage": None, "opportunity": False,
+    assert shaped["contact"]["funnel"] == {  # unknown is null, never a guessed False
+        "name": "default", "lifecycle_stage": None, "opportunity": None,
         "contact_owner_email": None, "interest": None, "fit": None, "origin": None}
+    marked = event(orjson.dumps({**body, "event_type": "WEBHOOK.MARKED_OPPORTUNITY"}))
+    assert rd_body(marked, ["CONTACT_FUNNEL"])["contact"]["funnel"]["opportunity"] is True
 
 
 def test_a_legacy_lead_becomes_a_v2_conversion():

@@ -243,4 +243,23 @@ def test_a_deleted_subscription_gets_no_more_events(client, receivers, custom, w
                                "= 'subscription deleted'", target) == 1,
              timeout=60, what="the pending delivery dead-lettered at its next round")
     assert count(db, "SELECT count(*) FROM deliveries WHERE sink = %s", target) == 1
-    assert len(a.requests) == 3  # the first round's quick tries, nothing after the delete
+    assert len(a.requests) == 1  # the first round's one try, nothing after the delete
+
+
+def test_any_answer_but_a_2xx_is_tried_again_in_the_next_round(client, receivers, custom,
+                                                                worker_factory, db):
+    """RD's rule for the URLs it calls: anything but a 2xx is a failure to retry, so a receiver
+    answering 404 (or 301) while it is being deployed gets the event later; one try per round,
+    not quick tries in a row."""
+    a, _ = receivers
+    sub = client.subscribe(a.url + "/deploying", "WEBHOOK.CONVERTED")
+    a.clear()
+    a.script(404)  # then the default: 200
+    worker_factory(custom)
+    client.post_event(conversion(11))
+    wait_for(lambda: delivered(db, sub) == 1, timeout=60, what="the event delivered at last")
+    assert count(db, "SELECT count(*) FROM dead_letters") == 0
+    tries = a.requests
+    assert len(tries) == 2
+    assert len({r.header("webhook-id") for r in tries}) == 1  # one event, for the receiver
+    assert tries[1].at - tries[0].at >= 3.5  # the next round (5 s +-20 %), not a quick retry
