@@ -296,6 +296,8 @@ def cmd_dead_letters(args: argparse.Namespace) -> int:
     if args.action == "list":
         rows = operations.dead_letters(runtime.settings.database_url, args.sink, args.limit,
                                        since=args.since)
+        if not rows and args.sink:  # none, or a name that is wrong: say which
+            operations.known_target(runtime, args.sink)
         if not rows:
             print("no dead letters")
         for r in rows:

@@ -6,7 +6,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import orjson
-from flask import Flask, Response
+from flask import Flask, Response, request
 
 from config.settings import ConfigError, Settings
 from ingest import errors
@@ -70,14 +70,15 @@ def create_app(settings: Settings | None = None) -> Flask:
 
     @app.get("/readyz")
     def readyz() -> Response:
-        """Redis and Postgres reachable and migrations current (for load balancers)."""
-        from ingest.health import readiness
+        """Can this node take webhooks now (for load balancers)? `?full=1`: and is everything
+        else up too (Postgres, migrations current), for deploy scripts."""
+        from ingest.health import readiness, verdict
 
         checks = readiness(settings, client)
-        ok = all(checks.values())
-        body = orjson.dumps({"status": "ok" if ok else "unavailable",
+        status, ready = verdict(checks, spool is not None, full=request.args.get("full") == "1")
+        body = orjson.dumps({"status": status,
                              "checks": {k: "ok" if v else "failing" for k, v in checks.items()}})
-        return Response(body, status=200 if ok else 503, mimetype="application/json")
+        return Response(body, status=200 if ready else 503, mimetype="application/json")
 
     if settings.ingest_fast_path:
         from ingest.fast import fast_ingest

@@ -1,4 +1,5 @@
-"""Readiness: can this node take and store events right now? Reveals no detail of why not."""
+"""Readiness: can this node take webhooks right now, and is the rest up? Reveals no detail of
+why not."""
 
 from __future__ import annotations
 
@@ -30,3 +31,16 @@ def readiness(settings: Settings, client: redis.Redis) -> dict[str, bool]:
         checks.pop("postgres")
         checks.pop("migrations")
     return checks
+
+
+def verdict(checks: dict[str, bool], spooling: bool, full: bool = False) -> tuple[str, bool]:
+    """("ok" | "degraded" | "unavailable", ready?). Taking webhooks needs Redis only (or a spool
+    that holds them while Redis is away): a Postgres outage or a migration still to run must not
+    take the ingest endpoint out of a load balancer, or RD's deliveries would be refused and,
+    after RD's few retries, lost. `full`: ready only when every check passes."""
+    if all(checks.values()):
+        return "ok", True
+    takes_webhooks = checks["redis"] or spooling
+    if full or not takes_webhooks:
+        return "unavailable", False
+    return "degraded", True

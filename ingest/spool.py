@@ -10,7 +10,7 @@ Record: 4-byte length + JSON header {"i": event id, "t": received ms, "h": hint}
 + the body. A write the disk cuts short is taken back (the file is truncated to where the record
 began) and the append fails, so the endpoint answers 503. Whatever the drainer cannot decode (a
 torn record a crash left at the end, never acknowledged, or damaged bytes) is not deleted: it is
-moved aside to a `<file>.<ns>.bad` file next to it, logged, and the drainer goes on.
+moved aside to a `<file>.<time_ns>.bad` file next to it, logged, and the drainer goes on.
 """
 
 from __future__ import annotations

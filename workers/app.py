@@ -2,11 +2,16 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from celery import Celery
 
 from config.settings import ConfigError, Settings
 from workers.broker import tls_for, transport_for
 from workers.runtime import Runtime
+
+if TYPE_CHECKING:
+    from workers.queues import SinkQueues
 
 
 class Leadpipe:
@@ -18,6 +23,8 @@ class Leadpipe:
         self._runtime: Runtime | None = None
         # `leadpipe worker` without --queues: serve every sink, including ones resumed later
         self.all_queues = False
+        # set in a worker node by its QueuesStep: which sink queues the node serves
+        self.sink_queues: SinkQueues | None = None
 
     def runtime(self) -> Runtime:
         if self._runtime is None:
@@ -51,8 +58,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
     )
     app.leadpipe = Leadpipe(settings, app)  # type: ignore[attr-defined]
     from workers.pump import PumpStep
+    from workers.queues import QueuesStep  # also registers the `leadpipe_resume_queue` command
 
     app.steps["worker"].add(PumpStep)
+    app.steps["worker"].add(QueuesStep)
     import workers.tasks  # noqa: F401  (registers the shared tasks with this app)
 
     return app

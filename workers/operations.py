@@ -49,10 +49,16 @@ def pause(runtime: Runtime, sink: str) -> None:
 
 
 def resume(runtime: Runtime, sink: str) -> None:
+    """Release a sink's deliveries: the nodes that serve the sink consume its queue again.
+
+    The command (`workers/queues.py`) is evaluated by each node: one started without --queues,
+    or given this queue in --queues, consumes it; the others ignore it (Celery's own
+    `add_consumer` would make every node consume it, storing nodes too)."""
     _known(runtime, sink)
     runtime.control.resume(sink)
     if runtime.app is not None:
-        runtime.app.control.add_consumer(sink_queue(runtime.settings, sink))
+        runtime.app.control.broadcast("leadpipe_resume_queue",
+                                      arguments={"queue": sink_queue(runtime.settings, sink)})
 
 
 def dead_letters(dsn: str, sink: str | None = None, limit: int = 100,
@@ -64,7 +70,7 @@ def dead_letters(dsn: str, sink: str | None = None, limit: int = 100,
             "last_attempt_at, dead_at, replayed_at FROM dead_letters "
             "WHERE (%(sink)s::text IS NULL OR sink = %(sink)s) "
             "AND (%(since)s::timestamptz IS NULL OR dead_at >= %(since)s) "
-            "AND (%(all)s OR replayed_at IS NULL) ORDER BY id LIMIT %(limit)s",
+            "AND (%(all)s OR replayed_at IS NULL) ORDER BY id DESC LIMIT %(limit)s",
             {"sink": sink, "all": include_replayed, "limit": limit, "since": since})
         names = [c.name for c in cur.description or ()]
         return [dict(zip(names, row, strict=True)) for row in cur]
@@ -79,13 +85,9 @@ def replay(runtime: Runtime, ids: list[int] | None = None, sink: str | None = No
     and the page), the second finds it taken and sends nothing. Dead letters of a sink no
     longer configured stay waiting (no worker would consume its queue); naming such a sink
     raises LookupError."""
+    if sink is not None:
+        known_target(runtime, sink)
     with runtime.pool.connection() as conn:
-        if sink is not None and subscribers.is_target(sink):
-            if subscribers.load(conn, sink) is None:
-                raise LookupError(f"no subscription {sink[len(subscribers.PREFIX):]!r} "
-                                  "(GET /integrations/webhooks lists them)")
-        elif sink is not None:
-            _known(runtime, sink)
         rows = conn.execute(
             "SELECT id, sink FROM dead_letters WHERE replayed_at IS NULL "
             "AND (%(ids)s::bigint[] IS NULL OR id = ANY(%(ids)s)) "
@@ -135,6 +137,17 @@ def publish_or_relay(runtime: Runtime, sink: str, event_ids: list[str]) -> None:
         log.warning("broker unavailable: deliveries left to the relay",
                     extra={"sink": sink, "deliveries": len(event_ids),
                            "error": type(exc).__name__})
+
+
+def known_target(runtime: Runtime, sink: str) -> None:
+    """Raise LookupError unless `sink` names a configured sink or an existing subscription."""
+    if not subscribers.is_target(sink):
+        _known(runtime, sink)
+        return
+    with runtime.pool.connection() as conn:
+        if subscribers.load(conn, sink) is None:
+            raise LookupError(f"no subscription {sink[len(subscribers.PREFIX):]!r} "
+                              "(GET /integrations/webhooks lists them)")
 
 
 def _target(runtime: Runtime, sink: str) -> bool:

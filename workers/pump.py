@@ -15,7 +15,7 @@ from celery import Celery, bootsteps
 from config.settings import Settings
 from ingest.queue import IngestStream, make_redis
 from workers import operations
-from workers.runtime import Runtime, sink_queue
+from workers.runtime import Runtime
 
 log = logging.getLogger("leadpipe.pump")
 
@@ -27,8 +27,7 @@ class Pump:
     entries idle longer than `claim_idle_seconds` (their worker died) are claimed and re-sent.
     """
 
-    def __init__(self, app: Celery, settings: Settings, consumer: str | None = None,
-                 worker: Any = None):
+    def __init__(self, app: Celery, settings: Settings, consumer: str | None = None):
         assert settings.redis_url
         self.app = app
         self.settings = settings
@@ -38,7 +37,6 @@ class Pump:
         self.runtime = Runtime(settings, app)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
-        self.queues = SinkQueues(worker, self.runtime) if worker is not None else None
         # An upper bound of this consumer's pending entries: what Redis last said plus what was
         # dispatched since (tasks only ever lower the real count, by acknowledging). Redis is
         # asked again only when the bound reaches the limit, and at start, so entries left
@@ -72,15 +70,11 @@ class Pump:
         failures = 0
         next_claim = 0.0
         next_relay = time.monotonic() + 5
-        next_check = time.monotonic() + 5
         while not self._stop.is_set():
             try:
                 if failures:
                     self.stream.ensure_group()
                 now = time.monotonic()
-                if self.queues is not None and now >= next_check:
-                    next_check = now + 5
-                    self.queues.reconcile()
                 if now >= next_relay:
                     next_relay = now + max(5.0, s.relay_after_seconds / 10)
                     relayed = operations.relay(self.runtime)
@@ -130,44 +124,10 @@ class Pump:
         return ids
 
 
-class SinkQueues:
-    """Keeps this worker consuming exactly the sink queues that are not paused.
-
-    Pause and resume reach workers as Celery broadcasts, which a worker misses if it is not
-    listening at that moment (reconnecting to Redis, starting up); a missed resume would leave
-    a sink's deliveries waiting for ever. Every few seconds this compares what the worker
-    consumes with the pause set in Redis and repeats the command to this worker only."""
-
-    def __init__(self, worker: Any, runtime: Runtime):
-        self.worker = worker
-        self.runtime = runtime
-        settings = runtime.settings
-        consumed = {q.name for q in worker.app.amqp.queues.consume_from.values()} if (
-            worker.app.amqp.queues.consume_from) else set(worker.app.amqp.queues)
-        # a plain `leadpipe worker` serves every sink (a paused one is left out at start); a
-        # node given --queues serves the sink queues it was given, and never gains others
-        everything = getattr(getattr(worker.app, "leadpipe", None), "all_queues", False)
-        self.sinks = {sink: sink_queue(settings, sink) for sink in runtime.routing.sinks
-                      if everything or sink_queue(settings, sink) in consumed}
-
-    def reconcile(self) -> None:
-        task_consumer = getattr(getattr(self.worker, "consumer", None), "task_consumer", None)
-        if task_consumer is None or not self.sinks:
-            return
-        paused = self.runtime.control.paused()
-        me = [self.worker.hostname]
-        for sink, queue in self.sinks.items():
-            consuming = task_consumer.consuming_from(queue)
-            if sink not in paused and not consuming:
-                log.warning("resuming %s: this worker had missed it", sink)
-                self.worker.app.control.add_consumer(queue, destination=me)
-            elif sink in paused and consuming:
-                log.warning("pausing %s: this worker had missed it", sink)
-                self.worker.app.control.cancel_consumer(queue, destination=me)
-
-
 class PumpStep(bootsteps.StartStopStep):
-    """Runs a Pump in each worker node that consumes the ingest queue."""
+    """Runs a Pump in each worker node that consumes the ingest queue: it also relays lost
+    deliveries and schedules the purge, so at least one node must consume the ingest queue.
+    (Which sink queues a node consumes is `workers/queues.py`'s, on every node.)"""
 
     requires = {"celery.worker.components:Pool"}
 
@@ -180,7 +140,7 @@ class PumpStep(bootsteps.StartStopStep):
         queues = worker.app.amqp.queues.consume_from or worker.app.amqp.queues
         if settings.ingest_queue not in queues:
             return
-        self.pump = Pump(worker.app, settings, worker=worker)
+        self.pump = Pump(worker.app, settings)
         self.pump.stream.ensure_group()
         self.pump.stream.register(self.pump.consumer)
         self.pump.start()

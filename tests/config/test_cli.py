@@ -66,6 +66,7 @@ def test_redis_down(settings, tmp_path, args):
     (("dead-letters", "list", "--since", "2026-01-01T00:00:00+99:00"), {},
      ["--since must be an ISO-8601 time"]),
     (("dead-letters", "replay", "--sink", "subscription:nope"), {}, ["no subscription 'nope'"]),
+    (("dead-letters", "list", "--sink", "ghost"), {}, ["no sink 'ghost'"]),
     (("status",), {"LEADPIPE_CLAIM_IDLE_SECONDS": "9999999999999999"},
      ["LEADPIPE_CLAIM_IDLE_SECONDS", "from 1 to 1_000_000_000"]),
     (("status",), {"LEADPIPE_REDIS_TIMEOUT_SECONDS": "1e308"},

@@ -80,6 +80,9 @@ def test_sinks_pause_resume_and_dead_letter_replay(routed, worker_factory, db):
     # the sink still refuses: the replayed delivery is tried once more and dies again
     wait_for(lambda: count(db, "SELECT count(*) FROM dead_letters") == 2, what="second death")
     assert count(db, "SELECT attempts FROM deliveries WHERE sink = 'refuser'") == 2
+    listed = client.get("/api/dead-letters?sink=refuser&all=true", headers=auth()).get_json()
+    ids = [d["id"] for d in listed["dead_letters"]]
+    assert len(ids) == 2 and ids == sorted(ids, reverse=True)  # newest first
     bulk = client.post("/api/dead-letters/replay", json={"sink": "refuser"}, headers=auth())
     assert bulk.get_json() == {"replayed": 1}
     assert client.post("/api/dead-letters/replay", json={"since": "x"},

@@ -1,4 +1,4 @@
-"""/healthz and /readyz: unauthenticated, and /readyz follows Redis and Postgres."""
+"""/healthz and /readyz: unauthenticated; /readyz follows what taking webhooks needs."""
 
 from __future__ import annotations
 
@@ -8,7 +8,9 @@ import requests
 from config.local import LocalPostgres, LocalRedis, free_port
 from ingest import create_app
 from sinks.db import migrate
-from tests.conftest import ApiProcess, wait_for
+from tests.conftest import TOKEN, ApiProcess, fixture_bytes, wait_for
+
+CONVERTED = fixture_bytes("mkt-v2-converted.json")
 
 
 def test_readyz_when_all_is_well(client):
@@ -25,9 +27,11 @@ def test_readyz_reports_pending_migrations(settings, postgres_admin_url):
     dsn = postgres_admin_url.rsplit("/", 1)[0] + "/" + name
     migrate(dsn, "0001")
     client = create_app(settings.with_(database_url=dsn)).test_client()
-    response = client.get("/readyz")
-    assert response.status_code == 503
+    response = client.get("/readyz")  # webhooks are still taken: the balancer keeps the node
+    assert response.status_code == 200 and response.get_json()["status"] == "degraded"
     assert response.get_json()["checks"]["migrations"] == "failing"
+    full = client.get("/readyz?full=1")  # what a deploy script waits on
+    assert full.status_code == 503 and full.get_json()["status"] == "unavailable"
 
 
 def test_readyz_turns_unhealthy_and_back_when_redis_and_postgres_stop(settings, tmp_path):
@@ -37,22 +41,37 @@ def test_readyz_turns_unhealthy_and_back_when_redis_and_postgres_stop(settings, 
     api = ApiProcess(settings.with_(redis_url=redis_server.url, database_url=pg.url),
                      tmp_path / "api.log")
     try:
-        def status() -> int:
-            return requests.get(api.url + "/readyz", timeout=10).status_code
+        def status(query: str = "") -> int:
+            return requests.get(api.url + "/readyz" + query, timeout=10).status_code
 
         assert status() == 200
         redis_server.stop()
-        assert wait_for(lambda: status() == 503, what="not ready without Redis")
+        assert wait_for(lambda: status() == 503, what="not ready without Redis (no spool)")
         redis_server = LocalRedis(tmp_path / "redis", port=redis_server.port).start()
         wait_for(lambda: status() == 200, what="ready again")
         pg.stop()
-        wait_for(lambda: status() == 503, what="not ready without Postgres")
-        body = requests.get(api.url + "/readyz", timeout=10).json()
-        assert body["checks"]["postgres"] == "failing" and "password" not in str(body)
+        # ingest needs no Postgres: the node stays in the balancer, saying what is down
+        wait_for(lambda: status("?full=1") == 503, what="not fully ready without Postgres")
+        body = requests.get(api.url + "/readyz", timeout=10)
+        assert body.status_code == 200 and body.json()["status"] == "degraded"
+        assert body.json()["checks"]["postgres"] == "failing" and "password" not in body.text
+        answer = requests.post(f"{api.url}/webhooks/rdstation?token={TOKEN}", data=CONVERTED,
+                               headers={"Content-Type": "application/json"}, timeout=10)
+        assert answer.status_code == 202  # and so it is: taken while Postgres is down
         pg = LocalPostgres(tmp_path / "pg", port=pg.port).start()
-        wait_for(lambda: status() == 200, what="ready again")
+        wait_for(lambda: status("?full=1") == 200, what="fully ready again")
         assert requests.get(api.url + "/healthz", timeout=10).status_code == 200
     finally:
         api.stop()
         redis_server.stop()
         pg.stop()
+
+
+def test_readyz_with_a_spool_stays_ready_while_redis_is_away(settings, tmp_path):
+    dead = settings.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    with_spool = create_app(dead.with_(spool_dir=str(tmp_path / "spool"))).test_client()
+    response = with_spool.get("/readyz")  # the spool holds what Redis cannot take yet
+    assert response.status_code == 200 and response.get_json()["status"] == "degraded"
+    assert response.get_json()["checks"]["redis"] == "failing"
+    assert with_spool.get("/readyz?full=1").status_code == 503
+    assert create_app(dead).test_client().get("/readyz").status_code == 503

@@ -1,16 +1,14 @@
-"""The pump: back-pressure at the in-flight limit, and catching up with missed pause/resume."""
+"""The pump: back-pressure at the in-flight limit (sink queues: tests/workers/test_queues.py)."""
 
 from __future__ import annotations
 
 import time
 
 import redis
-import yaml
 
 from ingest.queue import GROUP, IngestStream
-from tests.conftest import count, fixture_bytes, post, wait_for
+from tests.conftest import wait_for
 from workers.app import make_celery
-from workers.control import SinkControl
 from workers.pump import Pump
 
 
@@ -49,53 +47,3 @@ def test_pump_holds_at_the_limit_and_resumes_as_batches_are_acknowledged(setting
         assert stream.depth() == 100 - 30
     finally:
         pump.stop()
-
-
-def test_a_missed_pause_or_resume_is_caught_up_within_seconds(client, settings, tmp_path,
-                                                              worker_factory, db,
-                                                              redis_client):
-    path = tmp_path / "routes.yaml"
-    path.write_text(yaml.safe_dump({
-        "sinks": {"audit": {"type": "dummy", "options": {"path": str(tmp_path / "a.jsonl")}}},
-        "routes": [{"to": ["audit"]}]}))
-    custom = settings.with_(routes_file=str(path))
-    worker_factory(custom)
-    control = SinkControl(redis_client, settings.namespace)
-    delivered = "SELECT count(*) FROM deliveries WHERE sink = 'audit' AND status = 'delivered'"
-
-    post(client, fixture_bytes("crm-deal-created.json"))
-    wait_for(lambda: count(db, delivered) == 1, what="a first delivery")
-    control.pause("audit")  # the pause set only, as if the worker missed the broadcast
-    time.sleep(7)  # one upkeep round: the worker stops consuming the sink's queue
-    post(client, fixture_bytes("crm-deal-updated-won.json"))
-    wait_for(lambda: count(db, "SELECT count(*) FROM deliveries") == 2, what="the outbox row")
-    depth = f"{settings.namespace}.sink.audit"
-    wait_for(lambda: redis_client.llen(depth) == 1, what="the task waiting in the sink's queue")
-    time.sleep(1)
-    assert count(db, delivered) == 1  # not consumed while paused
-
-    control.resume("audit")  # again without a broadcast
-    wait_for(lambda: count(db, delivered) == 2, timeout=20, what="the delivery after resume")
-
-
-def test_a_node_given_queues_never_takes_on_a_sink_queue(client, settings, tmp_path,
-                                                         worker_factory, db, redis_client):
-    # the storing/delivering split of docs/SCALING.md: the storing node must not start
-    # consuming the sinks' queues when it reconciles them with the pause set
-    path = tmp_path / "routes.yaml"
-    path.write_text(yaml.safe_dump({
-        "sinks": {"audit": {"type": "dummy", "options": {"path": str(tmp_path / "a.jsonl")}}},
-        "routes": [{"to": ["audit"]}]}))
-    custom = settings.with_(routes_file=str(path))
-    ns = settings.namespace
-    worker_factory(custom, ["--queues", f"{ns}.ingest,{ns}.default"])
-    delivered = "SELECT count(*) FROM deliveries WHERE sink = 'audit' AND status = 'delivered'"
-
-    post(client, fixture_bytes("crm-deal-created.json"))
-    wait_for(lambda: redis_client.llen(f"{ns}.sink.audit") == 1, what="the delivery task")
-    time.sleep(7)  # more than one upkeep round of the storing node's pump
-    assert redis_client.llen(f"{ns}.sink.audit") == 1
-    assert count(db, delivered) == 0
-
-    worker_factory(custom, ["--queues", f"{ns}.sink.audit"])  # a delivering node takes it
-    wait_for(lambda: count(db, delivered) == 1, timeout=20, what="the delivery")
