@@ -492,8 +492,8 @@ def _unavailable(exc: BaseException) -> str | None:
     if isinstance(exc, psycopg.errors.UndefinedTable | psycopg.errors.UndefinedColumn):
         return ("the database at LEADPIPE_DATABASE_URL is not migrated to this version of "
                 "Leadpipe: run `leadpipe migrate`")
-    if isinstance(exc, psycopg.ProgrammingError | psycopg.InterfaceError) and not isinstance(
-            exc, psycopg.errors.DatabaseError):  # the URL refused before any server answers
+    if isinstance(exc, psycopg.ProgrammingError | psycopg.InterfaceError) and getattr(
+            exc, "sqlstate", None) is None:  # libpq refused the URL before any server answered
         return (f"Postgres cannot be reached with LEADPIPE_DATABASE_URL ({type(exc).__name__}; "
                 "the message is not shown: it may hold the password)")
     if isinstance(exc, PoolTimeout | psycopg.OperationalError):

@@ -143,10 +143,11 @@ def _url(raw: str, schemes: tuple[str, ...], example: str) -> str | None:
         return None
     try:
         parts = urlsplit(value)
-        parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
-    except ValueError as exc:
-        raise ConfigError(f"not a valid URL ({exc}; the value is not shown: it may hold a "
-                          "password)") from None
+        if "," not in parts.netloc:  # libpq's host1:port1,host2:port2 has no single port
+            parts.port  # noqa: B018 - raises ValueError for a port that is not a number in range
+    except ValueError:  # its message may quote a piece of the password: not shown either
+        raise ConfigError("not a valid URL: its host or port cannot be read (the value is not "
+                          "shown: it may hold a password; URL-encode @ / ? # % in one)") from None
     if parts.scheme.lower() not in schemes:
         given = f"not one starting {parts.scheme}://" if parts.scheme else "got no scheme"
         hint = " (drop SQLAlchemy's driver suffix)" if "+" in parts.scheme else ""

@@ -39,9 +39,12 @@ class Access:
             address = ipaddress.ip_address(remote_addr or "")
         except ValueError:
             return False
+        # a dual-stack listener (--host ::) sees IPv4 clients as ::ffff:a.b.c.d: either form
+        # may be the one allowed
+        forms = [address]
         if isinstance(address, ipaddress.IPv6Address) and address.ipv4_mapped is not None:
-            address = address.ipv4_mapped  # a dual-stack listener (--host ::) sees IPv4 so
-        return any(address in network for network in self.networks)
+            forms.append(address.ipv4_mapped)
+        return any(form in network for network in self.networks for form in forms)
 
 
 def install(app: Flask, settings: Settings) -> None:

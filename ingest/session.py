@@ -23,7 +23,7 @@ from flask import Request, Response, current_app, g, request
 from itsdangerous import BadSignature, URLSafeTimedSerializer
 from werkzeug.exceptions import ServiceUnavailable
 
-from config.settings import Settings
+from config.settings import MAX_HOURS, Settings
 from ingest.auth import TokenSet
 from ingest.errors import error
 from ingest.queue import make_redis
@@ -106,7 +106,9 @@ class Sessions:
         """End the request's session for every API process (raises RedisError if it cannot)."""
         data = self._session(req.cookies.get(COOKIE))
         if data is not None:
-            self._redis.set(self._ended_key(data), b"1", ex=max(self.max_age, 1))
+            # kept as long as any session may last (not this one's length: a longer
+            # LEADPIPE_OPS_SESSION_HOURS later would make the copied cookie valid again)
+            self._redis.set(self._ended_key(data), b"1", ex=MAX_HOURS * 3600)
 
     def operator(self, req: Request) -> Operator | None:
         """The operator making this request, or None (no token, or a CSRF check that failed)."""

@@ -33,11 +33,11 @@ def parse_body(body: bytes) -> Any:
     characters dropped, lone surrogates (a name cut in the middle of an emoji) as U+FFFD."""
     try:
         data = orjson.loads(body)
-        lone = False
-    except orjson.JSONDecodeError:  # big integers, or a lone surrogate
+        odd = False
+    except orjson.JSONDecodeError:  # big integers, a lone surrogate, escaped or as raw bytes
         data = json.loads(body)
-        lone = b"\\u" in body
-    if lone or b"\\u0000" in body:
+        odd = True
+    if odd or b"\\u0000" in body:
         data = _repair(data)
     return data
 
@@ -144,7 +144,10 @@ def _payload(entry: Entry, data: dict) -> str:
     body = entry.body
     if b"\\u0000" in body or body.startswith(b"\xef\xbb\xbf") or _has_lone_surrogate(body):
         return dump(data)
-    return body.decode()
+    try:
+        return body.decode()
+    except UnicodeDecodeError:  # a surrogate sent as raw bytes (CESU-8): repaired as the rest
+        return dump(data)
 
 
 _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
@@ -152,6 +155,10 @@ _SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89a-fA-F]")
 
 def _has_lone_surrogate(body: bytes) -> bool:
     if _SURROGATE_ESCAPE.search(body) is None:  # escaped surrogates are rare: mostly one scan
+        return False
+    try:
+        body.decode("utf-8")  # invalid UTF-8 (raw surrogate bytes too) is another matter
+    except UnicodeDecodeError:
         return False
     try:
         orjson.loads(body)  # it refuses a lone one, takes a pair

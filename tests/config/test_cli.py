@@ -164,3 +164,14 @@ def test_a_broken_routing_file_is_one_line(settings, tmp_path, name, text, words
     path = tmp_path / name
     path.write_text(text)
     one_clear_line(leadpipe(settings, "routes", "check", str(path)), 2, *words)
+
+
+@pytest.mark.parametrize("url, code", [
+    ("postgresql://leadpipe:hunter2pw/x@127.0.0.1:1/x", 2),  # a "/" read as the port's end
+    ("postgresql://leadpipe:hunter2pw?x@127.0.0.1:1/x", 2),
+    ("postgresql://leadpipe:hunter2pw%zz@127.0.0.1:1/x", 1),  # libpq refuses the escape
+])
+def test_a_password_that_breaks_the_url_is_never_shown(settings, url, code):
+    result = leadpipe(settings, "quarantine", "list", LEADPIPE_DATABASE_URL=url)
+    one_clear_line(result, code, "LEADPIPE_DATABASE_URL")
+    assert "hunter2" not in result.stderr + result.stdout

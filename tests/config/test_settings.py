@@ -70,3 +70,14 @@ def test_documented_defaults_do_not_depend_on_the_machine():
 def test_a_timeout_must_be_a_finite_time(raw):
     with pytest.raises(ConfigError, match="seconds above 0"):
         Settings.from_env({"LEADPIPE_REDIS_TIMEOUT_SECONDS": raw})
+
+
+@pytest.mark.parametrize("url", [
+    "postgresql://leadpipe:p%40ss@db.example.com:5432/leadpipe?sslmode=require",
+    "postgres://db/leadpipe",
+    "postgresql:///leadpipe?host=/var/run/postgresql",
+    "postgresql://h1:5432,h2:5433/leadpipe?target_session_attrs=read-write",  # libpq's hosts
+    "postgresql://[::1]:5432/leadpipe",
+])
+def test_database_urls_libpq_takes_are_accepted(url):
+    assert Settings.from_env({"LEADPIPE_DATABASE_URL": url}).database_url == url

@@ -208,5 +208,8 @@ def test_metrics_access_by_token_or_allowed_address(settings):
     # a server listening on :: (dual stack) gives IPv4 clients as IPv4-mapped IPv6 addresses
     for peer, status in (("::ffff:127.0.0.1", 200), ("::ffff:10.1.2.3", 401), ("::1", 401)):
         assert allowed.get("/metrics", environ_base={"REMOTE_ADDR": peer}).status_code == status
+    mapped = create_app(settings.with_(metrics_allow=("::ffff:10.0.0.0/104",))).test_client()
+    for peer, status in (("::ffff:10.1.2.3", 200), ("10.1.2.3", 401), ("::ffff:11.0.0.1", 401)):
+        assert mapped.get("/metrics", environ_base={"REMOTE_ADDR": peer}).status_code == status
     elsewhere = create_app(settings.with_(metrics_allow=("10.0.0.0/8",))).test_client()
     assert elsewhere.get("/metrics").status_code == 401

@@ -10,11 +10,12 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import redis
 import requests
 import yaml
 
 from config.local import free_port
-from config.settings import Settings
+from config.settings import MAX_HOURS, Settings
 from ingest import create_app
 from tests.conftest import TOKEN, ApiProcess, count, fixture_bytes, wait_for
 
@@ -83,6 +84,11 @@ def test_session_cookie_flags_and_csrf(ops_settings):
     assert client.post("/api/sinks/audit/resume", headers={"X-CSRF-Token": csrf}).status_code == 200
     copied = cookie.split(";")[0].split("=", 1)[1]  # a copy of the cookie, kept by someone
     assert client.post("/ops/logout", headers={"X-CSRF-Token": csrf}).status_code == 204
+    ended = redis.Redis.from_url(ops_settings.redis_url)
+    (key,) = ended.keys(f"{ops_settings.namespace}:ops:signed-out:*")
+    # as long as any session may last, not this one's 12 h: a longer setting later must not
+    # bring the copied cookie back
+    assert ended.ttl(key) > MAX_HOURS * 3600 - 60
     assert client.get("/api/sinks").status_code == 401
     for elsewhere in (client, create_app(ops_settings).test_client()):  # any API process
         elsewhere.set_cookie("leadpipe_ops", copied)

@@ -160,6 +160,15 @@ def test_a_name_cut_in_the_middle_of_an_emoji_is_kept_with_a_replacement_charact
     assert payload["contact"]["name"] == "Maria \ufffd"
 
 
+def test_a_surrogate_sent_as_raw_bytes_is_kept_as_a_replacement_character_too():
+    # CESU-8: half of an emoji's pair as three raw bytes (which UTF-8 forbids), beside a pair
+    raw = fixture_bytes("mkt-v2-converted.json").replace(
+        b'"name": "Contact Name"', b'"name": "x\xed\xa0\xbd \\ud83d\\ude00"')
+    event = one(raw)
+    assert event.lead["name"] == "x\ufffd \U0001f600"
+    assert orjson.loads(event.payload)["contact"]["name"] == "x\ufffd \U0001f600"
+
+
 def test_an_escaped_backslash_before_u_d800_is_not_taken_for_a_surrogate():
     raw = fixture_bytes("mkt-v2-converted.json").replace(
         b'"name": "Contact Name"', b'"name": "C:\\\\ud800"')
