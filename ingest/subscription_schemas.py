@@ -86,10 +86,10 @@ def http_url(value: str) -> str:
         raise ValidationError(INVALID_URL)
     try:
         parts = urlsplit(value)
-        parts.port  # noqa: B018 (raises ValueError for a port that is not a number)
+        port = parts.port  # raises ValueError for a port that is not a number up to 65535
     except ValueError:
         raise ValidationError(INVALID_URL) from None
-    if not parts.hostname:
+    if not parts.hostname or port == 0:  # port 0 reaches no one
         raise ValidationError(INVALID_URL)
     return _URL_SHAPE(value)  # the scheme, and the host's and path's shape
 

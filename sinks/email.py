@@ -8,6 +8,7 @@ import smtplib
 import socket
 import ssl
 import threading
+import time
 from datetime import UTC, date, datetime
 from decimal import Decimal
 from email.message import EmailMessage
@@ -17,7 +18,7 @@ from pathlib import Path
 from typing import Any, NamedTuple, Protocol
 
 import psycopg
-from jinja2 import ChainableUndefined, TemplateError, Undefined
+from jinja2 import ChainableUndefined, TemplateError, Undefined, meta
 from jinja2.sandbox import SandboxedEnvironment
 from marshmallow import (
     RAISE,
@@ -35,16 +36,20 @@ from workers.view import view
 
 log = logging.getLogger("leadpipe.sinks.email")
 
-# The once-per-(event, recipient) ledger. The migration that owns the schema runs this text.
+# The once-per-(sink, event, recipient) ledger, as the migrations leave it (0002, 0009); a
+# `sink` of '' is a row written before sinks were told apart, which counts for every sink.
 EMAIL_SENT_DDL = """
 CREATE TABLE IF NOT EXISTS email_sent (
+    sink       text        NOT NULL DEFAULT '',
     dedup_key  text        NOT NULL,
     recipient  text        NOT NULL,
     message_id text        NOT NULL,
     sent_at    timestamptz NOT NULL DEFAULT now(),
-    PRIMARY KEY (dedup_key, recipient)
-)
+    PRIMARY KEY (sink, dedup_key, recipient)
+);
+CREATE INDEX IF NOT EXISTS email_sent_dedup_key ON email_sent (dedup_key)
 """
+MAX_MONEY_DIGITS = 20  # below 10^20, as workers.fields.Amount takes; past it, shown as given
 
 SUBJECT_SUFFIX = ".subject.j2"
 BODY_SUFFIX = ".txt.j2"
@@ -134,10 +139,14 @@ def _dash(value: Any) -> Any:
 def _money(value: Any) -> str:
     if _missing(value):
         return "-"
+    text = str(value)[:64]  # a raw field may hold anything: "1e999999999" is 1.3 GB of digits
     try:
-        return f"{Decimal(str(value)):,.2f}"
+        amount = Decimal(text)
     except ArithmeticError:
-        return str(value)
+        return text
+    if not amount.is_finite() or amount.adjusted() >= MAX_MONEY_DIGITS:  # no arithmetic yet
+        return text
+    return f"{amount:,.2f}"
 
 
 def _when(value: Any) -> str:
@@ -207,6 +216,11 @@ def resolve_templates(options: dict[str, Any]) -> dict[str, Compiled]:
                 continue
             option, source = parts[part]
             try:
+                if any(True for _ in meta.find_referenced_templates(env.parse(source))):
+                    errors.setdefault(option, {}).setdefault(event_type, {})[part] = [
+                        f"{part} template of event type {event_type!r} uses include, extends "
+                        "or import: each template must be whole (they are not loaded)"]
+                    continue
                 out[part] = env.from_string(source)
             except TemplateError as exc:
                 line = getattr(exc, "lineno", None)
@@ -252,7 +266,8 @@ class EmailOptions(Schema):
     password = fields.String(load_default=None, load_only=True)
     from_ = fields.Email(data_key="from", required=True)
     to = fields.List(fields.Email(), required=True, validate=validate.Length(min=1))
-    timeout = fields.Float(load_default=10.0, validate=validate.Range(min=0, min_inclusive=False))
+    timeout = fields.Float(load_default=10.0, validate=validate.Range(
+        min=0, max=86_400, min_inclusive=False))
     templates = fields.Dict(keys=fields.String(validate=validate.Length(min=1)),
                             values=fields.Nested(TemplatePairSchema), load_default=None)
     template_dir = fields.String(load_default=None)
@@ -282,6 +297,7 @@ class EmailOptions(Schema):
 # The ledger: which (event, recipient) pairs were already sent.
 
 class SentKey(NamedTuple):
+    sink: str  # the sink instance: two e-mail sinks each send their own message
     dedup_key: str
     recipient: str  # lower-cased
     message_id: str
@@ -305,27 +321,39 @@ class PostgresLedger:
         self._lock = threading.Lock()
 
     def seen(self, key: SentKey) -> bool:
-        return self._run("SELECT 1 FROM email_sent WHERE dedup_key = %s AND recipient = %s",
-                         (key.dedup_key, key.recipient)) is not None
+        return self._run("SELECT 1 FROM email_sent WHERE sink IN (%s, '') AND dedup_key = %s "
+                         "AND recipient = %s", (key.sink, key.dedup_key, key.recipient)) is not None
 
     def mark(self, key: SentKey) -> None:
-        self._run("INSERT INTO email_sent (dedup_key, recipient, message_id) VALUES (%s, %s, %s) "
-                  "ON CONFLICT (dedup_key, recipient) DO NOTHING",
-                  (key.dedup_key, key.recipient, key.message_id))
+        # the message is out: failing here would send it again, so try harder than a read
+        self._run("INSERT INTO email_sent (sink, dedup_key, recipient, message_id) "
+                  "VALUES (%s, %s, %s, %s) ON CONFLICT (sink, dedup_key, recipient) DO NOTHING",
+                  (key.sink, key.dedup_key, key.recipient, key.message_id), tries=4)
 
-    def _run(self, sql: str, params: tuple[str, ...]) -> Any:
+    def _run(self, sql: str, params: tuple[str, ...], tries: int = 1) -> Any:
+        """One statement; a connection found dead (Postgres restarted, an idle session ended)
+        is opened again and the statement run once more, `tries` more times after that."""
         with self._lock:
-            try:
-                if self._conn is None or self._conn.closed or self._conn.broken:
+            failures = 0
+            while True:
+                reused = self._conn is not None and not (self._conn.closed or self._conn.broken)
+                try:
+                    if not reused:
+                        self._drop()
+                        self._conn = psycopg.connect(self.dsn, autocommit=True,
+                                                     connect_timeout=self.connect_timeout)
+                    assert self._conn is not None
+                    cursor = self._conn.execute(sql, params)
+                    return cursor.fetchone() if cursor.description else None
+                except psycopg.OperationalError as exc:
                     self._drop()
-                    self._conn = psycopg.connect(self.dsn, autocommit=True,
-                                                 connect_timeout=self.connect_timeout)
-                cursor = self._conn.execute(sql, params)
-                return cursor.fetchone() if cursor.description else None
-            except psycopg.OperationalError as exc:
-                self._drop()
-                raise RetryableSinkError(
-                    f"email ledger unavailable: {type(exc).__name__}") from exc
+                    if reused:  # an old session that died: a new one says if Postgres is up
+                        continue
+                    failures += 1
+                    if failures >= tries:
+                        raise RetryableSinkError(
+                            f"email ledger unavailable: {type(exc).__name__}") from exc
+                    time.sleep(0.2 * 2 ** failures)
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -337,9 +365,11 @@ class PostgresLedger:
             self._drop()
 
 
-def message_id(dedup_key: str, recipient: str) -> str:
-    """The same (event, recipient) always gets the same Message-ID, so a resend is recognisable."""
-    digest = hashlib.sha256(f"{dedup_key}\x00{recipient.lower()}".encode()).hexdigest()
+def message_id(dedup_key: str, recipient: str, sink: str = "") -> str:
+    """The same (sink, event, recipient) always gets the same Message-ID, so a resend is
+    recognisable; two sinks' different messages for one event get different ones."""
+    text = f"{dedup_key}\x00{recipient.lower()}" + (f"\x00{sink}" if sink else "")
+    digest = hashlib.sha256(text.encode("utf-8", "surrogatepass")).hexdigest()
     return f"<{digest[:40]}@leadpipe>"
 
 
@@ -459,7 +489,7 @@ class EmailSink(Sink):
         msg["To"] = recipient
         msg["Subject"] = subject
         msg["Date"] = format_datetime(datetime.now(UTC))
-        msg["Message-ID"] = message_id(event.dedup_key, recipient)
+        msg["Message-ID"] = message_id(event.dedup_key, recipient, self.instance)
         msg["X-Leadpipe-Event-Id"] = event.id
         msg["Auto-Submitted"] = "auto-generated"  # RFC 3834: no auto-replies to this
         msg.set_content(body, cte="quoted-printable")
@@ -473,8 +503,8 @@ class EmailSink(Sink):
             return
         pending = []
         for recipient in self.options["to"]:
-            key = SentKey(event.dedup_key, recipient.lower(),
-                          message_id(event.dedup_key, recipient))
+            key = SentKey(self.instance, event.dedup_key, recipient.lower(),
+                          message_id(event.dedup_key, recipient, self.instance))
             if not self.ledger.seen(key):
                 pending.append((recipient, key))
         if not pending:

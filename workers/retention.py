@@ -135,6 +135,13 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
         quarantined = [row_id for row_id, payload in conn.execute(
             "SELECT id, payload FROM quarantine WHERE lower(payload::text) LIKE %s", (pattern,))
             if _contains(payload, address)]
+        # a delivery of theirs under way (workers.delivery.load_events holds its lock) would
+        # record its e-mail ledger rows after our delete: wait for it to end, and keep the rest
+        # from starting until we commit (they then find the delivery gone). Nothing of ours is
+        # written yet, so the ledger write it may be finishing never waits for us.
+        conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(sink || ':' || event_id, 0)) "
+                     "FROM (SELECT sink, event_id FROM deliveries WHERE event_id = ANY(%s) "
+                     "ORDER BY sink, event_id) AS theirs", (ids,)).fetchall()
         for store, sql, params in (
             ("email_sent", "DELETE FROM email_sent WHERE dedup_key = ANY(%s)", (dedup_keys,)),
             ("delivery_attempts", "DELETE FROM delivery_attempts WHERE event_id = ANY(%s)",

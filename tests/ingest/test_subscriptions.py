@@ -206,6 +206,7 @@ def test_put_reactivates_a_suspended_subscription(client, db):
     ({"url": "not a url"}, "url", "INVALID"),
     ({"url": "https://"}, "url", "INVALID"),
     ({"url": "/relative/path"}, "url", "INVALID"),
+    ({"url": "http://93.184.215.14:0/rd"}, "url", "INVALID"),  # port 0 reaches no one
     ({"url": "https://93.184.215.14/" + "a" * 2048}, "url", "TOO_LONG"),
     ({"url": "https://93.184.215.14/a\x00b"}, "url", "INVALID"),
     ({"url": "https://93.184.215.14/a\udc00"}, "url", "INVALID"),

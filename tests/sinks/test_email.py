@@ -100,7 +100,8 @@ def test_opportunity_sends_one_message_per_recipient_with_the_default_template(
         assert msg["Subject"] == "New opportunity: Maria Souza (Loja Exemplo Ltda)"
         assert msg.get_content() == OPPORTUNITY_BODY.format(event_id=event.id)
         assert msg.get_content_type() == "text/plain"
-        digest = hashlib.sha256(f"{event.dedup_key}\x00{to}".encode()).hexdigest()[:40]
+        digest = hashlib.sha256(f"{event.dedup_key}\x00{to}\x00{INSTANCE}".encode()
+                                ).hexdigest()[:40]
         assert msg["Message-ID"] == f"<{digest}@leadpipe>"
         assert msg["X-Leadpipe-Event-Id"] == event.id
         assert parsedate_to_datetime(msg["Date"]) >= before
@@ -119,6 +120,75 @@ def test_the_same_event_again_sends_nothing_more(smtp, ledger, database_url):
     again.close()
     assert len(smtp.messages) == 2
     assert smtp.connections == 1  # all recipients already sent: not even a connection
+
+
+def test_two_email_sinks_each_send_their_own_message_to_a_shared_recipient(smtp, ledger,
+                                                                            database_url):
+    event = opportunity()
+    alert = {"WEBHOOK.MARKED_OPPORTUNITY": {"subject": "Manager alert", "body": "{{ lead.name }}"}}
+    make_sink(smtp, ledger).deliver(event)
+    managers = EmailSink("mail-managers", load_options("mail-managers", "email", options(
+        smtp, templates=alert)), ledger=ledger)
+    managers.deliver(event)
+    managers.deliver(event)  # and each still once
+    subjects = sorted(m.message["Subject"] for m in smtp.messages)
+    assert subjects == ["Manager alert"] * 2 + ["New opportunity: Maria Souza (Loja Exemplo "
+                                                "Ltda)"] * 2
+    assert len({m.message["Message-ID"] for m in smtp.messages}) == 4
+    with psycopg.connect(database_url) as conn:
+        assert conn.execute("SELECT sink, count(*) FROM email_sent GROUP BY sink ORDER BY sink"
+                            ).fetchall() == [("mail-managers", 2), (INSTANCE, 2)]
+
+
+def test_a_row_from_before_sinks_were_told_apart_still_counts_for_every_sink(smtp, ledger,
+                                                                              database_url):
+    event = opportunity()
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        conn.execute("INSERT INTO email_sent (dedup_key, recipient, message_id) VALUES "
+                     "(%s, %s, '<old@leadpipe>')", (event.dedup_key, SALES[0].lower()))
+    make_sink(smtp, ledger).deliver(event)
+    assert [m.message["To"] for m in smtp.messages] == [SALES[1]]  # the first was sent before
+
+
+class _EndsTheLedgerSession(EmailSink):
+    """Postgres ends the ledger's session just as the server takes the first message (a
+    restart, a failover, an idle session killed)."""
+
+    def _send(self, smtp: Any, message: Any, recipient: str) -> None:
+        super()._send(smtp, message, recipient)
+        if not getattr(self, "ended", False):
+            self.ended = True
+            pid = self.ledger._conn.info.backend_pid
+            with psycopg.connect(self.ledger.dsn, autocommit=True) as admin:
+                admin.execute("SELECT pg_terminate_backend(%s)", (pid,))
+
+
+def test_a_ledger_session_that_dies_mid_send_sends_nothing_twice(smtp, ledger, database_url):
+    sink = _EndsTheLedgerSession(INSTANCE, load_options(INSTANCE, "email", options(smtp)),
+                                 ledger=ledger)
+    sink.deliver(opportunity())  # no error: the ledger's write went through a new session
+    assert sorted(m.message["To"] for m in smtp.messages) == sorted(SALES)
+    assert len(sent_rows(database_url)) == 2
+    make_sink(smtp, ledger).deliver(opportunity())  # a retry finds both marked
+    assert len(smtp.messages) == 2
+
+
+def test_a_money_filter_on_a_huge_raw_value_shows_it_as_given():
+    from sinks.email import _money
+
+    assert _money("1234.5") == "1,234.50"
+    assert _money("1e999999999") == "1e999999999"  # not 1.3 GB of digits
+    assert _money("x" * 1000) == "x" * 64
+    assert _money("NaN") == "NaN"
+
+
+@pytest.mark.parametrize("tag", ["{% include 'footer.j2' %}", "{% extends 'base.j2' %}",
+                                 "{% import 'macros.j2' as m %}"])
+def test_a_template_that_needs_another_file_stops_start_up(tag):
+    opts = {"host": "127.0.0.1", "from": SENDER, "to": SALES,
+            "templates": {"WEBHOOK.MARKED_OPPORTUNITY": {"subject": "x", "body": tag}}}
+    with pytest.raises(SinkConfigError, match="uses include, extends or import"):
+        load_options(INSTANCE, "email", opts)
 
 
 def test_custom_template_from_options_missing_values_render_empty(smtp, ledger):
@@ -198,6 +268,7 @@ def test_a_template_that_fails_while_rendering_is_permanent_and_sends_nothing(sm
     ({"username": "u"}, "username"),
     ({"templates": {"x": {}}}, "templates"),
     ({"templates": {"custom_type": {"subject": "only a subject"}}}, "custom_type"),
+    ({"timeout": 1e300}, "timeout"),
 ])
 def test_bad_options_stop_start_up(bad, option):
     opts = {"host": "127.0.0.1", "from": SENDER, "to": SALES, **bad}

@@ -266,3 +266,30 @@ def test_a_retry_and_a_resend_with_news_of_an_earlier_versions_lead_in_one_batch
     assert len(stored.new) == 1 and stored.duplicates == 1
     assert count(db, "SELECT count(*) FROM events") == 2
     sink.close()
+
+
+def test_migration_0009_keeps_old_ledger_rows_for_every_sink_and_goes_back(database_url, db):
+    """email_sent rows from before 0009 get sink '' (they still stop a resend by any sink);
+    after it, two sinks each have their row for one (event, recipient); 0008 again keeps one."""
+    import sqlalchemy
+    from alembic import command
+
+    from sinks.db import _alembic_config, _sqlalchemy_url, migrate
+
+    engine = sqlalchemy.create_engine(_sqlalchemy_url(database_url),
+                                      poolclass=sqlalchemy.NullPool)
+    with engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "0008")
+    db.execute("INSERT INTO email_sent (dedup_key, recipient, message_id) "
+               "VALUES ('k1', 'a@example.com', '<m1@leadpipe>')")
+    migrate(database_url)
+    assert db.execute("SELECT sink, dedup_key FROM email_sent").fetchall() == [("", "k1")]
+    for sink in ("mail-sales", "mail-managers"):
+        db.execute("INSERT INTO email_sent (sink, dedup_key, recipient, message_id) "
+                   "VALUES (%s, 'k2', 'a@example.com', '<m2@leadpipe>')", (sink,))
+    with engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "0008")
+    engine.dispose()
+    rows = db.execute("SELECT dedup_key, recipient FROM email_sent ORDER BY dedup_key").fetchall()
+    assert rows == [("k1", "a@example.com"), ("k2", "a@example.com")]
+    migrate(database_url)

@@ -225,6 +225,42 @@ def test_erase_waits_for_a_batch_redelivering_the_person_instead_of_deadlocking(
     assert mentions(db, PERSON) == {}
 
 
+def test_erase_waits_for_a_delivery_under_way_so_its_ledger_row_goes_too(runtime, database_url,
+                                                                          db):
+    """An e-mail delivery of theirs that is sending when the erasure comes writes its ledger
+    row (whose key holds the address when the contact has no uuid) after the erasure's delete,
+    unless the erasure waits for it."""
+    body = conversion(PERSON, "x", 1)
+    body["contact"]["uuid"] = None  # identity, and so the dedup key, by e-mail
+    store(runtime, entry(body))
+    event_id, dedup_key = db.execute("SELECT id, dedup_key FROM events").fetchone()
+    assert PERSON.lower() in dedup_key
+    db.execute("INSERT INTO deliveries (event_id, sink) VALUES (%s, 'mail')", (event_id,))
+    outcome: dict[str, Any] = {}
+    with psycopg.connect(database_url, autocommit=True) as deliverer:
+        deliverer.execute("SELECT pg_advisory_lock(hashtextextended('mail:' || %s, 0))",
+                          (event_id,))  # as workers.delivery.load_events does
+
+        def erase() -> None:
+            from workers import retention
+
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                outcome["erase"] = retention.erase(conn, None, PERSON)
+
+        eraser = threading.Thread(target=erase)
+        eraser.start()
+        wait_for(lambda: count(db, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type "
+                                   "= 'Lock' AND query LIKE '%%pg_advisory_xact_lock%%'"),
+                 timeout=20, what="the erasure waiting for the delivery")
+        deliverer.execute("INSERT INTO email_sent (sink, dedup_key, recipient, message_id) "
+                          "VALUES ('mail', %s, 'sales@example.com', '<m@leadpipe>')",
+                          (dedup_key,))  # the message went out: its ledger row
+        deliverer.execute("SELECT pg_advisory_unlock_all()")
+        eraser.join(30)
+    assert outcome["erase"]["email_sent"] == 1 and outcome["erase"]["deliveries"] == 1
+    assert mentions(db, PERSON) == {}
+
+
 def test_erase_through_the_operator_api(runtime, settings, db):
     store(runtime, entry(conversion(PERSON, "aaaaaaaa-0000-4000-8000-000000000001", 1)))
     client = create_app(settings.with_(admin_tokens=(ADMIN,))).test_client()
