@@ -221,7 +221,7 @@ def verify(pipe: Pipeline, dataset: Any, acked: set[int]) -> tuple[list[str], li
             ("subscriber", pipe.subscriber.applied,
              routed("d.sink = %s", subscribers.target(sub)), webhook_id),
             ("e-mail", _mailbox(pipe), routed("d.sink = 'sales-email'"),
-             lambda k: message_id(k, "sales@example.com")),
+             lambda k: message_id(k, "sales@example.com", "sales-email")),
         ]
         dead = value("SELECT count(*) FROM dead_letters")
         reasons = value("SELECT count(*) FROM dead_letters WHERE error <> ''")

@@ -262,7 +262,7 @@ def latencies(pipe: Pipeline, rows: list[list]) -> dict[str, list[float]]:
         for name, when in (
                 ("CRM", pipe.crm.first_applied.get(idempotency_key(dedup_key))),
                 ("subscriber", pipe.subscriber.first_applied.get(webhook_id(dedup_key))),
-                ("e-mail", mail.get(message_id(dedup_key, "sales@example.com")))):
+                ("e-mail", mail.get(message_id(dedup_key, "sales@example.com", "sales-email")))):
             if when is not None:
                 found[name].append(when - posted)
     return found

@@ -6,6 +6,14 @@ spooled records to the stream once Redis answers, oldest first, then empties the
 between the hand-over and the emptying hands a record over twice: its dedup key makes the second
 a counted duplicate, nothing more.
 
+Files of one spool: `spool-<pid>-<ns>.bin` (the records), `.live` beside it (a lock its
+writing process holds for as long as it writes to it: the drainer deletes an emptied file only
+once nobody holds it, whatever the process or PID namespace), and `.pos` while a drain is half
+done (how many bytes are already on the stream: Redis took the first records of a batch and
+refused the rest, e.g. out of memory). A record appended to a file that was deleted meanwhile
+(a cleaner, a person) is written again to a new file before the answer, never acknowledged
+from a file nobody will drain.
+
 Record: 4-byte length + JSON header {"i": event id, "t": received ms, "h": hint} + 4-byte length
 + the body. A write the disk cuts short is taken back (the file is truncated to where the record
 began) and the append fails, so the endpoint answers 503. Whatever the drainer cannot decode (a
@@ -44,9 +52,11 @@ def _valid_header(header: Any) -> bool:
             and (header.get("h") is None or isinstance(header["h"], str)))
 
 
-def parse(data: bytes) -> tuple[list[tuple[dict[str, Any], bytes]], int, str | None]:
+def parse(data: bytes, ends: list[int] | None = None,
+          ) -> tuple[list[tuple[dict[str, Any], bytes]], int, str | None]:
     """The well-formed records at the start of a spool file's bytes, the offset where they end,
-    and why the bytes from there on are not a record (None when there are none)."""
+    and why the bytes from there on are not a record (None when there are none). `ends`, if
+    given, gets the offset where each record ends."""
     records: list[tuple[dict[str, Any], bytes]] = []
     at = 0
     while at < len(data):
@@ -67,6 +77,8 @@ def parse(data: bytes) -> tuple[list[tuple[dict[str, Any], bytes]], int, str | N
         if end > len(data):
             return records, at, "an incomplete record at the end"
         records.append((header, data[body_at + 4:end]))
+        if ends is not None:
+            ends.append(end)
         at = end
     return records, at, None
 
@@ -125,50 +137,82 @@ class Spool:
         self.interval = interval
         self._lock = threading.Lock()
         self._fd: int | None = None
+        self._live: int | None = None  # the .live lock of the file this process writes to
         self._pid = 0
         self._drainer: threading.Thread | None = None
         self._stopping = threading.Event()
 
     def _own_fd(self) -> int:
-        if self._fd is None or self._pid != os.getpid():  # a new file after a fork
+        if self._pid != os.getpid():  # after a fork: the parent's file and lock stay its own
+            if self._pid:
+                self._retire()  # our copies only: the parent's keep its lock held
+        if self._fd is None:
             made = not self.dir.exists()
             self.dir.mkdir(parents=True, exist_ok=True)
-            path = self.dir / f"spool-{os.getpid()}-{time.time_ns()}.bin"
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
-            try:  # a record acknowledged in it must not vanish with the file on power loss
+            stem = self.dir / f"spool-{os.getpid()}-{time.time_ns()}"
+            live_path, path = stem.with_suffix(".live"), stem.with_suffix(".bin")
+            live = fd = None
+            try:  # the lock first: no drainer may take the new file for an abandoned one
+                live = os.open(live_path, os.O_RDWR | os.O_CREAT, 0o600)
+                fcntl.flock(live, fcntl.LOCK_SH)
+                fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
+                # a record acknowledged in it must not vanish with the file on power loss
                 _fsync_dir(self.dir)
                 if made:
                     _fsync_dir(self.dir.parent)
             except BaseException:
-                os.close(fd)
+                for opened in (fd, live):
+                    if opened is not None:
+                        os.close(opened)
                 path.unlink(missing_ok=True)
+                live_path.unlink(missing_ok=True)
                 raise
-            self._fd, self._pid = fd, os.getpid()
+            self._fd, self._live, self._pid = fd, live, os.getpid()
         return self._fd
+
+    def _retire(self) -> None:
+        """Stop writing to the current file (full, torn, or deleted): the next record goes to a
+        new one, and the drainer may delete this one once it is empty."""
+        for opened in (self._fd, self._live):
+            if opened is not None:
+                os.close(opened)
+        self._fd = self._live = None
 
     def append(self, event_id: str, body: bytes, hint: str | None) -> None:
         """Durably spool one body, or raise OSError with nothing of it left in the spool."""
         record = encode(event_id, time.time_ns() // 1_000_000, body, hint)
         with self._lock:
-            fd = self._own_fd()
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            kept, full = True, False
-            try:
-                start = os.fstat(fd).st_size  # the end: only lock holders write or truncate
-                try:
-                    _write_all(fd, record)
-                    os.fsync(fd)
-                except BaseException:
-                    kept = self._take_back(fd, start)
-                    raise
-                full = start + len(record) >= self.max_file_bytes
-            finally:
-                fcntl.flock(fd, fcntl.LOCK_UN)
-                # the next record goes to a new file: not behind a torn one, nor into a full one
-                if not kept or full:
-                    os.close(fd)
-                    self._fd = None
+            for _ in range(2):
+                if self._append(record):
+                    break
+            else:
+                raise OSError(errno.ENOENT, "spool files are deleted as they are written")
         self.start()
+
+    def _append(self, record: bytes) -> bool:
+        """Write and fsync one record; False if its file turned out to be deleted (the record
+        is then in no file anyone will drain: write it again)."""
+        fd = self._own_fd()
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        kept, full, linked = True, False, True
+        try:
+            start = os.fstat(fd).st_size  # the end: only lock holders write or truncate
+            try:
+                _write_all(fd, record)
+                os.fsync(fd)
+            except BaseException:
+                kept = self._take_back(fd, start)
+                raise
+            linked = os.fstat(fd).st_nlink > 0
+            full = start + len(record) >= self.max_file_bytes
+        finally:
+            fcntl.flock(fd, fcntl.LOCK_UN)
+            # the next record goes to a new file: not behind a torn one, nor into a full one
+            if not kept or full or not linked:
+                self._retire()
+        if not linked:
+            log.error("spool: the spool file was deleted while in use; writing to a new one")
+        return linked
 
     @staticmethod
     def _take_back(fd: int, start: int) -> bool:
@@ -228,7 +272,14 @@ class Spool:
                 raise
             except Exception:
                 log.exception("spool file not drained; the others are", extra={"path": str(path)})
+        self._sweep_locks()
         return moved
+
+    def _sweep_locks(self) -> None:
+        """Delete .live files left without their .bin (a crash between the two creations)."""
+        for live in self.dir.glob("spool-*.live") if self.dir.exists() else ():
+            if not live.with_suffix(".bin").exists():
+                self._unlink_if_abandoned(live, live.with_suffix(".bin"))
 
     def _drain_file(self, path: Path) -> int:
         try:
@@ -245,9 +296,11 @@ class Spool:
                 self._forget(path, fd)
                 return 0
             data = _read_all(fd, size)
-            records, end, problem = parse(data)
+            done = self._done(path, len(data))  # bytes a half-done drain already handed over
+            ends: list[int] = []
+            records, end, problem = parse(data[done:], ends)
             if problem is not None:
-                self._set_aside(path, fd, data, end, problem)
+                self._set_aside(path, fd, data, done + end, problem)
             if records:
                 pipe = self.client.pipeline(transaction=False)
                 for header, body in records:
@@ -255,7 +308,17 @@ class Spool:
                     if header.get("h"):
                         fields["h"] = header["h"]
                     pipe.xadd(self.key, fields)
-                pipe.execute()  # raises if Redis is still down: the file stays as it is
+                replies = pipe.execute(raise_on_error=False)  # raises if Redis is unreachable
+                failed = next((n for n, r in enumerate(replies) if isinstance(r, Exception)),
+                              None)
+                if failed is not None:  # Redis took the first ones only (out of memory...)
+                    if failed:
+                        self._set_done(path, done + ends[failed - 1])
+                    raise replies[failed]
+            pos = path.with_suffix(".pos")
+            if pos.exists():  # before emptying: a crash between the two re-sends, never skips
+                pos.unlink()
+                _fsync_dir(self.dir)
             os.ftruncate(fd, 0)
             os.fsync(fd)
             log.warning("spool drained", extra={"records": len(records)})
@@ -263,6 +326,28 @@ class Spool:
             return len(records)
         finally:
             os.close(fd)
+
+    def _done(self, path: Path, size: int) -> int:
+        """How many bytes of `path` a half-done drain handed over (0 if none, or if the number
+        does not fit the file: then its records go again, as duplicates the workers count)."""
+        try:
+            done = int(path.with_suffix(".pos").read_text())
+        except (FileNotFoundError, ValueError):
+            return 0
+        return done if 0 <= done <= size else 0
+
+    def _set_done(self, path: Path, done: int) -> None:
+        pos, tmp = path.with_suffix(".pos"), path.with_suffix(".pos-new")
+        tmp_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            _write_all(tmp_fd, str(done).encode())
+            os.fsync(tmp_fd)
+        finally:
+            os.close(tmp_fd)
+        os.replace(tmp, pos)
+        _fsync_dir(self.dir)
+        log.warning("spool drain half done: Redis refused the rest",
+                    extra={"path": str(path), "offset": done})
 
     def _set_aside(self, path: Path, fd: int, data: bytes, start: int, problem: str) -> None:
         """Move the bytes of `path` from `start` on (not a record) to a .bad file next to it, so
@@ -288,15 +373,29 @@ class Spool:
                          "reason": problem})
 
     def _forget(self, path: Path, fd: int) -> None:
-        """Delete an empty file nobody writes to any more: one this process has moved on from
-        (a full one), or one whose writing process is gone."""
-        mine = self._fd is not None and os.fstat(self._fd).st_ino == os.fstat(fd).st_ino \
-            if self._pid == os.getpid() else False
-        if not mine:
+        """Delete an empty file nobody writes to any more: its .live lock is free (the process
+        that wrote to it moved on or is gone, in any PID namespace)."""
+        self._unlink_if_abandoned(path.with_suffix(".live"), path)
+
+    @staticmethod
+    def _unlink_if_abandoned(live: Path, path: Path) -> None:
+        try:
+            lock = os.open(live, os.O_RDWR)
+        except FileNotFoundError:  # a file from a version without .live: its pid tells
             pid = path.name.split("-")[1]
             if (not pid.isdigit() or int(pid) == os.getpid()
                     or not Path(f"/proc/{pid}").exists()):
                 path.unlink(missing_ok=True)
+            return
+        try:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                return  # its writer holds it: it may append at any moment
+            path.unlink(missing_ok=True)
+            live.unlink(missing_ok=True)
+        finally:
+            os.close(lock)
 
     def pending(self) -> int:
         """Records waiting in the spool (for status and tests)."""

@@ -255,3 +255,80 @@ def test_a_drainer_reads_a_file_whole_even_when_one_read_returns_less(redis_url,
     monkeypatch.setattr(os, "pread", lambda fd, n, at: pread(fd, min(n, 7), at))  # as past 2 GiB
     assert spool.drain() == 5
     assert client.xlen(key) == 5 and not spool.set_aside()
+
+
+def test_a_spool_file_deleted_while_in_use_is_never_written_to_again(redis_url, tmp_path):
+    """A cleaner or a person deletes the spool file (or the whole folder) between two outages:
+    the next record must not go to the deleted file, where no drainer would ever find it."""
+    client = redis.Redis.from_url(redis_url)
+    key = f"s{time.time_ns()}"
+    spool = Spool(tmp_path / "spool", client, key, interval=3600)
+    spool.start = lambda: None  # type: ignore[method-assign]
+    spool.append("before", b'{"n": 1}', None)
+    (path,) = spool.files()
+    path.unlink()  # "before" is gone with it: acknowledged, and deleted by someone else
+    spool.append("after-file", b'{"n": 2}', None)
+    import shutil
+
+    shutil.rmtree(tmp_path / "spool")
+    spool.append("after-folder", b'{"n": 3}', None)
+    assert spool.drain() == 1
+    assert [f[b"i"] for _, f in client.xrange(key)] == [b"after-folder"]
+    assert spool.pending() == 0
+
+
+def test_an_empty_spool_file_whose_writer_lives_is_never_deleted(redis_url, tmp_path):
+    """Whether its writer is this process (a file just made, not yet in use) or one in another
+    PID namespace (a pid this one cannot see), its .live lock says it lives."""
+    import fcntl
+
+    spool = Spool(tmp_path, redis.Redis.from_url(redis_url), f"s{time.time_ns()}",
+                  interval=3600)
+    spool.start = lambda: None  # type: ignore[method-assign]
+    spool._own_fd()  # made, nothing written yet
+    unseen = 2**22 + 3  # no such pid here: a process of another container sharing the folder
+    other = tmp_path / f"spool-{unseen}-1.bin"
+    other.write_bytes(b"")
+    lock = os.open(other.with_suffix(".live"), os.O_RDWR | os.O_CREAT, 0o600)
+    fcntl.flock(lock, fcntl.LOCK_SH)
+    try:
+        spool.drain()
+        assert len(spool.files()) == 2  # neither deleted
+    finally:
+        os.close(lock)  # that process ends
+    spool.drain()
+    assert not other.exists() and not other.with_suffix(".live").exists()
+    spool.append("e1", b'{"n": 1}', None)  # ours still works and is drained
+    assert spool.drain() == 1
+
+
+def test_a_drain_redis_takes_half_of_goes_on_from_where_it_stopped(tmp_path):
+    """Out of memory, Redis takes the first records of a drain and refuses the rest: the next
+    drain sends only the rest, so no record is on the stream twice, and none is missing."""
+    server = LocalRedis(tmp_path / "redis", port=free_port()).start()
+    try:
+        client = redis.Redis.from_url(server.url)
+        key = "spool-oom"
+        spool = Spool(tmp_path / "spool", client, key, interval=3600)
+        spool.start = lambda: None  # type: ignore[method-assign]
+        bodies = [b'{"n": %d, "pad": "%s"}' % (n, b"x" * 60_000) for n in range(12)]
+        for n, body in enumerate(bodies):
+            spool.append(f"oom-{n}", body, None)
+        used = int(client.info("memory")["used_memory"])
+        client.config_set("maxmemory-policy", "noeviction")
+        client.config_set("maxmemory", used + 250_000)  # room for about four records
+        try:
+            spool.drain()
+        except redis.exceptions.OutOfMemoryError:
+            pass
+        else:
+            raise AssertionError("Redis took every record: the limit is not reached")
+        taken = client.xlen(key)
+        assert 0 < taken < len(bodies)
+        client.config_set("maxmemory", 0)
+        assert spool.drain() == len(bodies) - taken
+        assert [f[b"i"].decode() for _, f in client.xrange(key)] == [
+            f"oom-{n}" for n in range(len(bodies))]  # each once, in order
+        assert spool.pending() == 0 and not list((tmp_path / "spool").glob("*.pos"))
+    finally:
+        server.stop()
