@@ -19,7 +19,7 @@ from typing import Any, NamedTuple, Protocol
 
 import psycopg
 from jinja2 import ChainableUndefined, TemplateError, Undefined, meta
-from jinja2.sandbox import SandboxedEnvironment
+from jinja2.sandbox import ImmutableSandboxedEnvironment
 from marshmallow import (
     RAISE,
     Schema,
@@ -163,8 +163,8 @@ def _finalize(value: Any) -> Any:
     return "" if value is None else value
 
 
-def make_environment() -> SandboxedEnvironment:
-    env = SandboxedEnvironment(  # noqa: S701 (plain-text mail: nothing to escape)
+def make_environment() -> ImmutableSandboxedEnvironment:
+    env = ImmutableSandboxedEnvironment(  # noqa: S701 (plain-text mail: nothing to escape)
         autoescape=False, undefined=ChainableUndefined, finalize=_finalize)
     env.filters.update(dash=_dash, money=_money, when=_when)
     return env

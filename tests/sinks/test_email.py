@@ -252,6 +252,14 @@ def test_a_broken_template_stops_start_up_naming_sink_and_event_type(where, tmp_
     assert f"sink {INSTANCE!r}" in text and event_type in text and "does not compile" in text
 
 
+def test_a_template_cannot_change_the_event_it_renders(smtp, ledger):
+    templates = {"WEBHOOK.MARKED_OPPORTUNITY": {"subject": "{{ lead.update({'name': 'x'}) }}"}}
+    event = opportunity()
+    with pytest.raises(PermanentSinkError, match="SecurityError"):
+        make_sink(smtp, ledger, templates=templates).deliver(event)
+    assert smtp.connections == 0
+
+
 def test_a_template_that_fails_while_rendering_is_permanent_and_sends_nothing(smtp, ledger):
     templates = {"WEBHOOK.MARKED_OPPORTUNITY": {"subject": "{{ lead.email.split(1, 2, 3) }}"}}
     with pytest.raises(PermanentSinkError, match="WEBHOOK.MARKED_OPPORTUNITY") as caught:
