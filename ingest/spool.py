@@ -9,10 +9,10 @@ a counted duplicate, nothing more.
 Files of one spool: `spool-<pid>-<ns>.bin` (the records), `.live` beside it (a lock its
 writing process holds for as long as it writes to it: the drainer deletes an emptied file only
 once nobody holds it, whatever the process or PID namespace), and `.pos` while a drain is half
-done (how many bytes are already on the stream: Redis took the first records of a batch and
-refused the rest, e.g. out of memory). A record appended to a file that was deleted meanwhile
-(a cleaner, a person) is written again to a new file before the answer, never acknowledged
-from a file nobody will drain.
+done (where the records already on the stream end, and the last one's id: Redis took the first
+chunks and refused the next, e.g. out of memory; each chunk is a MULTI/EXEC, run whole or
+not). A record appended to a file that was deleted meanwhile (a cleaner, a person) is written
+again to a new file before the answer, never acknowledged from a file nobody will drain.
 
 Record: 4-byte length + JSON header {"i": event id, "t": received ms, "h": hint} + 4-byte length
 + the body. A write the disk cuts short is taken back (the file is truncated to where the record
@@ -23,6 +23,7 @@ moved aside to a `<file>.<time_ns>.bad` file next to it, logged, and the drainer
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
 import json
@@ -31,6 +32,7 @@ import os
 import struct
 import threading
 import time
+import weakref
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -110,6 +112,7 @@ def _fsync_dir(directory: Path) -> None:
 # A spool file is closed for writing once it holds this much (the next record starts a new
 # one), so a drainer reads a bounded file into memory however long Redis stays away.
 FILE_BYTES = 64 * 1024 * 1024
+CHUNK = 100  # records a drain hands over in one MULTI/EXEC
 
 
 def _read_all(fd: int, size: int) -> bytes:
@@ -129,9 +132,10 @@ class Spool:
     """This process' spool file, and the drainer that empties every spool file of the folder."""
 
     def __init__(self, directory: str | Path, client: redis.Redis, stream_key: str,
-                 interval: float = 1.0, max_file_bytes: int = FILE_BYTES):
+                 interval: float = 1.0, max_file_bytes: int = FILE_BYTES, chunk: int = CHUNK):
         self.dir = Path(directory)
         self.max_file_bytes = max_file_bytes
+        self.chunk = chunk
         self.client = client
         self.key = stream_key
         self.interval = interval
@@ -141,12 +145,24 @@ class Spool:
         self._pid = 0
         self._drainer: threading.Thread | None = None
         self._stopping = threading.Event()
+        ref = weakref.ref(self)
+        os.register_at_fork(after_in_child=lambda: (spool := ref()) and spool._after_fork())
+
+    def _after_fork(self) -> None:
+        """In a forked child: the parent's file and lock stay the parent's. Runs before the
+        child can reuse a descriptor number, so closing our copies closes nothing else."""
+        inherited, self._fd, self._live = (self._fd, self._live), None, None
+        self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._drainer = None
+        for fd in inherited:
+            if fd is not None:
+                with contextlib.suppress(OSError):
+                    os.close(fd)
 
     def _own_fd(self) -> int:
-        if self._pid != os.getpid():  # after a fork: the parent's file and lock stay its own
-            if self._pid:
-                self._retire()  # our copies only: the parent's keep its lock held
-        if self._fd is None:
+        if self._pid != os.getpid():  # forked: _after_fork closed what was the parent's
+            self._fd = self._live = None
+        while self._fd is None:
             made = not self.dir.exists()
             self.dir.mkdir(parents=True, exist_ok=True)
             stem = self.dir / f"spool-{os.getpid()}-{time.time_ns()}"
@@ -155,6 +171,9 @@ class Spool:
             try:  # the lock first: no drainer may take the new file for an abandoned one
                 live = os.open(live_path, os.O_RDWR | os.O_CREAT, 0o600)
                 fcntl.flock(live, fcntl.LOCK_SH)
+                if os.fstat(live).st_nlink == 0:  # a sweep took it for a leftover meanwhile
+                    os.close(live)
+                    continue
                 fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_APPEND, 0o600)
                 # a record acknowledged in it must not vanish with the file on power loss
                 _fsync_dir(self.dir)
@@ -276,10 +295,16 @@ class Spool:
         return moved
 
     def _sweep_locks(self) -> None:
-        """Delete .live files left without their .bin (a crash between the two creations)."""
-        for live in self.dir.glob("spool-*.live") if self.dir.exists() else ():
+        """Delete .live files left without their .bin (a crash between the two creations), and
+        .pos marks left without theirs."""
+        if not self.dir.exists():
+            return
+        for live in self.dir.glob("spool-*.live"):
             if not live.with_suffix(".bin").exists():
                 self._unlink_if_abandoned(live, live.with_suffix(".bin"))
+        for mark in (*self.dir.glob("spool-*.pos"), *self.dir.glob("spool-*.pos-new")):
+            if not mark.with_suffix(".bin").exists():
+                mark.unlink(missing_ok=True)
 
     def _drain_file(self, path: Path) -> int:
         try:
@@ -293,61 +318,69 @@ class Spool:
                 return 0  # another process is draining it, or its writer is writing
             size = os.fstat(fd).st_size
             if not size:
+                path.with_suffix(".pos").unlink(missing_ok=True)
                 self._forget(path, fd)
                 return 0
             data = _read_all(fd, size)
-            done = self._done(path, len(data))  # bytes a half-done drain already handed over
             ends: list[int] = []
-            records, end, problem = parse(data[done:], ends)
+            records, end, problem = parse(data, ends)
+            done = self._done(path, records, ends)  # records a half-done drain handed over
             if problem is not None:
-                self._set_aside(path, fd, data, done + end, problem)
-            if records:
-                pipe = self.client.pipeline(transaction=False)
-                for header, body in records:
-                    fields: dict[str, Any] = {"i": header["i"], "t": header["t"], "b": body}
-                    if header.get("h"):
-                        fields["h"] = header["h"]
-                    pipe.xadd(self.key, fields)
-                replies = pipe.execute(raise_on_error=False)  # raises if Redis is unreachable
-                failed = next((n for n, r in enumerate(replies) if isinstance(r, Exception)),
-                              None)
-                if failed is not None:  # Redis took the first ones only (out of memory...)
-                    if failed:
-                        self._set_done(path, done + ends[failed - 1])
-                    raise replies[failed]
+                self._set_aside(path, fd, data, end, problem)
+            sent = done
+            try:
+                for first in range(done, len(records), self.chunk):
+                    # MULTI/EXEC: Redis runs a chunk whole or, refusing one command (out of
+                    # memory), none of it; so what is on the stream is always a prefix
+                    pipe = self.client.pipeline(transaction=True)
+                    for header, body in records[first:first + self.chunk]:
+                        fields: dict[str, Any] = {"i": header["i"], "t": header["t"], "b": body}
+                        if header.get("h"):
+                            fields["h"] = header["h"]
+                        pipe.xadd(self.key, fields)
+                    pipe.execute()
+                    sent = min(first + self.chunk, len(records))
+            except redis.RedisError:
+                if sent > done:  # the next drain starts after them, not at the head again
+                    self._set_done(path, records[sent - 1][0]["i"], ends[sent - 1])
+                raise
             pos = path.with_suffix(".pos")
             if pos.exists():  # before emptying: a crash between the two re-sends, never skips
                 pos.unlink()
                 _fsync_dir(self.dir)
             os.ftruncate(fd, 0)
             os.fsync(fd)
-            log.warning("spool drained", extra={"records": len(records)})
+            log.warning("spool drained", extra={"records": len(records) - done})
             self._forget(path, fd)
-            return len(records)
+            return len(records) - done
         finally:
             os.close(fd)
 
-    def _done(self, path: Path, size: int) -> int:
-        """How many bytes of `path` a half-done drain handed over (0 if none, or if the number
-        does not fit the file: then its records go again, as duplicates the workers count)."""
+    @staticmethod
+    def _done(path: Path, records: list[tuple[dict[str, Any], bytes]], ends: list[int]) -> int:
+        """How many records of `path` a half-done drain handed over: its .pos names the byte
+        where they end and the last one's event id. A mark that does not fit the file as it is
+        (emptied and written again, by another version or a person) counts for nothing: its
+        records go again, as duplicates the workers count, never skipped."""
         try:
-            done = int(path.with_suffix(".pos").read_text())
+            offset, event_id = path.with_suffix(".pos").read_text().split(" ", 1)
+            count = ends.index(int(offset)) + 1
         except (FileNotFoundError, ValueError):
             return 0
-        return done if 0 <= done <= size else 0
+        return count if records[count - 1][0]["i"] == event_id else 0
 
-    def _set_done(self, path: Path, done: int) -> None:
+    def _set_done(self, path: Path, event_id: str, offset: int) -> None:
         pos, tmp = path.with_suffix(".pos"), path.with_suffix(".pos-new")
         tmp_fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
-            _write_all(tmp_fd, str(done).encode())
+            _write_all(tmp_fd, f"{offset} {event_id}".encode())
             os.fsync(tmp_fd)
         finally:
             os.close(tmp_fd)
         os.replace(tmp, pos)
         _fsync_dir(self.dir)
         log.warning("spool drain half done: Redis refused the rest",
-                    extra={"path": str(path), "offset": done})
+                    extra={"path": str(path), "offset": offset})
 
     def _set_aside(self, path: Path, fd: int, data: bytes, start: int, problem: str) -> None:
         """Move the bytes of `path` from `start` on (not a record) to a .bad file next to it, so

@@ -15,7 +15,7 @@ import time
 import redis
 
 from config.local import LocalRedis, free_port
-from ingest.spool import Spool, decode, encode
+from ingest.spool import Spool, decode, encode, parse
 from tests.conftest import ROOT, TOKEN, ApiProcess, count, wait_for
 from tests.support.load import SteadyLoad
 
@@ -309,14 +309,14 @@ def test_a_drain_redis_takes_half_of_goes_on_from_where_it_stopped(tmp_path):
     try:
         client = redis.Redis.from_url(server.url)
         key = "spool-oom"
-        spool = Spool(tmp_path / "spool", client, key, interval=3600)
+        spool = Spool(tmp_path / "spool", client, key, interval=3600, chunk=2)
         spool.start = lambda: None  # type: ignore[method-assign]
         bodies = [b'{"n": %d, "pad": "%s"}' % (n, b"x" * 60_000) for n in range(12)]
         for n, body in enumerate(bodies):
             spool.append(f"oom-{n}", body, None)
         used = int(client.info("memory")["used_memory"])
         client.config_set("maxmemory-policy", "noeviction")
-        client.config_set("maxmemory", used + 250_000)  # room for about four records
+        client.config_set("maxmemory", used + 500_000)  # room for a few records
         try:
             spool.drain()
         except redis.exceptions.OutOfMemoryError:
@@ -324,7 +324,7 @@ def test_a_drain_redis_takes_half_of_goes_on_from_where_it_stopped(tmp_path):
         else:
             raise AssertionError("Redis took every record: the limit is not reached")
         taken = client.xlen(key)
-        assert 0 < taken < len(bodies)
+        assert 0 < taken < len(bodies) and taken % 2 == 0  # whole chunks only: MULTI/EXEC
         client.config_set("maxmemory", 0)
         assert spool.drain() == len(bodies) - taken
         assert [f[b"i"].decode() for _, f in client.xrange(key)] == [
@@ -332,3 +332,57 @@ def test_a_drain_redis_takes_half_of_goes_on_from_where_it_stopped(tmp_path):
         assert spool.pending() == 0 and not list((tmp_path / "spool").glob("*.pos"))
     finally:
         server.stop()
+
+
+def test_a_half_done_mark_that_does_not_fit_the_file_skips_nothing(redis_url, tmp_path):
+    """A .pos left by a drain of what the file held before (emptied and written again by a
+    drainer of another version, or by a person) must not skip the records it holds now."""
+    client = redis.Redis.from_url(redis_url)
+    for n, stale in enumerate(("{end} before-0", "999999 now-0", "garbage")):
+        key = f"s{time.time_ns()}"
+        spool = Spool(tmp_path / str(n), client, key, interval=3600)
+        spool.start = lambda: None  # type: ignore[method-assign]
+        for k in range(3):
+            spool.append(f"now-{k}", b'{"n": %d}' % k, None)
+        (path,) = spool.files()
+        ends: list[int] = []
+        parse(path.read_bytes(), ends)
+        path.with_suffix(".pos").write_text(stale.format(end=ends[0]))  # a boundary, not its id
+        assert spool.drain() == 3, stale
+        assert [f[b"i"] for _, f in client.xrange(key)] == [b"now-0", b"now-1", b"now-2"]
+        assert not list((tmp_path / str(n)).glob("*.pos"))
+    # and one that fits is followed: the first record is not sent again
+    spool = Spool(tmp_path / "fits", client, key := f"s{time.time_ns()}", interval=3600)
+    spool.start = lambda: None  # type: ignore[method-assign]
+    for k in range(3):
+        spool.append(f"now-{k}", b'{"n": %d}' % k, None)
+    (path,) = spool.files()
+    ends = []
+    parse(path.read_bytes(), ends)
+    path.with_suffix(".pos").write_text(f"{ends[0]} now-0")
+    assert spool.drain() == 2
+    assert [f[b"i"] for _, f in client.xrange(key)] == [b"now-1", b"now-2"]
+
+
+def test_a_forked_child_spools_to_a_file_of_its_own_and_leaves_the_parents_alone(redis_url,
+                                                                                 tmp_path):
+    client = redis.Redis.from_url(redis_url)
+    key = f"s{time.time_ns()}"
+    spool = Spool(tmp_path, client, key, interval=3600)
+    spool.start = lambda: None  # type: ignore[method-assign]
+    spool.append("parent-1", b"{}", None)
+    pid = os.fork()
+    if pid == 0:  # the child: a file of its own; exit code 0 if that worked
+        code = 1
+        try:
+            spool.append("child-1", b"{}", None)
+            code = 0 if spool._fd is not None and len(spool.files()) == 2 else 3
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.waitstatus_to_exitcode(status) == 0
+    spool.append("parent-2", b"{}", None)  # still its own file, lock held
+    assert spool.drain() == 3
+    assert sorted(f[b"i"] for _, f in client.xrange(key)) == [b"child-1", b"parent-1",
+                                                               b"parent-2"]
+    assert len(spool.files()) == 1  # the child's, emptied and abandoned, is gone; ours stays
