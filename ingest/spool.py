@@ -11,8 +11,9 @@ writing process holds for as long as it writes to it: the drainer deletes an emp
 once nobody holds it, whatever the process or PID namespace), and `.pos` while a drain is half
 done (where the records already on the stream end, and the last one's id: Redis took the first
 chunks and refused the next, e.g. out of memory; each chunk is a MULTI/EXEC, run whole or
-not). A record appended to a file that was deleted meanwhile (a cleaner, a person) is written
-again to a new file before the answer, never acknowledged from a file nobody will drain.
+not). A record appended to a file that was deleted or moved meanwhile (a cleaner, a person)
+is written again to a new file before the answer, never acknowledged from a file nobody will
+drain.
 
 Record: 4-byte length + JSON header {"i": event id, "t": received ms, "h": hint} + 4-byte length
 + the body. A write the disk cuts short is taken back (the file is truncated to where the record
@@ -142,6 +143,7 @@ class Spool:
         self._lock = threading.Lock()
         self._fd: int | None = None
         self._live: int | None = None  # the .live lock of the file this process writes to
+        self._path: Path | None = None  # where that file must still be for a drainer to find it
         self._pid = 0
         self._drainer: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -186,8 +188,15 @@ class Spool:
                 path.unlink(missing_ok=True)
                 live_path.unlink(missing_ok=True)
                 raise
-            self._fd, self._live, self._pid = fd, live, os.getpid()
+            self._fd, self._live, self._pid, self._path = fd, live, os.getpid(), path
         return self._fd
+
+    def _in_place(self, fd: int) -> bool:
+        """Is the file still where the drainers look: not deleted, nor moved with its folder?"""
+        try:
+            return os.stat(self._path).st_ino == os.fstat(fd).st_ino if self._path else False
+        except FileNotFoundError:
+            return False
 
     def _retire(self) -> None:
         """Stop writing to the current file (full, torn, or deleted): the next record goes to a
@@ -222,7 +231,7 @@ class Spool:
             except BaseException:
                 kept = self._take_back(fd, start)
                 raise
-            linked = os.fstat(fd).st_nlink > 0
+            linked = self._in_place(fd)
             full = start + len(record) >= self.max_file_bytes
         finally:
             fcntl.flock(fd, fcntl.LOCK_UN)
@@ -230,7 +239,8 @@ class Spool:
             if not kept or full or not linked:
                 self._retire()
         if not linked:
-            log.error("spool: the spool file was deleted while in use; writing to a new one")
+            log.error("spool: the spool file was deleted or moved while in use; writing to a "
+                      "new one")
         return linked
 
     @staticmethod

@@ -272,8 +272,10 @@ def test_a_spool_file_deleted_while_in_use_is_never_written_to_again(redis_url, 
 
     shutil.rmtree(tmp_path / "spool")
     spool.append("after-folder", b'{"n": 3}', None)
-    assert spool.drain() == 1
-    assert [f[b"i"] for _, f in client.xrange(key)] == [b"after-folder"]
+    (tmp_path / "spool").rename(tmp_path / "spool.old")  # moved aside with what it holds
+    spool.append("after-move", b'{"n": 4}', None)
+    assert spool.drain() == 1  # the configured folder: a new file there
+    assert [f[b"i"] for _, f in client.xrange(key)] == [b"after-move"]
     assert spool.pending() == 0
 
 
