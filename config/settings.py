@@ -7,6 +7,8 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, fields, replace
 from typing import Any
 
+from config.inputs import BIGINT_MAX
+
 PREFIX = "LEADPIPE_"
 
 
@@ -37,9 +39,6 @@ def as_positive_int(raw: str) -> int:
     if not 0 < value <= MAX_WHOLE:
         raise ConfigError(f"expected a number from 1 to {MAX_WHOLE:_}, got {raw!r}")
     return value
-
-
-BIGINT_MAX = 2**63 - 1
 
 
 def as_account_id(raw: str) -> int:

@@ -26,7 +26,6 @@ from werkzeug.exceptions import ServiceUnavailable
 from config.settings import MAX_HOURS, Settings
 from ingest.auth import TokenSet
 from ingest.errors import error
-from ingest.queue import make_redis
 
 log = logging.getLogger("leadpipe.ops")
 
@@ -50,7 +49,7 @@ class Operator:
 class Sessions:
     """Issues and checks the /ops session cookie and the operator behind a request."""
 
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, client: redis.Redis):
         self.tokens = TokenSet(settings.admin_tokens)
         self.fingerprints = [fingerprint(t) for t in settings.admin_tokens if t]
         key = settings.ops_session_key or hmac.new(
@@ -60,7 +59,7 @@ class Sessions:
         self.max_age = settings.ops_session_hours * 3600
         self.always_secure = settings.ops_secure_cookie
         self._ended_prefix = f"{settings.namespace}:ops:signed-out:"
-        self._redis = make_redis(settings.redis_url or "", timeout=2, retries=0)
+        self._redis = client  # the app's own (no retries: an outage answers at once)
 
     def sign_in(self, token: str | None) -> tuple[str, str] | None:
         """(cookie value, CSRF token) for a valid admin token, else None."""
@@ -141,7 +140,8 @@ def sessions() -> Sessions:
     """This app's Sessions, made on first use from its settings."""
     found = current_app.extensions.get("leadpipe.sessions")
     if found is None:
-        found = Sessions(current_app.extensions["leadpipe"].settings)
+        ext = current_app.extensions["leadpipe"]
+        found = Sessions(ext.settings, ext.stream.client)
         current_app.extensions["leadpipe.sessions"] = found
     return found
 

@@ -329,7 +329,7 @@ class Spool:
             size = os.fstat(fd).st_size
             if not size:
                 path.with_suffix(".pos").unlink(missing_ok=True)
-                self._forget(path, fd)
+                self._forget(path)
                 return 0
             data = _read_all(fd, size)
             ends: list[int] = []
@@ -361,7 +361,7 @@ class Spool:
             os.ftruncate(fd, 0)
             os.fsync(fd)
             log.warning("spool drained", extra={"records": len(records) - done})
-            self._forget(path, fd)
+            self._forget(path)
             return len(records) - done
         finally:
             os.close(fd)
@@ -415,7 +415,7 @@ class Spool:
                   extra={"path": str(path), "moved_to": str(bad), "offset": start,
                          "reason": problem})
 
-    def _forget(self, path: Path, fd: int) -> None:
+    def _forget(self, path: Path) -> None:
         """Delete an empty file nobody writes to any more: its .live lock is free (the process
         that wrote to it moved on or is gone, in any PID namespace)."""
         self._unlink_if_abandoned(path.with_suffix(".live"), path)
