@@ -207,7 +207,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
     from workers.routing import load
 
     if args.action == "check":
-        routing = load(args.file)
+        routing = load(args.file, _settings().visibility_timeout_seconds)
         print(f"{args.file}: OK: {len(routing.sinks)} sink(s), {len(routing.routes)} route(s)")
         for spec in routing.sinks.values():
             rate = f", rate {spec.rate[0]}/{spec.rate[1]:g}s" if spec.rate else ""
@@ -230,7 +230,7 @@ def _explain(fixture: str, routes_file: str | None, hint: str | None) -> int:
     from workers.normalize import normalize
     from workers.routing import load
 
-    routing = load(routes_file)
+    routing = load(routes_file, _settings().visibility_timeout_seconds)
     body = Path(fixture).read_bytes()
     print(f"routing: {routing.source}")
     for item in normalize(Entry("explain", "explain", int(time.time() * 1000), body, hint)):

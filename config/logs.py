@@ -66,10 +66,13 @@ class JsonFormatter(logging.Formatter):
 
 
 def setup(level: str = "INFO", log_pii: bool = False) -> None:
-    """JSON lines on stderr for the whole process (the root logger's only handler)."""
+    """JSON lines on stderr for the whole process (the root logger's only handler); urllib3
+    logs nothing below WARNING, whatever the level."""
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(JsonFormatter(log_pii))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level)
+    # urllib3's DEBUG lines hold each request line: URLs with lead keys (an e-mail, encoded)
+    logging.getLogger("urllib3").setLevel(max(logging.WARNING, root.level))
     logging.captureWarnings(True)  # warnings too become JSON lines, not bare text on stderr

@@ -9,15 +9,22 @@ from typing import Any
 PII_KEYS = frozenset({"email", "lead_email", "email_lead", "lead_name", "phone", "lead_phone",
                       "mobile_phone", "personal_phone", "recipient"})
 PHONE_KEYS = ("mobile_phone", "personal_phone", "phone")
-EMAIL_RE = re.compile(r"\w[\w.!#$%&'*+/=?^`{|}~-]*@[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
+# "@" or its percent-encoding "%40" (no letters in it, so no case to mind): a URL that holds a
+# lead key such as email:<address>, as urllib3 logs it at DEBUG
+EMAIL_RE = re.compile(r"\w[\w.!#$%&'*+/=?^`{|}~-]*(?:@|%40)[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
+_AT = re.compile(r"@|%40")
 # an international number (+55 11 91234-5678) or one with an area code in brackets
 PHONE_RE = re.compile(r"\+\d[\d ().-]{6,}\d|\(\d{2,3}\)[\d .-]{6,}\d")
 
 
 def mask_email(value: str) -> str:
-    """maria.souza@example.com.br -> m***@***.br: enough to tell two apart, not to write."""
-    local, _, domain = value.partition("@")
-    return f"{local[:1]}***@***.{domain.rsplit('.', 1)[-1]}" if domain else "***"
+    """maria.souza@example.com.br -> m***@***.br: enough to tell two apart, not to write (the
+    percent-encoded maria%40example.com.br -> m***%40***.br)."""
+    parts = _AT.split(value, maxsplit=1)
+    if len(parts) < 2 or not parts[1]:
+        return "***"
+    at = _AT.search(value).group()  # type: ignore[union-attr]
+    return f"{parts[0][:1]}***{at}***.{parts[1].rsplit('.', 1)[-1]}"
 
 
 def mask_phone(value: str) -> str:
@@ -43,7 +50,7 @@ def mask_value(key: str, value: Any) -> Any:
         value = str(value)
     if not isinstance(value, str) or not value:
         return value
-    if "email" in key or "@" in value:
+    if "email" in key or _AT.search(value):
         return mask_email(value)
     if "phone" in key:
         return mask_phone(value)
@@ -52,7 +59,7 @@ def mask_value(key: str, value: Any) -> Any:
 
 def mask_text(text: str) -> str:
     """Free text (a log message, an error, a quarantine reason) with e-mails and phones masked."""
-    if "@" in text:
+    if "@" in text or "%" in text:
         text = EMAIL_RE.sub(lambda m: mask_email(m.group()), text)
     if "+" in text or "(" in text:
         text = PHONE_RE.sub(lambda m: mask_phone(m.group()), text)

@@ -256,7 +256,9 @@ class Settings:
     )
     visibility_timeout_seconds: int = setting(
         "VISIBILITY_TIMEOUT_SECONDS", as_positive_int, 12 * 3600,
-        "Celery's Redis visibility timeout; longer than the longest retry delay.",
+        "Celery's Redis visibility timeout: a task unacknowledged this long is handed out "
+        "again. It must outlast every wait between two delivery rounds (a subscription's "
+        "longest is 25920 s); start-up refuses a shorter one.",
     )
     routes_file: str | None = setting(
         "ROUTES_FILE", as_optional_str, None,

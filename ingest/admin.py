@@ -167,5 +167,5 @@ def erase() -> Response:
             touched = retention.erase(conn, runtime.stream, email)
     except ValueError as exc:
         return error(400, "INVALID", str(exc))
-    current_app.logger.info("erasure done", extra={"touched": touched})  # no address logged
+    _audit("erasure done", touched=touched)  # the operator, never the address
     return _json({"erased": touched})

@@ -183,7 +183,7 @@ def why_not_public(address: IPAddress) -> str | None:
     return None
 
 
-def _lookup(resolver: Resolver, host: str, port: int, timeout: float | None) -> list:
+def lookup(resolver: Resolver, host: str, port: int, timeout: float | None) -> list:
     """resolver(host, port) answered within `timeout` seconds (None: however long it takes).
 
     getaddrinfo cannot be interrupted, so a bounded lookup runs in a thread of its own, left to
@@ -223,7 +223,7 @@ def _resolve(host: str, port: int, resolver: Resolver,
             return [(literal, socket.AF_INET6, (host, port, 0, 0))]
         return [(literal, socket.AF_INET, (host, port))]
     try:
-        infos = _lookup(resolver, host, port, timeout)
+        infos = lookup(resolver, host, port, timeout)
     except UnicodeError as exc:
         raise Unresolved(f"The host {host} could not be resolved ({exc}).", False) from None
     except socket.gaierror as exc:

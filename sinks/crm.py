@@ -177,10 +177,11 @@ class CrmSink(Sink):
     """PUT {base_url}{path}/{key} per lead or deal event, with a JSON body built from `mapping`.
 
     The key is the event's entity key, URL-quoted: a lead's uuid, else its legacy id, else its
-    e-mail (event.entity_id); a deal's RD id. Body: `mapping` in order, each value the view path's
-    value through workers.view.jsonable; paths that are absent or null are left out, so a field an
-    event does not carry never blanks the CRM's value. Encoding: sinks.http.json_body (json.dumps,
-    separators "," and ":", UTF-8). Events with neither a lead nor a deal are not for this sink.
+    e-mail (event.entity_id); a deal's RD id (a key of dots only is a PermanentSinkError). Body:
+    `mapping` in order, each value the view path's value through workers.view.jsonable; paths
+    that are absent or null are left out, so a field an event does not carry never blanks the
+    CRM's value. Encoding: sinks.http.json_body (json.dumps, separators "," and ":", UTF-8).
+    Events with neither a lead nor a deal are not for this sink.
     An event whose lead or deal a newer event has changed since is not sent (latest_state_only).
     """
 
@@ -215,6 +216,11 @@ class CrmSink(Sink):
             return None
         if key is None or str(key) == "":
             raise PermanentSinkError(f"{self.label}: the {kind} has no key to address it by")
+        if not str(key).strip("."):
+            # "." and ".." are dot segments that URL normalisation drops, so the PUT would reach
+            # the collection or above; %2E does not help (requests decodes it back to ".")
+            raise PermanentSinkError(f"{self.label}: the {kind} key {str(key)!r} is only dots, "
+                                     "which a URL path cannot address")
         url = f"{self.options['base_url']}{path}/{quote(str(key), safe='')}"
         headers = {
             "Content-Type": "application/json",

@@ -499,7 +499,9 @@ class EmailSink(Sink):
 
     def deliver(self, event: Event) -> None:
         rendered = self.render(event)
-        if rendered is None:
+        if rendered is None:  # done as far as this sink goes, said so in the log
+            log.info("email %s: no template for event type %s; event %s not sent",
+                     self.instance, event.event_type, event.id)
             return
         pending = []
         for recipient in self.options["to"]:

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import re
 import time
@@ -129,7 +130,7 @@ _SECONDS = re.compile(r"[0-9]{1,20}")  # ASCII digits only: str.isdigit() takes 
 
 def send(session: requests.Session, method: str, url: str, *, body: bytes,
          headers: Mapping[str, str], timeout: float, label: str,
-         retry_any_status: bool = False) -> requests.Response:
+         retry_any_status: bool = False, deadline: Deadline | None = None) -> requests.Response:
     """Make exactly one request; return the answer if it is 2xx, else raise the sink error.
 
     - 2xx: returned.
@@ -141,18 +142,26 @@ def send(session: requests.Session, method: str, url: str, *, body: bytes,
 
     `timeout` bounds the whole request (a `Deadline`), not only each read; the answer counts once
     its status line and headers are in: its body (at most MAX_ANSWER_BYTES read) only has until
-    the same deadline, and a body that is late or broken changes nothing.
+    the same deadline, and a body that is late or broken changes nothing. With `deadline` (one
+    the caller entered before `timeout` began to run out, e.g. for a name lookup), the request
+    has only what is left of it.
 
     Messages hold `label`, the status and a short reason only: never the URL (an entity key may be
     an e-mail), the body or what the destination answered, so they are safe to log.
     """
-    with Deadline(timeout) as deadline:
+    with contextlib.ExitStack() as stack:
+        if deadline is None:
+            deadline = stack.enter_context(Deadline(timeout))
+        late = f"{label}: no answer within {timeout:g} s"
+        left = deadline.remaining()
+        if left <= 0:
+            raise RetryableSinkError(late)
         try:
             response = session.request(method, url, data=body, headers=dict(headers),
-                                       timeout=timeout, allow_redirects=False, stream=True)
+                                       timeout=left, allow_redirects=False, stream=True)
         except requests.RequestException as exc:
             if deadline.expired or isinstance(exc, requests.Timeout):
-                raise RetryableSinkError(f"{label}: no answer within {timeout:g} s") from None
+                raise RetryableSinkError(late) from None
             if isinstance(exc, requests.ConnectionError | requests.exceptions.ChunkedEncodingError
                           | requests.exceptions.ContentDecodingError):
                 raise RetryableSinkError(

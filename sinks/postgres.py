@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Collection, Sequence
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -14,8 +14,8 @@ from psycopg_pool import PoolTimeout
 
 from sinks.base import RetryableSinkError, Sink
 from workers.events import Event, Rejected
-from workers.normalize import claimed_type, dump, lead_hash, legacy_key_before
-from workers.retention import email_digest, erased_key
+from workers.normalize import claimed_type, dump, lead_hash, legacy_key_before, parse_body
+from workers.retention import DOMAIN_PART, ERASURE_TURN, LOCAL_PART, email_digest, erased_key
 
 LEAD_COLUMNS = (
     "uuid", "legacy_id", "email", "name", "company", "job_title", "mobile_phone",
@@ -125,6 +125,8 @@ _EVENTS_SQL = """
 """
 # (the same event id is this batch stored again: a retry after a failure that came after its
 # commit, or entries claimed from a worker that died before acknowledging them; not news)
+# shared with every other storing batch, exclusive while an erasure records itself
+_ERASURE_TURN_SQL = f"SELECT pg_advisory_xact_lock_shared({ERASURE_TURN})"
 _QUARANTINE_SQL = """
     INSERT INTO quarantine (id, received_at, reason, event_type_hint, payload)
     SELECT * FROM unnest(%b::text[], %b::timestamptz[], %b::text[], %b::text[], %b::jsonb[])
@@ -215,7 +217,11 @@ def transient(exc: BaseException) -> bool:
 
 def store(conn: psycopg.Connection, events: Sequence[Event],
           rejected: Sequence[Rejected], route: Router | None = None) -> Stored:
-    """The batch write itself, inside the caller's transaction."""
+    """The batch write itself, inside the caller's transaction (which must not have taken
+    any lock before: `leadpipe erase` waits for the storing under way, and new storing waits
+    behind it)."""
+    if events:  # first: it decides which erasures the batch's check below sees
+        conn.execute(_ERASURE_TURN_SQL)
     events = _as_stored_before(conn, events)
     result = Stored()
     unique: dict[str, Event] = {}
@@ -272,7 +278,8 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
 def _as_stored_before(conn: psycopg.Connection, events: Sequence[Event]) -> Sequence[Event]:
     """The events, those of them an earlier version stored under its older legacy key (without
     the lead's hash) with the same lead taking that key again: a redelivery across an upgrade
-    is then the duplicate it was before (counted by the upsert), not a second event."""
+    is then the duplicate it was before (counted by the upsert), not a second event. A body
+    purged since keeps that hash (workers.retention.purged_marker)."""
     older: dict[str, list[Event]] = {}
     for e in events:
         if old := legacy_key_before(e.dedup_key):
@@ -281,13 +288,21 @@ def _as_stored_before(conn: psycopg.Connection, events: Sequence[Event]) -> Sequ
         return events
     for old, payload in conn.execute(
             "SELECT dedup_key, payload FROM events WHERE dedup_key = ANY(%s)", (list(older),)):
-        leads = payload.get("leads") if isinstance(payload, dict) else None
-        if isinstance(leads, list) and leads:
-            same = ":" + lead_hash(leads[0])
+        if same := _stored_lead_hash(payload):
             for e in older[old]:
-                if e.dedup_key.endswith(same):
+                if e.dedup_key.endswith(":" + same):
                     e.dedup_key = old
     return events
+
+
+def _stored_lead_hash(payload: Any) -> str | None:
+    """The lead hash of a stored legacy body, or of the purged one's marker."""
+    if not isinstance(payload, dict):
+        return None
+    if isinstance(payload.get("lead_hash"), str):
+        return payload["lead_hash"]
+    leads = payload.get("leads")
+    return lead_hash(leads[0]) if isinstance(leads, list) and leads else None
 
 
 def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
@@ -320,8 +335,7 @@ def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
     if recent is not None:  # rare: only then is every body read for addresses
         for event in batch:
             if event.received_at <= recent:
-                named[event.dedup_key] = {email_digest(a) for a in _ADDRESSES.findall(
-                    event.payload.lower())}
+                named[event.dedup_key] = {email_digest(a) for a in _addresses(event.payload)}
         wanted = set().union(*named.values()) - set(erased_at)
         if wanted:
             erased_at.update(conn.execute(
@@ -337,8 +351,28 @@ def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
     return gone
 
 
-# what `leadpipe erase` takes for an address in a body: the whole of one, never a part
-_ADDRESSES = re.compile(r"[a-z0-9.!#$%&'*+/=?^_`{|}~\-]+@[a-z0-9-]+(?:\.[a-z0-9-]+)+")
+# what `leadpipe erase` takes for an address in a body: the whole of one, never a part, with
+# its letters past ASCII (found in lower-cased text, as `erase` lower-cases the address)
+_ADDRESSES = re.compile(rf"{LOCAL_PART}+@{DOMAIN_PART}+(?:\.{DOMAIN_PART}+)+")
+
+
+def _addresses(payload: str) -> list[str]:
+    """Every address in a body, lower-cased; JSON escapes ("jo\\u00e3o") spelled out first."""
+    if "\\u" in payload:
+        payload = "\n".join(_strings(parse_body(payload.encode())))
+    return _ADDRESSES.findall(payload.lower())
+
+
+def _strings(value: Any) -> Iterator[str]:
+    if isinstance(value, str):
+        yield value
+    elif isinstance(value, dict):
+        for key, item in value.items():
+            yield key
+            yield from _strings(item)
+    elif isinstance(value, list):
+        for item in value:
+            yield from _strings(item)
 
 
 def _outbox(conn: psycopg.Connection, result: Stored, route: Router) -> None:

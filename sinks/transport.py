@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import contextvars
 import heapq
+import ipaddress
 import itertools
 import os
 import socket
@@ -34,6 +35,8 @@ from urllib3.poolmanager import PoolManager
 from urllib3.util.connection import allowed_gai_family
 from urllib3.util.timeout import Timeout
 
+from ingest import ssrf
+
 if TYPE_CHECKING:
     from ingest.ssrf import Target
 
@@ -48,8 +51,8 @@ class Deadline:
 
     Connections made or used in the block (by this thread, through a `new_session` session)
     are shut down once `seconds` have passed, which ends a read or write blocked on them with an
-    error; `deadline.expired` then says the time was up. Connecting is bounded by what is left.
-    Name resolution (getaddrinfo) is not: it cannot be interrupted."""
+    error; `deadline.expired` then says the time was up. Connecting, name resolution included,
+    is bounded by what is left."""
 
     def __init__(self, seconds: float):
         self.seconds = seconds
@@ -101,6 +104,14 @@ class Deadline:
             watched = list(self._watched)
         for dup in watched:
             _shut(dup)
+
+
+def _is_address(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host.split("%", 1)[0])  # an IPv6 literal may carry a zone
+    except ValueError:
+        return False
+    return True
 
 
 def _shut(sock: socket.socket) -> None:
@@ -174,12 +185,8 @@ class _Connecting:
         if self.pinned is not None:
             candidates = list(self.pinned)
         else:
-            try:
-                candidates = [(info[0], info[4]) for info in socket.getaddrinfo(
-                    self._dns_host, self.port, allowed_gai_family(),  # type: ignore[attr-defined]
-                    socket.SOCK_STREAM)]
-            except socket.gaierror as exc:
-                raise NameResolutionError(self.host, self, exc) from exc  # type: ignore
+            assert deadline is not None  # neither pinned nor under a deadline: urllib3's own
+            candidates = self._resolve(deadline)
         error: OSError | None = None
         for family, sockaddr in candidates:
             wait = timeout
@@ -210,6 +217,30 @@ class _Connecting:
                 self, f"Connection to {self.host} timed out.") from error  # type: ignore
         raise NewConnectionError(  # type: ignore[arg-type]
             self, f"Failed to establish a new connection: {error}") from error
+
+    def _resolve(self, deadline: Deadline) -> list[tuple[int, Any]]:
+        """(family, socket address) of each address of the host, looked up within what is left
+        of the deadline: getaddrinfo cannot be interrupted, so a lookup that outlasts it is left
+        to finish in a thread of its own (ingest.ssrf.lookup) and the connection times out."""
+        host = self._dns_host  # type: ignore[attr-defined]
+
+        def getaddrinfo(name: str, port: int, type: int = socket.SOCK_STREAM) -> list:
+            return socket.getaddrinfo(name, port, allowed_gai_family(), type)
+
+        left = deadline.remaining()
+        try:
+            if _is_address(host):  # a literal needs no resolver, nor a thread
+                infos = getaddrinfo(host, self.port)  # type: ignore[attr-defined]
+            elif left <= 0:
+                raise ssrf.Unresolved("no time left to resolve the host", True)
+            else:
+                infos = ssrf.lookup(getaddrinfo, host, self.port, left)  # type: ignore
+        except socket.gaierror as exc:
+            raise NameResolutionError(self.host, self, exc) from exc  # type: ignore
+        except ssrf.Unresolved as exc:
+            raise ConnectTimeoutError(  # type: ignore[arg-type]
+                self, f"Resolving {self.host} timed out.") from exc  # type: ignore
+        return [(info[0], info[4]) for info in infos]
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         deadline = _current.get()
@@ -288,10 +319,22 @@ def new_session(pin: Target | None = None) -> requests.Session:
 
     With `pin` (an `ingest.ssrf.Target`), the session calls only `pin.host` and `pin.port`, and
     connects only to `pin.addresses` (unless they are None: an allow-listed name, resolved as
-    usual); call `pin.url`. Every session honours the `Deadline` its caller sets."""
+    usual); call `pin.url`. Every session honours the `Deadline` its caller sets.
+
+    The host's environment adds nothing (requests' trust_env is off): no credentials from
+    ~/.netrc or $NETRC (they would replace the CRM's auth header and reach every subscriber), no
+    HTTP(S)_PROXY. A CA bundle named by REQUESTS_CA_BUNDLE or CURL_CA_BUNDLE is still trusted
+    for https (a CRM behind a private CA), as requests itself would."""
     session = requests.Session()
+    session.trust_env = False
+    session.verify = _ca_bundle() or True
     session.headers["User-Agent"] = USER_AGENT
     adapter = _Adapter(pin)
     session.mount("http://", adapter)
     session.mount("https://", adapter)
     return session
+
+
+def _ca_bundle() -> str | None:
+    """The CA bundle requests would read from the environment (trust, never credentials)."""
+    return os.environ.get("REQUESTS_CA_BUNDLE") or os.environ.get("CURL_CA_BUNDLE") or None

@@ -22,7 +22,7 @@ from sinks.http import (
     send,
     timeout_field,
 )
-from sinks.transport import new_session
+from sinks.transport import Deadline, new_session
 from workers.events import Event
 from workers.normalize import parse_body
 from workers.rdshape import COMPANY, CONTACT_FUNNEL, rd_body
@@ -148,21 +148,27 @@ class WebhookSink(Sink):
         return data, headers
 
     def deliver(self, event: Event) -> int | None:
-        url = self.options["url"]
-        if self.allow is not None:
-            try:  # the URL was checked when subscribed; its DNS may point elsewhere now
-                target = ssrf.check_url(url, self.allow, timeout=self.options["timeout"])
-            except ssrf.Unresolved as exc:  # a resolver's bad moment, or a name that lapsed:
-                raise RetryableSinkError(f"{self.label}: {exc}") from None  # the rounds decide
-            except ssrf.Refused as exc:  # for operators (dead letters): where the name pointed
-                detail = f" ({exc.detail})" if exc.detail else ""
-                raise PermanentSinkError(f"{self.label}: refused: {exc}{detail}") from None
-            self._pin(target)
-            url = target.url
-        data, headers = self.request(event)
-        return send(self.session, "POST", url, body=data, headers=headers,
-                    timeout=self.options["timeout"], label=f"{self.label} POST",
-                    retry_any_status=self.options["retry_any_status"]).status_code
+        url, timeout = self.options["url"], self.options["timeout"]
+        with Deadline(timeout) as deadline:  # the lookup and the request share `timeout`
+            if self.allow is not None:
+                try:  # the URL was checked when subscribed; its DNS may point elsewhere now
+                    target = ssrf.check_url(url, self.allow, timeout=deadline.remaining())
+                except ssrf.Unresolved as exc:  # a resolver's bad moment, or a name that
+                    # lapsed: retried, the rounds decide; out of time, it is the sink's timeout
+                    if deadline.remaining() <= 0:
+                        raise RetryableSinkError(f"{self.label} POST: no answer within "
+                                                 f"{timeout:g} s (resolving the host)") from None
+                    raise RetryableSinkError(f"{self.label}: {exc}") from None
+                except ssrf.Refused as exc:  # for operators (dead letters): where it pointed
+                    detail = f" ({exc.detail})" if exc.detail else ""
+                    raise PermanentSinkError(f"{self.label}: refused: {exc}{detail}") from None
+                self._pin(target)
+                url = target.url
+            data, headers = self.request(event)
+            return send(self.session, "POST", url, body=data, headers=headers,
+                        timeout=timeout, label=f"{self.label} POST",
+                        retry_any_status=self.options["retry_any_status"],
+                        deadline=deadline).status_code
 
     def _pin(self, target: ssrf.Target) -> None:
         """Connect only to the addresses just checked: a session pinned to them, kept (with its

@@ -256,6 +256,30 @@ def test_sigkill_during_deliveries_still_delivers_each_once_in_effect(
     assert len(keys) - len(set(keys)) <= 2  # at most the ones in flight at the kill went twice
 
 
+def test_a_task_the_relay_took_for_lost_while_it_waited_in_its_queue_does_nothing(
+        client, settings, tmp_path, crm, worker_factory, db):
+    """Deliveries waiting in the sink's queue longer than LEADPIPE_RELAY_AFTER_SECONDS (no node
+    consumed it) are sent again by the relay; when a node then takes both the waiting tasks and
+    the relayed ones, each delivery is tried once per round, not once per task (two chains)."""
+    crm.set_default(Reply(503))
+    custom = configure(settings, tmp_path, crm, quick_retries=1, retry_schedule=[600],
+                       circuit_breaker={"failures": 100, "cooldown": 1}
+                       ).with_(relay_after_seconds=1)
+    worker_factory(custom, ["--queues", f"{custom.ingest_queue},{custom.namespace}.default"])
+    for n in range(3):
+        post(client, opportunity(n))
+    wait_for(lambda: count(db, "SELECT count(*) FROM deliveries WHERE dispatch IS NOT NULL")
+             == 3, timeout=30, what="the relay sending the three deliveries again")
+    # one process: the tasks run one after the other, as behind a backlog (two at once would
+    # find each other's lock and could not show a second chain)
+    worker_factory(custom, ["--queues", f"{custom.namespace}.sink.crm", "--concurrency", "1"])
+    wait_for(lambda: len(crm.requests) >= 3, what="the first round")
+    time.sleep(2)  # time for the other three tasks to run (and, if they sent, to be seen)
+    assert len(crm.requests) == 3
+    assert db.execute("SELECT attempts, count(*) FROM deliveries GROUP BY attempts"
+                      ).fetchall() == [(1, 3)]
+
+
 # --- a late, older event never undoes newer state in the CRM -------------------------------------
 
 def deal_update(status: str, when: str, tx: str) -> bytes:

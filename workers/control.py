@@ -57,9 +57,12 @@ class SinkControl:
         # two-key command (DEL when the circuit closes) is cluster-safe
         return f"{self.ns}:circuit:{{{sink}}}"
 
-    def circuit_wait(self, sink: str, cooldown: float) -> float:
+    def circuit_wait(self, sink: str, cooldown: float, caller: str = "") -> float:
         """0 when a call may go (closed, or this caller is the one half-open probe), else the
-        seconds until the next probe may be tried."""
+        seconds until the next probe may be tried.
+
+        `caller` names the task asking: the probe is taken in its name, so the task that holds
+        it may ask again (after a send that did not tell whether the sink is up) and go on."""
         open_until = self.client.hget(self._circuit(sink), "open_until")
         if open_until is None:
             return 0.0
@@ -67,8 +70,10 @@ class SinkControl:
         if remaining > 0:
             return remaining
         # half-open: one probe at a time
-        if self.client.set(f"{self._circuit(sink)}:probe", 1, nx=True,
-                           px=int(cooldown * 1000)):
+        probe = f"{self._circuit(sink)}:probe"
+        if self.client.set(probe, caller or 1, nx=True, px=int(cooldown * 1000)):
+            return 0.0
+        if caller and self.client.get(probe) == caller.encode():
             return 0.0
         return max(0.5, cooldown / 4)
 

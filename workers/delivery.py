@@ -6,6 +6,7 @@ import contextlib
 import logging
 import random
 import time
+import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
@@ -19,7 +20,7 @@ from sinks.base import PermanentSinkError, Sink
 from sinks.postgres import state_row, superseded
 from workers.events import Event
 from workers.normalize import normalize
-from workers.routing import SinkSpec
+from workers.routing import MAX_JITTER, SinkSpec
 
 log = logging.getLogger("leadpipe.delivery")
 
@@ -52,12 +53,14 @@ def _lock_key(sink: str, event_id: str) -> str:
     return f"{sink}:{event_id}"
 
 
-def load_events(conn: psycopg.Connection, sink: str,
-                event_ids: list[str]) -> tuple[list[Event], list[str], dict[str, str]]:
+def load_events(conn: psycopg.Connection, sink: str, event_ids: list[str],
+                dispatch: str | None = None) -> tuple[list[Event], list[str], dict[str, str]]:
     """Pending deliveries of `sink` among `event_ids`, rebuilt from the stored raw events.
 
     Each is first locked for this session (`release` unlocks; Postgres does if the process
-    dies), then checked to be still pending, so two tasks never deliver one event at once.
+    dies), then checked to be still pending and still the task's (`dispatch`: the relay's name
+    for the task it sent, None for the first one), so two tasks never deliver one event at once
+    and a task the relay took for lost cannot start a second chain of rounds.
     Returns the events, the ids this session now holds locks for, and the stored events the
     current code no longer reads as an event (id -> why). An event keeps its stored dedup key
     (the idempotency key its sinks were given), whatever the key the code would make today.
@@ -70,7 +73,8 @@ def load_events(conn: psycopg.Connection, sink: str,
             "SELECT e.id, e.event_type, e.entity_id, e.received_at, e.dedup_key, e.payload::text "
             "FROM deliveries d JOIN events e ON e.id = d.event_id "
             "WHERE d.sink = %s AND d.event_id = ANY(%s) AND d.status = 'pending' "
-            "ORDER BY e.received_at, e.id", (sink, locked)).fetchall()
+            "AND d.dispatch IS NOT DISTINCT FROM %s "
+            "ORDER BY e.received_at, e.id", (sink, locked, dispatch)).fetchall()
         events: list[Event] = []
         unreadable: dict[str, str] = {}
         for event_id, event_type, entity_id, received_at, dedup_key, payload in rows:
@@ -250,9 +254,9 @@ class Health(Protocol):
 
 
 def run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any, event_ids: list[str],
-        round_: int, health: Health | None = None) -> Plan:
+        round_: int, health: Health | None = None, dispatch: str | None = None) -> Plan:
     """One round of deliveries to one sink; tells the task what to schedule next."""
-    events, locked, unreadable = load_events(conn, spec.name, event_ids)
+    events, locked, unreadable = load_events(conn, spec.name, event_ids, dispatch)
     try:
         dead = sum(_dead(conn, event_id, spec.name, None,
                          f"stored event no longer readable by this version: {why}")
@@ -279,7 +283,9 @@ class Bookkeeping:
     The successes reach the circuit breaker and the target's health (a Redis command and a
     Postgres statement that change nothing while all is well) right after a failure or at a
     task's first success (a half-open probe closes the circuit at once), otherwise at most
-    every SIGNAL_SECONDS.
+    every SIGNAL_SECONDS. A permanent refusal the target answered (a 422 for one bad lead)
+    shows it is up: it closes the circuit as a success does, though it is no success for the
+    target's health.
     """
 
     def __init__(self, conn: psycopg.Connection, sink: str, control: Any,
@@ -299,7 +305,11 @@ class Bookkeeping:
                 "id": t.event_id, "sink": self.sink, "ok": t.outcome == "delivered",
                 "started": t.started, "ms": t.seconds * 1000, "outcome": t.outcome,
                 "status": t.status, "error": t.error})
-        if tries[-1].outcome != "delivered":
+        last = tries[-1]
+        if last.outcome == "permanent" and last.status is not None:
+            self.control.circuit_success(self.sink)  # rare: no need to space these out
+            self.signal_now = True  # the next success still reaches the health
+        elif last.outcome != "delivered":
             self.signal_now = True
         elif self.signal_now or time.monotonic() - self.signalled >= SIGNAL_SECONDS:
             if self.health is not None:
@@ -336,6 +346,7 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
     waits: list[float] = []
     failed: list[tuple[Event, BaseException]] = []
     deadline = time.monotonic() + TASK_BUDGET_SECONDS
+    caller = uuid.uuid4().hex  # the name this task takes a half-open circuit's probe in
     check_circuit = True  # at the start, after each failure, and every SIGNAL_SECONDS
     checked = time.monotonic()
     for n, event in enumerate(events):
@@ -344,7 +355,7 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
             break
         if check_circuit or time.monotonic() - checked >= SIGNAL_SECONDS:
             check_circuit, checked = False, time.monotonic()
-            blocked = control.circuit_wait(spec.name, spec.circuit_cooldown)
+            blocked = control.circuit_wait(spec.name, spec.circuit_cooldown, caller)
             if blocked > 0:  # the sink is known down: do not hammer it, back off as a whole
                 rest = events[n:]
                 failed += [(e, RuntimeError("circuit open")) for e in rest]
@@ -397,7 +408,7 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
                       f"{exc}")
                 plan.dead += 1
         else:
-            base = spec.retry_schedule[round_] * random.uniform(0.8, 1.2)  # noqa: S311 (jitter)
+            base = spec.retry_schedule[round_] * random.uniform(2 - MAX_JITTER, MAX_JITTER)  # noqa: S311
             plan.retry_ids = [e.id for e, _ in failed] + plan.retry_ids
             plan.countdown = max([base, plan.countdown, *waits])
             plan.next_round = round_ + 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from datetime import datetime
 from typing import Any
@@ -112,7 +113,8 @@ def replay(runtime: Runtime, ids: list[int] | None = None, sink: str | None = No
                     "WHERE id = ANY(%s) AND replayed_at IS NULL RETURNING event_id, sink",
                     (chunk,)).fetchall()
                 moved = conn.execute(
-                    "UPDATE deliveries d SET status = 'pending', dispatched_at = now() "
+                    "UPDATE deliveries d SET status = 'pending', dispatched_at = now(), "
+                    "dispatch = NULL "
                     "FROM unnest(%s::text[], %s::text[]) AS t(event_id, sink) "
                     "WHERE d.event_id = t.event_id AND d.sink = t.sink AND d.status = 'dead' "
                     "RETURNING d.event_id, d.sink",
@@ -157,22 +159,28 @@ def _target(runtime: Runtime, sink: str) -> bool:
 
 def relay(runtime: Runtime, limit: int = 1000) -> int:
     """Dispatch pending deliveries whose task was lost (a crash between commit and publish, or
-    a worker killed holding it); paused sinks keep theirs in their queue."""
+    a worker killed holding it); paused sinks keep theirs in their queue.
+
+    A task only waiting in a long queue looks lost too: the relay gives the deliveries it sends
+    a new dispatch name, and the task it took for lost finds them no longer its own (see
+    `delivery.load_events`), so each delivery has one chain of rounds at a time."""
+    dispatch = uuid.uuid4().hex
     with runtime.pool.connection() as conn, conn.transaction():
         rows = conn.execute(
-            "UPDATE deliveries SET dispatched_at = now() WHERE (event_id, sink) IN ("
+            "UPDATE deliveries SET dispatched_at = now(), dispatch = %s "
+            "WHERE (event_id, sink) IN ("
             "  SELECT event_id, sink FROM deliveries WHERE status = 'pending' "
             "  AND dispatched_at < now() - make_interval(secs => %s) AND sink <> ALL(%s) "
             "  ORDER BY dispatched_at LIMIT %s FOR UPDATE SKIP LOCKED) "
             "RETURNING event_id, sink",
-            (runtime.settings.relay_after_seconds, sorted(runtime.control.paused()),
+            (dispatch, runtime.settings.relay_after_seconds, sorted(runtime.control.paused()),
              limit)).fetchall()
     by_sink: dict[str, list[str]] = {}
     for event_id, sink in rows:
         by_sink.setdefault(sink, []).append(event_id)
     for sink, event_ids in by_sink.items():
         if _target(runtime, sink):
-            runtime.publish(sink, event_ids)
+            runtime.publish(sink, event_ids, dispatch=dispatch)
     return len(rows)
 
 

@@ -4,15 +4,17 @@ from __future__ import annotations
 
 import hashlib
 import re
+import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
+import orjson
 import psycopg
 from psycopg.types.json import Jsonb
 
 from config.settings import Settings
 from ingest.queue import IngestStream
-from workers.normalize import parse_body
+from workers.normalize import lead_hash, legacy_key_before, parse_body
 
 BATCH = 5000
 PURGED = '{"purged": true}'
@@ -21,16 +23,20 @@ Progress = Callable[[str, int], None]
 
 # (store, setting, statement); each statement changes at most %(batch)s rows per transaction,
 # skipping rows another transaction holds, so ingest and deliveries never wait on a purge.
+# The events' statement only picks (and locks) the rows: _purge_payloads empties them, keeping
+# what a redelivery under an earlier version's key is matched by (sinks.postgres._as_stored_before).
 _PURGES = (
-    ("events.payload", "retain_payload_days", f"""
-        UPDATE events SET payload = '{PURGED}'::jsonb, purged_at = now() WHERE id IN (
-          SELECT e.id FROM events e
+    ("events.payload", "retain_payload_days", """
+          SELECT e.id, e.dedup_key,
+                 CASE WHEN e.dedup_key LIKE 'legacy:%%' AND e.dedup_key NOT LIKE 'legacy:hash:%%'
+                      AND e.dedup_key !~ ':[^:]{16}$' THEN e.payload->'leads'->0 END
+          FROM events e
           WHERE e.received_at < now() - make_interval(days => %(days)s) AND e.purged_at IS NULL
             AND NOT EXISTS (SELECT 1 FROM deliveries d
                             WHERE d.event_id = e.id AND d.status = 'pending')
             AND NOT EXISTS (SELECT 1 FROM dead_letters l
                             WHERE l.event_id = e.id AND l.replayed_at IS NULL)
-          LIMIT %(batch)s FOR UPDATE SKIP LOCKED)"""),
+          LIMIT %(batch)s FOR UPDATE SKIP LOCKED"""),
     ("quarantine", "retain_quarantine_days", """
         DELETE FROM quarantine WHERE id IN (
           SELECT id FROM quarantine WHERE received_at < now() - make_interval(days => %(days)s)
@@ -65,13 +71,37 @@ def purge(conn: psycopg.Connection, settings: Settings, progress: Progress | Non
             continue
         done[store] = 0
         while True:
-            n = conn.execute(sql, {"days": days, "batch": batch}).rowcount
+            if store == "events.payload":
+                n = _purge_payloads(conn, sql, days, batch)
+            else:
+                n = conn.execute(sql, {"days": days, "batch": batch}).rowcount
             done[store] += n
             if progress:
                 progress(store, done[store])
             if n < batch:
                 break
     return done
+
+
+def purged_marker(dedup_key: str, lead: Any) -> str:
+    """What a purged body becomes: `{"purged": true}`, and for a legacy event stored under an
+    earlier version's key (no lead hash in it) that hash, never the lead itself."""
+    if (isinstance(lead, dict) and dedup_key.startswith("legacy:")
+            and not dedup_key.startswith("legacy:hash:")
+            and legacy_key_before(dedup_key) is None):
+        return orjson.dumps({"purged": True, "lead_hash": lead_hash(lead)}).decode()
+    return PURGED
+
+
+def _purge_payloads(conn: psycopg.Connection, pick: str, days: int, batch: int) -> int:
+    with conn.transaction():
+        rows = conn.execute(pick, {"days": days, "batch": batch}).fetchall()
+        if rows:
+            conn.execute(
+                "UPDATE events SET payload = p.payload, purged_at = now() "
+                "FROM unnest(%s::text[], %s::jsonb[]) AS p(id, payload) WHERE events.id = p.id",
+                ([r[0] for r in rows], [purged_marker(key, lead) for _, key, lead in rows]))
+    return len(rows)
 
 
 def email_digest(email: str) -> str:
@@ -85,18 +115,35 @@ def erased_key(dedup_key: str) -> str:
 
 
 _EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
-# What may stand right before an address inside a longer one (RFC 5322's local-part characters)
-_LOCAL_PART = r"[a-z0-9.!#$%&'*+/=?^_`{|}~\-]"
+# The characters of an address, Unicode letters and digits included (\w): what may stand
+# right before one inside a longer one (RFC 5322's local-part characters), and in a domain.
+# sinks.postgres finds the addresses of a body with the same classes.
+LOCAL_PART = r"[\w.!#$%&'*+/=?^`{|}~\-]"
+DOMAIN_PART = r"[\w\-]"
+
+# The turn of storing and erasing (an advisory lock key): every storing transaction holds it
+# shared from its start (sinks.postgres.store), an erasure takes it alone for as long as it
+# takes to record itself, so each batch either ended before the erasure (whose deletions then
+# find what it stored) or checks for erasures after it (and drops the person's bodies).
+ERASURE_TURN = "hashtextextended('leadpipe:erasure-turn', 0)"
+# How long recording an erasure waits for the batches under way before it lets the others go
+# on and tries again: storing waits behind it meanwhile.
+_TURN_WAIT = "1s"
+_TURN_TRIES = 30
+_TURN_PAUSE = 1.0
 
 
 def _address(email: str) -> re.Pattern[str]:
     """The address as a whole, in lower-cased text: "Ana <ana@x.com>" and "mailto:ana@x.com"
     mention ana@x.com; "joana@x.com" and "ana@x.com.br" are other people."""
-    return re.compile(rf"(?<!{_LOCAL_PART}){re.escape(email)}(?![a-z0-9_\-]|\.[a-z0-9])")
+    return re.compile(rf"(?<!{LOCAL_PART}){re.escape(email)}(?!{DOMAIN_PART}|\.\w)")
 
 
 def _like(text: str) -> str:
-    return "%" + text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_") + "%"
+    """A LIKE pattern for text holding `text`, whatever Postgres' lower() makes of letters past
+    ASCII (nothing, under the C locale): they match anything, Python then checks the match."""
+    escaped = text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+    return "%" + re.sub(r"[^\x00-\x7f]+", "%", escaped) + "%"
 
 
 def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> dict[str, int]:
@@ -108,12 +155,48 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
     still a duplicate and brings nothing back; a body received before the erasure and still on
     its way is dropped when its batch is stored (see `sinks.postgres`). A body is theirs when
     one of its strings holds the whole address (any case), never a longer one around it.
-    """
-    from sinks.postgres import lock_leads  # here: sinks.postgres imports this module
 
+    Two transactions: the erasure is recorded first (so every batch stored from then on drops
+    their bodies), then the rows are changed. Should the second fail, running it again
+    finishes the work. `conn` must not be inside a transaction.
+    """
     email = email.strip().lower()
     if not _EMAIL.match(email):
         raise ValueError("expected one e-mail address")
+    if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
+        raise RuntimeError("erase needs a connection outside any transaction")
+    return _remove(conn, stream, email, _record(conn, email))
+
+
+def _record(conn: psycopg.Connection, email: str) -> int:
+    """Record the erasure, at the time it takes the turn alone (clock_timestamp(), not the
+    transaction's start): the batches under way have then ended, those after it see it."""
+    for attempt in range(_TURN_TRIES):
+        try:
+            with conn.transaction():
+                conn.execute(f"SET LOCAL lock_timeout = '{_TURN_WAIT}'")
+                conn.execute(f"SELECT pg_advisory_xact_lock({ERASURE_TURN})")
+                row = conn.execute(
+                    "INSERT INTO erasures (email_sha256, erased_at) "
+                    "VALUES (%s, clock_timestamp()) RETURNING id", (email_digest(email),)
+                ).fetchone()
+                assert row is not None
+                return int(row[0])
+        except psycopg.errors.LockNotAvailable:
+            # a batch under way waits on something slow (another erasure's lead locks): let
+            # the batches queued behind us go on, and try again
+            if attempt + 1 == _TURN_TRIES:
+                raise
+            time.sleep(_TURN_PAUSE)
+    raise AssertionError("unreachable")
+
+
+def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
+            erasure: int) -> dict[str, int]:
+    """Change every row (and stream entry) of the person, in one transaction that ends by
+    writing what it touched into the erasure's record (`{}` until then)."""
+    from sinks.postgres import lock_leads  # here: sinks.postgres imports this module
+
     pattern, address = _like(email), _address(email)
     touched: dict[str, int] = {}
     with conn.transaction():
@@ -159,8 +242,7 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
         touched["stream"] = 0
         if stream is not None:
             touched["stream"] = erase_from_stream(stream, email)
-        conn.execute("INSERT INTO erasures (email_sha256, touched) VALUES (%s, %s)",
-                     (email_digest(email), Jsonb(touched)))
+        conn.execute("UPDATE erasures SET touched = %s WHERE id = %s", (Jsonb(touched), erasure))
     return touched
 
 
@@ -184,13 +266,14 @@ def _entries(stream: IngestStream, chunk: int = 1000) -> Iterator[tuple[str, byt
 
 
 def _mentions(body: bytes, email: str) -> bool:
-    if email.encode() not in body.lower() and b"\\u" not in body:
+    text = body.decode("utf-8", "replace").lower()  # str.lower: "JOÃO" is "joão" too
+    if email not in text and "\\u" not in text:
         return False  # JSON escapes can spell the address without its bytes appearing as such
     address = _address(email)
     try:
         return _contains(parse_body(body), address)
     except ValueError:  # not JSON after all: look at its text as it is
-        return address.search(body.decode("utf-8", "replace").lower()) is not None
+        return address.search(text) is not None
 
 
 def _contains(value: Any, address: re.Pattern[str]) -> bool:

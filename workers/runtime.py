@@ -75,7 +75,7 @@ class Runtime:
 
     @cached_property
     def routing(self) -> Routing:
-        return load(self.settings.routes_file)
+        return load(self.settings.routes_file, self.settings.visibility_timeout_seconds)
 
     @cached_property
     def metrics(self) -> Recorder:
@@ -132,17 +132,28 @@ class Runtime:
             old[1].close()
 
     def publish(self, sink: str, event_ids: list[str], round_: int = 0,
-                countdown: float = 0.0) -> None:
-        """Queue deliveries to one sink, in chunks, on that sink's own queue."""
+                countdown: float = 0.0, dispatch: str | None = None) -> None:
+        """Queue deliveries to one sink, in chunks, on that sink's own queue (`dispatch`: the
+        relay's name for the task, which the deliveries' rows carry)."""
         assert self.app is not None, "publishing needs the Celery app"
+        kwargs = {} if dispatch is None else {"dispatch": dispatch}
         for start in range(0, len(event_ids), 100):
             self.app.send_task("leadpipe.deliver", args=[sink, event_ids[start:start + 100],
-                                                         round_],
+                                                         round_], kwargs=kwargs,
                                queue=sink_queue(self.settings, sink),
                                countdown=countdown or None)
 
     def close(self) -> None:
+        """Close the sinks and whatever stores were opened (a pool left to the garbage
+        collector may be collected on one of its own threads, which cannot join itself)."""
         for sink in self._sinks.values():
             sink.close()
         for name in list(self._subscriptions):
             self._drop_subscription(name)
+        opened = self.__dict__
+        if "postgres" in opened:
+            opened.pop("postgres").close()
+        if "pool" in opened:
+            opened.pop("pool").close()
+        if "redis" in opened:
+            opened.pop("redis").close()

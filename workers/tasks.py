@@ -57,8 +57,10 @@ def process_batch(self: Task, entry_ids: list[str], consumer: str,
 
 @shared_task(bind=True, name="leadpipe.deliver", acks_late=True, ignore_result=True,
              max_retries=None)
-def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0) -> dict[str, Any]:
-    """One round of deliveries of stored events to one sink; schedules the next round."""
+def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0,
+            dispatch: str | None = None) -> dict[str, Any]:
+    """One round of deliveries of stored events to one sink; schedules the next round (in the
+    same `dispatch`: the relay's name for a task it sent again, None for the first)."""
     runtime = self.app.leadpipe.runtime()
     try:
         with runtime.pool.connection() as conn:
@@ -70,15 +72,15 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0) -> dic
                 dead = delivery.bury(conn, sink, event_ids, target.gone)
                 return {"sink": sink, "dead": dead, "why": target.gone}
             plan = delivery.run(conn, target.sink, target.spec, runtime.control, event_ids,
-                                round_, target.health)
+                                round_, target.health, dispatch)
     except TRANSIENT as exc:  # our own Postgres or Redis: try the same round again soon
         raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
     if plan.retry_ids:
-        runtime.publish(sink, plan.retry_ids, plan.next_round, plan.countdown)
+        runtime.publish(sink, plan.retry_ids, plan.next_round, plan.countdown, dispatch)
     if plan.rest_ids:  # the time budget ran out: the rest go on at once, in the same round
-        runtime.publish(sink, plan.rest_ids, round_)
+        runtime.publish(sink, plan.rest_ids, round_, dispatch=dispatch)
     if plan.busy_ids:  # their lead's or deal's turn was taken: shortly, in the same round
-        runtime.publish(sink, plan.busy_ids, round_, delivery.BUSY_SECONDS)
+        runtime.publish(sink, plan.busy_ids, round_, delivery.BUSY_SECONDS, dispatch)
     metrics.count_round(runtime.metrics, sink, plan.delivered, plan.dead, len(plan.retry_ids),
                         plan.reason, plan.superseded, len(plan.busy_ids))
     summary = {"sink": sink, "round": round_, "delivered": plan.delivered, "dead": plan.dead,

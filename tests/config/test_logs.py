@@ -4,9 +4,17 @@ from __future__ import annotations
 
 import json
 import logging
+from collections.abc import Iterator
+
+import orjson
+import pytest
 
 from config import pii
-from config.logs import JsonFormatter
+from config.logs import JsonFormatter, setup
+from ingest.queue import Entry
+from sinks.registry import build
+from tests.support.http_server import HttpServer
+from workers.normalize import normalize
 
 
 def line(formatter: JsonFormatter, msg: str, *args: object, **extra: object) -> dict:
@@ -54,3 +62,39 @@ def test_person_of_each_body_shape():
     no_email = {"contact": {"uuid": "u", "name": "Só Nome"}}
     assert pii.person(no_email) == {"email": None, "name": "Só Nome", "phone": None}
     assert pii.person({"erased": True}) == {"email": None, "name": None, "phone": None}
+
+
+@pytest.fixture
+def restore_logging() -> Iterator[None]:
+    """setup() configures the whole process: put the root and urllib3 loggers back after."""
+    root, urllib3 = logging.getLogger(), logging.getLogger("urllib3")
+    saved = (root.handlers[:], root.level, urllib3.level)
+    yield
+    root.handlers[:], root.level = saved[0], saved[1]
+    urllib3.setLevel(saved[2])
+    logging.captureWarnings(False)
+
+
+@pytest.mark.parametrize(("level", "urllib3_level"), [
+    ("DEBUG", logging.WARNING), ("INFO", logging.WARNING), ("ERROR", logging.ERROR)])
+def test_urllib3_logs_no_request_lines_whatever_the_level(restore_logging, level,
+                                                          urllib3_level):
+    setup(level)
+    assert logging.getLogger("urllib3").getEffectiveLevel() == urllib3_level
+    assert logging.getLogger("urllib3.connectionpool").getEffectiveLevel() == urllib3_level
+
+
+def test_a_crm_delivery_at_debug_logs_no_lead_address(restore_logging, capsys):
+    setup("DEBUG")  # its handler writes to the sys.stderr capsys put in place
+    body = {"leads": [{"email": "maria.souza@example.com.br", "name": "Maria"}]}
+    (ev,) = normalize(Entry("1-0", "ev-1", 1_700_000_000_000, orjson.dumps(body), None))
+    ev.entity_id = "email:maria.souza@example.com.br"  # the lead_key storing it gives it
+    with HttpServer() as server:
+        sink = build("crm", "crm", {"base_url": server.url, "auth_value": "Bearer x"})
+        sink.deliver(ev)
+        sink.close()
+        assert server.requests[0].path == "/leads/email%3Amaria.souza%40example.com.br"
+    logging.getLogger("leadpipe.test").debug("debug lines do get out")
+    err = capsys.readouterr().err
+    assert "debug lines do get out" in err
+    assert "maria" not in err and "souza" not in err

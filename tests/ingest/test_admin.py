@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import threading
 import time
 
@@ -191,3 +192,19 @@ def test_a_replay_while_the_broker_is_down_is_left_to_the_relay(routed, worker_f
     assert (answer.status_code, answer.get_json()) == (200, {"replayed": 1})
     assert db.execute("SELECT d.status, l.replayed_at IS NOT NULL FROM deliveries d JOIN "
                       "dead_letters l USING (event_id, sink)").fetchall() == [("pending", True)]
+
+
+def test_an_erasure_is_logged_with_its_operator_never_the_address(settings, caplog):
+    from ingest.session import fingerprint
+
+    client = create_app(settings.with_(admin_tokens=(ADMIN,))).test_client()
+    with caplog.at_level(logging.INFO):
+        answer = client.post("/api/erase", json={"email": "Ana.Audit@example.com"},
+                             headers=auth())
+    assert answer.status_code == 200
+    lines = [r for r in caplog.records if r.getMessage() == "erasure done"]
+    assert len(lines) == 1
+    assert getattr(lines[0], "operator", None) == f"token:{fingerprint(ADMIN)}"
+    assert lines[0].name == "leadpipe.ops"  # with the other operator actions
+    assert lines[0].touched == answer.get_json()["erased"]
+    assert "ana.audit" not in str(vars(lines[0])).lower()

@@ -16,6 +16,7 @@ from sinks.base import PermanentSinkError, RetryableSinkError, SinkError
 from sinks.crm import CrmSink
 from sinks.registry import SinkConfigError, build, load_options, sink_class
 from tests.conftest import fixture_bytes
+from tests.sinks.test_http import netrc_default, slow_dns
 from tests.support.http_server import HttpServer, Reply
 from workers.events import Event
 from workers.normalize import normalize
@@ -154,6 +155,31 @@ def test_redelivery_carries_the_same_idempotency_key(server, make_sink):
     assert first.body == second.body
 
 
+@pytest.mark.parametrize("key", [".", "..", "..."])
+def test_a_key_of_dots_only_is_refused_not_sent_to_the_collection(server, make_sink, key):
+    # URL normalisation drops "." and ".." segments: /api/leads/.. would PUT to /api/
+    body = orjson.loads(fixture_bytes("mkt-v2-converted.json"))
+    body["contact"]["uuid"] = key
+    deal = orjson.loads(fixture_bytes("crm-deal-updated-won.json"))
+    deal["document"]["id"] = key
+    sink = make_sink()
+    for ev in (event(body), event(deal)):
+        with pytest.raises(PermanentSinkError, match="only dots") as caught:
+            sink.deliver(ev)
+        assert caught.value.status is None
+    assert server.requests == []
+
+
+def test_keys_with_dots_among_other_characters_arrive_as_sent(server, make_sink):
+    sink = make_sink()
+    for key in (".hidden", "a..b", "v1.2."):
+        body = orjson.loads(fixture_bytes("mkt-v2-converted.json"))
+        body["contact"]["uuid"] = key
+        sink.deliver(event(body))
+    assert [r.path for r in server.requests] == ["/api/leads/.hidden", "/api/leads/a..b",
+                                                 "/api/leads/v1.2."]
+
+
 def test_an_unsendable_dedup_key_becomes_a_stable_hash(server, make_sink):
     body = orjson.loads(fixture_bytes("mkt-v2-converted.json"))
     body["event_identifier"] = "conversão → página"
@@ -193,8 +219,9 @@ def test_429_honours_retry_after_http_date(server, make_sink):
     assert caught.value.status == 429 and 55 <= caught.value.retry_after <= 61
 
 
-@pytest.mark.parametrize("status", [400, 404, 422])
-def test_client_errors_are_permanent(server, make_sink, status):
+@pytest.mark.parametrize("status", [400, 404, 422, 301, 308, 103])
+def test_client_errors_redirects_and_informational_answers_are_permanent(server, make_sink,
+                                                                         status):
     server.script(status)
     with pytest.raises(PermanentSinkError) as caught:
         make_sink().deliver(lead_event())
@@ -218,6 +245,36 @@ def test_slow_server_beyond_timeout_is_retryable(server, make_sink):
     with pytest.raises(RetryableSinkError):
         make_sink(timeout=0.3).deliver(lead_event())
     assert time.monotonic() - started < 2
+
+
+def test_a_slow_name_lookup_counts_within_the_timeout(server, make_sink, monkeypatch):
+    slow_dns(monkeypatch, "crm.test", 1.5)
+    sink = make_sink(base_url=f"http://crm.test:{server.port}/api", timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(RetryableSinkError, match="no answer within 0.5 s"):
+        sink.deliver(lead_event())
+    assert time.monotonic() - started < 1.2  # not the lookup's 1.5 s
+    assert server.requests == []
+
+
+def test_lookup_and_answer_together_are_bounded_by_the_timeout(server, make_sink, monkeypatch):
+    slow_dns(monkeypatch, "crm.test", 0.5)
+    server.script(Reply(200, delay=0.8))
+    sink = make_sink(base_url=f"http://crm.test:{server.port}/api", timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(RetryableSinkError, match="no answer within 1 s"):
+        sink.deliver(lead_event())
+    assert time.monotonic() - started < 1.4
+
+
+def test_no_credentials_from_netrc_replace_the_auth_header(server, make_sink, tmp_path,
+                                                           monkeypatch):
+    netrc_default(tmp_path, monkeypatch)  # a `default` entry: credentials for any host
+    make_sink().deliver(lead_event())
+    make_sink(auth_header="X-Api-Key", auth_value="k-1").deliver(lead_event())
+    configured, other = server.requests
+    assert configured.header("Authorization") == TOKEN
+    assert other.header("Authorization") is None and other.header("X-Api-Key") == "k-1"
 
 
 def test_error_messages_carry_no_personal_data(server, make_sink):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import socket
 from collections.abc import Iterator
 from datetime import UTC, datetime
@@ -339,13 +340,18 @@ def test_server_that_never_answers_is_retryable(ledger):
             sink.deliver(opportunity())
 
 
-def test_event_type_without_template_sends_nothing(smtp, ledger, database_url):
+def test_event_type_without_template_sends_nothing_and_says_so(smtp, ledger, database_url,
+                                                                caplog):
     (event,) = events({"event_name": "crm_organization_created", "transaction_uuid": "org-1",
                        "event_timestamp": "2025-03-12T19:40:05.000Z",
                        "document": {"id": "o1", "name": "Loja"}})
-    make_sink(smtp, ledger).deliver(event)
+    with caplog.at_level(logging.INFO, logger="leadpipe.sinks.email"):
+        make_sink(smtp, ledger).deliver(event)
     assert smtp.messages == [] and smtp.connections == 0
     assert sent_rows(database_url) == []
+    assert [r.getMessage() for r in caplog.records] == [
+        f"email {INSTANCE}: no template for event type crm_organization_created; "
+        f"event {event.id} not sent"]
 
 
 def test_starttls_is_refused_when_the_server_does_not_offer_it(smtp, ledger):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import base64
 import json
 import shutil
 import socket
@@ -346,6 +347,79 @@ def test_a_deadline_says_whether_it_expired():
     with Deadline(5) as deadline:
         pass
     assert not deadline.expired
+
+
+def slow_dns(monkeypatch: pytest.MonkeyPatch, name: str, seconds: float,
+             address: str = "127.0.0.1") -> None:
+    """`name` resolves to `address` only after `seconds` (a resolver's bad moment). A real
+    resolver cannot be made slow, so `_socket.getaddrinfo` is replaced, as tests.support.dns
+    does; everything above it runs for real."""
+    real = socket._socket.getaddrinfo  # type: ignore[attr-defined]
+
+    def getaddrinfo(host: Any, port: Any, family: int = 0, type: int = 0, proto: int = 0,
+                    flags: int = 0) -> list:
+        if (host.decode() if isinstance(host, bytes) else host) != name:
+            return real(host, port, family, type, proto, flags)
+        time.sleep(seconds)
+        return [(socket.AF_INET, socket.SOCK_STREAM, 6, "", (address, int(port)))]
+
+    monkeypatch.setattr(socket._socket, "getaddrinfo", getaddrinfo)  # type: ignore
+
+
+def test_a_slow_name_lookup_is_bounded_by_the_deadline(server, session, monkeypatch):
+    slow_dns(monkeypatch, "slow.test", 1.5)
+    started = time.monotonic()
+    with pytest.raises(RetryableSinkError, match="no answer within 0.5 s"):
+        send(session, "PUT", f"http://slow.test:{server.port}/x", body=b"{}", headers={},
+             timeout=0.5, label="test")
+    assert time.monotonic() - started < 1.2  # not the lookup's 1.5 s
+    assert server.requests == []
+
+
+def test_a_caller_deadline_leaves_the_request_only_what_is_left(server, session):
+    server.script(Reply(200, delay=0.6))
+    started = time.monotonic()
+    with Deadline(1.0) as deadline:
+        time.sleep(0.5)  # what a name lookup before the request took
+        with pytest.raises(RetryableSinkError, match="no answer within 1 s"):
+            send(session, "PUT", server.url + "/x", body=b"{}", headers={}, timeout=1.0,
+                 label="test", deadline=deadline)
+    assert time.monotonic() - started < 1.4
+
+
+# -- the host's environment adds nothing but a CA bundle ----------------------------------------
+
+
+def netrc_default(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> str:
+    """A netrc with a `default` entry (credentials for every host), named by $NETRC as an
+    operator's ~/.netrc would be found; the Basic credentials requests would make of it."""
+    path = tmp_path / "netrc"
+    path.write_text("default login ops password hunter2\n")
+    path.chmod(0o600)
+    monkeypatch.setenv("NETRC", str(path))
+    return "Basic " + base64.b64encode(b"ops:hunter2").decode()
+
+
+def test_no_credentials_from_netrc(server, tmp_path, monkeypatch):
+    basic = netrc_default(tmp_path, monkeypatch)
+    assert requests.get(server.url, timeout=2).request.headers["Authorization"] == basic
+    with new_session() as plain, new_session(pin=pin("hooks.example", server.port)) as pinned:
+        put(plain, server)
+        send(pinned, "POST", f"http://hooks.example:{server.port}/hook", body=b"{}",
+             headers={}, timeout=2, label="test")
+    assert [r.header("Authorization") for r in server.requests] == [basic, None, None]
+
+
+def test_no_proxy_from_the_environment(server, monkeypatch):
+    with HttpServer() as proxy:
+        for name in ("NO_PROXY", "no_proxy"):
+            monkeypatch.delenv(name, raising=False)
+        for name in ("HTTP_PROXY", "http_proxy", "ALL_PROXY"):
+            monkeypatch.setenv(name, proxy.url)
+        with new_session() as plain:
+            assert put(plain, server).status_code == 200
+        assert proxy.requests == []
+    assert [r.path for r in server.requests] == ["/x"]
 
 
 # -- pinning: connect to the checked addresses only ---------------------------------------------

@@ -232,6 +232,37 @@ def test_a_legacy_lead_stored_by_an_earlier_version_is_still_a_duplicate(databas
     sink.close()
 
 
+def test_a_purged_legacy_lead_of_an_earlier_version_is_still_a_duplicate(settings, database_url,
+                                                                          db):
+    """`leadpipe purge` empties a body stored under an earlier version's key; what tells a
+    redelivery of the same lead (a duplicate) from a re-send with news (a new event) stays
+    in its marker: the lead's hash, never the lead."""
+    import psycopg
+
+    from workers import retention
+    from workers.normalize import legacy_key_before
+
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    body = legacy(uuid="U-purged", email="ana.purged@example.com", lead_stage="Lead",
+                  last_conversion={"created_at": "2024-01-01T00:00:00Z"})
+    first, = events(body)
+    sink.store([first], [])
+    db.execute("UPDATE events SET dedup_key = %s, received_at = now() - interval '60 days'",
+               (legacy_key_before(first.dedup_key),))
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert retention.purge(conn, settings.with_(retain_payload_days=30)) == {
+            "events.payload": 1}
+
+    again = sink.store(events(body), [])
+    assert (again.new, again.duplicates) == ([], 1)
+    (payload,) = db.execute("SELECT payload FROM events").fetchone()
+    assert payload == {"purged": True, "lead_hash": first.dedup_key.rsplit(":", 1)[1]}
+    news = sink.store(events(legacy(uuid="U-purged", lead_stage="Cliente",
+                                    last_conversion={"created_at": "2024-01-01T00:00:00Z"})), [])
+    assert len(news.new) == 1 and count(db, "SELECT count(*) FROM events") == 2
+    sink.close()
+
+
 def test_the_same_event_stored_again_is_not_counted_as_rds_duplicate(database_url, db):
     """A batch stored again with its own event ids (a retry after a failure that came after
     its commit, or entries claimed from a worker that died before acknowledging them) is not

@@ -20,7 +20,15 @@ from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.registry import SinkConfigError, build, load_options, sink_class
 from sinks.webhook import WebhookSink
 from tests.conftest import fixture_bytes
-from tests.sinks.test_http import STATUS_LINE_DRIP, Dripper, TLSServer, certificate_for, trust
+from tests.sinks.test_http import (
+    STATUS_LINE_DRIP,
+    Dripper,
+    TLSServer,
+    certificate_for,
+    netrc_default,
+    slow_dns,
+    trust,
+)
 from tests.support.dns import FakeDNS, connected, internal_listener
 from tests.support.http_server import HttpServer, Reply
 from workers.events import Event
@@ -314,6 +322,38 @@ def test_a_unicode_host_is_delivered_to_its_idna_2008_name(make_sink, monkeypatc
             event(fixture_bytes("crm-deal-created.json")))
         (got,) = srv.requests
     assert got.header("Host") == f"xn--strae-oqa.test:{srv.port}"
+
+
+def test_the_address_check_and_the_request_share_one_timeout(server, make_sink, monkeypatch):
+    # the lookup took 0.5 s of 1: a receiver that answers 0.8 s later is too late
+    slow_dns(monkeypatch, "hooks.test", 0.5)
+    server.script(Reply(200, delay=0.8))
+    sink = make_sink(url=f"http://hooks.test:{server.port}/hook", ssrf_allow=["127.0.0.1"],
+                     timeout=1.0)
+    started = time.monotonic()
+    with pytest.raises(RetryableSinkError, match="no answer within 1 s"):
+        sink.deliver(event(fixture_bytes("crm-deal-created.json")))
+    assert time.monotonic() - started < 1.4
+
+
+def test_an_address_check_that_outlasts_the_timeout_is_a_timeout(server, make_sink,
+                                                                 monkeypatch):
+    slow_dns(monkeypatch, "hooks.test", 1.5)
+    sink = make_sink(url=f"http://hooks.test:{server.port}/hook", ssrf_allow=["127.0.0.1"],
+                     timeout=0.5)
+    started = time.monotonic()
+    with pytest.raises(RetryableSinkError, match=r"no answer within 0\.5 s \(resolving"):
+        sink.deliver(event(fixture_bytes("crm-deal-created.json")))
+    assert time.monotonic() - started < 1.2
+    assert server.requests == []
+
+
+def test_no_credentials_from_netrc_reach_the_receiver(server, make_sink, tmp_path,
+                                                      monkeypatch):
+    netrc_default(tmp_path, monkeypatch)  # a `default` entry: credentials for any host
+    for options in ({}, {"ssrf_allow": ["127.0.0.1"]}):  # plain and pinned sessions
+        make_sink(**options).deliver(event(fixture_bytes("crm-deal-created.json")))
+    assert [r.header("Authorization") for r in server.requests] == [None, None]
 
 
 def test_a_dripping_receiver_is_cut_at_the_timeout_as_a_whole(make_sink):

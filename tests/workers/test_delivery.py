@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -188,3 +189,40 @@ def test_rebuilt_events_keep_their_stored_key_and_unreadable_ones_are_named(
             delivery.load_events(conn, "crm", [kept.id])
         assert conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
                             "AND pid = pg_backend_pid()").fetchone() == (0,)
+
+
+def test_a_refusal_answered_by_the_half_open_probe_closes_the_circuit(database_url,
+                                                                      redis_client):
+    """A CRM that is back but refuses one lead (422) is up: the task that probed it goes on
+    sending its other events in the same round, and other tasks are not held off."""
+    import psycopg
+
+    from sinks.postgres import PostgresSink
+    from sinks.registry import build
+    from tests.sinks.test_postgres_lww import at, events, v2
+    from tests.support.http_server import HttpServer, Reply
+    from workers import delivery
+    from workers.control import SinkControl
+    from workers.routing import SinkSpec
+
+    store = PostgresSink("postgres", {"dsn": database_url})
+    control = SinkControl(redis_client, "c" + os.urandom(4).hex())
+    spec = SinkSpec("crm", "crm", {}, quick_retries=1, circuit_failures=2,
+                    circuit_cooldown=0.3)
+    down = events(v2("U-down-1", at(0)), v2("U-down-2", at(0)))
+    later = events(*(v2(f"U-up-{n}", at(1)) for n in range(4)))
+    store.store(down + later, [], route=lambda e: ["crm"])
+    store.close()
+    with HttpServer() as server, psycopg.connect(database_url, autocommit=True) as conn:
+        crm = build("crm", "crm", {"base_url": server.url, "auth_value": "Bearer x"})
+        server.script(Reply(503), Reply(503))
+        outage = delivery.run(conn, crm, spec, control, [e.id for e in down], 0)
+        assert len(outage.retry_ids) == 2 and control.circuit_state("crm") == "open"
+        time.sleep(0.35)
+        calls = len(server.requests)
+        server.script(Reply(422), Reply(200), Reply(200), Reply(200))
+        plan = delivery.run(conn, crm, spec, control, [e.id for e in later], 0)
+        assert (plan.delivered, plan.dead, plan.retry_ids) == (3, 1, [])
+        assert len(server.requests) - calls == 4
+        assert control.circuit_state("crm") == "closed"
+        crm.close()

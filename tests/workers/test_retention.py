@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 import os
 import subprocess
 import sys
@@ -12,6 +13,7 @@ from typing import Any
 
 import orjson
 import psycopg
+import pytest
 
 from ingest import create_app
 from ingest.queue import Entry, IngestStream
@@ -48,6 +50,13 @@ def conversion(email: str, uuid: str, second: int) -> dict[str, Any]:
     return body
 
 
+def crm_contact(email: str, n: int) -> dict[str, Any]:
+    """A CRM contact naming the address in its `emails` (no lead, so no lead lock)."""
+    return {"event_name": "crm_contact_created", "event_timestamp": "2025-05-01T10:00:00Z",
+            "transaction_uuid": f"tx-erase-contact-{n}",
+            "document": {"id": f"c-{n}", "name": "Maria", "emails": [{"email": email}]}}
+
+
 def legacy(email: str) -> dict[str, Any]:
     body = copy.deepcopy(LEGACY)
     body["leads"][0].update(email=email, uuid=None, id=None)  # identity by e-mail alone
@@ -60,14 +69,20 @@ def store(runtime: Runtime, *entries: Entry):  # type: ignore[no-untyped-def]
 
 
 def mentions(db: Any, text: str) -> dict[str, int]:
-    """Rows of every table whose text holds `text` (any case): where the person still is."""
+    """Rows of every table whose text holds `text` (any case, letters past ASCII included,
+    which Postgres' lower() may leave): where the person still is."""
     found = {}
     for (table,) in db.execute("SELECT tablename FROM pg_tables WHERE schemaname = 'public'"):
-        n = count(db, f'SELECT count(*) FROM "{table}" t WHERE lower(t::text) LIKE %s',  # noqa: S608
-                  f"%{text.lower()}%")
+        rows = db.execute(f'SELECT t::text FROM "{table}" t').fetchall()  # noqa: S608
+        n = sum(text.lower() in row.lower() for (row,) in rows)
         if n:
             found[table] = n
     return found
+
+
+def waiting_on_locks(db: Any) -> int:
+    return count(db, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                     "AND datname = current_database()")
 
 
 def test_erase_removes_the_person_from_every_store_and_nothing_comes_back(
@@ -126,22 +141,16 @@ def test_a_body_on_its_way_naming_the_erased_person_outside_a_lead_is_dropped(
     result = leadpipe(settings, "erase", "--email", PERSON)
     assert result.returncode == 0, result.stderr
     before = int(time.time() * 1000) - 60_000
-
-    def contact(email: str, n: int) -> dict[str, Any]:
-        return {"event_name": "crm_contact_created", "event_timestamp": "2025-05-01T10:00:00Z",
-                "transaction_uuid": f"tx-erase-contact-{n}",
-                "document": {"id": f"c-{n}", "name": "Maria", "emails": [{"email": email}]}}
-
     deal = orjson.loads(fixture_bytes("crm-deal-updated-won.json"))
     deal["transaction_uuid"] = "tx-erase-deal"
     deal["document"]["contacts"] = [{"name": "Maria", "emails": [{"email": f"<{PERSON}>"}]}]
-    stored = store(runtime, entry(contact(PERSON.upper(), 1), received_ms=before),
+    stored = store(runtime, entry(crm_contact(PERSON.upper(), 1), received_ms=before),
                    entry(deal, received_ms=before),
-                   entry(contact(f"x{PERSON}", 2), received_ms=before),  # another person
-                   entry(contact(OTHER, 3), received_ms=before))
+                   entry(crm_contact(f"x{PERSON}", 2), received_ms=before),  # another person
+                   entry(crm_contact(OTHER, 3), received_ms=before))
     assert stored.erased == 2 and len(stored.new) == 2
     assert mentions(db, PERSON) == {"events": 1}  # x-maria's, whose address holds hers
-    after = store(runtime, entry(contact(PERSON, 4)))  # received after the erasure: new data
+    after = store(runtime, entry(crm_contact(PERSON, 4)))  # received after the erasure: new data
     assert len(after.new) == 1
 
 
@@ -259,6 +268,145 @@ def test_erase_waits_for_a_delivery_under_way_so_its_ledger_row_goes_too(runtime
         eraser.join(30)
     assert outcome["erase"]["email_sent"] == 1 and outcome["erase"]["deliveries"] == 1
     assert mentions(db, PERSON) == {}
+
+
+@pytest.mark.parametrize("late_body", ["conversion", "crm contact"])
+def test_a_body_received_before_an_erasure_and_stored_while_it_runs_is_dropped(
+        runtime, database_url, db, late_body):
+    """A batch holding the person's body (received before the erasure) that is stored while
+    the erasure still works (here: waits for a CRM call of theirs under way) must not bring
+    them back: neither a conversion, whose batch waits on the lead locks the erasure holds,
+    nor a CRM contact, which takes no lead lock. Storing of other people goes on meanwhile."""
+    from workers import retention
+
+    uuid = "aaaaaaaa-0000-4000-8000-000000000001"
+    now_ms = int(time.time() * 1000)
+    store(runtime, entry(conversion(PERSON, uuid, 1), received_ms=now_ms - 120_000))
+    (event_id,) = db.execute("SELECT id FROM events").fetchone()
+    db.execute("INSERT INTO deliveries (event_id, sink) VALUES (%s, 'crm')", (event_id,))
+    body = conversion(PERSON, uuid, 5) if late_body == "conversion" else crm_contact(PERSON, 1)
+    late = pipeline.split([entry(body, received_ms=now_ms - 60_000)])
+    outcome: dict[str, Any] = {}
+
+    def erase() -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            outcome["erase"] = retention.erase(conn, None, PERSON)
+
+    def batch() -> None:
+        outcome["batch"] = pipeline.store(runtime, *late)
+
+    with psycopg.connect(database_url, autocommit=True) as deliverer:
+        deliverer.execute("SELECT pg_advisory_lock(hashtextextended('crm:' || %s, 0))",
+                          (event_id,))  # the CRM call of their first event (load_events)
+        eraser = threading.Thread(target=erase)
+        eraser.start()
+        wait_for(lambda: count(db, "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type"
+                                   " = 'Lock' AND query LIKE '%%hashtextextended(sink%%'"),
+                 timeout=20, what="the erasure waiting for the CRM call")
+        storer = threading.Thread(target=batch)
+        storer.start()
+        # stored already, or waiting behind the erasure's locks: either way before it ends
+        wait_for(lambda: not storer.is_alive() or waiting_on_locks(db) >= 2, timeout=20,
+                 what="the late batch stored or waiting")
+        other = store(runtime, entry(conversion(OTHER, "bbbbbbbb-0000-4000-8000-00000000000b",
+                                                2)))
+        assert len(other.new) == 1  # not held up by the erasure under way
+        deliverer.execute("SELECT pg_advisory_unlock_all()")  # the CRM call ends
+        eraser.join(30)
+        storer.join(30)
+    assert (outcome["batch"].erased, outcome["batch"].new) == (1, [])
+    assert outcome["erase"]["leads"] == 1
+    assert mentions(db, PERSON) == {}
+
+
+def test_an_erasure_that_fails_halfway_is_recorded_and_finished_by_running_it_again(
+        runtime, settings, db, redis_client, monkeypatch):
+    """The erasure is recorded before the rows change: should the change fail, bodies of the
+    person received before it are still dropped, and `leadpipe erase` again finishes it."""
+    from workers import retention
+
+    store(runtime, entry(conversion(PERSON, "aaaaaaaa-0000-4000-8000-000000000001", 1)))
+    stream = IngestStream(redis_client, settings.stream_key)
+    stream.ensure_group()
+
+    def redis_down(*args: Any) -> int:
+        raise ConnectionError("redis went away")
+
+    monkeypatch.setattr(retention, "erase_from_stream", redis_down)
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        with pytest.raises(ConnectionError):
+            retention.erase(conn, stream, PERSON)
+    assert mentions(db, PERSON) == {"events": 1, "leads": 1}  # the change rolled back
+    assert db.execute("SELECT touched FROM erasures").fetchall() == [({},)]
+    late = store(runtime, entry(conversion(PERSON, "cccccccc-0000-4000-8000-00000000000c", 3),
+                                received_ms=int(time.time() * 1000) - 60_000))
+    assert (late.erased, late.new) == (1, [])
+
+    monkeypatch.undo()
+    result = leadpipe(settings, "erase", "--email", PERSON)
+    assert result.returncode == 0, result.stderr
+    assert mentions(db, PERSON) == {}
+    assert count(db, "SELECT count(*) FROM erasures WHERE touched ->> 'leads' = '1'") == 1
+
+
+def test_an_erasure_waiting_for_a_stuck_batch_lets_storing_go_on(runtime, settings, db,
+                                                                  monkeypatch):
+    """Recording an erasure waits for the batches under way, and new ones wait behind it; one
+    that is stuck must not stall storing for as long: the erasure steps back and tries again."""
+    from workers import retention
+
+    monkeypatch.setattr(retention, "_TURN_WAIT", "100ms")
+    monkeypatch.setattr(retention, "_TURN_PAUSE", 0.3)
+    outcome: dict[str, Any] = {}
+
+    def erase() -> None:
+        with psycopg.connect(settings.database_url, autocommit=True) as conn:
+            outcome["erase"] = retention.erase(conn, None, PERSON)
+
+    with psycopg.connect(settings.database_url, autocommit=True) as stuck:
+        stuck.execute(f"SELECT pg_advisory_lock_shared({retention.ERASURE_TURN})")
+        eraser = threading.Thread(target=erase)
+        eraser.start()
+        started = time.monotonic()
+        for n in range(3):
+            stored = store(runtime, entry(conversion(OTHER, f"u-{n}", n)))
+            assert len(stored.new) == 1
+        assert time.monotonic() - started < 5
+        assert count(db, "SELECT count(*) FROM erasures") == 0
+        stuck.execute("SELECT pg_advisory_unlock_all()")
+        eraser.join(30)
+    assert outcome["erase"]["leads"] == 0
+    assert count(db, "SELECT count(*) FROM erasures") == 1
+
+
+def test_an_address_with_letters_past_ascii_is_erased_in_any_case(runtime, settings, db,
+                                                                  redis_client):
+    """"JOÃO.SILVA@EXEMPLO.COM.BR" is the erased "joão.silva@exemplo.com.br" in a stored lead,
+    a CRM contact, a quarantined body, a waiting stream entry and a body received before the
+    erasure and stored after it; "joséjoão.silva@..." is someone else."""
+    lower = "joão.silva@exemplo.com.br"
+    upper = lower.upper()
+    someone = "josé" + lower
+    stored = store(runtime,
+                   entry(conversion(upper, "aaaaaaaa-0000-4000-8000-0000000000a1", 1)),
+                   entry(crm_contact(upper, 11)),
+                   entry(conversion(someone, "bbbbbbbb-0000-4000-8000-0000000000b1", 2)),
+                   entry({"event_type": "WEBHOOK.CONVERTED", "note": upper}))  # quarantined
+    assert (len(stored.new), stored.quarantined) == (3, 1)
+    stream = IngestStream(redis_client, settings.stream_key)
+    stream.ensure_group()
+    stream.append("waiting-1", orjson.dumps(conversion(upper, "cc", 3)))
+
+    result = leadpipe(settings, "erase", "--email", upper)
+    assert result.returncode == 0, result.stderr
+    assert mentions(db, lower) == {"events": 1, "leads": 1}  # josé's, whose address holds it
+    assert [row for (row,) in db.execute("SELECT email FROM leads")] == [someone]
+    assert redis_client.xlen(settings.stream_key) == 0
+    before = int(time.time() * 1000) - 60_000
+    escaped = Entry("900-0", "ret-escaped", before,  # "JO\u00c3O...": json.dumps' escapes
+                    json.dumps(crm_contact(upper, 13)).encode(), None)
+    late = store(runtime, entry(crm_contact(upper, 12), received_ms=before), escaped)
+    assert (late.erased, late.new) == (2, [])
 
 
 def test_erase_through_the_operator_api(runtime, settings, db):
