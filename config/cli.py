@@ -45,6 +45,14 @@ def cmd_migrate(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_routing(settings: Settings) -> None:
+    """Load the routing file as the workers will (it only reads the file): a bad one stops
+    start-up, whatever the command serves, instead of failing every task."""
+    from workers.routing import load
+
+    load(settings.routes_file)
+
+
 def worker_queues(settings: Settings) -> list[str]:
     """The ingest queue, the default queue, the subscriptions' queue, and the queue of every sink
     that is not paused."""
@@ -61,6 +69,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
     from workers.app import make_celery
 
     settings = _settings()
+    check_routing(settings)  # also with --queues, which does not read the sinks' names
     setup(settings.log_level, settings.log_pii)
     app = make_celery(settings)
     app.leadpipe.all_queues = not args.queues  # type: ignore[attr-defined]
@@ -173,6 +182,7 @@ def cmd_api(args: argparse.Namespace) -> int:
     settings = _settings()
     if not settings.ingest_tokens:
         raise ConfigError("LEADPIPE_INGEST_TOKENS is not set: the endpoint would accept no one")
+    check_routing(settings)  # the API's /ops and operator API read it
     cmd = api_command(settings, args.host, args.port, args.workers, args.server, args.threads)
     os.execv(sys.executable, cmd)  # noqa: S606 (replace this process by the server)
     return 0  # not reached
@@ -207,7 +217,7 @@ def cmd_routes(args: argparse.Namespace) -> int:
     from workers.routing import load
 
     if args.action == "check":
-        routing = load(args.file, _settings().visibility_timeout_seconds)
+        routing = load(args.file)
         print(f"{args.file}: OK: {len(routing.sinks)} sink(s), {len(routing.routes)} route(s)")
         for spec in routing.sinks.values():
             rate = f", rate {spec.rate[0]}/{spec.rate[1]:g}s" if spec.rate else ""
@@ -230,7 +240,7 @@ def _explain(fixture: str, routes_file: str | None, hint: str | None) -> int:
     from workers.normalize import normalize
     from workers.routing import load
 
-    routing = load(routes_file, _settings().visibility_timeout_seconds)
+    routing = load(routes_file)
     body = Path(fixture).read_bytes()
     print(f"routing: {routing.source}")
     for item in normalize(Entry("explain", "explain", int(time.time() * 1000), body, hint)):
@@ -496,6 +506,10 @@ def _unavailable(exc: BaseException) -> str | None:
             exc, "sqlstate", None) is None:  # libpq refused the URL before any server answered
         return (f"Postgres cannot be reached with LEADPIPE_DATABASE_URL ({type(exc).__name__}; "
                 "the message is not shown: it may hold the password)")
+    from workers.retention import ErasureBusy
+
+    if isinstance(exc, ErasureBusy):
+        return str(exc)
     if isinstance(exc, PoolTimeout | psycopg.OperationalError):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
         return (f"Postgres unavailable ({type(exc).__name__}: {first}); check "

@@ -10,8 +10,14 @@ PII_KEYS = frozenset({"email", "lead_email", "email_lead", "lead_name", "phone",
                       "mobile_phone", "personal_phone", "recipient"})
 PHONE_KEYS = ("mobile_phone", "personal_phone", "phone")
 # "@" or its percent-encoding "%40" (no letters in it, so no case to mind): a URL that holds a
-# lead key such as email:<address>, as urllib3 logs it at DEBUG
-EMAIL_RE = re.compile(r"\w[\w.!#$%&'*+/=?^`{|}~-]*(?:@|%40)[\w-]+(?:\.[\w-]+)*\.[^\W\d_]{2,}")
+# lead key such as email:<address>, as urllib3 logs it at DEBUG. A local part is at most 64
+# characters (RFC 5321) and a domain's label 63 (RFC 1035): unbounded, each start in a long token
+# would scan to its end (quadratic); bounded, a longer run only masks its last 64 before the "@".
+# A last label that is a file's extension (logo@2x.png, report%40v2.pdf) is no address: none of
+# these is a top-level domain (the Public Suffix List's ICANN section; .zip, .mov are, and stay).
+_FILE = r"(?i:png|jpe?g|gif|svg|webp|ico|bmp|pdf|html?|css|js|json|txt|xml|csv|ya?ml|docx?|xlsx?)"
+EMAIL_RE = re.compile(r"\w[\w.!#$%&'*+/=?^`{|}~-]{0,63}(?:@|%40)[\w-]{1,63}(?:\.[\w-]{1,63})*"
+                      rf"\.(?!{_FILE}\b)[^\W\d_]{{2,}}")
 _AT = re.compile(r"@|%40")
 # an international number (+55 11 91234-5678) or one with an area code in brackets
 PHONE_RE = re.compile(r"\+\d[\d ().-]{6,}\d|\(\d{2,3}\)[\d .-]{6,}\d")
@@ -59,7 +65,7 @@ def mask_value(key: str, value: Any) -> Any:
 
 def mask_text(text: str) -> str:
     """Free text (a log message, an error, a quarantine reason) with e-mails and phones masked."""
-    if "@" in text or "%" in text:
+    if "@" in text or "%40" in text:
         text = EMAIL_RE.sub(lambda m: mask_email(m.group()), text)
     if "+" in text or "(" in text:
         text = PHONE_RE.sub(lambda m: mask_phone(m.group()), text)

@@ -12,7 +12,7 @@ import sys
 import time
 from pathlib import Path
 
-from config.cli import SAMPLE, api_command
+from config.cli import SAMPLE, api_command, check_routing
 from config.local import LocalPostgres, LocalRedis, stop_group, wait_port
 from config.settings import PREFIX, ConfigError, Settings
 
@@ -25,7 +25,8 @@ def run(args: argparse.Namespace) -> int:
     from sinks.db import migrate
 
     settings = Settings.from_env()
-    check_port_free(args.host, args.port)  # before anything starts: nothing to undo
+    check_routing(settings)  # before anything starts: nothing to undo
+    check_port_free(args.host, args.port)
     data = Path(settings.data_dir).resolve()
     data.mkdir(parents=True, exist_ok=True)
     started: list[LocalRedis | LocalPostgres] = []

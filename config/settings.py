@@ -256,9 +256,8 @@ class Settings:
     )
     visibility_timeout_seconds: int = setting(
         "VISIBILITY_TIMEOUT_SECONDS", as_positive_int, 12 * 3600,
-        "Celery's Redis visibility timeout: a task unacknowledged this long is handed out "
-        "again. It must outlast every wait between two delivery rounds (a subscription's "
-        "longest is 25920 s); start-up refuses a shorter one.",
+        "Celery's Redis visibility timeout: a task unacknowledged this long may be handed out "
+        "again. Waits between delivery rounds longer than half of it are made in hops.",
     )
     routes_file: str | None = setting(
         "ROUTES_FILE", as_optional_str, None,

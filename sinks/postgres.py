@@ -220,7 +220,7 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
     """The batch write itself, inside the caller's transaction (which must not have taken
     any lock before: `leadpipe erase` waits for the storing under way, and new storing waits
     behind it)."""
-    if events:  # first: it decides which erasures the batch's check below sees
+    if events or rejected:  # first: it decides which erasures the batch's checks below see
         conn.execute(_ERASURE_TURN_SQL)
     events = _as_stored_before(conn, events)
     result = Stored()
@@ -264,6 +264,12 @@ def store(conn: psycopg.Connection, events: Sequence[Event],
         _upsert_deals(conn, [e for e in result.new if e.deal is not None])
         if route is not None:
             _outbox(conn, result, route)
+    gone_ids = _erased_rejected(conn, rejected) if rejected else set()
+    if gone_ids:
+        result.erased += len(gone_ids)
+        result.outcomes.update((claimed_type(r.payload, r.hint), "erased") for r in rejected
+                               if r.id in gone_ids)
+        rejected = [r for r in rejected if r.id not in gone_ids]
     if rejected:
         conn.execute(_QUARANTINE_SQL, (
             [r.id for r in rejected], [r.received_at for r in rejected],
@@ -321,9 +327,10 @@ def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
     recent = None  # the last erasure since the batch's oldest event arrived, if any
     for key, digest, when in conn.execute(
             "SELECT dedup_key, NULL, NULL FROM events WHERE dedup_key = ANY(%s) UNION ALL "
-            "SELECT NULL, email_sha256, max(erased_at) FROM erasures "
+            f"SELECT NULL, email_sha256, max({_ERASED_AT}) FROM erasures "
             "WHERE email_sha256 = ANY(%s) GROUP BY email_sha256 UNION ALL "
-            "SELECT NULL, NULL, max(erased_at) FROM erasures WHERE erased_at >= %s",
+            f"SELECT NULL, NULL, max({_ERASED_AT}) FROM erasures "
+            "WHERE erased_at >= %s OR touched = '{}'",
             (list(hashed), list(emails), min(e.received_at for e in batch))):
         if key is not None:
             gone.update(hashed[key])
@@ -338,9 +345,7 @@ def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
                 named[event.dedup_key] = {email_digest(a) for a in _addresses(event.payload)}
         wanted = set().union(*named.values()) - set(erased_at)
         if wanted:
-            erased_at.update(conn.execute(
-                "SELECT email_sha256, max(erased_at) FROM erasures WHERE email_sha256 = ANY(%s) "
-                "GROUP BY email_sha256", (list(wanted),)).fetchall())
+            erased_at.update(_erased_at(conn, wanted))
     if erased_at:
         for event in batch:
             email = event.lead.get("email") if event.lead else None
@@ -351,15 +356,52 @@ def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
     return gone
 
 
+# When an erasure counts from: its time, or, while it runs (`touched` still `{}`: recorded,
+# its rows not yet changed), the end of time: a body naming the person that arrives meanwhile
+# is dropped whenever it was received (a redelivery of an event the erasure is about to hash
+# would otherwise find its key still free once the erasure commits, and be stored again).
+_ERASED_AT = "CASE WHEN touched = '{}' THEN '9999-12-31 00:00+00'::timestamptz ELSE erased_at END"
+
+
+def _erased_at(conn: psycopg.Connection, digests: Collection[str]) -> dict[str, Any]:
+    """Address digest -> when its latest erasure counts from (_ERASED_AT)."""
+    return dict(conn.execute(
+        f"SELECT email_sha256, max({_ERASED_AT}) FROM erasures WHERE email_sha256 = ANY(%s) "
+        "GROUP BY email_sha256", (list(digests),)).fetchall())
+
+
+def _erased_rejected(conn: psycopg.Connection, rejected: Sequence[Rejected]) -> set[str]:
+    """Ids of bodies to quarantine that must not be kept: received before an erasure of a
+    person they name anywhere (as `leadpipe erase` deletes the quarantine rows naming them)."""
+    (recent,) = conn.execute(f"SELECT max({_ERASED_AT}) FROM erasures "
+                             "WHERE erased_at >= %s OR touched = '{}'",
+                             (min(r.received_at for r in rejected),)).fetchone()
+    if recent is None:  # the common case: no erasure since the oldest of them arrived
+        return set()
+    named = {r.id: (r.received_at, {email_digest(a) for a in _addresses(r.payload)})
+             for r in rejected if r.received_at <= recent}
+    wanted = set().union(*(digests for _, digests in named.values()))
+    if not wanted:
+        return set()
+    erased_at = _erased_at(conn, wanted)
+    return {rid for rid, (received, digests) in named.items()
+            if any(received <= erased_at[d] for d in digests if d in erased_at)}
+
+
 # what `leadpipe erase` takes for an address in a body: the whole of one, never a part, with
 # its letters past ASCII (found in lower-cased text, as `erase` lower-cases the address)
-_ADDRESSES = re.compile(rf"{LOCAL_PART}+@{DOMAIN_PART}+(?:\.{DOMAIN_PART}+)+")
+# (bounded as RFC 5321 bounds them, 64 characters before the @ and 63 per label: unbounded,
+# finding them in a long run of such characters took time growing with its square)
+_ADDRESSES = re.compile(rf"{LOCAL_PART}{{1,64}}@{DOMAIN_PART}{{1,63}}(?:\.{DOMAIN_PART}{{1,63}})+")
 
 
 def _addresses(payload: str) -> list[str]:
     """Every address in a body, lower-cased; JSON escapes ("jo\\u00e3o") spelled out first."""
     if "\\u" in payload:
-        payload = "\n".join(_strings(parse_body(payload.encode())))
+        try:
+            payload = "\n".join(_strings(parse_body(payload.encode())))
+        except ValueError:  # a quarantined body may not parse: its text as it is
+            pass
     return _ADDRESSES.findall(payload.lower())
 
 

@@ -280,6 +280,27 @@ def test_a_task_the_relay_took_for_lost_while_it_waited_in_its_queue_does_nothin
                       ).fetchall() == [(1, 3)]
 
 
+def test_a_round_longer_than_the_visibility_timeout_is_waited_in_hops_and_sent_once(
+        client, settings, tmp_path, crm, worker_factory, db):
+    """Redis may hand a task a worker holds unacknowledged (waiting out its countdown) to
+    another worker once LEADPIPE_VISIBILITY_TIMEOUT_SECONDS pass (kombu looks every minute or
+    two): a round waiting longer than half of it is made in hops of tasks that only send
+    themselves on, each held briefly; the round is still tried once, when due."""
+    crm.set_default(Reply(503))
+    custom = configure(settings, tmp_path, crm, quick_retries=1, retry_schedule=[6],
+                       circuit_breaker={"failures": 100, "cooldown": 1}
+                       ).with_(visibility_timeout_seconds=2)
+    node = worker_factory(custom)
+    post(client, opportunity(0))
+    wait_for(lambda: count(db, "SELECT count(*) FROM dead_letters") == 1, timeout=40,
+             what="the second and last round")
+    time.sleep(3)  # time for a second hand-out of the round, had there been one
+    assert len(crm.requests) == 2
+    assert crm.requests[1].at - crm.requests[0].at >= 6 * 0.8  # the round's wait, less jitter
+    hops = node.log_path.read_text().count("'waiting': 1")
+    assert hops >= 6 * 0.8 / 1 - 1, hops  # hops of at most half the timeout: 1 s
+
+
 # --- a late, older event never undoes newer state in the CRM -------------------------------------
 
 def deal_update(status: str, when: str, tx: str) -> bytes:

@@ -261,7 +261,7 @@ def run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any, even
         dead = sum(_dead(conn, event_id, spec.name, None,
                          f"stored event no longer readable by this version: {why}")
                    for event_id, why in unreadable.items())
-        plan = _run(conn, sink, spec, control, events, round_, health)
+        plan = _run(conn, sink, spec, control, events, round_, health, dispatch)
         plan.dead += dead
         return plan
     finally:
@@ -323,7 +323,8 @@ _ALWAYS = contextlib.nullcontext(True)  # the turn of a sink that gets every eve
 
 
 def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
-         events: list[Event], round_: int, health: Health | None = None) -> Plan:
+         events: list[Event], round_: int, health: Health | None = None,
+         dispatch: str | None = None) -> Plan:
     if control.is_paused(spec.name):
         return Plan(retry_ids=[e.id for e in events], countdown=2.0, next_round=round_,
                     reason="paused")
@@ -333,8 +334,10 @@ def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
     # under the same idempotency key. Events themselves are always stored with a full commit.
     conn.execute("SET synchronous_commit = off")
     try:
-        return _deliver_all(conn, sink, spec, control, events, round_, health,
+        plan = _deliver_all(conn, sink, spec, control, events, round_, health,
                             Bookkeeping(conn, spec.name, control, health))
+        _schedule(conn, spec.name, plan, dispatch)
+        return plan
     finally:
         conn.execute("RESET synchronous_commit")
 
@@ -413,15 +416,15 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
             plan.countdown = max([base, plan.countdown, *waits])
             plan.next_round = round_ + 1
             plan.reason = "retrying"
-    if plan.retry_ids:
-        conn.execute("UPDATE deliveries SET dispatched_at = now() + make_interval(secs => %s) "
-                     "WHERE sink = %s AND event_id = ANY(%s)",
-                     (plan.countdown, spec.name, plan.retry_ids))
-    if plan.rest_ids:
-        conn.execute("UPDATE deliveries SET dispatched_at = now() "
-                     "WHERE sink = %s AND event_id = ANY(%s)", (spec.name, plan.rest_ids))
-    if plan.busy_ids:
-        conn.execute("UPDATE deliveries SET dispatched_at = now() + make_interval(secs => %s) "
-                     "WHERE sink = %s AND event_id = ANY(%s)",
-                     (BUSY_SECONDS, spec.name, plan.busy_ids))
     return plan
+
+
+def _schedule(conn: psycopg.Connection, sink: str, plan: Plan, dispatch: str | None) -> None:
+    """When the deliveries the task sends on are due (the relay waits that long and more),
+    for those still in this task's dispatch."""
+    for ids, seconds in ((plan.retry_ids, plan.countdown), (plan.rest_ids, 0.0),
+                         (plan.busy_ids, BUSY_SECONDS)):
+        if ids:
+            conn.execute("UPDATE deliveries SET dispatched_at = now() + make_interval(secs => %s) "
+                         "WHERE sink = %s AND event_id = ANY(%s) "
+                         "AND dispatch IS NOT DISTINCT FROM %s", (seconds, sink, ids, dispatch))

@@ -85,9 +85,11 @@ def replay(runtime: Runtime, ids: list[int] | None = None, sink: str | None = No
     A dead letter is taken once: of two replays at the same moment (a double click, the CLI
     and the page), the second finds it taken and sends nothing. Dead letters of a sink no
     longer configured stay waiting (no worker would consume its queue); naming such a sink
-    raises LookupError."""
+    raises LookupError. The deliveries go in a dispatch of their own (see `relay`): a task of
+    theirs from before they died, still waiting somewhere, does nothing."""
     if sink is not None:
         known_target(runtime, sink)
+    dispatch = uuid.uuid4().hex
     with runtime.pool.connection() as conn:
         rows = conn.execute(
             "SELECT id, sink FROM dead_letters WHERE replayed_at IS NULL "
@@ -114,27 +116,29 @@ def replay(runtime: Runtime, ids: list[int] | None = None, sink: str | None = No
                     (chunk,)).fetchall()
                 moved = conn.execute(
                     "UPDATE deliveries d SET status = 'pending', dispatched_at = now(), "
-                    "dispatch = NULL "
+                    "dispatch = %s "
                     "FROM unnest(%s::text[], %s::text[]) AS t(event_id, sink) "
                     "WHERE d.event_id = t.event_id AND d.sink = t.sink AND d.status = 'dead' "
                     "RETURNING d.event_id, d.sink",
-                    ([t[0] for t in taken], [t[1] for t in taken])).fetchall()
+                    (dispatch, [t[0] for t in taken], [t[1] for t in taken])).fetchall()
             by_sink: dict[str, list[str]] = {}
             for event_id, sink_name in moved:
                 by_sink.setdefault(sink_name, []).append(event_id)
             for sink_name, event_ids in by_sink.items():
-                publish_or_relay(runtime, sink_name, event_ids)
+                publish_or_relay(runtime, sink_name, event_ids, dispatch)
             done += len(moved)
             if progress:
                 progress(start + len(chunk), len(letters))
     return done
 
 
-def publish_or_relay(runtime: Runtime, sink: str, event_ids: list[str]) -> None:
-    """Queue deliveries already committed as pending; if the broker cannot take them now, the
-    relay sends them after LEADPIPE_RELAY_AFTER_SECONDS (they are in Postgres: nothing lost)."""
+def publish_or_relay(runtime: Runtime, sink: str, event_ids: list[str],
+                     dispatch: str | None = None) -> None:
+    """Queue deliveries already committed as pending (in `dispatch`, the name their rows
+    carry); if the broker cannot take them now, the relay sends them after
+    LEADPIPE_RELAY_AFTER_SECONDS (they are in Postgres: nothing lost)."""
     try:
-        runtime.publish(sink, event_ids)
+        runtime.publish(sink, event_ids, dispatch=dispatch)
     except (kombu.exceptions.OperationalError, redis.RedisError) as exc:
         log.warning("broker unavailable: deliveries left to the relay",
                     extra={"sink": sink, "deliveries": len(event_ids),
@@ -171,6 +175,9 @@ def relay(runtime: Runtime, limit: int = 1000) -> int:
             "WHERE (event_id, sink) IN ("
             "  SELECT event_id, sink FROM deliveries WHERE status = 'pending' "
             "  AND dispatched_at < now() - make_interval(secs => %s) AND sink <> ALL(%s) "
+            # not one a task is delivering right now (it holds the delivery's lock): its
+            # next round follows, and renamed under it the delivery would have no task
+            "  AND pg_try_advisory_xact_lock(hashtextextended(sink || ':' || event_id, 0)) "
             "  ORDER BY dispatched_at LIMIT %s FOR UPDATE SKIP LOCKED) "
             "RETURNING event_id, sink",
             (dispatch, runtime.settings.relay_after_seconds, sorted(runtime.control.paused()),

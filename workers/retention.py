@@ -168,10 +168,14 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
     return _remove(conn, stream, email, _record(conn, email))
 
 
+class ErasureBusy(RuntimeError):
+    """Batches being stored kept the erasure from being recorded: nothing was erased."""
+
+
 def _record(conn: psycopg.Connection, email: str) -> int:
     """Record the erasure, at the time it takes the turn alone (clock_timestamp(), not the
     transaction's start): the batches under way have then ended, those after it see it."""
-    for attempt in range(_TURN_TRIES):
+    for _ in range(_TURN_TRIES):
         try:
             with conn.transaction():
                 conn.execute(f"SET LOCAL lock_timeout = '{_TURN_WAIT}'")
@@ -185,10 +189,9 @@ def _record(conn: psycopg.Connection, email: str) -> int:
         except psycopg.errors.LockNotAvailable:
             # a batch under way waits on something slow (another erasure's lead locks): let
             # the batches queued behind us go on, and try again
-            if attempt + 1 == _TURN_TRIES:
-                raise
             time.sleep(_TURN_PAUSE)
-    raise AssertionError("unreachable")
+    raise ErasureBusy(f"the erasure waited {_TURN_TRIES} times for the batches being stored "
+                      "and recorded nothing; run it again")
 
 
 def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
@@ -233,7 +236,8 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
             ("deliveries", "DELETE FROM deliveries WHERE event_id = ANY(%s)", (ids,)),
             ("events", "UPDATE events SET payload = %s::jsonb, entity_id = NULL, "
                        "dedup_key = 'erased:' || encode(sha256(convert_to(dedup_key, 'UTF8')), "
-                       "'hex') WHERE id = ANY(%s)", (ERASED, ids)),
+                       "'hex') WHERE id = ANY(%s) AND dedup_key NOT LIKE 'erased:%%'",
+             (ERASED, ids)),  # (an erasure of another person it names may have hashed it)
             ("leads", "DELETE FROM leads WHERE lead_key = ANY(%s) OR lower(email) = %s",
              (keys, email)),
             ("quarantine", "DELETE FROM quarantine WHERE id = ANY(%s)", (quarantined,)),
@@ -242,7 +246,12 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
         touched["stream"] = 0
         if stream is not None:
             touched["stream"] = erase_from_stream(stream, email)
+        # this one done, and any earlier one of the person that failed half-way (still `{}`:
+        # while it is, their bodies are dropped whenever received, sinks.postgres._ERASED_AT)
         conn.execute("UPDATE erasures SET touched = %s WHERE id = %s", (Jsonb(touched), erasure))
+        conn.execute("UPDATE erasures SET touched = jsonb_build_object('finished_by', %s::bigint) "
+                     "WHERE email_sha256 = %s AND touched = '{}' AND id < %s",
+                     (erasure, email_digest(email), erasure))
     return touched
 
 

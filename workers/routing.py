@@ -19,8 +19,7 @@ from workers.events import Event
 from workers.view import MISSING, identifier, lookup, view
 
 DEFAULT_SCHEDULE = (5.0, 60.0, 300.0, 1800.0, 7200.0, 21600.0)
-# The longest a round waits for its entry: workers.delivery draws the countdown from
-# entry * uniform(0.8, 1.2) (jitter).
+# A round waits its entry times uniform(2 - MAX_JITTER, MAX_JITTER) (jitter): workers.delivery.
 MAX_JITTER = 1.2
 ROOTS = ("event", "lead", "funnel", "deal", "contact", "document")
 # The roots whose names are a closed set: what workers.view.view() puts under them (an event's
@@ -283,10 +282,8 @@ def _problems(messages: Any, path: str = "") -> list[str]:
     return [f"{path or 'file'}: {messages}"]
 
 
-def parse(data: Any, source: str = "<routing>",
-          visibility_timeout: float | None = None) -> Routing:
-    """Validate a routing document (already read from YAML or TOML). With `visibility_timeout`
-    (LEADPIPE_VISIBILITY_TIMEOUT_SECONDS), a retry round that can wait that long is refused."""
+def parse(data: Any, source: str = "<routing>") -> Routing:
+    """Validate a routing document (already read from YAML or TOML)."""
     try:
         doc = _FileSchema().load(data or {})
     except ValidationError as exc:
@@ -300,8 +297,6 @@ def parse(data: Any, source: str = "<routing>",
             options = load_options(name, spec["type"], spec["options"])
         except SinkConfigError as exc:
             raise RoutingError(f"{source}: {exc}") from None
-        if visibility_timeout is not None:
-            _check_schedule(source, name, spec["retry_schedule"], visibility_timeout)
         rate = None
         if spec["rate_limit"]:
             count, unit = _RATE.match(spec["rate_limit"]).groups()  # type: ignore[union-attr]
@@ -330,20 +325,6 @@ def parse(data: Any, source: str = "<routing>",
     return Routing(sinks, tuple(routes), source)
 
 
-def _check_schedule(source: str, sink: str, schedule: list[float], limit: float) -> None:
-    """Every round's longest wait stays under Celery's visibility timeout: Redis hands a task
-    still waiting out its countdown (unacknowledged) to a worker again once that passes, so the
-    delivery would run twice."""
-    for n, entry in enumerate(schedule):
-        if entry * MAX_JITTER >= limit:
-            raise RoutingError(
-                f"{source}: sink {sink!r}: retry_schedule[{n}] = {entry:g} s waits up to "
-                f"{entry * MAX_JITTER:g} s with its jitter, which reaches the visibility "
-                f"timeout (LEADPIPE_VISIBILITY_TIMEOUT_SECONDS = {limit:g} s) after which "
-                "Redis hands the waiting delivery out again; shorten the round (under "
-                f"{limit / MAX_JITTER:g} s) or raise the timeout")
-
-
 def _one_line(exc: Exception) -> str:
     """A parser's error in one line: YAML's own message draws the line it quotes with a caret."""
     if isinstance(exc, yaml.MarkedYAMLError) and exc.problem_mark is not None:
@@ -352,16 +333,8 @@ def _one_line(exc: Exception) -> str:
     return " ".join(str(exc).split())
 
 
-def load(path: str | Path | None, visibility_timeout: float | None = None) -> Routing:
-    """Read a routing file (.yaml/.yml or .toml); no path means no sinks besides Postgres.
-    `visibility_timeout`: as for `parse` (pass settings.visibility_timeout_seconds); it must
-    also outlast the rounds of subscriptions (DEFAULT_SCHEDULE), which every setup may have."""
-    if visibility_timeout is not None and max(DEFAULT_SCHEDULE) * MAX_JITTER >= visibility_timeout:
-        raise RoutingError(
-            f"LEADPIPE_VISIBILITY_TIMEOUT_SECONDS = {visibility_timeout:g} s does not outlast the "
-            f"longest wait between two rounds of a subscription's deliveries "
-            f"({max(DEFAULT_SCHEDULE) * MAX_JITTER:g} s): Redis would hand a waiting delivery "
-            "out again; raise it")
+def load(path: str | Path | None) -> Routing:
+    """Read a routing file (.yaml/.yml or .toml); no path means no sinks besides Postgres."""
     if not path:
         return Routing()
     p = Path(path)
@@ -374,4 +347,4 @@ def load(path: str | Path | None, visibility_timeout: float | None = None) -> Ro
     except (yaml.YAMLError, tomllib.TOMLDecodeError) as exc:
         raise RoutingError(f"{p}: not valid {'TOML' if p.suffix == '.toml' else 'YAML'}: "
                            f"{_one_line(exc)}") from None
-    return parse(data, str(p), visibility_timeout)
+    return parse(data, str(p))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from functools import cached_property
@@ -75,7 +76,7 @@ class Runtime:
 
     @cached_property
     def routing(self) -> Routing:
-        return load(self.settings.routes_file, self.settings.visibility_timeout_seconds)
+        return load(self.settings.routes_file)
 
     @cached_property
     def metrics(self) -> Recorder:
@@ -132,11 +133,23 @@ class Runtime:
             old[1].close()
 
     def publish(self, sink: str, event_ids: list[str], round_: int = 0,
-                countdown: float = 0.0, dispatch: str | None = None) -> None:
+                countdown: float = 0.0, dispatch: str | None = None,
+                due: float | None = None) -> None:
         """Queue deliveries to one sink, in chunks, on that sink's own queue (`dispatch`: the
-        relay's name for the task, which the deliveries' rows carry)."""
+        relay's name for the task, which the deliveries' rows carry).
+
+        A worker holds a task waiting out its countdown unacknowledged, and Redis hands it to
+        another worker once LEADPIPE_VISIBILITY_TIMEOUT_SECONDS pass: a countdown longer than
+        half of that is made in hops, a task that only sends itself on until `due` (epoch
+        seconds) comes."""
         assert self.app is not None, "publishing needs the Celery app"
-        kwargs = {} if dispatch is None else {"dispatch": dispatch}
+        hop = self.settings.visibility_timeout_seconds / 2
+        if countdown > hop:
+            due = time.time() + countdown if due is None else due
+            countdown = hop
+        kwargs: dict[str, Any] = {} if dispatch is None else {"dispatch": dispatch}
+        if due is not None:
+            kwargs["due"] = due
         for start in range(0, len(event_ids), 100):
             self.app.send_task("leadpipe.deliver", args=[sink, event_ids[start:start + 100],
                                                          round_], kwargs=kwargs,

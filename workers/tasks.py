@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import random
+import time
 from typing import Any
 
 import psycopg
@@ -58,10 +59,15 @@ def process_batch(self: Task, entry_ids: list[str], consumer: str,
 @shared_task(bind=True, name="leadpipe.deliver", acks_late=True, ignore_result=True,
              max_retries=None)
 def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0,
-            dispatch: str | None = None) -> dict[str, Any]:
+            dispatch: str | None = None, due: float | None = None) -> dict[str, Any]:
     """One round of deliveries of stored events to one sink; schedules the next round (in the
-    same `dispatch`: the relay's name for a task it sent again, None for the first)."""
+    same `dispatch`: the relay's name for a task it sent again, None for the first). A task
+    with a `due` time still ahead is a hop of a long wait (Runtime.publish): it sends itself on."""
     runtime = self.app.leadpipe.runtime()
+    if due is not None and (left := due - time.time()) > 0:
+        runtime.publish(sink, event_ids, round_, left, dispatch, due)
+        return {"sink": sink, "round": round_, "waiting": len(event_ids),
+                "in_seconds": round(left, 2)}
     try:
         with runtime.pool.connection() as conn:
             target = runtime.target(conn, sink)

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 
@@ -18,6 +20,26 @@ def leadpipe(settings: Settings, *args: str, **env: str) -> subprocess.Completed
     return subprocess.run([sys.executable, "-m", "config.cli", *args], cwd=ROOT, text=True,
                           capture_output=True, timeout=60,
                           env={**os.environ, **settings.to_env(), **env})
+
+
+def refused(settings: Settings, *args: str, **env: str) -> subprocess.CompletedProcess:
+    """`leadpipe ARGS` expected to refuse to start: one that starts instead is stopped (its
+    process group, as Ctrl-C would, then killed) and the test fails."""
+    child = subprocess.Popen([sys.executable, "-m", "config.cli", *args], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                             env={**os.environ, **settings.to_env(), **env},
+                             start_new_session=True)
+    try:
+        out, err = child.communicate(timeout=20)
+    except subprocess.TimeoutExpired:
+        os.killpg(child.pid, signal.SIGINT)
+        try:
+            child.communicate(timeout=30)
+        finally:
+            with contextlib.suppress(ProcessLookupError):  # all stopped already
+                os.killpg(child.pid, signal.SIGKILL)
+        pytest.fail(f"`leadpipe {' '.join(args)}` started")
+    return subprocess.CompletedProcess(child.args, child.returncode, out, err)
 
 
 def one_clear_line(result: subprocess.CompletedProcess, code: int, *words: str) -> None:
@@ -175,3 +197,18 @@ def test_a_password_that_breaks_the_url_is_never_shown(settings, url, code):
     result = leadpipe(settings, "quarantine", "list", LEADPIPE_DATABASE_URL=url)
     one_clear_line(result, code, "LEADPIPE_DATABASE_URL")
     assert "hunter2" not in result.stderr + result.stdout
+
+
+@pytest.mark.parametrize("command", ["worker --queues {namespace}.default", "api --port {port}",
+                                     "run --port {port}"], ids=["worker --queues", "api", "run"])
+def test_every_start_refuses_a_broken_routing_file(settings, tmp_path, command):
+    # without the check, a node started with --queues (or the API) ran, and every task failed
+    routes = tmp_path / "routes.yaml"
+    routes.write_text("sinks: {crm: {type: dummy, options: {path: x}, rate_limit: 0/s}}\n"
+                      "routes: [{to: [crm]}]\n")
+    args = command.format(namespace=settings.namespace, port=free_port()).split()
+    result = refused(settings.with_(routes_file=str(routes)), *args,
+                     LEADPIPE_DATA_DIR=str(tmp_path / "data"))
+    one_clear_line(result, 2, "routes.yaml", "rate_limit")
+    assert not (tmp_path / "data").exists()  # `run` started nothing
+

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import pytest
+
 from config.pii import mask_email, mask_text, mask_value, masked_person
 
 
@@ -30,3 +32,28 @@ def test_percent_encoded_addresses_are_masked_too():
     assert mask_email("maria%40example.com.br") == "m***%40***.br"
     assert mask_value("lead_key", "email:ana%40example.com") == "e***%40***.com"
     assert mask_text("50% done at 100%40 s") == "50% done at 100%40 s"  # no address in it
+
+
+@pytest.mark.timeout(5)
+def test_a_long_token_is_scanned_in_linear_time():
+    # each start scans at most an address' length: with an unbounded local part, each scanned
+    # to the token's end, and these took minutes
+    token = "a" * 100_000
+    for text in (f"progress 100% of {token}", f"{token}%40", f"{token}@", f"{token}%40{token}"):
+        assert mask_text(text) == text
+    assert mask_text(f"{token}@example.com") == "a" * (100_000 - 64) + "a***@***.com"
+
+
+def test_file_names_are_not_addresses():
+    for text in ("GET /img/logo%40x2.png 200", "icon@2x.PNG", "GET /files/report%40v2.pdf",
+                 "user%40home.html"):
+        assert mask_text(text) == text
+    assert mask_text("ana@example.zip") == "a***@***.zip"  # .zip is a top-level domain
+
+
+def test_an_address_under_any_top_level_domain_is_masked():
+    # top-level domains that look like file extensions too, and common ones: only the
+    # extensions that are no top-level domain (png, pdf, ...) are spared
+    for tld in ("zip", "mov", "md", "py", "sh", "rs", "pl", "ps", "io", "ai", "app", "dev",
+                "com", "br", "net", "org", "info", "me", "tv", "so"):
+        assert mask_text(f"ana@example.{tld}") == f"a***@***.{tld}", tld

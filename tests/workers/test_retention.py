@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from typing import Any
 
 import orjson
@@ -154,6 +155,27 @@ def test_a_body_on_its_way_naming_the_erased_person_outside_a_lead_is_dropped(
     assert len(after.new) == 1
 
 
+def test_a_body_to_quarantine_received_before_an_erasure_naming_the_person_is_not_kept(
+        runtime, settings, db):
+    """A body Leadpipe cannot read, on its way when the person was erased, would keep their
+    address in the quarantine `erase` just emptied of them: it is dropped; one received
+    after the erasure, or naming someone else, is quarantined as ever."""
+    result = leadpipe(settings, "erase", "--email", PERSON)
+    assert result.returncode == 0, result.stderr
+    before = int(time.time() * 1000) - 60_000
+    unreadable = {"event_type": "WEBHOOK.CONVERTED", "lead": {"email": PERSON.upper()}}
+    escaped = json.dumps({"event_type": "WEBHOOK.CONVERTED",
+                          "lead": {"email": PERSON}}).replace("@", "\\u0040")
+    stored = store(runtime, entry(unreadable, received_ms=before),
+                   Entry("9-0", "ret-escaped", before, escaped.encode(), None),
+                   entry({"event_type": "WEBHOOK.CONVERTED", "lead": {"email": OTHER}},
+                         received_ms=before))
+    assert (stored.erased, stored.quarantined) == (2, 1)
+    assert mentions(db, PERSON) == {} and count(db, "SELECT count(*) FROM quarantine") == 1
+    after = store(runtime, entry(unreadable))  # received after the erasure: new data
+    assert after.quarantined == 1
+
+
 def test_erase_spares_people_whose_address_holds_the_erased_one(runtime, settings, db,
                                                                   redis_client):
     person = "ana@example.com"
@@ -277,15 +299,84 @@ def test_a_body_received_before_an_erasure_and_stored_while_it_runs_is_dropped(
     the erasure still works (here: waits for a CRM call of theirs under way) must not bring
     them back: neither a conversion, whose batch waits on the lead locks the erasure holds,
     nor a CRM contact, which takes no lead lock. Storing of other people goes on meanwhile."""
+    now_ms = int(time.time() * 1000)
+    body = conversion(PERSON, UUID, 5) if late_body == "conversion" else crm_contact(PERSON, 1)
+    outcome = while_erasing(runtime, database_url, db,
+                            lambda: entry(body, received_ms=now_ms - 60_000))
+    assert (outcome["batch"].erased, outcome["batch"].new) == (1, [])
+    assert outcome["erase"]["leads"] == 1
+    assert mentions(db, PERSON) == {}
+
+
+def test_a_redelivery_received_while_an_erasure_runs_is_dropped(runtime, database_url, db):
+    """RD sends the person's event again after the erasure was recorded, before its rows are
+    changed: the event's key is not yet the erased one, and the body is newer than the
+    erasure, yet it must not be stored again once the erasure frees the key."""
+    outcome = while_erasing(runtime, database_url, db,
+                            lambda: entry(conversion(PERSON, UUID, 1)))  # received now
+    assert (outcome["batch"].erased, outcome["batch"].new) == (1, [])
+    assert mentions(db, PERSON) == {}
+    after = store(runtime, entry(conversion(PERSON, UUID, 1)))  # once it is done: a duplicate
+    assert (after.new, after.duplicates, after.erased) == ([], 0, 1)
+
+
+def test_two_erasures_of_people_one_event_names_hash_its_key_once(runtime, database_url, db):
+    """Both erasures find the event; the second to change it must not hash the key the first
+    one hashed (a redelivery would then no longer find it, and be stored in full)."""
     from workers import retention
 
-    uuid = "aaaaaaaa-0000-4000-8000-000000000001"
-    now_ms = int(time.time() * 1000)
-    store(runtime, entry(conversion(PERSON, uuid, 1), received_ms=now_ms - 120_000))
+    body = conversion(PERSON, UUID, 1)
+    body["contact"]["funnel"] = {"contact_owner_email": OTHER}
+    store(runtime, entry(body, received_ms=int(time.time() * 1000) - 120_000))
+    done: dict[str, Any] = {}
+
+    def erase(email: str) -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            done[email] = retention.erase(conn, None, email)
+
+    with psycopg.connect(database_url) as blocker:  # both read the row before either writes
+        blocker.execute("SELECT 1 FROM events FOR UPDATE")
+        erasers = [threading.Thread(target=erase, args=(email,)) for email in (PERSON, OTHER)]
+        for eraser in erasers:
+            eraser.start()
+        wait_for(lambda: waiting_on_locks(db) >= 2, timeout=20, what="both erasures waiting")
+        blocker.rollback()
+        for eraser in erasers:
+            eraser.join(30)
+    assert done[PERSON]["events"] + done[OTHER]["events"] == 1
+    again = store(runtime, entry(body))
+    assert (again.new, again.erased) == ([], 1)
+
+
+@pytest.mark.timeout(60)
+def test_bodies_read_for_addresses_after_an_erasure_take_time_in_step_with_their_size(
+        runtime, settings, db):
+    """After an erasure, a batch reads each body for addresses; a long run of address
+    characters (a 500,000-character name, within the 1 MiB ingest limit) must not take time
+    growing with its square (minutes, while the batch holds back other erasures)."""
+    result = leadpipe(settings, "erase", "--email", PERSON)
+    assert result.returncode == 0, result.stderr
+    before = int(time.time() * 1000) - 60_000
+    long_name = crm_contact(OTHER, 7)
+    long_name["document"]["name"] = "x" * 500_000
+    stored = store(runtime, entry(long_name, received_ms=before))  # (the timeout: 60 s)
+    assert len(stored.new) == 1 and stored.erased == 0
+
+
+UUID = "aaaaaaaa-0000-4000-8000-000000000001"
+
+
+def while_erasing(runtime: Runtime, database_url: str, db: Any,
+                  late: Callable[[], Entry]) -> dict[str, Any]:
+    """Erase PERSON, whose first event has a CRM call under way (the erasure waits for it),
+    and store `late()` meanwhile, once the erasure is recorded; another person's batch must be
+    stored meanwhile without waiting. {"erase": touched, "batch": the late batch's Stored}."""
+    from workers import retention
+
+    store(runtime, entry(conversion(PERSON, UUID, 1), received_ms=int(time.time() * 1000)
+                         - 120_000))
     (event_id,) = db.execute("SELECT id FROM events").fetchone()
     db.execute("INSERT INTO deliveries (event_id, sink) VALUES (%s, 'crm')", (event_id,))
-    body = conversion(PERSON, uuid, 5) if late_body == "conversion" else crm_contact(PERSON, 1)
-    late = pipeline.split([entry(body, received_ms=now_ms - 60_000)])
     outcome: dict[str, Any] = {}
 
     def erase() -> None:
@@ -293,7 +384,7 @@ def test_a_body_received_before_an_erasure_and_stored_while_it_runs_is_dropped(
             outcome["erase"] = retention.erase(conn, None, PERSON)
 
     def batch() -> None:
-        outcome["batch"] = pipeline.store(runtime, *late)
+        outcome["batch"] = store(runtime, late())
 
     with psycopg.connect(database_url, autocommit=True) as deliverer:
         deliverer.execute("SELECT pg_advisory_lock(hashtextextended('crm:' || %s, 0))",
@@ -314,9 +405,7 @@ def test_a_body_received_before_an_erasure_and_stored_while_it_runs_is_dropped(
         deliverer.execute("SELECT pg_advisory_unlock_all()")  # the CRM call ends
         eraser.join(30)
         storer.join(30)
-    assert (outcome["batch"].erased, outcome["batch"].new) == (1, [])
-    assert outcome["erase"]["leads"] == 1
-    assert mentions(db, PERSON) == {}
+    return outcome
 
 
 def test_an_erasure_that_fails_halfway_is_recorded_and_finished_by_running_it_again(
@@ -347,6 +436,10 @@ def test_an_erasure_that_fails_halfway_is_recorded_and_finished_by_running_it_ag
     assert result.returncode == 0, result.stderr
     assert mentions(db, PERSON) == {}
     assert count(db, "SELECT count(*) FROM erasures WHERE touched ->> 'leads' = '1'") == 1
+    # the failed one is done too: while `{}`, the person's new bodies would still be dropped
+    assert count(db, "SELECT count(*) FROM erasures WHERE touched ? 'finished_by'") == 1
+    assert len(store(runtime, entry(conversion(PERSON, "dddddddd-0000-4000-8000-00000000000d",
+                                               4))).new) == 1
 
 
 def test_an_erasure_waiting_for_a_stuck_batch_lets_storing_go_on(runtime, settings, db,
@@ -420,6 +513,26 @@ def test_erase_through_the_operator_api(runtime, settings, db):
     assert answer.status_code == 200
     assert answer.get_json()["erased"]["leads"] == 1
     assert mentions(db, PERSON) == {}
+
+
+def test_an_erasure_held_off_by_a_stuck_batch_gives_up_saying_so(settings, db, monkeypatch):
+    """Recording nothing is an answer to retry (503 with Retry-After), never a 500 nor the
+    "Postgres unavailable" of a database that is down."""
+    from workers import retention
+
+    monkeypatch.setattr(retention, "_TURN_WAIT", "50ms")
+    monkeypatch.setattr(retention, "_TURN_PAUSE", 0.05)
+    monkeypatch.setattr(retention, "_TURN_TRIES", 3)
+    client = create_app(settings.with_(admin_tokens=(ADMIN,))).test_client()
+    with psycopg.connect(settings.database_url, autocommit=True) as stuck:
+        stuck.execute(f"SELECT pg_advisory_lock_shared({retention.ERASURE_TURN})")
+        answer = client.post("/api/erase", json={"email": PERSON},
+                             headers={"Authorization": f"Bearer {ADMIN}"})
+    assert (answer.status_code, answer.headers.get("Retry-After")) == (503, "5")
+    assert answer.get_json()["errors"]["error_message"] == (
+        "The erasure waited 3 times for the batches being stored and recorded nothing; "
+        "run it again.")
+    assert count(db, "SELECT count(*) FROM erasures") == 0
 
 
 def test_purge_applies_each_retention_in_batches_and_spares_what_is_still_needed(
