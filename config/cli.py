@@ -506,9 +506,9 @@ def _unavailable(exc: BaseException) -> str | None:
             exc, "sqlstate", None) is None:  # libpq refused the URL before any server answered
         return (f"Postgres cannot be reached with LEADPIPE_DATABASE_URL ({type(exc).__name__}; "
                 "the message is not shown: it may hold the password)")
-    from workers.retention import ErasureBusy
+    from workers.retention import ErasureBusy, ErasureUnfinished
 
-    if isinstance(exc, ErasureBusy):
+    if isinstance(exc, ErasureBusy | ErasureUnfinished):
         return str(exc)
     if isinstance(exc, PoolTimeout | psycopg.OperationalError):
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""

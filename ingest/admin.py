@@ -167,7 +167,8 @@ def erase() -> Response:
             touched = retention.erase(conn, runtime.stream, email)
     except ValueError as exc:
         return error(400, "INVALID", str(exc))
-    except retention.ErasureBusy as exc:
+    except (retention.ErasureBusy, retention.ErasureUnfinished) as exc:
+        log.warning("erasure not done: %s", type(exc.__cause__ or exc).__name__)
         return error(503, "SERVICE_UNAVAILABLE", str(exc).capitalize() + ".",
                      headers={"Retry-After": "5"})
     _audit("erasure done", touched=touched)  # the operator, never the address

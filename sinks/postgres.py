@@ -400,8 +400,8 @@ def _addresses(payload: str) -> list[str]:
     if "\\u" in payload:
         try:
             payload = "\n".join(_strings(parse_body(payload.encode())))
-        except ValueError:  # a quarantined body may not parse: its text as it is
-            pass
+        except (ValueError, RecursionError):  # a quarantined body may not parse, or nest
+            pass  # too deep to walk: its text as it is
     return _ADDRESSES.findall(payload.lower())
 
 

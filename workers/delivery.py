@@ -40,6 +40,11 @@ class Plan:
     # not tried: another delivery of the same lead or deal to this sink was on its way; sent
     # again in the same round after BUSY_SECONDS
     busy_ids: list[str] = field(default_factory=list)
+    # not tried: the last round found the circuit open; given one more round (a grace round)
+    # when it may be probed, `wait` seconds on: a sink back within its cooldown gets them, one
+    # still down sends them to dead letters then
+    waiting_ids: list[str] = field(default_factory=list)
+    wait: float = 0.0
 
 
 # One task delivers for at most this long, then hands the rest to a new task of the same round:
@@ -361,8 +366,11 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
             blocked = control.circuit_wait(spec.name, spec.circuit_cooldown, caller)
             if blocked > 0:  # the sink is known down: do not hammer it, back off as a whole
                 rest = events[n:]
-                failed += [(e, RuntimeError("circuit open")) for e in rest]
-                waits.append(blocked)
+                if round_ == len(spec.retry_schedule):  # the last round: one grace round
+                    plan.waiting_ids, plan.wait = [e.id for e in rest], blocked
+                else:
+                    failed += [(e, RuntimeError("circuit open")) for e in rest]
+                    waits.append(blocked)
                 break
         with turn(conn, spec.name, event) if sink.latest_state_only else _ALWAYS as mine:
             if not mine:
@@ -423,7 +431,7 @@ def _schedule(conn: psycopg.Connection, sink: str, plan: Plan, dispatch: str | N
     """When the deliveries the task sends on are due (the relay waits that long and more),
     for those still in this task's dispatch."""
     for ids, seconds in ((plan.retry_ids, plan.countdown), (plan.rest_ids, 0.0),
-                         (plan.busy_ids, BUSY_SECONDS)):
+                         (plan.busy_ids, BUSY_SECONDS), (plan.waiting_ids, plan.wait)):
         if ids:
             conn.execute("UPDATE deliveries SET dispatched_at = now() + make_interval(secs => %s) "
                          "WHERE sink = %s AND event_id = ANY(%s) "

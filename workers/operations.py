@@ -161,6 +161,22 @@ def _target(runtime: Runtime, sink: str) -> bool:
     return sink in runtime.routing.sinks or subscribers.is_target(sink)
 
 
+# The relay's pick: the candidates first (at most the limit, their rows locked), then the
+# try-lock of each delivery on those only (in one WHERE, Postgres would try it on every stale
+# row before the LIMIT, holding them all until commit: past the lock table's size the relay
+# failed every time). A delivery whose lock a task holds is being sent: its next round
+# follows, and renamed under it, it would have no task that may send it.
+RELAY_SQL = (
+    "WITH picked AS MATERIALIZED ("
+    "  SELECT event_id, sink FROM deliveries WHERE status = 'pending' "
+    "  AND dispatched_at < now() - make_interval(secs => %s) AND sink <> ALL(%s) "
+    "  ORDER BY dispatched_at LIMIT %s FOR UPDATE SKIP LOCKED) "
+    "UPDATE deliveries d SET dispatched_at = now(), dispatch = %s FROM picked p "
+    "WHERE d.event_id = p.event_id AND d.sink = p.sink "
+    "AND pg_try_advisory_xact_lock(hashtextextended(p.sink || ':' || p.event_id, 0)) "
+    "RETURNING d.event_id, d.sink")
+
+
 def relay(runtime: Runtime, limit: int = 1000) -> int:
     """Dispatch pending deliveries whose task was lost (a crash between commit and publish, or
     a worker killed holding it); paused sinks keep theirs in their queue.
@@ -170,18 +186,9 @@ def relay(runtime: Runtime, limit: int = 1000) -> int:
     `delivery.load_events`), so each delivery has one chain of rounds at a time."""
     dispatch = uuid.uuid4().hex
     with runtime.pool.connection() as conn, conn.transaction():
-        rows = conn.execute(
-            "UPDATE deliveries SET dispatched_at = now(), dispatch = %s "
-            "WHERE (event_id, sink) IN ("
-            "  SELECT event_id, sink FROM deliveries WHERE status = 'pending' "
-            "  AND dispatched_at < now() - make_interval(secs => %s) AND sink <> ALL(%s) "
-            # not one a task is delivering right now (it holds the delivery's lock): its
-            # next round follows, and renamed under it the delivery would have no task
-            "  AND pg_try_advisory_xact_lock(hashtextextended(sink || ':' || event_id, 0)) "
-            "  ORDER BY dispatched_at LIMIT %s FOR UPDATE SKIP LOCKED) "
-            "RETURNING event_id, sink",
-            (dispatch, runtime.settings.relay_after_seconds, sorted(runtime.control.paused()),
-             limit)).fetchall()
+        rows = conn.execute(RELAY_SQL, (runtime.settings.relay_after_seconds,
+                                        sorted(runtime.control.paused()), limit,
+                                        dispatch)).fetchall()
     by_sink: dict[str, list[str]] = {}
     for event_id, sink in rows:
         by_sink.setdefault(sink, []).append(event_id)

@@ -165,11 +165,21 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
         raise ValueError("expected one e-mail address")
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise RuntimeError("erase needs a connection outside any transaction")
-    return _remove(conn, stream, email, _record(conn, email))
+    erasure = _record(conn, email)
+    try:
+        return _remove(conn, stream, email, erasure)
+    except Exception as exc:
+        raise ErasureUnfinished(
+            f"the erasure is recorded (bodies naming the person are dropped from now on) but "
+            f"nothing was changed yet: {type(exc).__name__}; run it again") from exc
 
 
 class ErasureBusy(RuntimeError):
     """Batches being stored kept the erasure from being recorded: nothing was erased."""
+
+
+class ErasureUnfinished(RuntimeError):
+    """The erasure is recorded but its rows were not changed: it must be run again."""
 
 
 def _record(conn: psycopg.Connection, email: str) -> int:

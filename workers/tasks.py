@@ -27,6 +27,12 @@ def backoff(retries: int, base: float = 1.0, cap: float = 60.0) -> float:
     return random.uniform(0, min(cap, base * 2**retries))
 
 
+def _cap(runtime: Any) -> float:
+    """The longest retry countdown: 60 s, and never half the visibility timeout (a retry
+    waiting longer may be handed to another worker meanwhile, see Runtime.publish)."""
+    return min(60.0, runtime.settings.visibility_timeout_seconds / 2)
+
+
 @shared_task(bind=True, name="leadpipe.process_batch", acks_late=True, ignore_result=True,
              max_retries=None)
 def process_batch(self: Task, entry_ids: list[str], consumer: str,
@@ -47,7 +53,7 @@ def process_batch(self: Task, entry_ids: list[str], consumer: str,
             pass
         log.warning("batch of %d will be retried: %s", len(entry_ids), type(exc).__name__)
         tries = oversized_tries + 1 if oversized(exc) else 0
-        raise self.retry(exc=exc, countdown=backoff(self.request.retries),
+        raise self.retry(exc=exc, countdown=backoff(self.request.retries, cap=_cap(runtime)),
                          args=(entry_ids, consumer), kwargs={"oversized_tries": tries}) from exc
     metrics.count_batch(runtime.metrics, stored.outcomes)
     summary = {"entries": len(entry_ids), "new": len(stored.new),
@@ -80,19 +86,24 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0,
             plan = delivery.run(conn, target.sink, target.spec, runtime.control, event_ids,
                                 round_, target.health, dispatch)
     except TRANSIENT as exc:  # our own Postgres or Redis: try the same round again soon
-        raise self.retry(exc=exc, countdown=backoff(self.request.retries)) from exc
+        raise self.retry(exc=exc, countdown=backoff(self.request.retries, cap=_cap(runtime))
+                         ) from exc
     if plan.retry_ids:
         runtime.publish(sink, plan.retry_ids, plan.next_round, plan.countdown, dispatch)
     if plan.rest_ids:  # the time budget ran out: the rest go on at once, in the same round
         runtime.publish(sink, plan.rest_ids, round_, dispatch=dispatch)
     if plan.busy_ids:  # their lead's or deal's turn was taken: shortly, in the same round
         runtime.publish(sink, plan.busy_ids, round_, delivery.BUSY_SECONDS, dispatch)
+    if plan.waiting_ids:  # the last round met an open circuit: a grace round after it
+        runtime.publish(sink, plan.waiting_ids, round_ + 1, plan.wait, dispatch)
     metrics.count_round(runtime.metrics, sink, plan.delivered, plan.dead, len(plan.retry_ids),
-                        plan.reason, plan.superseded, len(plan.busy_ids))
+                        plan.reason, plan.superseded,
+                        len(plan.busy_ids) + len(plan.waiting_ids))
     summary = {"sink": sink, "round": round_, "delivered": plan.delivered, "dead": plan.dead,
                "superseded": plan.superseded,
                "again": len(plan.retry_ids), "in_seconds": round(plan.countdown, 2),
                "rest": len(plan.rest_ids), "busy": len(plan.busy_ids),
+               "waiting_for_circuit": len(plan.waiting_ids),
                "why": plan.reason}
     log.info("deliveries", extra={"task_id": self.request.id, **summary})
     return summary

@@ -324,3 +324,25 @@ def test_migration_0009_keeps_old_ledger_rows_for_every_sink_and_goes_back(datab
     rows = db.execute("SELECT dedup_key, recipient FROM email_sent ORDER BY dedup_key").fetchall()
     assert rows == [("k1", "a@example.com"), ("k2", "a@example.com")]
     migrate(database_url)
+
+
+def test_migration_0011_marks_failed_erasures_that_a_later_one_finished(database_url, db):
+    """A `{}` record (an erasure whose rows were never changed) counts as running: the
+    person's every body is dropped. One a later erasure of the same person finished, before
+    that erasure said so, is marked; one nothing finished stays as it is."""
+    import sqlalchemy
+    from alembic import command
+
+    from sinks.db import _alembic_config, _sqlalchemy_url, migrate
+
+    engine = sqlalchemy.create_engine(_sqlalchemy_url(database_url),
+                                      poolclass=sqlalchemy.NullPool)
+    with engine.begin() as conn:
+        command.downgrade(_alembic_config(conn), "0010")
+    engine.dispose()
+    db.execute("""INSERT INTO erasures (id, email_sha256, touched) VALUES
+                  (1, 'ana', '{}'), (2, 'ana', '{"leads": 1}'), (3, 'bia', '{}'),
+                  (4, 'ana', '{}')""")
+    migrate(database_url)
+    assert db.execute("SELECT id, touched FROM erasures ORDER BY id").fetchall() == [
+        (1, {"finished_by": 2}), (2, {"leads": 1}), (3, {}), (4, {})]

@@ -226,3 +226,48 @@ def test_a_refusal_answered_by_the_half_open_probe_closes_the_circuit(database_u
         assert len(server.requests) - calls == 4
         assert control.circuit_state("crm") == "closed"
         crm.close()
+
+
+def test_a_last_round_that_meets_an_open_circuit_gets_a_grace_round(database_url,
+                                                                    redis_client):
+    """Events whose last round found the circuit open are not buried without a call: they get
+    one more round when the circuit may be probed, and go out if the sink is back by then; if
+    it is still down, that round sends them to dead letters."""
+    import psycopg
+
+    from sinks.postgres import PostgresSink
+    from sinks.registry import build
+    from tests.sinks.test_postgres_lww import at, events, v2
+    from tests.support.http_server import HttpServer, Reply
+    from workers import delivery
+    from workers.control import SinkControl
+    from workers.routing import SinkSpec
+
+    store = PostgresSink("postgres", {"dsn": database_url})
+    control = SinkControl(redis_client, "c" + os.urandom(4).hex())
+    spec = SinkSpec("crm", "crm", {}, retry_schedule=(5.0,), quick_retries=1,
+                    circuit_failures=2, circuit_cooldown=0.3)
+    down = events(v2("U-open-1", at(0)), v2("U-open-2", at(0)))
+    last = events(*(v2(f"U-last-{n}", at(1)) for n in range(3)))
+    store.store(down + last, [], route=lambda e: ["crm"])
+    store.close()
+    with HttpServer() as server, psycopg.connect(database_url, autocommit=True) as conn:
+        crm = build("crm", "crm", {"base_url": server.url, "auth_value": "Bearer x"})
+        server.script(Reply(503), Reply(503))
+        delivery.run(conn, crm, spec, control, [e.id for e in down], 0)
+        assert control.circuit_state("crm") == "open"
+        calls = len(server.requests)
+        held = delivery.run(conn, crm, spec, control, [e.id for e in last], 1)  # the last round
+        assert (held.dead, held.retry_ids, len(server.requests)) == (0, [], calls)
+        assert held.waiting_ids == [e.id for e in last] and 0 < held.wait <= 0.3
+        time.sleep(held.wait + 0.05)
+        server.script(Reply(503), Reply(200), Reply(200))
+        grace = delivery.run(conn, crm, spec, control, held.waiting_ids[:1], 2)  # still down
+        assert (grace.dead, grace.waiting_ids, grace.retry_ids) == (1, [], [])
+        assert control.circuit_state("crm") == "open"
+        buried = delivery.run(conn, crm, spec, control, held.waiting_ids[1:2], 2)
+        assert (buried.dead, buried.waiting_ids, len(server.requests)) == (1, [], calls + 1)
+        time.sleep(0.35)  # back by the next probe
+        sent = delivery.run(conn, crm, spec, control, held.waiting_ids[2:], 2)
+        assert (sent.delivered, sent.dead, sent.waiting_ids) == (1, 0, [])
+        crm.close()

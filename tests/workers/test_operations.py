@@ -71,3 +71,16 @@ def test_a_replayed_dead_letter_is_not_the_task_of_its_first_life(ops, database_
         replayed, held, _ = delivery.load_events(conn, "crm", [event_id], name)
         assert [e.id for e in replayed] == [event_id]
         delivery.release(conn, "crm", held)
+
+
+def test_the_relay_locks_only_the_deliveries_it_sends(database_url, db):
+    """Its try-lock must not reach every stale delivery before the limit applies: it held
+    them all until commit (past the lock table's size, the relay failed every run)."""
+    stored(database_url, *(f"U-stale-{n}" for n in range(30)))
+    db.execute("UPDATE deliveries SET dispatched_at = now() - interval '1 hour'")
+    with psycopg.connect(database_url) as conn:  # one transaction, rolled back
+        sent = conn.execute(operations.RELAY_SQL, (60, [], 5, "d-1")).fetchall()
+        held, = conn.execute("SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' "
+                             "AND pid = pg_backend_pid()").fetchone()
+        conn.rollback()
+    assert (len(sent), held) == (5, 5)

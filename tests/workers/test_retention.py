@@ -423,7 +423,8 @@ def test_an_erasure_that_fails_halfway_is_recorded_and_finished_by_running_it_ag
 
     monkeypatch.setattr(retention, "erase_from_stream", redis_down)
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        with pytest.raises(ConnectionError):
+        with pytest.raises(retention.ErasureUnfinished, match="the erasure is recorded .* "
+                           "nothing was changed yet: ConnectionError; run it again"):
             retention.erase(conn, stream, PERSON)
     assert mentions(db, PERSON) == {"events": 1, "leads": 1}  # the change rolled back
     assert db.execute("SELECT touched FROM erasures").fetchall() == [({},)]
