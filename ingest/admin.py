@@ -169,7 +169,8 @@ def erase() -> Response:
         return error(400, "INVALID", str(exc))
     except (retention.ErasureBusy, retention.ErasureUnfinished) as exc:
         log.warning("erasure not done: %s", type(exc.__cause__ or exc).__name__)
-        return error(503, "SERVICE_UNAVAILABLE", str(exc).capitalize() + ".",
+        said = str(exc)
+        return error(503, "SERVICE_UNAVAILABLE", said[:1].upper() + said[1:] + ".",
                      headers={"Retry-After": "5"})
     _audit("erasure done", touched=touched)  # the operator, never the address
     return _json({"erased": touched})

@@ -144,3 +144,6 @@ def gauges(state: PipelineState) -> Iterator[Metric]:
                      [([s.sink], s.dead) for s in sinks])
         yield _gauge("leadpipe_quarantined", "Bodies in quarantine.",
                      rows=[([], state.quarantined)])
+        yield _gauge("leadpipe_erasures_unfinished", "Erasures recorded whose rows are not "
+                     "changed yet (running, or failed: run them again).",
+                     rows=[([], state.unfinished_erasures)])

@@ -45,6 +45,7 @@ class Plan:
     # still down sends them to dead letters then
     waiting_ids: list[str] = field(default_factory=list)
     wait: float = 0.0
+    waiting_round: int = 0
 
 
 # One task delivers for at most this long, then hands the rest to a new task of the same round:
@@ -366,8 +367,13 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
             blocked = control.circuit_wait(spec.name, spec.circuit_cooldown, caller)
             if blocked > 0:  # the sink is known down: do not hammer it, back off as a whole
                 rest = events[n:]
-                if round_ == len(spec.retry_schedule):  # the last round: one grace round
+                last = len(spec.retry_schedule)
+                # the last round: a grace round; in it, another wait while some other task
+                # probes the circuit (half-open), dead letters only when it is open again
+                if round_ == last or (round_ > last and
+                                      control.circuit_state(spec.name) == "half-open"):
                     plan.waiting_ids, plan.wait = [e.id for e in rest], blocked
+                    plan.waiting_round = last + 1
                 else:
                     failed += [(e, RuntimeError("circuit open")) for e in rest]
                     waits.append(blocked)
@@ -415,7 +421,8 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
         if round_ >= len(spec.retry_schedule):
             for event, exc in failed:
                 _dead(conn, event.id, spec.name, exc,
-                      f"retries exhausted after {round_ + 1} rounds: {type(exc).__name__}: "
+                      f"retries exhausted after {min(round_, len(spec.retry_schedule)) + 1} "
+                      f"rounds: {type(exc).__name__}: "
                       f"{exc}")
                 plan.dead += 1
         else:

@@ -10,6 +10,7 @@ from typing import Any
 
 import orjson
 import psycopg
+import redis
 from psycopg.types.json import Jsonb
 
 from config.settings import Settings
@@ -168,10 +169,10 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
     erasure = _record(conn, email)
     try:
         return _remove(conn, stream, email, erasure)
-    except Exception as exc:
+    except (psycopg.Error, redis.RedisError) as exc:  # a store failed us: worth a new run
         raise ErasureUnfinished(
-            f"the erasure is recorded (bodies naming the person are dropped from now on) but "
-            f"nothing was changed yet: {type(exc).__name__}; run it again") from exc
+            "the erasure is recorded (bodies naming the person are dropped from now on) but "
+            f"did not finish ({type(exc).__name__}); run it again") from exc
 
 
 class ErasureBusy(RuntimeError):
@@ -291,15 +292,22 @@ def _mentions(body: bytes, email: str) -> bool:
     address = _address(email)
     try:
         return _contains(parse_body(body), address)
-    except ValueError:  # not JSON after all: look at its text as it is
+    except (ValueError, RecursionError):  # not JSON after all (or too deep to read): its text
         return address.search(text) is not None
 
 
 def _contains(value: Any, address: re.Pattern[str]) -> bool:
-    if isinstance(value, str):
-        return address.search(value.lower()) is not None
-    if isinstance(value, dict):
-        return any(_contains(k, address) or _contains(v, address) for k, v in value.items())
-    if isinstance(value, list):
-        return any(_contains(v, address) for v in value)
+    """Whether a string anywhere in the value (keys too) holds the address; walked with a
+    stack of its own, so a body nested as deep as JSON allows cannot stop an erasure."""
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            if address.search(item.lower()):
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
     return False

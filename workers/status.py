@@ -38,6 +38,9 @@ class PipelineState:
     ingest_unread: int = 0  # not yet read by any worker's pump
     ingest_oldest_seconds: float = 0.0  # age of the oldest entry still on the stream
     quarantined: int = 0
+    # erasures recorded whose rows are not changed yet: running now, or failed and waiting to
+    # be run again (meanwhile the person's bodies are dropped and storing reads every body)
+    unfinished_erasures: int = 0
     sinks: dict[str, SinkState] = field(default_factory=dict)
     postgres_problem: str = "UNREACHABLE: check LEADPIPE_DATABASE_URL"  # when not postgres_up
 
@@ -119,6 +122,8 @@ def _postgres(runtime: Runtime, state: PipelineState, delivered: bool) -> None:
             sink(name).dead = n
         row = conn.execute("SELECT count(*) FROM quarantine").fetchone()
         state.quarantined = int(row[0]) if row else 0
+        row = conn.execute("SELECT count(*) FROM erasures WHERE touched = '{}'").fetchone()
+        state.unfinished_erasures = int(row[0]) if row else 0
         if delivered:
             for s in state.sinks.values():
                 s.delivered = 0
@@ -174,6 +179,9 @@ def render(state: PipelineState, found: dict[str, dict[str, Any]], timeout: floa
     else:
         lines.append("ingest stream  REDIS UNREACHABLE: check LEADPIPE_REDIS_URL")
     lines.append(f"quarantine     {state.quarantined if state.postgres_up else '?'}")
+    if state.postgres_up and state.unfinished_erasures:
+        lines.append(f"erasures       {state.unfinished_erasures} UNFINISHED: run `leadpipe erase` "
+                     "again for each person (until then storing reads every body)")
     if not state.postgres_up:
         lines.append(f"POSTGRES {state.postgres_problem}: sink counts unknown")
     header = ("sink", "state", "circuit", "pending", "oldest", "oldest lead", "delivered", "dead")

@@ -24,7 +24,7 @@ TRANSIENT = (RetryableSinkError, psycopg.OperationalError, PoolTimeout, redis.Co
 
 def backoff(retries: int, base: float = 1.0, cap: float = 60.0) -> float:
     """Exponential backoff with full jitter."""
-    return random.uniform(0, min(cap, base * 2**retries))
+    return random.uniform(0, min(cap, base * 2**min(retries, 30)))  # (2**1024: no float)
 
 
 def _cap(runtime: Any) -> float:
@@ -94,8 +94,8 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0,
         runtime.publish(sink, plan.rest_ids, round_, dispatch=dispatch)
     if plan.busy_ids:  # their lead's or deal's turn was taken: shortly, in the same round
         runtime.publish(sink, plan.busy_ids, round_, delivery.BUSY_SECONDS, dispatch)
-    if plan.waiting_ids:  # the last round met an open circuit: a grace round after it
-        runtime.publish(sink, plan.waiting_ids, round_ + 1, plan.wait, dispatch)
+    if plan.waiting_ids:  # the last round met an open circuit: its grace round after it
+        runtime.publish(sink, plan.waiting_ids, plan.waiting_round, plan.wait, dispatch)
     metrics.count_round(runtime.metrics, sink, plan.delivered, plan.dead, len(plan.retry_ids),
                         plan.reason, plan.superseded,
                         len(plan.busy_ids) + len(plan.waiting_ids))

@@ -86,6 +86,18 @@ def test_status_without_routing_or_workers(settings):
     assert "workers        0 answered within 0.3s" in result.stdout
 
 
+def test_status_names_erasures_left_unfinished(settings, db):
+    """An erasure whose rows were never changed keeps dropping the person's bodies and makes
+    storing read every body: the operator must see it, not find it in a log."""
+    assert "erasures" not in status(settings, "--timeout", "0.1").stdout
+    db.execute("INSERT INTO erasures (email_sha256) VALUES ('a'), ('b')")  # touched: {}
+    db.execute("""INSERT INTO erasures (email_sha256, touched) VALUES ('c', '{"leads": 1}')""")
+    result = status(settings, "--timeout", "0.1")
+    assert result.returncode == 0, result.stderr
+    assert ("erasures       2 UNFINISHED: run `leadpipe erase` again for each person (until "
+            "then storing reads every body)") in result.stdout.splitlines()
+
+
 def test_sinks_list_says_when_there_are_none(settings):
     result = subprocess.run([sys.executable, "-m", "config.cli", "sinks", "list"], cwd=ROOT,
                             env={**os.environ, **settings.to_env()}, capture_output=True,

@@ -119,6 +119,7 @@ def test_exact_counts_from_two_api_processes_and_two_workers(metered, api, worke
         ("leadpipe_dead_letters", (("sink", "audit"),)): 0,
         ("leadpipe_sink_queue_depth", (("sink", "audit"),)): 0,
         ("leadpipe_quarantined", ()): 1,
+        ("leadpipe_erasures_unfinished", ()): 0,
         ("leadpipe_ingest_queue_depth", ()): 0,
         ("leadpipe_sink_paused", (("sink", "audit"),)): 0,
         ("leadpipe_sink_circuit", (("sink", "refuser"), ("state", "closed"))): 1,

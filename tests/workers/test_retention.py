@@ -15,6 +15,7 @@ from typing import Any
 import orjson
 import psycopg
 import pytest
+import redis
 
 from ingest import create_app
 from ingest.queue import Entry, IngestStream
@@ -363,6 +364,24 @@ def test_bodies_read_for_addresses_after_an_erasure_take_time_in_step_with_their
     assert len(stored.new) == 1 and stored.erased == 0
 
 
+def test_a_body_nested_as_deep_as_json_allows_cannot_stop_an_erasure(runtime, settings, db,
+                                                                      redis_client):
+    """A body naming the person 900 levels deep (ingest takes up to 1,024) is found and
+    removed, in the quarantine and on the stream; walking it must not run out of stack."""
+    from workers import retention
+
+    deep = ('{"event_type": "WEBHOOK.CONVERTED", "lead": ' + "[" * 900 + json.dumps(PERSON)
+            + "]" * 900 + "}").encode()
+    assert store(runtime, Entry("1-0", "ret-deep", int(time.time() * 1000), deep, None)
+                 ).quarantined == 1
+    stream = IngestStream(redis_client, settings.stream_key)
+    stream.append("ret-deep-2", deep, None)  # one still waiting on the stream
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        touched = retention.erase(conn, stream, PERSON)
+    assert (touched["quarantine"], touched["stream"]) == (1, 1)
+    assert mentions(db, PERSON) == {}
+
+
 UUID = "aaaaaaaa-0000-4000-8000-000000000001"
 
 
@@ -419,15 +438,22 @@ def test_an_erasure_that_fails_halfway_is_recorded_and_finished_by_running_it_ag
     stream.ensure_group()
 
     def redis_down(*args: Any) -> int:
-        raise ConnectionError("redis went away")
+        raise redis.ConnectionError("redis went away")
 
     monkeypatch.setattr(retention, "erase_from_stream", redis_down)
     with psycopg.connect(settings.database_url, autocommit=True) as conn:
-        with pytest.raises(retention.ErasureUnfinished, match="the erasure is recorded .* "
-                           "nothing was changed yet: ConnectionError; run it again"):
+        with pytest.raises(retention.ErasureUnfinished, match=r"the erasure is recorded .* "
+                           r"did not finish \(ConnectionError\); run it again"):
             retention.erase(conn, stream, PERSON)
+    # the operator API says the same, 503 with Retry-After (a new run will finish it)
+    client = create_app(settings.with_(admin_tokens=(ADMIN,))).test_client()
+    answer = client.post("/api/erase", json={"email": PERSON},
+                         headers={"Authorization": f"Bearer {ADMIN}"})
+    assert (answer.status_code, answer.headers.get("Retry-After")) == (503, "5")
+    assert "did not finish (ConnectionError); run it again" in answer.get_json()[
+        "errors"]["error_message"]
     assert mentions(db, PERSON) == {"events": 1, "leads": 1}  # the change rolled back
-    assert db.execute("SELECT touched FROM erasures").fetchall() == [({},)]
+    assert db.execute("SELECT touched FROM erasures").fetchall() == [({},), ({},)]
     late = store(runtime, entry(conversion(PERSON, "cccccccc-0000-4000-8000-00000000000c", 3),
                                 received_ms=int(time.time() * 1000) - 60_000))
     assert (late.erased, late.new) == (1, [])
@@ -438,7 +464,7 @@ def test_an_erasure_that_fails_halfway_is_recorded_and_finished_by_running_it_ag
     assert mentions(db, PERSON) == {}
     assert count(db, "SELECT count(*) FROM erasures WHERE touched ->> 'leads' = '1'") == 1
     # the failed one is done too: while `{}`, the person's new bodies would still be dropped
-    assert count(db, "SELECT count(*) FROM erasures WHERE touched ? 'finished_by'") == 1
+    assert count(db, "SELECT count(*) FROM erasures WHERE touched ? 'finished_by'") == 2
     assert len(store(runtime, entry(conversion(PERSON, "dddddddd-0000-4000-8000-00000000000d",
                                                4))).new) == 1
 
