@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import re
 from collections import Counter
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -15,7 +15,14 @@ from psycopg_pool import PoolTimeout
 from sinks.base import RetryableSinkError, Sink
 from workers.events import Event, Rejected
 from workers.normalize import claimed_type, dump, lead_hash, legacy_key_before, parse_body
-from workers.retention import DOMAIN_PART, ERASURE_TURN, LOCAL_PART, email_digest, erased_key
+from workers.retention import (
+    DOMAIN_PART,
+    ERASURE_TURN,
+    LOCAL_PART,
+    email_digest,
+    erased_key,
+    strings,
+)
 
 LEAD_COLUMNS = (
     "uuid", "legacy_id", "email", "name", "company", "job_title", "mobile_phone",
@@ -399,22 +406,10 @@ def _addresses(payload: str) -> list[str]:
     """Every address in a body, lower-cased; JSON escapes ("jo\\u00e3o") spelled out first."""
     if "\\u" in payload:
         try:
-            payload = "\n".join(_strings(parse_body(payload.encode())))
-        except (ValueError, RecursionError):  # a quarantined body may not parse, or nest
-            pass  # too deep to walk: its text as it is
+            payload = "\n".join(strings(parse_body(payload.encode())))
+        except (ValueError, RecursionError):  # a quarantined body may not parse: its text
+            pass
     return _ADDRESSES.findall(payload.lower())
-
-
-def _strings(value: Any) -> Iterator[str]:
-    if isinstance(value, str):
-        yield value
-    elif isinstance(value, dict):
-        for key, item in value.items():
-            yield key
-            yield from _strings(item)
-    elif isinstance(value, list):
-        for item in value:
-            yield from _strings(item)
 
 
 def _outbox(conn: psycopg.Connection, result: Stored, route: Router) -> None:

@@ -40,12 +40,6 @@ class Plan:
     # not tried: another delivery of the same lead or deal to this sink was on its way; sent
     # again in the same round after BUSY_SECONDS
     busy_ids: list[str] = field(default_factory=list)
-    # not tried: the last round found the circuit open; given one more round (a grace round)
-    # when it may be probed, `wait` seconds on: a sink back within its cooldown gets them, one
-    # still down sends them to dead letters then
-    waiting_ids: list[str] = field(default_factory=list)
-    wait: float = 0.0
-    waiting_round: int = 0
 
 
 # One task delivers for at most this long, then hands the rest to a new task of the same round:
@@ -53,6 +47,7 @@ class Plan:
 # (the ingest queue, served by the same processes) keeps its turns.
 TASK_BUDGET_SECONDS = 5.0
 BUSY_SECONDS = 1.0
+CIRCUIT_OPEN = "circuit open"  # Plan.reason of a grace round (postponed, not a failure)
 
 
 def _lock_key(sink: str, event_id: str) -> str:
@@ -368,12 +363,13 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
             if blocked > 0:  # the sink is known down: do not hammer it, back off as a whole
                 rest = events[n:]
                 last = len(spec.retry_schedule)
-                # the last round: a grace round; in it, another wait while some other task
-                # probes the circuit (half-open), dead letters only when it is open again
+                # the last round met the open circuit: one grace round when it may be probed
+                # (a sink back by then gets them), waited again while another task's probe is
+                # out (half-open); dead letters only when it is open again
                 if round_ == last or (round_ > last and
                                       control.circuit_state(spec.name) == "half-open"):
-                    plan.waiting_ids, plan.wait = [e.id for e in rest], blocked
-                    plan.waiting_round = last + 1
+                    plan.retry_ids, plan.countdown = [e.id for e in rest], blocked
+                    plan.next_round, plan.reason = last + 1, CIRCUIT_OPEN
                 else:
                     failed += [(e, RuntimeError("circuit open")) for e in rest]
                     waits.append(blocked)
@@ -438,7 +434,7 @@ def _schedule(conn: psycopg.Connection, sink: str, plan: Plan, dispatch: str | N
     """When the deliveries the task sends on are due (the relay waits that long and more),
     for those still in this task's dispatch."""
     for ids, seconds in ((plan.retry_ids, plan.countdown), (plan.rest_ids, 0.0),
-                         (plan.busy_ids, BUSY_SECONDS), (plan.waiting_ids, plan.wait)):
+                         (plan.busy_ids, BUSY_SECONDS)):
         if ids:
             conn.execute("UPDATE deliveries SET dispatched_at = now() + make_interval(secs => %s) "
                          "WHERE sink = %s AND event_id = ANY(%s) "

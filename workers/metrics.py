@@ -241,7 +241,7 @@ def count_round(recorder: Recorder, sink: str, delivered: int, dead: int, again:
                 reason: str, superseded: int = 0, busy: int = 0) -> None:
     """How the deliveries of one task round ended (`busy`: postponed, their lead's or deal's
     turn was taken)."""
-    postponed = reason in {"paused", "rate limited"}
+    postponed = reason in {"paused", "rate limited", "circuit open"}
     again_as = "postponed" if postponed else "retrying"
     for outcome, n in (("delivered", delivered), ("dead", dead), ("superseded", superseded),
                        (again_as, again), ("postponed", busy)):

@@ -296,18 +296,20 @@ def _mentions(body: bytes, email: str) -> bool:
         return address.search(text) is not None
 
 
-def _contains(value: Any, address: re.Pattern[str]) -> bool:
-    """Whether a string anywhere in the value (keys too) holds the address; walked with a
-    stack of its own, so a body nested as deep as JSON allows cannot stop an erasure."""
+def strings(value: Any) -> Iterator[str]:
+    """Every string in a JSON value, keys too; walked with a stack of its own, so a body nested
+    as deep as JSON allows cannot run out of Python's."""
     stack = [value]
     while stack:
         item = stack.pop()
         if isinstance(item, str):
-            if address.search(item.lower()):
-                return True
+            yield item
         elif isinstance(item, dict):
             stack.extend(item.keys())
             stack.extend(item.values())
         elif isinstance(item, list):
             stack.extend(item)
-    return False
+
+
+def _contains(value: Any, address: re.Pattern[str]) -> bool:
+    return any(address.search(text.lower()) for text in strings(value))

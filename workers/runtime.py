@@ -132,6 +132,12 @@ class Runtime:
         if old is not None:
             old[1].close()
 
+    @property
+    def longest_wait(self) -> float:
+        """The longest countdown a task may be given: half the visibility timeout (a worker
+        holding a task longer may see Redis hand it to another one)."""
+        return self.settings.visibility_timeout_seconds / 2
+
     def publish(self, sink: str, event_ids: list[str], round_: int = 0,
                 countdown: float = 0.0, dispatch: str | None = None,
                 due: float | None = None) -> None:
@@ -143,10 +149,9 @@ class Runtime:
         half of that is made in hops, a task that only sends itself on until `due` (epoch
         seconds) comes."""
         assert self.app is not None, "publishing needs the Celery app"
-        hop = self.settings.visibility_timeout_seconds / 2
-        if countdown > hop:
+        if countdown > self.longest_wait:
             due = time.time() + countdown if due is None else due
-            countdown = hop
+            countdown = self.longest_wait
         kwargs: dict[str, Any] = {} if dispatch is None else {"dispatch": dispatch}
         if due is not None:
             kwargs["due"] = due

@@ -28,9 +28,8 @@ def backoff(retries: int, base: float = 1.0, cap: float = 60.0) -> float:
 
 
 def _cap(runtime: Any) -> float:
-    """The longest retry countdown: 60 s, and never half the visibility timeout (a retry
-    waiting longer may be handed to another worker meanwhile, see Runtime.publish)."""
-    return min(60.0, runtime.settings.visibility_timeout_seconds / 2)
+    """The longest retry countdown: 60 s, within the runtime's longest wait."""
+    return min(60.0, runtime.longest_wait)
 
 
 @shared_task(bind=True, name="leadpipe.process_batch", acks_late=True, ignore_result=True,
@@ -94,16 +93,12 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0,
         runtime.publish(sink, plan.rest_ids, round_, dispatch=dispatch)
     if plan.busy_ids:  # their lead's or deal's turn was taken: shortly, in the same round
         runtime.publish(sink, plan.busy_ids, round_, delivery.BUSY_SECONDS, dispatch)
-    if plan.waiting_ids:  # the last round met an open circuit: its grace round after it
-        runtime.publish(sink, plan.waiting_ids, plan.waiting_round, plan.wait, dispatch)
     metrics.count_round(runtime.metrics, sink, plan.delivered, plan.dead, len(plan.retry_ids),
-                        plan.reason, plan.superseded,
-                        len(plan.busy_ids) + len(plan.waiting_ids))
+                        plan.reason, plan.superseded, len(plan.busy_ids))
     summary = {"sink": sink, "round": round_, "delivered": plan.delivered, "dead": plan.dead,
                "superseded": plan.superseded,
                "again": len(plan.retry_ids), "in_seconds": round(plan.countdown, 2),
                "rest": len(plan.rest_ids), "busy": len(plan.busy_ids),
-               "waiting_for_circuit": len(plan.waiting_ids),
                "why": plan.reason}
     log.info("deliveries", extra={"task_id": self.request.id, **summary})
     return summary

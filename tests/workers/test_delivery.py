@@ -258,24 +258,24 @@ def test_a_last_round_that_meets_an_open_circuit_gets_a_grace_round(database_url
         assert control.circuit_state("crm") == "open"
         calls = len(server.requests)
         held = delivery.run(conn, crm, spec, control, [e.id for e in last], 1)  # the last round
-        assert (held.dead, held.retry_ids, len(server.requests)) == (0, [], calls)
-        assert held.waiting_ids == [e.id for e in last] and 0 < held.wait <= 0.3
-        assert held.waiting_round == 2  # the schedule's one round after the first, then grace
-        time.sleep(held.wait + 0.05)
+        assert (held.dead, len(server.requests)) == (0, calls)
+        assert held.retry_ids == [e.id for e in last] and 0 < held.countdown <= 0.3
+        assert held.next_round == 2  # the schedule's one round after the first, then grace
+        time.sleep(held.countdown + 0.05)
         server.script(Reply(503), Reply(200), Reply(200))
-        grace = delivery.run(conn, crm, spec, control, held.waiting_ids[:1], 2)  # still down
-        assert (grace.dead, grace.waiting_ids, grace.retry_ids) == (1, [], [])
+        grace = delivery.run(conn, crm, spec, control, held.retry_ids[:1], 2)  # still down
+        assert (grace.dead, grace.retry_ids) == (1, [])
         assert control.circuit_state("crm") == "open"
-        buried = delivery.run(conn, crm, spec, control, held.waiting_ids[1:2], 2)
-        assert (buried.dead, buried.waiting_ids, len(server.requests)) == (1, [], calls + 1)
+        buried = delivery.run(conn, crm, spec, control, held.retry_ids[1:2], 2)
+        assert (buried.dead, buried.retry_ids, len(server.requests)) == (1, [], calls + 1)
         time.sleep(0.35)  # half-open: another task probes, and this one waits for its answer
         assert control.circuit_wait("crm", spec.circuit_cooldown, "another task") == 0
-        again = delivery.run(conn, crm, spec, control, held.waiting_ids[2:], 2)
-        assert (again.dead, again.waiting_ids, again.waiting_round) == (0, held.waiting_ids[2:], 2)
+        again = delivery.run(conn, crm, spec, control, held.retry_ids[2:], 2)
+        assert (again.dead, again.retry_ids, again.next_round) == (0, held.retry_ids[2:], 2)
         control.circuit_success("crm")  # its probe went through: the sink is back
-        sent = delivery.run(conn, crm, spec, control, held.waiting_ids[2:], 2)
-        assert (sent.delivered, sent.dead, sent.waiting_ids) == (1, 0, [])
+        sent = delivery.run(conn, crm, spec, control, held.retry_ids[2:], 2)
+        assert (sent.delivered, sent.dead, sent.retry_ids) == (1, 0, [])
         reason, = conn.execute("SELECT error FROM dead_letters WHERE event_id = %s",
-                               (held.waiting_ids[1],)).fetchone()
+                               (held.retry_ids[1],)).fetchone()
         assert reason.startswith("retries exhausted after 2 rounds: RuntimeError: circuit open")
         crm.close()
