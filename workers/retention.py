@@ -16,6 +16,7 @@ from psycopg.types.json import Jsonb
 from config.settings import Settings
 from ingest.queue import IngestStream
 from workers.normalize import lead_hash, legacy_key_before, parse_body
+from workers.quoting import rewrite_quotes
 
 BATCH = 5000
 PURGED = '{"purged": true}'
@@ -151,9 +152,11 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
     """Remove one person (by e-mail) from every store; returns what was touched, per store.
 
     Their lead rows, quarantined bodies, dead letters, delivery records and not yet processed
-    stream entries are deleted. Their events keep only an anonymous row: the body becomes
-    `{"erased": true}` and the dedup key its hash, so a later redelivery of the same event is
-    still a duplicate and brings nothing back; a body received before the erasure and still on
+    stream entries are deleted; rows kept for others that quote the address (another lead's
+    owner, a deal's custom field, an error text) have it rewritten (workers.quoting). Their
+    events keep only an anonymous row: the body becomes `{"erased": true}` and the dedup key
+    its hash, so a later redelivery of the same event is still a duplicate and brings nothing
+    back; a body received before the erasure and still on
     its way is dropped when its batch is stored (see `sinks.postgres`). A body is theirs when
     one of its strings holds the whole address (any case), never a longer one around it.
 
@@ -254,6 +257,9 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
             ("quarantine", "DELETE FROM quarantine WHERE id = ANY(%s)", (quarantined,)),
         ):
             touched[store] = conn.execute(sql, params).rowcount
+        # what stays but quotes them: another lead's owner, a deal's custom field, an error
+        # text (their own rows are gone by now, so only others' are found)
+        touched.update(rewrite_quotes(conn, address, pattern))
         touched["stream"] = 0
         if stream is not None:
             touched["stream"] = erase_from_stream(stream, email)

@@ -21,9 +21,11 @@ from ingest import create_app
 from ingest.queue import Entry, IngestStream
 from tests.conftest import ROOT, count, fixture_bytes, wait_for
 from workers import pipeline
+from workers.quoting import TABLES as QUOTING
 from workers.runtime import Runtime
 
 V2 = orjson.loads(fixture_bytes("mkt-v2-converted.json"))
+DEAL = orjson.loads(fixture_bytes("crm-deal-created.json"))
 LEGACY = orjson.loads(fixture_bytes("legacy-leads-full.json"))
 PERSON = "Maria.Erased@Example.com"  # mixed case: matched without regard to case
 OTHER = "someone.else@example.com"
@@ -114,7 +116,7 @@ def test_erase_removes_the_person_from_every_store_and_nothing_comes_back(
     lines = dict(line.split(": ") for line in result.stdout.splitlines()[:-1])
     assert lines == {"email_sent": "1", "delivery_attempts": "0", "dead_letters": "1",
                      "deliveries": "1", "events": "2", "leads": "1", "quarantine": "1",
-                     "stream": "1"}
+                     **{f"{table}_rewritten": "0" for table in QUOTING}, "stream": "1"}
     assert mentions(db, PERSON) == {}
     assert mentions(db, OTHER) == {"events": 1, "leads": 1}  # nobody else touched
     left = [f[b"b"] for _, f in redis_client.xrange(settings.stream_key)]
@@ -133,6 +135,63 @@ def test_erase_removes_the_person_from_every_store_and_nothing_comes_back(
     assert count(db, "SELECT count(*) FROM erasures") == 1
     (digest,) = db.execute("SELECT email_sha256 FROM erasures").fetchone()
     assert PERSON.lower() not in digest  # the erasure record keeps a hash, not the address
+
+
+def test_rows_kept_for_others_that_quote_the_person_have_the_address_rewritten(
+        runtime, settings, db):
+    """A deal naming them, another lead they own or whose fields name them, a sink's error
+    text and an e-mail sent to them stay, without the address; nothing else in them changes."""
+    deal = copy.deepcopy(DEAL)
+    deal["transaction_uuid"] = "tx-erase-deal-1"
+    deal["document"]["name"] = f"Proposal for {PERSON.upper()} (renewal)"
+    deal["document"]["user"]["email"] = PERSON
+    deal["document"]["deal_custom_fields"][0]["value"] = [PERSON, "joana@example.com"]
+    theirs = conversion(OTHER, "bbbbbbbb-0000-4000-8000-00000000000c", 3)
+    theirs["contact"]["funnel"]["contact_owner_email"] = PERSON
+    theirs["contact"]["cf_referred_by"] = {PERSON: f"mailto:{PERSON}", "note": "kept"}
+    theirs["contact"]["tags"] = ["vip", PERSON.lower()]
+    other_deal = copy.deepcopy(DEAL)
+    other_deal["transaction_uuid"] = "tx-erase-deal-2"
+    other_deal["document"]["id"] = "deal-of-nobody-erased"
+    stored = store(runtime, entry(deal), entry(other_deal))
+    assert len(stored.new) == 2
+    (other_event,) = db.execute("SELECT id FROM events WHERE dedup_key LIKE %s",
+                                ("%tx-erase-deal-2%",)).fetchone()
+    db.execute("INSERT INTO deliveries (event_id, sink, status, last_error) VALUES "
+               "(%s, 'crm', 'pending', %s)", (other_event, f"HTTP 409: {PERSON} is taken"))
+    db.execute("INSERT INTO dead_letters (event_id, sink, error, attempts) "
+               "VALUES (%s, 'crm', %s, 1)", (other_event, f"HTTP 422: owner {PERSON} unknown"))
+    db.execute("INSERT INTO email_sent (sink, dedup_key, recipient, message_id) "
+               "VALUES ('email', 'k-other', %s, '<m2@leadpipe>')", (PERSON,))
+    assert len(store(runtime, entry(theirs)).new) == 1
+    before = db.execute("SELECT * FROM leads WHERE lower(email) = %s", (OTHER,)).fetchone()
+
+    result = leadpipe(settings, "erase", "--email", PERSON)
+    assert result.returncode == 0, result.stderr
+    lines = dict(line.split(": ") for line in result.stdout.splitlines()[:-1])
+    assert {k: v for k, v in lines.items() if k.endswith("_rewritten")} == {
+        "leads_rewritten": "1", "deals_rewritten": "1", "email_sent_rewritten": "1",
+        "deliveries_rewritten": "1", "delivery_attempts_rewritten": "0",
+        "dead_letters_rewritten": "1"}
+    assert mentions(db, PERSON) == {}
+    name, owner, fields = db.execute("SELECT name, owner_email, custom_fields FROM deals "
+                                     "WHERE id = %s", (deal["document"]["id"],)).fetchone()
+    assert (name, owner) == ("Proposal for [erased] (renewal)", None)
+    assert fields["Whatsapp"] == ["[erased]", "joana@example.com"]  # another person stays
+    assert fields["Instagram"] is None
+    lead = db.execute("SELECT owner_email, tags, custom_fields FROM leads WHERE lower(email) = %s",
+                      (OTHER,)).fetchone()
+    assert lead[0] is None and lead[1] == ["vip", "[erased]"]
+    assert lead[2]["referred_by"] == {"[erased]": "mailto:[erased]", "note": "kept"}
+    after = db.execute("SELECT * FROM leads WHERE lower(email) = %s", (OTHER,)).fetchone()
+    changed = [i for i, (a, b) in enumerate(zip(before, after, strict=True)) if a != b]
+    assert len(changed) == 3  # owner_email, tags, custom_fields: nothing else
+    assert db.execute("SELECT last_error FROM deliveries WHERE event_id = %s",
+                      (other_event,)).fetchone() == ("HTTP 409: [erased] is taken",)
+    assert db.execute("SELECT error FROM dead_letters WHERE event_id = %s",
+                      (other_event,)).fetchone() == ("HTTP 422: owner [erased] unknown",)
+    assert db.execute("SELECT recipient FROM email_sent WHERE dedup_key = 'k-other'"
+                      ).fetchone() == ("[erased]",)
 
 
 def test_a_body_on_its_way_naming_the_erased_person_outside_a_lead_is_dropped(
