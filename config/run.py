@@ -57,18 +57,23 @@ def run(args: argparse.Namespace) -> int:
         # then stops each child's whole process group (a server's workers included)
         children.append(subprocess.Popen([*me, "worker"], env=env, start_new_session=True))
         children.append(subprocess.Popen(
-            api_command(settings, args.host, args.port, args.workers, args.server), env=env,
-            start_new_session=True))
+            api_command(settings, args.host, args.port, args.workers, args.server,
+                        args.threads), env=env, start_new_session=True))
         # the banner's curl must work the moment it is printed
         wait_port(args.port, children[-1], "the API", None, timeout=60,
                   host=_LOOPBACK.get(args.host, args.host))
         base = f"http://{args.host}:{args.port}"
         admin = ("the token in " + str(data / "admin-token") if not os.environ.get(
             PREFIX + "ADMIN_TOKENS") else "a token of LEADPIPE_ADMIN_TOKENS")
+        # the secret is never printed: read from the file made for it, or the first of yours
+        # from the env file (which holds every setting this run uses)
+        token = (f"$(cat {data / 'ingest-token'})" if not os.environ.get(
+            PREFIX + "INGEST_TOKENS") else
+            f'$(. {data / "env"} && echo "${{LEADPIPE_INGEST_TOKENS%%,*}}")')
         print(f"""
 Leadpipe is running. Post an RD Station webhook:
 
-  curl -s -X POST "{base}/webhooks/rdstation?token=$(cat {data / 'ingest-token'})" \\
+  curl -s -X POST "{base}/webhooks/rdstation?token={token}" \\
        -H 'Content-Type: application/json' \\
        -d '{SAMPLE}'
 

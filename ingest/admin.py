@@ -13,7 +13,7 @@ from flask import Blueprint, Response, current_app, request
 from psycopg_pool import PoolTimeout
 
 from config.inputs import Invalid, instant, whole_number
-from ingest.errors import error
+from ingest.errors import NOT_MIGRATED, error, not_migrated
 from ingest.session import current_operator, require_operator
 
 log = logging.getLogger("leadpipe.ops")
@@ -33,17 +33,10 @@ def store_down(exc: Exception) -> Response:
                  headers={"Retry-After": "5"})
 
 
-def not_migrated(exc: Exception) -> Response:
-    log.warning("operator API: database not migrated: %s", type(exc).__name__)
-    return error(503, "SERVICE_UNAVAILABLE",
-                 "The database is not migrated to this version: run `leadpipe migrate`.",
-                 headers={"Retry-After": "5"})
-
-
 def operator_errors(blueprint: Blueprint) -> None:
     """The answers every operator blueprint gives for refused input and stores that are down."""
     blueprint.register_error_handler(Invalid, invalid)
-    for kind in (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn):
+    for kind in NOT_MIGRATED:
         blueprint.register_error_handler(kind, not_migrated)
     for kind in (redis.RedisError, kombu.exceptions.OperationalError, psycopg.OperationalError,
                  PoolTimeout):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import orjson
-from flask import Flask, Response, request
+import psycopg
+from flask import Flask, Response, current_app, request
 from werkzeug.exceptions import HTTPException
 
 # error_type per status for errors raised by Werkzeug itself (unknown URL, wrong method...).
@@ -24,6 +25,18 @@ _TYPES = {
 def error(status: int, error_type: str, message: str, headers: dict | None = None) -> Response:
     body = orjson.dumps({"errors": {"error_type": error_type, "error_message": message}})
     return Response(body, status=status, mimetype="application/json", headers=headers)
+
+
+# What a query meets on a database not yet migrated to this version (a deploy that started
+# before `leadpipe migrate` ran): the APIs answer not_migrated(), a 503 to retry, never a 500.
+NOT_MIGRATED = (psycopg.errors.UndefinedTable, psycopg.errors.UndefinedColumn)
+
+
+def not_migrated(exc: Exception) -> Response:
+    current_app.logger.warning("database not migrated: %s", type(exc).__name__)
+    return error(503, "SERVICE_UNAVAILABLE",
+                 "The database is not migrated to this version: run `leadpipe migrate`.",
+                 headers={"Retry-After": "5"})
 
 
 def register(app: Flask) -> None:

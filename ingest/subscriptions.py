@@ -21,7 +21,7 @@ from marshmallow import ValidationError
 from psycopg.rows import dict_row
 
 from ingest import ssrf, tokens, views
-from ingest.errors import error
+from ingest.errors import NOT_MIGRATED, error, not_migrated
 from ingest.subscription_schemas import (
     CreatedWebhookSchema,
     RotatedSecretSchema,
@@ -112,12 +112,14 @@ def require_api_token() -> Response | None:
 
 def guard(blueprint: Blueprint) -> None:
     """Every route of `blueprint` needs an API token (`require_api_token`), and the token check's
-    own failures answer 503, not 500: no database configured, or the database down (with
-    Retry-After). The handlers go with the check to every blueprint that uses it
+    own failures answer 503, not 500: no database configured, the database down or not yet
+    migrated (with Retry-After). The handlers go with the check to every blueprint that uses it
     (/openapi.json too)."""
     blueprint.before_request(require_api_token)
     blueprint.register_error_handler(Refusal, _refused)
     blueprint.register_error_handler(psycopg.OperationalError, _database_down)
+    for kind in NOT_MIGRATED:
+        blueprint.register_error_handler(kind, not_migrated)
 
 
 guard(bp)

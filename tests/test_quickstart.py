@@ -44,8 +44,13 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path,
     env["LEADPIPE_DATA_DIR"] = str(tmp_path / "data")
     port = free_port()
     out = tmp_path / "run.out"
+    options = ["--port", str(port)]
+    own = stop == "sighup"  # one run with tokens of the user's own and server options
+    if own:
+        env["LEADPIPE_INGEST_TOKENS"] = "own-ingest-token-1,own-ingest-token-2"
+        options += ["--threads", "3"]
     with open(out, "wb") as sink:
-        run = subprocess.Popen([sys.executable, "-m", "config.cli", "run", "--port", str(port)],
+        run = subprocess.Popen([sys.executable, "-m", "config.cli", "run", *options],
                                cwd=ROOT, env=env, stdout=sink, stderr=subprocess.STDOUT,
                                start_new_session=True)
     try:
@@ -54,8 +59,11 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path,
         curl = re.search(r"^\s*(curl .*?-d '[^']+')$", banner, re.S | re.M)
         assert curl, banner
         assert listening(port), "the banner was printed before the API listened"
+        assert "own-ingest-token" not in banner  # the secret is read, never printed
+        # pasted into another shell: none of the run's settings in its environment
+        shell = {k: v for k, v in env.items() if not k.startswith("LEADPIPE_")}
         answer = subprocess.run(["bash", "-c", curl.group(1).replace("\\\n", " ")], cwd=ROOT,
-                                capture_output=True, text=True, timeout=30)
+                                env=shell, capture_output=True, text=True, timeout=30)
         assert answer.returncode == 0, answer.stderr
         event_id = orjson.loads(answer.stdout)["id"]
 
@@ -70,6 +78,9 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path,
         assert wait_for(stored, timeout=30, what="the lead row") == (event_id,
                                                                      "ana@example.com")
         assert "Operators: " in banner and (tmp_path / "data" / "admin-token").exists()
+        assert (tmp_path / "data" / "ingest-token").exists() is not own
+        servers = [c for c in started_with(env["LEADPIPE_DATA_DIR"]) if " granian " in c]
+        assert servers and all(f"--blocking-threads {3 if own else 16} " in c for c in servers)
         assert re.search(r"postgresql://leadpipe:\*\*\*@", banner), banner
         password = (tmp_path / "data" / "postgres" / "password").read_text().strip()
         assert password not in banner

@@ -297,6 +297,12 @@ def parse(data: Any, source: str = "<routing>") -> Routing:
             options = load_options(name, spec["type"], spec["options"])
         except SinkConfigError as exc:
             raise RoutingError(f"{source}: {exc}") from None
+        if spec["type"] == "email" and options.get("dsn") is not None:
+            # the pipeline gives e-mail sinks their ledger (workers.runtime): it lives where
+            # erasure and retention find it, so an option naming another database is refused
+            raise RoutingError(f"{source}: sink {name!r} (type email): option 'dsn' is not "
+                               "used by the pipeline (the ledger is kept in "
+                               "LEADPIPE_DATABASE_URL): remove it")
         rate = None
         if spec["rate_limit"]:
             count, unit = _RATE.match(spec["rate_limit"]).groups()  # type: ignore[union-attr]

@@ -42,12 +42,15 @@ class PipelineState:
     # be run again (meanwhile the person's bodies are dropped and storing reads every body)
     unfinished_erasures: int = 0
     sinks: dict[str, SinkState] = field(default_factory=dict)
-    postgres_problem: str = "UNREACHABLE: check LEADPIPE_DATABASE_URL"  # when not postgres_up
+    # what is wrong when not postgres_up (JSON: null when it is up)
+    postgres_problem: str = "UNREACHABLE: check LEADPIPE_DATABASE_URL"
 
     def as_dict(self) -> dict[str, Any]:
         """The state as JSON-ready data; a sink's pause and circuit are None (unknown, not
         "running, closed") when Redis could not be read."""
         out = asdict(self)
+        if self.postgres_up:
+            out["postgres_problem"] = None
         if not self.redis_up:
             for sink in out["sinks"].values():
                 sink.update(paused=None, circuit=None)

@@ -76,6 +76,7 @@ def test_status_shows_stream_sinks_quarantine_and_workers(routed, worker_factory
 
     as_json = json.loads(status(routed, "--json", "--timeout", "0.5").stdout)
     assert as_json["sinks"]["held"]["pending"] == 2 and as_json["quarantined"] == 1
+    assert as_json["postgres_up"] is True and as_json["postgres_problem"] is None
     assert [w for w in as_json["workers"] if w.startswith(name)]
 
 

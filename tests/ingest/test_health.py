@@ -34,6 +34,26 @@ def test_readyz_reports_pending_migrations(settings, postgres_admin_url):
     assert full.status_code == 503 and full.get_json()["status"] == "unavailable"
 
 
+def test_every_api_on_a_database_not_yet_migrated_answers_503_to_retry(settings,
+                                                                     postgres_admin_url):
+    """A node deployed before `leadpipe migrate` ran: the subscription API (whose token check
+    needs a table of a later migration), its OpenAPI document and the operator API answer 503
+    with Retry-After and what to run, never a 500."""
+    name = f"unmigrated_{free_port()}"
+    with psycopg.connect(postgres_admin_url, autocommit=True) as conn:
+        conn.execute(f"CREATE DATABASE {name}")
+    dsn = postgres_admin_url.rsplit("/", 1)[0] + "/" + name
+    migrate(dsn, "0001")
+    client = create_app(settings.with_(database_url=dsn, admin_tokens=("admin-token-abc",))
+                        ).test_client()
+    for path in ("/integrations/webhooks", "/openapi.json", "/api/sinks"):
+        token = "admin-token-abc" if path.startswith("/api/") else "lp_some-api-token"
+        answer = client.get(path, headers={"Authorization": f"Bearer {token}"})
+        assert answer.status_code == 503, (path, answer.status_code)
+        assert answer.headers["Retry-After"] == "5"
+        assert "leadpipe migrate" in answer.get_json()["errors"]["error_message"]
+
+
 def test_readyz_turns_unhealthy_and_back_when_redis_and_postgres_stop(settings, tmp_path):
     redis_server = LocalRedis(tmp_path / "redis", port=free_port()).start()
     pg = LocalPostgres(tmp_path / "pg", port=free_port()).start()

@@ -98,6 +98,10 @@ def test_conditions(tmp_path, condition, expected):
     ({"sinks": {"crm": {"type": "dummy", "options": {"path": "x"}, "quick_retries": 0}}},
      ["sinks.crm.quick_retries: Must be greater than or equal to 1"]),
     ({"routes": [{"to": []}]}, ["routes[0].to: Shorter than minimum length 1"]),
+    # the pipeline keeps the e-mail ledger in its own database: another one would be ignored
+    ({"sinks": {"mail": {"type": "email", "options": {
+        "host": "127.0.0.1", "from": "a@example.com", "to": ["b@example.com"],
+        "dsn": "postgresql://elsewhere/x"}}}}, ["sink 'mail'", "'dsn'", "remove it"]),
 ])
 def test_bad_files_are_refused_with_a_clear_message(doc, words):
     with pytest.raises(RoutingError) as info:
