@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import redis
@@ -134,11 +135,29 @@ class IngestStream:
                 found.update((entry.entry_id, entry) for entry in map(_entry, one))
         return [found[entry_id] for entry_id in entry_ids if entry_id in found]
 
-    def done(self, entry_ids: list[str]) -> None:
-        """Acknowledge and delete entries in one transaction: they are safely stored elsewhere."""
+    def entries(self, chunk: int = 1000) -> Iterator[Entry]:
+        """Every entry on the stream, read or not, oldest first (`chunk` per XRANGE)."""
+        start = "-"
+        while True:
+            rows = self.client.xrange(self.key, start, "+", count=chunk)
+            yield from map(_entry, rows)
+            if len(rows) < chunk:
+                return
+            start = "(" + _s(rows[-1][0])
+
+    def done(self, entry_ids: list[str], instead: Sequence[Entry] = ()) -> None:
+        """Acknowledge and delete entries in one transaction: they are safely stored elsewhere.
+        `instead` (an erasure's rewritten bodies) is appended in the same transaction, each a
+        new entry with its event id, time received and hint."""
         if not entry_ids:
             return
         pipe = self.client.pipeline(transaction=True)
+        for entry in instead:
+            fields: dict[str, bytes | str | int] = {"i": entry.event_id, "t": entry.received_ms,
+                                                     "b": entry.body}
+            if entry.hint:
+                fields["h"] = entry.hint
+            pipe.xadd(self.key, fields)  # type: ignore[arg-type]
         pipe.xack(self.key, GROUP, *entry_ids)
         pipe.xdel(self.key, *entry_ids)
         pipe.execute()

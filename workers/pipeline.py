@@ -57,7 +57,11 @@ def store(runtime: Runtime, events: list[Event], rejected: list[Rejected],
             log.warning("batch not stored, storing one by one: %s", type(exc).__name__)
     total, refusals = store_each(runtime, [*events, *rejected], route, last_try)
     if refusals:
-        total.add(runtime.postgres.store([], refusals))
+        try:
+            total.add(runtime.postgres.store([], refusals))
+        except Exception:
+            fan_out(runtime, total)  # what store_each committed: queued now, not by the relay
+            raise
     return total
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 import time
@@ -14,7 +15,7 @@ import redis
 from psycopg.types.json import Jsonb
 
 from config.settings import Settings
-from ingest.queue import IngestStream
+from ingest.queue import Entry, IngestStream
 from workers.normalize import lead_hash, legacy_key_before, parse_body
 from workers.quoting import rewrite_quotes
 
@@ -222,13 +223,17 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
         found = conn.execute("SELECT uuid, legacy_id FROM leads WHERE lower(email) = %s",
                              (email,)).fetchall()
         lock_leads(conn, [u for u, _ in found if u], [i for _, i in found if i], [email])
-        keys = [k for (k,) in conn.execute(
-            "SELECT lead_key FROM leads WHERE lower(email) = %s "
-            "ORDER BY created_at, lead_key FOR UPDATE", (email,))]
+        # their rows and those of others that quote them (rewritten below), in one statement
+        # and the order batches lock leads in: two erasures of people who quote each other
+        # then wait for one another instead of each holding the row the other needs
+        keys = [k for k, theirs in conn.execute(
+            "SELECT lead_key, lower(email) = %s FROM leads "
+            "WHERE lower(email) = %s OR lower(leads::text) LIKE %s "
+            "ORDER BY created_at, lead_key FOR UPDATE", (email, email, pattern)) if theirs]
         rows = [(event_id, dedup_key) for event_id, dedup_key, theirs, payload in conn.execute(
             "SELECT id, dedup_key, entity_type = 'CONTACT' AND entity_id = ANY(%s), payload "
             "FROM events WHERE (entity_type = 'CONTACT' AND entity_id = ANY(%s)) "
-            "OR lower(payload::text) LIKE %s", (keys, keys, pattern))
+            "OR lower(payload::text) LIKE %s ORDER BY id FOR UPDATE", (keys, keys, pattern))
             if theirs or _contains(payload, address)]
         ids = [r[0] for r in rows]
         dedup_keys = [r[1] for r in rows]
@@ -273,22 +278,38 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
 
 
 def erase_from_stream(stream: IngestStream, email: str) -> int:
-    """Delete (and acknowledge) the not yet stored entries that mention the e-mail."""
-    found = [entry_id for entry_id, body in _entries(stream) if _mentions(body, email)]
+    """Delete (and acknowledge) the not yet stored entries that mention the e-mail.
+
+    A legacy body is one event per lead: one that holds other people's leads too is put back
+    in the same transaction as `{"leads": [theirs]}` (the rest, hint, event id and time
+    received kept), so their accepted events are stored as if nothing happened; the dedup keys
+    of legacy leads depend on the lead alone, so an event stored from the body already stays
+    a duplicate. Returns the entries deleted or rewritten."""
+    address = _address(email)
+    found: list[tuple[str, Entry | None]] = []
+    for entry in stream.entries():
+        if _mentions(entry.body, email):
+            rest = _other_leads(entry.body, address)
+            found.append((entry.entry_id, None if rest is None else dataclasses.replace(
+                entry, body=orjson.dumps({"leads": rest}))))
     for start in range(0, len(found), 500):
-        stream.done(found[start:start + 500])
+        chunk = found[start:start + 500]
+        stream.done([entry_id for entry_id, _ in chunk],
+                    instead=[kept for _, kept in chunk if kept is not None])
     return len(found)
 
 
-def _entries(stream: IngestStream, chunk: int = 1000) -> Iterator[tuple[str, bytes]]:
-    start = "-"
-    while True:
-        rows = stream.client.xrange(stream.key, start, "+", count=chunk)
-        for entry_id, fields in rows:
-            yield entry_id.decode(), fields[b"b"]
-        if len(rows) < chunk:
-            return
-        start = "(" + rows[-1][0].decode()
+def _other_leads(body: bytes, address: re.Pattern[str]) -> list[Any] | None:
+    """The leads of a legacy body that do not name the address, if there are any."""
+    try:
+        data = parse_body(body)
+    except (ValueError, RecursionError):
+        return None
+    leads = data.get("leads") if isinstance(data, dict) else None
+    if not isinstance(leads, list):
+        return None
+    rest = [lead for lead in leads if not _contains(lead, address)]
+    return rest or None
 
 
 def _mentions(body: bytes, email: str) -> bool:

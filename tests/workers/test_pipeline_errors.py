@@ -114,6 +114,31 @@ def test_any_error_storing_one_event_quarantines_it_and_stores_the_rest(runtime,
     assert orjson.loads(payload) == V2  # the body is kept, to replay once the bug is fixed
 
 
+def test_deliveries_stored_one_by_one_are_queued_though_the_quarantine_write_then_fails(
+        runtime, db, monkeypatch):
+    """Stored one by one, the good event's delivery is committed; when the refusal's quarantine
+    row then meets Postgres going away, the batch is retried, where the event is no longer new:
+    its delivery must be queued now, not left to the relay minutes later."""
+    events, rejected = pipeline.split([entry(DEAL, "good"), entry(V2, "broken")])
+    next(e for e in events if e.id == "broken").lead.update(uuid=None, legacy_id=None,
+                                                            email=None)
+    monkeypatch.setattr(runtime, "router", lambda: lambda event: ["crm"])
+    published: list[tuple[str, list[str]]] = []
+    monkeypatch.setattr(runtime, "publish", lambda sink, ids, **kw: published.append((sink, ids)))
+    real = runtime.postgres.store
+
+    def store(events: Any, rejected: Any, route: Any = None) -> Any:
+        if rejected and not events and rejected[0].id == "broken":  # the quarantine row
+            raise RetryableSinkError("postgres unavailable: AdminShutdown")
+        return real(events, rejected, route)
+
+    monkeypatch.setattr(runtime.postgres, "store", store)
+    with pytest.raises(RetryableSinkError):
+        pipeline.store(runtime, events, rejected)
+    assert published == [("crm", ["good"])]
+    assert db.execute("SELECT event_id, status FROM deliveries").fetchall() == [("good", "pending")]
+
+
 @pytest.mark.parametrize("error", [
     RetryableSinkError("postgres unavailable: AdminShutdown"),
     PoolTimeout("couldn't get a connection after 5.00 sec"),

@@ -236,6 +236,39 @@ def test_a_body_to_quarantine_received_before_an_erasure_naming_the_person_is_no
     assert after.quarantined == 1
 
 
+def test_a_legacy_body_on_the_stream_with_other_leads_goes_back_without_the_persons(
+        runtime, settings, db, redis_client):
+    """One 202'd body, three people: the erasure must not take the others' events with it."""
+    from workers import retention
+
+    body = copy.deepcopy(LEGACY)
+    lead = body["leads"][0]
+    theirs = {**copy.deepcopy(lead), "email": PERSON, "uuid": None, "id": "1001"}
+    others = [{**copy.deepcopy(lead), "email": f"kept-{n}@example.com", "uuid": None,
+               "id": f"200{n}"} for n in (1, 2)]
+    for person in (theirs, *others):
+        person.pop("user", None)  # no one names anyone else
+    stream = IngestStream(redis_client, settings.stream_key)
+    stream.ensure_group()
+    stream.append("ret-multi", orjson.dumps({"leads": [others[0], theirs, others[1]],
+                                             "note": f"sent for {PERSON}"}),
+                  "WEBHOOK.MARKED_OPPORTUNITY")
+    (before,) = list(stream.entries())
+    with psycopg.connect(settings.database_url, autocommit=True) as conn:
+        assert retention.erase(conn, stream, PERSON)["stream"] == 1
+    (after,) = list(stream.entries())
+    assert (after.event_id, after.received_ms, after.hint) == (
+        before.event_id, before.received_ms, "WEBHOOK.MARKED_OPPORTUNITY")
+    assert orjson.loads(after.body) == {"leads": others}  # the note named them too
+    assert PERSON.lower() not in after.body.decode().lower()
+    stored = store(runtime, after)
+    assert sorted(e.lead["email"] for e in stored.new) == ["kept-1@example.com",
+                                                           "kept-2@example.com"]
+    assert {t for (t,) in db.execute("SELECT event_type FROM events")} == {
+        "WEBHOOK.MARKED_OPPORTUNITY"}
+    assert mentions(db, PERSON) == {}
+
+
 def test_erase_spares_people_whose_address_holds_the_erased_one(runtime, settings, db,
                                                                   redis_client):
     person = "ana@example.com"
@@ -380,22 +413,19 @@ def test_a_redelivery_received_while_an_erasure_runs_is_dropped(runtime, databas
     assert (after.new, after.duplicates, after.erased) == ([], 0, 1)
 
 
-def test_two_erasures_of_people_one_event_names_hash_its_key_once(runtime, database_url, db):
-    """Both erasures find the event; the second to change it must not hash the key the first
-    one hashed (a redelivery would then no longer find it, and be stored in full)."""
+def erase_both_at_once(database_url: str, db: Any, held: str) -> dict[str, Any]:
+    """Erase PERSON and OTHER at the same moment: both wait for a lock on every row of the
+    `held` table, then go; {email: what its erasure touched}, for those that finished."""
     from workers import retention
 
-    body = conversion(PERSON, UUID, 1)
-    body["contact"]["funnel"] = {"contact_owner_email": OTHER}
-    store(runtime, entry(body, received_ms=int(time.time() * 1000) - 120_000))
     done: dict[str, Any] = {}
 
     def erase(email: str) -> None:
         with psycopg.connect(database_url, autocommit=True) as conn:
             done[email] = retention.erase(conn, None, email)
 
-    with psycopg.connect(database_url) as blocker:  # both read the row before either writes
-        blocker.execute("SELECT 1 FROM events FOR UPDATE")
+    with psycopg.connect(database_url) as blocker:
+        blocker.execute(f"SELECT 1 FROM {held} FOR UPDATE")  # noqa: S608
         erasers = [threading.Thread(target=erase, args=(email,)) for email in (PERSON, OTHER)]
         for eraser in erasers:
             eraser.start()
@@ -403,9 +433,34 @@ def test_two_erasures_of_people_one_event_names_hash_its_key_once(runtime, datab
         blocker.rollback()
         for eraser in erasers:
             eraser.join(30)
+    return done
+
+
+def test_two_erasures_of_people_one_event_names_hash_its_key_once(runtime, database_url, db):
+    """Both erasures find the event; the second to change it must not hash the key the first
+    one hashed (a redelivery would then no longer find it, and be stored in full)."""
+    body = conversion(PERSON, UUID, 1)
+    body["contact"]["funnel"] = {"contact_owner_email": OTHER}
+    store(runtime, entry(body, received_ms=int(time.time() * 1000) - 120_000))
+    done = erase_both_at_once(database_url, db, "events")  # both read the row, then write
     assert done[PERSON]["events"] + done[OTHER]["events"] == 1
     again = store(runtime, entry(body))
     assert (again.new, again.erased) == ([], 1)
+
+
+def test_two_erasures_of_people_whose_leads_quote_each_other_both_finish(runtime,
+                                                                         database_url, db):
+    """Each lead is owned by the other person: each erasure deletes one row and rewrites the
+    other, so each must lock both rows in one order, never one then the other."""
+    for email, owner, uuid in ((PERSON, OTHER, UUID), (OTHER, PERSON, "bbbb-quoted")):
+        body = conversion(email, uuid, 1)
+        body["contact"]["funnel"] = {"contact_owner_email": owner}
+        store(runtime, entry(body))
+    done = erase_both_at_once(database_url, db, "leads")  # both find their rows, then lock
+    assert set(done) == {PERSON, OTHER}, "an erasure failed (a deadlock)"
+    assert done[PERSON]["leads"] + done[OTHER]["leads"] == 2
+    assert count(db, "SELECT count(*) FROM leads") == 0
+    assert mentions(db, PERSON) == {} and mentions(db, OTHER) == {}
 
 
 @pytest.mark.timeout(60)
