@@ -68,7 +68,11 @@ def _runtime():  # type: ignore[no-untyped-def]
     if ext.runtime is None:
         from workers.app import make_celery
 
-        ext.runtime = make_celery(ext.settings).leadpipe.runtime()
+        # no retries, the ingest path's Redis timeout, a short wait for Postgres: a store down
+        # or not answering makes a 503 in seconds, not a request thread (shared with ingest)
+        # held for minutes
+        ext.runtime = make_celery(ext.settings).leadpipe.runtime(
+            redis_timeout=ext.settings.redis_timeout_seconds, redis_retries=0, db_timeout=2.0)
     return ext.runtime
 
 

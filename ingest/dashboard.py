@@ -33,6 +33,9 @@ def workers() -> Response:
     seconds = finite_number(request.args.get("timeout", "1"), "timeout (seconds)")
     timeout = min(max(seconds, 0.1), 3.0)
     runtime = _runtime()
+    # the broker first, on the runtime's quick client: unreachable or not answering, a 503 in
+    # seconds (Celery's own connection would retry for minutes, or answer "no workers")
+    runtime.redis.ping()
     return _json({"workers": status.workers(runtime.app, timeout), "timeout": timeout})
 
 

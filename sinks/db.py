@@ -14,6 +14,17 @@ log = logging.getLogger("leadpipe.db")
 MIGRATIONS = Path(migrations.__file__).resolve().parent
 
 
+# How long opening a connection may take: a server that accepts and then answers nothing
+# (frozen, stopped, a half-open proxy) would otherwise hold the caller for good.
+CONNECT_TIMEOUT = 5
+
+
+def connect(dsn: str, **kwargs: object) -> psycopg.Connection:
+    """A connection of its own (a command, an operator request), given up after
+    CONNECT_TIMEOUT seconds instead of waiting on a server that does not answer."""
+    return psycopg.connect(dsn, connect_timeout=CONNECT_TIMEOUT, **kwargs)  # type: ignore[arg-type]
+
+
 def make_pool(dsn: str, max_size: int = 4, timeout: float = 5.0,
               autocommit: bool = False) -> ConnectionPool:
     """A small pool per process, made on first use (never at import or before a fork).

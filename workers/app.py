@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from celery import Celery
 
@@ -26,9 +26,10 @@ class Leadpipe:
         # set in a worker node by its QueuesStep: which sink queues the node serves
         self.sink_queues: SinkQueues | None = None
 
-    def runtime(self) -> Runtime:
+    def runtime(self, **options: Any) -> Runtime:
+        """This process' runtime; `options` (Runtime's) count when it is first made."""
         if self._runtime is None:
-            self._runtime = Runtime(self.settings, self.app)
+            self._runtime = Runtime(self.settings, self.app, **options)
         return self._runtime
 
 

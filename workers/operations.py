@@ -9,9 +9,9 @@ from datetime import datetime
 from typing import Any
 
 import kombu.exceptions
-import psycopg
 import redis
 
+from sinks.db import connect
 from workers import subscribers
 from workers.runtime import Runtime, sink_queue
 
@@ -65,7 +65,7 @@ def resume(runtime: Runtime, sink: str) -> None:
 def dead_letters(dsn: str, sink: str | None = None, limit: int = 100,
                  include_replayed: bool = False,
                  since: datetime | None = None) -> list[dict[str, Any]]:
-    with psycopg.connect(dsn) as conn:
+    with connect(dsn) as conn:
         cur = conn.execute(
             "SELECT id, event_id, sink, error, status_code, attempts, first_attempt_at, "
             "last_attempt_at, dead_at, replayed_at FROM dead_letters "

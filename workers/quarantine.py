@@ -5,9 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
-import psycopg
-
 from ingest.queue import Entry
+from sinks.db import connect
 from sinks.postgres import Stored
 from workers.operations import publish_or_relay
 from workers.pipeline import split, store_each
@@ -23,7 +22,7 @@ class ReplayResult:
 
 
 def list_rows(dsn: str, limit: int = 50) -> list[dict[str, Any]]:
-    with psycopg.connect(dsn) as conn:
+    with connect(dsn) as conn:
         cur = conn.execute(
             "SELECT id, received_at, quarantined_at, replays, reason FROM quarantine "
             "ORDER BY quarantined_at DESC, received_at DESC, id DESC LIMIT %s", (limit,))
@@ -40,7 +39,7 @@ def replay(runtime: Runtime, quarantine_id: str) -> ReplayResult:
     a JSON string of its text: that text is what is replayed, not the string."""
     dsn = runtime.settings.database_url
     assert dsn
-    with psycopg.connect(dsn) as conn:
+    with connect(dsn) as conn:
         row = conn.execute(
             "SELECT CASE WHEN jsonb_typeof(payload) = 'string' THEN payload #>> '{}' "
             "ELSE payload::text END, received_at, event_type_hint FROM quarantine WHERE id = %s",
@@ -58,7 +57,7 @@ def replay(runtime: Runtime, quarantine_id: str) -> ReplayResult:
         for sink, event_ids in stored.deliveries.items():
             publish_or_relay(runtime, sink, event_ids)
     reason = "; ".join(r.reason for r in (*rejected, *refusals)) or None
-    with psycopg.connect(dsn) as conn:
+    with connect(dsn) as conn:
         if reason is not None:
             conn.execute("UPDATE quarantine SET reason = %s, replays = replays + 1 WHERE id = %s",
                          (reason, quarantine_id))

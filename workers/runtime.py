@@ -47,18 +47,26 @@ class Target:
 class Runtime:
     """Settings plus the lazily opened Redis, Postgres, routing and sinks of one process."""
 
-    def __init__(self, settings: Settings, app: Any = None):
+    def __init__(self, settings: Settings, app: Any = None, redis_timeout: float = 10.0,
+                 redis_retries: int = 3, db_timeout: float = 5.0):
+        """`redis_timeout`, `redis_retries` and `db_timeout` (the wait for a pooled
+        connection): a worker rides out a blip; an operator request (ingest.admin) waits
+        less, to answer 503 in seconds, not minutes."""
         if not settings.redis_url or not settings.database_url:
             raise ConfigError("LEADPIPE_REDIS_URL and LEADPIPE_DATABASE_URL must both be set")
         self.settings = settings
         self.app = app
+        self.redis_timeout = redis_timeout
+        self.redis_retries = redis_retries
+        self.db_timeout = db_timeout
         self._sinks: dict[str, Sink] = {}
         self._subscriptions: dict[str, tuple[subscribers.Subscription, Sink]] = {}
 
     @cached_property
     def redis(self):  # type: ignore[no-untyped-def]
         assert self.settings.redis_url
-        return make_redis(self.settings.redis_url, timeout=10)
+        return make_redis(self.settings.redis_url, timeout=self.redis_timeout,
+                          retries=self.redis_retries)
 
     @cached_property
     def stream(self) -> IngestStream:
@@ -66,13 +74,15 @@ class Runtime:
 
     @cached_property
     def postgres(self) -> PostgresSink:
-        return PostgresSink("postgres", {"dsn": self.settings.database_url})
+        assert self.settings.database_url
+        return PostgresSink("postgres", {"dsn": self.settings.database_url},
+                            pool=make_pool(self.settings.database_url, timeout=self.db_timeout))
 
     @cached_property
     def pool(self) -> ConnectionPool:
         """Autocommit connections for deliveries: every attempt is recorded at once."""
         assert self.settings.database_url
-        return make_pool(self.settings.database_url, autocommit=True)
+        return make_pool(self.settings.database_url, autocommit=True, timeout=self.db_timeout)
 
     @cached_property
     def routing(self) -> Routing:

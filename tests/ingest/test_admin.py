@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import logging
+import socket
 import threading
 import time
+from collections.abc import Iterator
 
 import psycopg
 import pytest
@@ -153,19 +155,40 @@ def test_replay_names_an_unknown_sink_and_leaves_a_removed_sinks_letters_waiting
                       "USING (event_id, sink)").fetchall() == [("dead", None)]
 
 
-@pytest.mark.parametrize("down", ["redis", "postgres"])
-def test_operator_api_answers_503_when_a_store_is_down(routed, down):
-    dead = f"{'redis' if down == 'redis' else 'postgresql'}://127.0.0.1:{free_port()}/0"
-    broken = routed.with_(**{"redis_url" if down == "redis" else "database_url": dead})
+@pytest.fixture
+def silent_port() -> Iterator[int]:
+    """A port that takes connections and never answers: a frozen server, a half-open proxy."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(64)
+        yield listener.getsockname()[1]
+
+
+@pytest.mark.timeout(120)  # each answer within seconds: before, some waited minutes or for good
+@pytest.mark.parametrize("down", ["redis", "postgres", "silent redis", "silent postgres"])
+def test_operator_api_answers_503_when_a_store_is_down(routed, down, silent_port):
+    port = silent_port if down.startswith("silent") else free_port()
+    redis_side = down.endswith("redis")
+    dead = f"{'redis' if redis_side else 'postgresql'}://leadpipe@127.0.0.1:{port}/0"
+    broken = routed.with_(**{"redis_url" if redis_side else "database_url": dead})
     client = create_app(broken).test_client()
-    needs = {"redis": [("GET", "/api/sinks"), ("POST", "/api/sinks/audit/pause")],
+    needs = {"redis": [("GET", "/api/sinks"), ("POST", "/api/sinks/audit/pause"),
+                       ("GET", "/api/workers?timeout=0.5")],
              "postgres": [("GET", "/api/sinks"), ("GET", "/api/dead-letters"),
                           ("GET", "/api/quarantine"), ("POST", "/api/dead-letters/1/replay")]}
-    for method, url in needs[down]:
+    for method, url in needs["redis" if redis_side else "postgres"]:
         answer = client.open(url, method=method, headers=auth())
         assert answer.status_code == 503, (url, answer.status_code, answer.get_data())
         assert answer.headers["Retry-After"] == "5"
         assert answer.get_json()["errors"]["error_type"] == "SERVICE_UNAVAILABLE"
+    # the dashboard shows what it could read, the metrics say which source failed
+    overview = client.get("/api/dashboard", headers=auth())
+    assert overview.status_code == 200
+    assert overview.get_json()["redis_up" if redis_side else "postgres_up"] is False
+    scrape = client.get("/metrics", headers=auth())
+    assert scrape.status_code == 200
+    source = "redis" if redis_side else "postgres"
+    assert f'leadpipe_source_up{{source="{source}"}} 0.0' in scrape.get_data(as_text=True)
 
 
 def test_quarantined_bodies_with_odd_types_show_no_pii(routed, db):
