@@ -349,18 +349,40 @@ def delete_webhook(webhook_uuid: str) -> Response:
     return response
 
 
+# A rotation within an earlier one's grace (a retried call whose answer was lost, two
+# rotations in a day) keeps each old secret signing until its own grace ends: the receiver may
+# still be on any of them. SET reads the row as it was: the previous secret, still in its
+# grace, joins the older ones; the latest OLDER_SECRETS_KEPT to expire are kept.
+OLDER_SECRETS_KEPT = 4
+_ROTATE_SQL = """
+    UPDATE subscriptions SET
+        older_secrets = COALESCE((
+            SELECT jsonb_agg(o) FROM (
+                SELECT o FROM jsonb_array_elements(older_secrets || CASE
+                    WHEN previous_secret IS NOT NULL AND previous_secret_expires_at > now()
+                    THEN jsonb_build_array(jsonb_build_object(
+                        'secret', previous_secret, 'expires_at', previous_secret_expires_at))
+                    ELSE '[]'::jsonb END) AS t(o)
+                WHERE (o->>'expires_at')::timestamptz > now()
+                ORDER BY (o->>'expires_at')::timestamptz DESC LIMIT %(kept)s) AS kept), '[]'),
+        previous_secret = secret, secret = %(secret)s,
+        previous_secret_expires_at = now() + make_interval(secs => %(grace)s),
+        updated_at = now()
+    WHERE uuid = %(uuid)s
+    RETURNING uuid, event_type, url, secret, previous_secret_expires_at
+"""
+
+
 @bp.post("/<webhook_uuid>/secret/rotate")
 def rotate_secret(webhook_uuid: str) -> Response:
     """A new signing secret, shown once; the old one also signs until the grace period ends
-    (LEADPIPE_SUBSCRIPTION_SECRET_GRACE_SECONDS), so the receiver can switch without a gap."""
+    (LEADPIPE_SUBSCRIPTION_SECRET_GRACE_SECONDS), so the receiver can switch without a gap,
+    and so do older ones whose grace has not ended (_ROTATE_SQL)."""
     key = _uuid(webhook_uuid)
     grace = _option("subscription_secret_grace_seconds", 24 * 3600)
     with _db().cursor(row_factory=dict_row) as cur:
-        cur.execute(
-            "UPDATE subscriptions SET previous_secret = secret, secret = %s, "
-            "previous_secret_expires_at = now() + make_interval(secs => %s), updated_at = now() "
-            "WHERE uuid = %s RETURNING uuid, event_type, url, secret, previous_secret_expires_at",
-            (new_secret(), grace, key))
+        cur.execute(_ROTATE_SQL, {"secret": new_secret(), "grace": grace, "uuid": key,
+                                  "kept": OLDER_SECRETS_KEPT})
         row = cur.fetchone()
     if row is None:
         raise _not_found(key)

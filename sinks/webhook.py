@@ -108,8 +108,13 @@ class WebhookSink(Sink):
     def __init__(self, instance: str, options: dict[str, Any]):
         super().__init__(instance, options)
         self.signer = Webhook(options["secret"])
+        # the secrets that sign beside the current one until they expire (None: for good):
+        # the previous one, and older ones still in their grace (a subscription's only)
         previous = options.get("previous_secret")
-        self.previous = Webhook(previous) if previous else None
+        self.previous: list[tuple[Webhook, datetime | None]] = [
+            (Webhook(previous), options.get("previous_secret_expires_at"))] if previous else []
+        self.previous += [(Webhook(o["secret"]), o["expires_at"])
+                          for o in options.get("older_secrets") or ()]
         allow = options.get("ssrf_allow")
         self.allow = None if allow is None else ssrf.AllowList.parse(allow)
         self.session = new_session()
@@ -122,14 +127,13 @@ class WebhookSink(Sink):
         return event_body(event)
 
     def signature(self, msg_id: str, timestamp: int, data: bytes) -> str:
-        """The webhook-signature value: the current secret's, plus the previous one's while its
+        """The webhook-signature value: the current secret's, plus each earlier one's while its
         grace lasts."""
         moment = datetime.fromtimestamp(timestamp, UTC)
         text = data.decode("utf-8")
         signatures = [self.signer.sign(msg_id, moment, text)]
-        expires = self.options.get("previous_secret_expires_at")
-        if self.previous is not None and (expires is None or moment < expires):
-            signatures.append(self.previous.sign(msg_id, moment, text))
+        signatures += [signer.sign(msg_id, moment, text) for signer, expires in self.previous
+                       if expires is None or moment < expires]
         return " ".join(signatures)
 
     def request(self, event: Event, now: float | None = None) -> tuple[bytes, dict[str, str]]:

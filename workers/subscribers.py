@@ -5,6 +5,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any
 
 import psycopg
@@ -69,6 +70,7 @@ class Subscription:
     secret: str
     previous_secret: str | None
     previous_secret_expires_at: Any
+    older_secrets: tuple[dict[str, Any], ...] = ()  # {"secret", "expires_at"}, still in grace
 
     @property
     def target(self) -> str:
@@ -80,6 +82,9 @@ class Subscription:
                 "body": "rd", "include_relations": list(self.include_relations),
                 "previous_secret": self.previous_secret,
                 "previous_secret_expires_at": self.previous_secret_expires_at,
+                "older_secrets": [{"secret": o["secret"],
+                                   "expires_at": datetime.fromisoformat(o["expires_at"])}
+                                  for o in self.older_secrets],
                 "ssrf_allow": list(settings.ssrf_allow), "retry_any_status": True}
 
 
@@ -87,9 +92,11 @@ def load(conn: psycopg.Connection, name: str) -> Subscription | None:
     """The subscription behind a target name, or None when it was deleted."""
     row = conn.execute(
         "SELECT uuid::text, event_type, url, include_relations, status, secret, "
-        "previous_secret, previous_secret_expires_at FROM subscriptions WHERE uuid::text = %s",
-        (name[len(PREFIX):],)).fetchone()
-    return None if row is None else Subscription(row[0], row[1], row[2], tuple(row[3]), *row[4:])
+        "previous_secret, previous_secret_expires_at, older_secrets FROM subscriptions "
+        "WHERE uuid::text = %s", (name[len(PREFIX):],)).fetchone()
+    if row is None:
+        return None
+    return Subscription(row[0], row[1], row[2], tuple(row[3]), *row[4:8], tuple(row[8]))
 
 
 def spec(name: str) -> SinkSpec:

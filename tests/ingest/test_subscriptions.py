@@ -650,4 +650,4 @@ def test_subscriptions_table_matches_the_api(database_url):
     assert {"uuid", "event_type", "entity_type", "url", "http_method", "event_identifiers",
             "include_relations", "status", "source", "created_at", "updated_at", "secret",
             "previous_secret", "previous_secret_expires_at", "consecutive_failures",
-            "suspended_at", "last_error", "url_key"} == columns
+            "suspended_at", "last_error", "url_key", "older_secrets"} == columns

@@ -201,20 +201,38 @@ def test_a_failing_subscriber_is_suspended_then_put_reactivates_and_replay_deliv
 
 def test_a_rotated_secret_keeps_the_old_one_signing_during_the_grace(
         client, receivers, custom, worker_factory, db):
+    """Rotated twice within the grace (a retried call whose answer was lost): the receiver may
+    be on any of the three secrets, and each verifies; one whose grace ended signs no more."""
     a, _ = receivers
     sub = client.subscribe(a.url + "/rotating", "WEBHOOK.CONVERTED")
+    expired = client.subscribe(a.url + "/expired", "WEBHOOK.CONVERTED")
     a.clear()
-    answer = client.session.post(f"{client.base}{HOOKS}/{sub['uuid']}/secret/rotate", timeout=10)
-    assert answer.status_code == 200, answer.text
-    rotated = answer.json()
+
+    def rotate(uuid: str) -> dict[str, Any]:
+        answer = client.session.post(f"{client.base}{HOOKS}/{uuid}/secret/rotate", timeout=10)
+        assert answer.status_code == 200, answer.text
+        return answer.json()
+
+    rotated = rotate(sub["uuid"])
     assert rotated["uuid"] == sub["uuid"] and rotated["secret"] != sub["secret"]
     assert rotated["secret"].startswith("whsec_")
     assert "secret" not in client.show(sub["uuid"])  # shown once, never listed
+    again = rotate(sub["uuid"])
+    ended = rotate(expired["uuid"])
+    db.execute("UPDATE subscriptions SET previous_secret_expires_at = now() - interval '1 s' "
+               "WHERE uuid = %s", (expired["uuid"],))
+    rotate(expired["uuid"])  # its first secret's grace had ended: not kept
     worker_factory(custom)
     client.post_event(conversion(7))
-    wait_for(lambda: delivered(db, sub) == 1, timeout=60, what="the delivery")
-    (request,) = a.requests
-    verified(request, sub["secret"], rotated["secret"])  # old and new both verify
+    wait_for(lambda: delivered(db, sub) == 1 and delivered(db, expired) == 1, timeout=60,
+             what="the deliveries")
+    (request,) = [r for r in a.requests if r.path == "/rotating"]
+    verified(request, sub["secret"], rotated["secret"], again["secret"])  # all three verify
+    assert len(request.header("webhook-signature").split()) == 3
+    (late,) = [r for r in a.requests if r.path == "/expired"]
+    verified(late, ended["secret"])  # the previous one, still in its grace
+    with pytest.raises(WebhookVerificationError):
+        verified(late, expired["secret"])
 
 
 def test_rotating_an_unknown_subscription_is_404(client):
