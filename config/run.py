@@ -65,15 +65,17 @@ def run(args: argparse.Namespace) -> int:
         base = f"http://{args.host}:{args.port}"
         admin = ("the token in " + str(data / "admin-token") if not os.environ.get(
             PREFIX + "ADMIN_TOKENS") else "a token of LEADPIPE_ADMIN_TOKENS")
-        # the secret is never printed: read from the file made for it, or the first of yours
-        # from the env file (which holds every setting this run uses)
-        token = (f"$(cat {data / 'ingest-token'})" if not os.environ.get(
-            PREFIX + "INGEST_TOKENS") else
-            f'$(. {data / "env"} && echo "${{LEADPIPE_INGEST_TOKENS%%,*}}")')
+        # the secret is never printed: read from the file made for it (URL-safe), or the first
+        # of yours from the env file (which holds every setting this run uses), sent in the
+        # token header, where a `+` or `&` in it needs no escaping
+        url = f"{base}/webhooks/rdstation?token=$(cat {data / 'ingest-token'})"
+        if os.environ.get(PREFIX + "INGEST_TOKENS"):
+            url = (f'{base}/webhooks/rdstation" -H "{settings.ingest_token_header}: '
+                   f'$(. {data / "env"} && echo "${{LEADPIPE_INGEST_TOKENS%%,*}}")')
         print(f"""
 Leadpipe is running. Post an RD Station webhook:
 
-  curl -s -X POST "{base}/webhooks/rdstation?token={token}" \\
+  curl -s -X POST "{url}" \\
        -H 'Content-Type: application/json' \\
        -d '{SAMPLE}'
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import os
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import redis
@@ -145,19 +145,11 @@ class IngestStream:
                 return
             start = "(" + _s(rows[-1][0])
 
-    def done(self, entry_ids: list[str], instead: Sequence[Entry] = ()) -> None:
-        """Acknowledge and delete entries in one transaction: they are safely stored elsewhere.
-        `instead` (an erasure's rewritten bodies) is appended in the same transaction, each a
-        new entry with its event id, time received and hint."""
+    def done(self, entry_ids: list[str]) -> None:
+        """Acknowledge and delete entries in one transaction: they are safely stored elsewhere."""
         if not entry_ids:
             return
         pipe = self.client.pipeline(transaction=True)
-        for entry in instead:
-            fields: dict[str, bytes | str | int] = {"i": entry.event_id, "t": entry.received_ms,
-                                                     "b": entry.body}
-            if entry.hint:
-                fields["h"] = entry.hint
-            pipe.xadd(self.key, fields)  # type: ignore[arg-type]
         pipe.xack(self.key, GROUP, *entry_ids)
         pipe.xdel(self.key, *entry_ids)
         pipe.execute()

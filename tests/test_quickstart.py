@@ -47,7 +47,7 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path,
     options = ["--port", str(port)]
     own = stop == "sighup"  # one run with tokens of the user's own and server options
     if own:
-        env["LEADPIPE_INGEST_TOKENS"] = "own-ingest-token-1,own-ingest-token-2"
+        env["LEADPIPE_INGEST_TOKENS"] = "own+ingest/token=1&x,own-ingest-token-2"  # base64-ish
         options += ["--threads", "3"]
     with open(out, "wb") as sink:
         run = subprocess.Popen([sys.executable, "-m", "config.cli", "run", *options],
@@ -59,7 +59,7 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path,
         curl = re.search(r"^\s*(curl .*?-d '[^']+')$", banner, re.S | re.M)
         assert curl, banner
         assert listening(port), "the banner was printed before the API listened"
-        assert "own-ingest-token" not in banner  # the secret is read, never printed
+        assert "own+ingest" not in banner  # the secret is read, never printed
         # pasted into another shell: none of the run's settings in its environment
         shell = {k: v for k, v in env.items() if not k.startswith("LEADPIPE_")}
         answer = subprocess.run(["bash", "-c", curl.group(1).replace("\\\n", " ")], cwd=ROOT,

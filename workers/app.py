@@ -33,8 +33,12 @@ class Leadpipe:
         return self._runtime
 
 
-def make_celery(settings: Settings | None = None) -> Celery:
-    """Build the Celery app; nothing connects until a worker or a publisher runs."""
+def make_celery(settings: Settings | None = None, socket_timeout: float | None = None) -> Celery:
+    """Build the Celery app; nothing connects until a worker or a publisher runs.
+
+    `socket_timeout`: for a process that must answer in seconds (the API's operator routes):
+    the broker's sockets give up after it and a publish is not retried, so a Redis that stops
+    answering fails the publish (left to the relay) instead of holding the caller for good."""
     settings = settings or Settings.from_env()
     if not settings.redis_url:
         raise ConfigError("LEADPIPE_REDIS_URL is not set")
@@ -57,6 +61,10 @@ def make_celery(settings: Settings | None = None) -> Celery:
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,
     )
+    if socket_timeout is not None:
+        app.conf.broker_transport_options.update(socket_timeout=socket_timeout,
+                                                 socket_connect_timeout=socket_timeout)
+        app.conf.update(broker_connection_timeout=socket_timeout, task_publish_retry=False)
     app.leadpipe = Leadpipe(settings, app)  # type: ignore[attr-defined]
     from workers.pump import PumpStep
     from workers.queues import QueuesStep  # also registers the `leadpipe_resume_queue` command

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import psycopg
@@ -13,27 +13,40 @@ from psycopg.types.json import Jsonb
 ERASED_TEXT = "[erased]"
 
 # The tables whose rows stay when a person is erased but may quote their address: another
-# lead's owner or custom field, a deal's name, custom fields or owner, a sink's error text, the
-# e-mail ledger's recipient. Each with the columns that find a row (its primary key) and those
-# never rewritten (identifiers); every other text, text[] and jsonb column is.
+# lead's owner or custom field, a deal's name, custom fields or owner, a sink's error text.
+# Each with the columns that find a row (its primary key) and those never rewritten
+# (identifiers); every other text, text[] and jsonb column is. In the order their rows are
+# locked: leads as batches lock them (sinks.postgres), dead letters before deliveries as a
+# replay does (workers.operations.replay), so the erasure waits for those, never in a cycle.
 TABLES = {
     "leads": (("lead_key",), ("lead_key", "last_event_id")),
     "deals": (("id",), ("id", "last_event_id")),
-    "email_sent": (("sink", "dedup_key", "recipient"), ("sink", "dedup_key", "message_id")),
+    "dead_letters": (("id",), ("event_id", "sink")),
     "deliveries": (("event_id", "sink"), ("event_id", "sink", "status", "dispatch")),
     "delivery_attempts": (("id",), ("event_id", "sink", "outcome")),
-    "dead_letters": (("id",), ("event_id", "sink")),
 }
 Column = tuple[str, str, bool]  # name, type (text, jsonb, _text), nullable
+Holds = Callable[[Any], bool]  # whether a JSON value (a row as to_jsonb gives it) names them
 
 
-def rewrite_quotes(conn: psycopg.Connection, address: re.Pattern[str],
-                   like: str) -> dict[str, int]:
-    """In every row of TABLES whose text holds the address (`like`: a LIKE pattern for the
-    lower-cased row, `address`: the whole address in lower-cased text), rewrite each string
-    holding it: a column that is nothing but the address becomes NULL (where it may), else the
-    address becomes "[erased]" inside its text, JSON keys and values included. Returns the rows
-    rewritten per table, keyed "<table>_rewritten". Inside the caller's transaction."""
+def quoting(conn: psycopg.Connection, table: str, like: str, holds: Holds) -> list[tuple]:
+    """The keys of the rows of `table` that name the person (`like`: a LIKE pattern for the
+    lower-cased row text, which finds candidates; `holds` decides), read without locking:
+    a row another address merely resembles (`joana@` for `ana@`) is never locked."""
+    key = TABLES[table][0]
+    return [tuple(row[:-1]) for row in conn.execute(sql.SQL(
+        "SELECT {key}, to_jsonb(t) FROM {table} AS t WHERE lower(t::text) LIKE %s").format(
+            key=_names(key), table=sql.Identifier(table)), (like,)) if holds(row[-1])]
+
+
+def rewrite_quotes(conn: psycopg.Connection, address: re.Pattern[str], like: str,
+                   holds: Holds, leads: Sequence[tuple]) -> dict[str, int]:
+    """In every row of TABLES that names the person (`leads`: the keys of the leads rows, found
+    and locked by the caller), rewrite each string holding the address (`address`: the whole
+    address in lower-cased text): a column that is nothing but the address becomes NULL
+    (where it may), else the address becomes "[erased]" inside its text, JSON keys and values
+    included. Returns the rows rewritten per table, keyed "<table>_rewritten". Inside the
+    caller's transaction; each table's rows are locked in key order, in TABLES' order."""
     columns: dict[str, list[Column]] = {table: [] for table in TABLES}
     for table, column, kind, nullable in conn.execute(
             "SELECT table_name, column_name, udt_name, is_nullable = 'YES' "
@@ -42,21 +55,28 @@ def rewrite_quotes(conn: psycopg.Connection, address: re.Pattern[str],
             "ORDER BY table_name, ordinal_position", (list(TABLES),)):
         if column not in TABLES[table][1]:
             columns[table].append((column, kind, nullable))
-    return {f"{table}_rewritten": _rewrite_table(conn, table, TABLES[table][0], columns[table],
-                                                 address, like) for table in TABLES}
+    done = {}
+    for table in TABLES:
+        keys = leads if table == "leads" else quoting(conn, table, like, holds)
+        done[f"{table}_rewritten"] = _rewrite_rows(conn, table, keys, columns[table], address)
+    return done
 
 
-def _rewrite_table(conn: psycopg.Connection, table: str, key: tuple[str, ...],
-                   columns: list[Column], address: re.Pattern[str], like: str) -> int:
-    if not columns:
+def _rewrite_rows(conn: psycopg.Connection, table: str, keys: Sequence[tuple],
+                  columns: list[Column], address: re.Pattern[str]) -> int:
+    if not keys or not columns:
         return 0
+    key = TABLES[table][0]
     ident = sql.Identifier(table)
+    # locked, then read as they are now (a worker may have changed one since it was found)
     rows = conn.execute(sql.SQL(
-        "SELECT {key}, {names} FROM {table} AS t WHERE lower(t::text) LIKE %s "
-        "ORDER BY {key} FOR UPDATE").format(
-            key=sql.SQL(", ").join(map(sql.Identifier, key)),
-            names=sql.SQL(", ").join(sql.Identifier(c) for c, _, _ in columns), table=ident),
-        (like,)).fetchall()
+        "SELECT {key}, {names} FROM {table} WHERE ({as_text}) IN "
+        "(SELECT * FROM unnest({arrays})) ORDER BY {key} FOR UPDATE").format(
+            key=_names(key), names=_names([c for c, _, _ in columns]), table=ident,
+            as_text=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k))
+                                       for k in key),
+            arrays=sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in key)),
+        [[str(k[n]) for k in keys] for n in range(len(key))]).fetchall()
     update = sql.SQL("UPDATE {table} SET {sets} WHERE {where}").format(
         table=ident, sets=_each([c for c, _, _ in columns], ", "), where=_each(key, " AND "))
     changed = []
@@ -71,6 +91,10 @@ def _rewrite_table(conn: psycopg.Connection, table: str, key: tuple[str, ...],
         with conn.cursor() as cur:
             cur.executemany(update, changed)
     return len(changed)
+
+
+def _names(names: Sequence[str]) -> sql.Composed:
+    return sql.SQL(", ").join(map(sql.Identifier, names))
 
 
 def _each(names: Sequence[str], between: str) -> sql.Composed:

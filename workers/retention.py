@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import hashlib
 import re
 import time
@@ -15,7 +14,7 @@ import redis
 from psycopg.types.json import Jsonb
 
 from config.settings import Settings
-from ingest.queue import Entry, IngestStream
+from ingest.queue import IngestStream
 from workers.normalize import lead_hash, legacy_key_before, parse_body
 from workers.quoting import rewrite_quotes
 
@@ -218,25 +217,39 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
     pattern, address = _like(email), _address(email)
     touched: dict[str, int] = {}
     with conn.transaction():
+        def holds(value: Any) -> bool:
+            return _contains(value, address)
+
+        # theirs: the rows of the address, and one keyed by it whose e-mail changed since;
+        # candidates read unlocked and confirmed here, so a row another address only resembles
+        # (`joana@` for `ana@`) is never locked
+        found = conn.execute(
+            "SELECT lead_key, uuid, legacy_id, lower(email) = %(email)s "
+            "OR lead_key = 'email:' || %(email)s, to_jsonb(leads) FROM leads "
+            "WHERE lower(email) = %(email)s OR lead_key = 'email:' || %(email)s "
+            "OR lower(leads::text) LIKE %(like)s", {"email": email, "like": pattern}).fetchall()
+        mine = [row for row in found if row[3]]
+        quoted = [(row[0],) for row in found if not row[3] and holds(row[4])]
+        keys = [row[0] for row in mine]
         # the order a storing batch locks in (sinks.postgres.lock_leads: identifiers, then the
-        # leads rows, then events), else a batch redelivering their event deadlocks with us
-        found = conn.execute("SELECT uuid, legacy_id FROM leads WHERE lower(email) = %s",
-                             (email,)).fetchall()
-        lock_leads(conn, [u for u, _ in found if u], [i for _, i in found if i], [email])
-        # their rows and those of others that quote them (rewritten below), in one statement
-        # and the order batches lock leads in: two erasures of people who quote each other
-        # then wait for one another instead of each holding the row the other needs
-        keys = [k for k, theirs in conn.execute(
-            "SELECT lead_key, lower(email) = %s FROM leads "
-            "WHERE lower(email) = %s OR lower(leads::text) LIKE %s "
-            "ORDER BY created_at, lead_key FOR UPDATE", (email, email, pattern)) if theirs]
+        # leads rows, then events), else a batch redelivering their event deadlocks with us;
+        # their rows and those quoting them (rewritten below) in one statement: two erasures
+        # of people who quote each other then wait for one another, never in a cycle
+        lock_leads(conn, [r[1] for r in mine if r[1]], [r[2] for r in mine if r[2]], [email])
+        conn.execute("SELECT 1 FROM leads WHERE lead_key = ANY(%s) "
+                     "ORDER BY created_at, lead_key FOR UPDATE",
+                     (keys + [k for (k,) in quoted],)).fetchall()
         rows = [(event_id, dedup_key) for event_id, dedup_key, theirs, payload in conn.execute(
             "SELECT id, dedup_key, entity_type = 'CONTACT' AND entity_id = ANY(%s), payload "
             "FROM events WHERE (entity_type = 'CONTACT' AND entity_id = ANY(%s)) "
-            "OR lower(payload::text) LIKE %s ORDER BY id FOR UPDATE", (keys, keys, pattern))
-            if theirs or _contains(payload, address)]
+            "OR lower(payload::text) LIKE %s", (keys, keys, pattern))
+            if theirs or holds(payload)]
         ids = [r[0] for r in rows]
         dedup_keys = [r[1] for r in rows]
+        # theirs alone, in the order a batch locks events (dedup keys): a batch storing a
+        # neighbour's events never meets us holding them in another order
+        conn.execute("SELECT 1 FROM events WHERE id = ANY(%s) ORDER BY dedup_key FOR UPDATE",
+                     (ids,)).fetchall()
         quarantined = [row_id for row_id, payload in conn.execute(
             "SELECT id, payload FROM quarantine WHERE lower(payload::text) LIKE %s", (pattern,))
             if _contains(payload, address)]
@@ -248,7 +261,8 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
                      "FROM (SELECT sink, event_id FROM deliveries WHERE event_id = ANY(%s) "
                      "ORDER BY sink, event_id) AS theirs", (ids,)).fetchall()
         for store, sql, params in (
-            ("email_sent", "DELETE FROM email_sent WHERE dedup_key = ANY(%s)", (dedup_keys,)),
+            ("email_sent", "DELETE FROM email_sent WHERE dedup_key = ANY(%s) "
+                           "OR lower(recipient) = %s", (dedup_keys, email)),  # sent to them too
             ("delivery_attempts", "DELETE FROM delivery_attempts WHERE event_id = ANY(%s)",
              (ids,)),
             ("dead_letters", "DELETE FROM dead_letters WHERE event_id = ANY(%s)", (ids,)),
@@ -257,14 +271,13 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
                        "dedup_key = 'erased:' || encode(sha256(convert_to(dedup_key, 'UTF8')), "
                        "'hex') WHERE id = ANY(%s) AND dedup_key NOT LIKE 'erased:%%'",
              (ERASED, ids)),  # (an erasure of another person it names may have hashed it)
-            ("leads", "DELETE FROM leads WHERE lead_key = ANY(%s) OR lower(email) = %s",
-             (keys, email)),
+            ("leads", "DELETE FROM leads WHERE lead_key = ANY(%s)", (keys,)),
             ("quarantine", "DELETE FROM quarantine WHERE id = ANY(%s)", (quarantined,)),
         ):
             touched[store] = conn.execute(sql, params).rowcount
         # what stays but quotes them: another lead's owner, a deal's custom field, an error
         # text (their own rows are gone by now, so only others' are found)
-        touched.update(rewrite_quotes(conn, address, pattern))
+        touched.update(rewrite_quotes(conn, address, pattern, holds, quoted))
         touched["stream"] = 0
         if stream is not None:
             touched["stream"] = erase_from_stream(stream, email)
@@ -280,36 +293,26 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
 def erase_from_stream(stream: IngestStream, email: str) -> int:
     """Delete (and acknowledge) the not yet stored entries that mention the e-mail.
 
-    A legacy body is one event per lead: one that holds other people's leads too is put back
-    in the same transaction as `{"leads": [theirs]}` (the rest, hint, event id and time
-    received kept), so their accepted events are stored as if nothing happened; the dedup keys
-    of legacy leads depend on the lead alone, so an event stored from the body already stays
-    a duplicate. Returns the entries deleted or rewritten."""
+    A legacy body holding several leads, some of them other people's, stays: storing makes one
+    event per lead and drops the person's (received before the erasure), so the others'
+    accepted events are not lost with it. Returns the entries deleted."""
     address = _address(email)
-    found: list[tuple[str, Entry | None]] = []
-    for entry in stream.entries():
-        if _mentions(entry.body, email):
-            rest = _other_leads(entry.body, address)
-            found.append((entry.entry_id, None if rest is None else dataclasses.replace(
-                entry, body=orjson.dumps({"leads": rest}))))
+    found = [entry.entry_id for entry in stream.entries()
+             if _mentions(entry.body, email) and not _shared(entry.body, address)]
     for start in range(0, len(found), 500):
-        chunk = found[start:start + 500]
-        stream.done([entry_id for entry_id, _ in chunk],
-                    instead=[kept for _, kept in chunk if kept is not None])
+        stream.done(found[start:start + 500])
     return len(found)
 
 
-def _other_leads(body: bytes, address: re.Pattern[str]) -> list[Any] | None:
-    """The leads of a legacy body that do not name the address, if there are any."""
+def _shared(body: bytes, address: re.Pattern[str]) -> bool:
+    """A legacy body of several leads, one at least not naming the address."""
     try:
         data = parse_body(body)
     except (ValueError, RecursionError):
-        return None
+        return False
     leads = data.get("leads") if isinstance(data, dict) else None
-    if not isinstance(leads, list):
-        return None
-    rest = [lead for lead in leads if not _contains(lead, address)]
-    return rest or None
+    return (isinstance(leads, list) and len(leads) > 1
+            and any(not _contains(lead, address) for lead in leads))
 
 
 def _mentions(body: bytes, email: str) -> bool:

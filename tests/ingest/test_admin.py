@@ -205,11 +205,25 @@ def test_quarantined_bodies_with_odd_types_show_no_pii(routed, db):
         assert "m***@***.br" in text
 
 
-def test_a_replay_while_the_broker_is_down_is_left_to_the_relay(routed, worker_factory, db):
+def test_the_workers_answering_are_listed_through_the_api(routed, worker_factory):
+    """The API's broker connection gives up in seconds (above); on a broker that answers,
+    Celery's inspect through it still finds the workers and their queues."""
+    worker_factory(routed)
+    listed = create_app(routed).test_client().get("/api/workers?timeout=2", headers=auth())
+    assert listed.status_code == 200
+    (node,) = listed.get_json()["workers"].values()
+    assert routed.ingest_queue in node["queues"] and node["pool"]
+
+
+@pytest.mark.timeout(120)  # a broker that does not answer held the replay for good
+@pytest.mark.parametrize("broker", ["refusing", "silent"])
+def test_a_replay_while_the_broker_is_down_is_left_to_the_relay(routed, worker_factory, db,
+                                                                broker, silent_port):
     """The dead letter is taken and its delivery pending in Postgres before the publish: a
     broker that cannot take the task must not turn that into an error (the relay sends it)."""
     letter = dead_letter(routed, worker_factory, db)
-    broker_down = routed.with_(redis_url=f"redis://127.0.0.1:{free_port()}/0")
+    port = silent_port if broker == "silent" else free_port()
+    broker_down = routed.with_(redis_url=f"redis://127.0.0.1:{port}/0")
     answer = create_app(broker_down).test_client().post(f"/api/dead-letters/{letter}/replay",
                                                         headers=auth())
     assert (answer.status_code, answer.get_json()) == (200, {"replayed": 1})

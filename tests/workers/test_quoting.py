@@ -1,7 +1,13 @@
-"""Rewriting an erased address inside text and JSON kept for others (no database needed)."""
+"""Rewriting an erased address inside text and JSON kept for others."""
 
 from __future__ import annotations
 
+import threading
+from typing import Any
+
+import psycopg
+
+from tests.conftest import wait_for
 from workers.quoting import ERASED_TEXT, json_rewritten
 from workers.retention import _address
 
@@ -34,3 +40,41 @@ def test_the_original_value_is_left_as_it_was():
     value = {"a": ["ana@example.com"]}
     json_rewritten(value, address)
     assert value == {"a": ["ana@example.com"]}
+
+
+def test_an_erasure_rewriting_a_dead_letter_waits_for_its_replay_instead_of_deadlocking(
+        database_url, db):
+    """A replay marks the dead letter, then its delivery (workers.operations.replay, one
+    transaction); both quote the person in their error text. The erasure locks dead letters
+    before deliveries too, so it waits for the replay rather than holding what it needs."""
+    from workers import retention
+
+    person, error = "ana@example.com", "HTTP 422: owner ana@example.com unknown"
+    db.execute("INSERT INTO events (id, dedup_key, source, event_type, entity_type, "
+               "occurred_at, received_at, payload) VALUES ('ev-b', 'k-b', 'CRM', "
+               "'crm_deal_created', 'DEAL', now(), now(), '{}')")
+    db.execute("INSERT INTO deliveries (event_id, sink, status, last_error) VALUES "
+               "('ev-b', 'crm', 'dead', %s)", (error,))
+    (letter,) = db.execute("INSERT INTO dead_letters (event_id, sink, error, attempts) VALUES "
+                           "('ev-b', 'crm', %s, 1) RETURNING id", (error,)).fetchone()
+    outcome: dict[str, Any] = {}
+
+    def erase() -> None:
+        with psycopg.connect(database_url, autocommit=True) as conn:
+            outcome["erase"] = retention.erase(conn, None, person)
+
+    with psycopg.connect(database_url) as replay:  # its two statements, by hand
+        replay.execute("UPDATE dead_letters SET replayed_at = now() WHERE id = %s", (letter,))
+        eraser = threading.Thread(target=erase)
+        eraser.start()
+        wait_for(lambda: db.execute(
+            "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+            "AND query LIKE '%%FROM \"dead_letters\"%%'").fetchone()[0], timeout=20,
+            what="the erasure waiting for the dead letter")
+        replay.execute("UPDATE deliveries SET status = 'pending' WHERE event_id = 'ev-b'")
+        replay.commit()
+        eraser.join(30)
+    assert outcome["erase"]["dead_letters_rewritten"] == 1
+    assert outcome["erase"]["deliveries_rewritten"] == 1
+    assert db.execute("SELECT status, last_error FROM deliveries").fetchone() == (
+        "pending", "HTTP 422: owner [erased] unknown")
