@@ -68,12 +68,10 @@ def _runtime():  # type: ignore[no-untyped-def]
     if ext.runtime is None:
         from workers.app import make_celery
 
-        # no retries, the ingest path's Redis timeout (the broker's sockets too), a short wait
-        # for Postgres: a store down or not answering makes a 503 (a publish: the relay) in
-        # seconds, not a request thread (shared with ingest) held for minutes or for good
-        timeout = ext.settings.redis_timeout_seconds
-        ext.runtime = make_celery(ext.settings, socket_timeout=timeout).leadpipe.runtime(
-            redis_timeout=timeout, redis_retries=0, db_timeout=2.0)
+        # a store down or not answering makes a 503 (a publish: the relay) in seconds, not a
+        # request thread (shared with ingest) held for minutes or for good
+        ext.runtime = make_celery(ext.settings, socket_timeout=ext.settings.redis_timeout_seconds
+                                  ).leadpipe.runtime(interactive=True)
     return ext.runtime
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 import uuid
 from collections.abc import Callable
 from datetime import datetime
@@ -46,7 +47,8 @@ def pause(runtime: Runtime, sink: str) -> None:
     _known(runtime, sink)
     runtime.control.pause(sink)
     if runtime.app is not None:
-        runtime.app.control.cancel_consumer(sink_queue(runtime.settings, sink))
+        _tell_nodes(runtime, runtime.app.control.cancel_consumer,
+                    sink_queue(runtime.settings, sink))
 
 
 def resume(runtime: Runtime, sink: str) -> None:
@@ -58,8 +60,31 @@ def resume(runtime: Runtime, sink: str) -> None:
     _known(runtime, sink)
     runtime.control.resume(sink)
     if runtime.app is not None:
-        runtime.app.control.broadcast("leadpipe_resume_queue",
-                                      arguments={"queue": sink_queue(runtime.settings, sink)})
+        _tell_nodes(runtime, runtime.app.control.broadcast, "leadpipe_resume_queue",
+                    arguments={"queue": sink_queue(runtime.settings, sink)})
+
+
+def _tell_nodes(runtime: Runtime, broadcast: Callable[..., Any], *args: Any,
+                **kwargs: Any) -> None:
+    """Broadcast a pause or resume, which only hastens it: every node compares what it
+    consumes with the pause set in Redis every few seconds (workers.queues). Celery retries a
+    broadcast for as long as the broker does not answer, so an operator request waits for it
+    at most the runtime's Redis timeout, in a thread of its own (left to end with the broker)."""
+    if not runtime.interactive:
+        broadcast(*args, **kwargs)
+        return
+    def send() -> None:
+        try:
+            broadcast(*args, **kwargs)
+        except Exception as exc:  # the state is in Redis already: the nodes will follow it
+            log.warning("broadcast to the nodes failed: %s", type(exc).__name__)
+
+    sender = threading.Thread(target=send, daemon=True, name="leadpipe-broadcast")
+    sender.start()
+    sender.join(runtime.redis_timeout)
+    if sender.is_alive():
+        log.warning("broker not answering: nodes take the pause state from Redis in a few "
+                    "seconds instead")
 
 
 def dead_letters(dsn: str, sink: str | None = None, limit: int = 100,

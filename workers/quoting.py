@@ -25,6 +25,7 @@ TABLES = {
     "deliveries": (("event_id", "sink"), ("event_id", "sink", "status", "dispatch")),
     "delivery_attempts": (("id",), ("event_id", "sink", "outcome")),
 }
+OF_EVENTS = ("dead_letters", "deliveries", "delivery_attempts")  # rows kept per event
 Column = tuple[str, str, bool]  # name, type (text, jsonb, _text), nullable
 Holds = Callable[[Any], bool]  # whether a JSON value (a row as to_jsonb gives it) names them
 
@@ -39,14 +40,36 @@ def quoting(conn: psycopg.Connection, table: str, like: str, holds: Holds) -> li
             key=_names(key), table=sql.Identifier(table)), (like,)) if holds(row[-1])]
 
 
-def rewrite_quotes(conn: psycopg.Connection, address: re.Pattern[str], like: str,
-                   holds: Holds, leads: Sequence[tuple]) -> dict[str, int]:
-    """In every row of TABLES that names the person (`leads`: the keys of the leads rows, found
-    and locked by the caller), rewrite each string holding the address (`address`: the whole
-    address in lower-cased text): a column that is nothing but the address becomes NULL
-    (where it may), else the address becomes "[erased]" inside its text, JSON keys and values
-    included. Returns the rows rewritten per table, keyed "<table>_rewritten". Inside the
-    caller's transaction; each table's rows are locked in key order, in TABLES' order."""
+def find_and_lock(conn: psycopg.Connection, like: str, holds: Holds,
+                  events: Sequence[str]) -> dict[str, list[tuple]]:
+    """The rows of TABLES but leads (the caller locks those with the person's) that name the
+    person, {table: keys} (`quoting`); each table's rows the erasure changes — these, and the
+    person's own ones deleted (those of the `events` erased) — locked in one statement, in
+    key order, table after table in TABLES' order: a replay or another erasure locking some
+    of them waits for this one or makes it wait, never both."""
+    found: dict[str, list[tuple]] = {}
+    for table in list(TABLES)[1:]:
+        found[table] = keys = quoting(conn, table, like, holds)
+        key = TABLES[table][0]
+        params: list[Any] = [[str(k[n]) for k in keys] for n in range(len(key))]
+        theirs = sql.SQL("")
+        if table in OF_EVENTS:
+            theirs = sql.SQL(" OR event_id = ANY(%s)")
+            params.append(list(events))
+        conn.execute(sql.SQL("SELECT 1 FROM {table} WHERE {match}{theirs} "
+                             "ORDER BY {key} FOR UPDATE").format(
+            table=sql.Identifier(table), match=_match(key), theirs=theirs, key=_names(key)),
+            params).fetchall()
+    return found
+
+
+def rewrite_quotes(conn: psycopg.Connection, address: re.Pattern[str],
+                   found: dict[str, Sequence[tuple]]) -> dict[str, int]:
+    """In the rows found (and locked) that name the person, {table: keys}, rewrite each string
+    holding the address (`address`: the whole address in lower-cased text): a column that is
+    nothing but the address becomes NULL (where it may), else the address becomes "[erased]"
+    inside its text, JSON keys and values included. Returns the rows rewritten per table,
+    keyed "<table>_rewritten". Inside the caller's transaction."""
     columns: dict[str, list[Column]] = {table: [] for table in TABLES}
     for table, column, kind, nullable in conn.execute(
             "SELECT table_name, column_name, udt_name, is_nullable = 'YES' "
@@ -55,11 +78,8 @@ def rewrite_quotes(conn: psycopg.Connection, address: re.Pattern[str], like: str
             "ORDER BY table_name, ordinal_position", (list(TABLES),)):
         if column not in TABLES[table][1]:
             columns[table].append((column, kind, nullable))
-    done = {}
-    for table in TABLES:
-        keys = leads if table == "leads" else quoting(conn, table, like, holds)
-        done[f"{table}_rewritten"] = _rewrite_rows(conn, table, keys, columns[table], address)
-    return done
+    return {f"{table}_rewritten": _rewrite_rows(conn, table, found.get(table, ()),
+                                                columns[table], address) for table in TABLES}
 
 
 def _rewrite_rows(conn: psycopg.Connection, table: str, keys: Sequence[tuple],
@@ -68,14 +88,11 @@ def _rewrite_rows(conn: psycopg.Connection, table: str, keys: Sequence[tuple],
         return 0
     key = TABLES[table][0]
     ident = sql.Identifier(table)
-    # locked, then read as they are now (a worker may have changed one since it was found)
+    # read as they are now (locked since they were found; a row deleted since is not here)
     rows = conn.execute(sql.SQL(
-        "SELECT {key}, {names} FROM {table} WHERE ({as_text}) IN "
-        "(SELECT * FROM unnest({arrays})) ORDER BY {key} FOR UPDATE").format(
+        "SELECT {key}, {names} FROM {table} WHERE {match} ORDER BY {key} FOR UPDATE").format(
             key=_names(key), names=_names([c for c, _, _ in columns]), table=ident,
-            as_text=sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k))
-                                       for k in key),
-            arrays=sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in key)),
+            match=_match(key)),
         [[str(k[n]) for k in keys] for n in range(len(key))]).fetchall()
     update = sql.SQL("UPDATE {table} SET {sets} WHERE {where}").format(
         table=ident, sets=_each([c for c, _, _ in columns], ", "), where=_each(key, " AND "))
@@ -91,6 +108,14 @@ def _rewrite_rows(conn: psycopg.Connection, table: str, keys: Sequence[tuple],
         with conn.cursor() as cur:
             cur.executemany(update, changed)
     return len(changed)
+
+
+def _match(key: Sequence[str]) -> sql.Composed:
+    """`(k1::text, k2::text) IN (SELECT * FROM unnest(%s::text[], %s::text[]))`: one array of
+    each key column's values, as text."""
+    return sql.SQL("({}) IN (SELECT * FROM unnest({}))").format(
+        sql.SQL(", ").join(sql.SQL("{}::text").format(sql.Identifier(k)) for k in key),
+        sql.SQL(", ").join(sql.SQL("%s::text[]") for _ in key))
 
 
 def _names(names: Sequence[str]) -> sql.Composed:

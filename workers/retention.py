@@ -16,7 +16,7 @@ from psycopg.types.json import Jsonb
 from config.settings import Settings
 from ingest.queue import IngestStream
 from workers.normalize import lead_hash, legacy_key_before, parse_body
-from workers.quoting import rewrite_quotes
+from workers.quoting import find_and_lock, rewrite_quotes
 
 BATCH = 5000
 PURGED = '{"purged": true}'
@@ -260,6 +260,10 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
         conn.execute("SELECT pg_advisory_xact_lock(hashtextextended(sink || ':' || event_id, 0)) "
                      "FROM (SELECT sink, event_id FROM deliveries WHERE event_id = ANY(%s) "
                      "ORDER BY sink, event_id) AS theirs", (ids,)).fetchall()
+        # the deals, dead letters, deliveries and attempts changed below, theirs and those of
+        # others that quote them: each table's locked in one ordered statement, before any
+        # is changed (deleting theirs first, then locking others', made cycles with replays)
+        found = find_and_lock(conn, pattern, holds, ids)
         for store, sql, params in (
             ("email_sent", "DELETE FROM email_sent WHERE dedup_key = ANY(%s) "
                            "OR lower(recipient) = %s", (dedup_keys, email)),  # sent to them too
@@ -277,7 +281,7 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
             touched[store] = conn.execute(sql, params).rowcount
         # what stays but quotes them: another lead's owner, a deal's custom field, an error
         # text (their own rows are gone by now, so only others' are found)
-        touched.update(rewrite_quotes(conn, address, pattern, holds, quoted))
+        touched.update(rewrite_quotes(conn, address, {"leads": quoted, **found}))
         touched["stream"] = 0
         if stream is not None:
             touched["stream"] = erase_from_stream(stream, email)

@@ -47,18 +47,19 @@ class Target:
 class Runtime:
     """Settings plus the lazily opened Redis, Postgres, routing and sinks of one process."""
 
-    def __init__(self, settings: Settings, app: Any = None, redis_timeout: float = 10.0,
-                 redis_retries: int = 3, db_timeout: float = 5.0):
-        """`redis_timeout`, `redis_retries` and `db_timeout` (the wait for a pooled
-        connection): a worker rides out a blip; an operator request (ingest.admin) waits
-        less, to answer 503 in seconds, not minutes."""
+    def __init__(self, settings: Settings, app: Any = None, interactive: bool = False):
+        """`interactive`: the runtime of operator requests (ingest.admin), which must answer
+        in seconds: Redis calls with the ingest path's timeout and no retries, a 2 s wait for
+        a pooled connection, broadcasts to the nodes not waited for past that timeout (a
+        worker's rides out a blip: 10 s, 3 retries, 5 s)."""
         if not settings.redis_url or not settings.database_url:
             raise ConfigError("LEADPIPE_REDIS_URL and LEADPIPE_DATABASE_URL must both be set")
         self.settings = settings
         self.app = app
-        self.redis_timeout = redis_timeout
-        self.redis_retries = redis_retries
-        self.db_timeout = db_timeout
+        self.interactive = interactive
+        self.redis_timeout = settings.redis_timeout_seconds if interactive else 10.0
+        self.redis_retries = 0 if interactive else 3
+        self.db_timeout = 2.0 if interactive else 5.0
         self._sinks: dict[str, Sink] = {}
         self._subscriptions: dict[str, tuple[subscribers.Subscription, Sink]] = {}
 

@@ -7,6 +7,7 @@ import socket
 import threading
 import time
 from collections.abc import Iterator
+from typing import Any
 
 import psycopg
 import pytest
@@ -205,13 +206,53 @@ def test_quarantined_bodies_with_odd_types_show_no_pii(routed, db):
         assert "m***@***.br" in text
 
 
+@pytest.mark.timeout(120)  # the broadcast's endless retries held the request for good
+@pytest.mark.parametrize("action", ["pause", "resume"])
+def test_a_pause_or_resume_answers_though_redis_freezes_before_the_broadcast(
+        routed, redis_url, monkeypatch, action):
+    """The pause state is written, then Redis stops answering (a failover, a freeze) before
+    the broadcast to the nodes: the request answers within seconds (the nodes follow the state
+    in Redis by themselves) instead of waiting on Celery's retries."""
+    from tests.support.freezing_proxy import FreezingProxy
+    from workers.control import SinkControl
+
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    proxy = FreezingProxy((host, int(port)))
+    client = create_app(routed.with_(redis_url=f"redis://127.0.0.1:{proxy.port}/0")
+                        ).test_client()
+    written = getattr(SinkControl, action)
+
+    def then_freeze(self: SinkControl, sink: str) -> None:
+        written(self, sink)
+        proxy.freeze()
+
+    monkeypatch.setattr(SinkControl, action, then_freeze)
+    answered: dict[str, Any] = {}
+    caller = threading.Thread(target=lambda: answered.update(
+        r=client.post(f"/api/sinks/audit/{action}", headers=auth())), daemon=True)
+    caller.start()
+    caller.join(30)
+    held = caller.is_alive()
+    proxy.thaw()  # the broadcast left running goes through, and its thread ends
+    wait_for(lambda: not any(t.name == "leadpipe-broadcast" for t in threading.enumerate()),
+             what="the broadcast thread to end")
+    proxy.close()
+    assert not held, "the request is held by the broadcast"
+    assert answered["r"].status_code == 200
+
+
 def test_the_workers_answering_are_listed_through_the_api(routed, worker_factory):
     """The API's broker connection gives up in seconds (above); on a broker that answers,
     Celery's inspect through it still finds the workers and their queues."""
     worker_factory(routed)
-    listed = create_app(routed).test_client().get("/api/workers?timeout=2", headers=auth())
-    assert listed.status_code == 200
-    (node,) = listed.get_json()["workers"].values()
+    client = create_app(routed).test_client()
+
+    def listed() -> list[dict[str, Any]]:
+        answer = client.get("/api/workers?timeout=2", headers=auth())
+        assert answer.status_code == 200
+        return list(answer.get_json()["workers"].values())
+
+    (node,) = wait_for(listed, what="the worker listed")  # a busy worker may miss one inspect
     assert routed.ingest_queue in node["queues"] and node["pool"]
 
 

@@ -5,9 +5,10 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import orjson
 import psycopg
 
-from tests.conftest import wait_for
+from tests.conftest import count, wait_for
 from workers.quoting import ERASED_TEXT, json_rewritten
 from workers.retention import _address
 
@@ -78,3 +79,100 @@ def test_an_erasure_rewriting_a_dead_letter_waits_for_its_replay_instead_of_dead
     assert outcome["erase"]["deliveries_rewritten"] == 1
     assert db.execute("SELECT status, last_error FROM deliveries").fetchone() == (
         "pending", "HTTP 422: owner [erased] unknown")
+
+
+ANA, BOB = "ana@example.com", "bob@example.com"
+
+
+def event(db: Any, event_id: str, payload: str) -> None:
+    db.execute("INSERT INTO events (id, dedup_key, source, event_type, entity_type, "
+               "occurred_at, received_at, payload) VALUES (%s, %s, 'CRM', 'crm_deal_created', "
+               "'DEAL', now(), now(), %s)", (event_id, "k-" + event_id, payload))
+
+
+def letter(db: Any, event_id: str, error: str) -> int:
+    db.execute("INSERT INTO deliveries (event_id, sink, status, last_error) VALUES "
+               "(%s, 'crm', 'dead', %s)", (event_id, error))
+    return db.execute("INSERT INTO dead_letters (event_id, sink, error, attempts) VALUES "
+                      "(%s, 'crm', %s, 1) RETURNING id", (event_id, error)).fetchone()[0]
+
+
+def lock_waiters(db: Any, like: str) -> int:
+    return db.execute("SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' "
+                      "AND query LIKE %s", (like,)).fetchone()[0]
+
+
+def erase_in_thread(database_url: str, email: str, out: dict[str, Any]) -> threading.Thread:
+    from workers import retention
+
+    def run() -> None:
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                out[email] = retention.erase(conn, None, email)
+        except Exception as exc:  # noqa: BLE001 (what the test reports)
+            out[email] = exc
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    return thread
+
+
+def test_an_erasure_and_a_replay_of_its_own_and_a_quoting_dead_letter_both_finish(
+        database_url, db):
+    """The erasure deletes the person's dead letter and rewrites another that quotes them; a
+    replay takes both in id order. Had the erasure deleted its own first and locked the other
+    later (after waiting on a deal a batch holds), each would hold what the other needs."""
+    event(db, "ev-x", "{}")
+    quoting_letter = letter(db, "ev-x", f"HTTP 422: owner {ANA} unknown")
+    event(db, "ev-p", orjson.dumps({"email": ANA}).decode())
+    own = letter(db, "ev-p", "HTTP 400")
+    db.execute("INSERT INTO deals (id, name, updated_at, last_event_id) VALUES "
+               "('d1', %s, now(), 'ev-x')", (f"Proposal for {ANA}",))
+    out: dict[str, Any] = {}
+    replayed: dict[str, Any] = {}
+    with psycopg.connect(database_url) as batch, psycopg.connect(database_url) as replay:
+        batch.execute("SELECT 1 FROM deals WHERE id = 'd1' FOR UPDATE")  # a batch storing it
+        eraser = erase_in_thread(database_url, ANA, out)
+        wait_for(lambda: lock_waiters(db, '%FROM "deals"%'), timeout=20, what="erasure at deals")
+
+        def run_replay() -> None:  # workers.operations.replay's two statements
+            try:
+                replay.execute("UPDATE dead_letters SET replayed_at = now() WHERE id = ANY(%s)",
+                               ([quoting_letter, own],))
+                replay.execute("UPDATE deliveries SET status = 'pending' "
+                               "WHERE event_id = ANY(%s)", (["ev-x", "ev-p"],))
+                replay.commit()
+                replayed["ok"] = True
+            except psycopg.Error as exc:
+                replayed["ok"] = exc
+                replay.rollback()
+
+        replayer = threading.Thread(target=run_replay)
+        replayer.start()
+        replayer.join(10)  # it waits for nothing of the erasure's, which has locked no letter
+        batch.rollback()
+        eraser.join(30)
+        replayer.join(30)
+    assert replayed["ok"] is True and isinstance(out[ANA], dict), (replayed, out)
+    assert out[ANA]["dead_letters"] == 1 and out[ANA]["dead_letters_rewritten"] == 1
+
+
+def test_two_erasures_of_people_whose_error_texts_quote_each_other_both_finish(database_url,
+                                                                             db):
+    event(db, "ev-a", orjson.dumps({"email": ANA}).decode())
+    letter(db, "ev-a", f"HTTP 409: {BOB} already has this phone")
+    event(db, "ev-b", orjson.dumps({"email": BOB}).decode())
+    letter(db, "ev-b", f"HTTP 409: {ANA} already has this phone")
+    db.execute("INSERT INTO deals (id, name, updated_at, last_event_id) VALUES "
+               "('d1', %s, now(), 'ev-x')", (f"Proposal for {ANA} and {BOB}",))
+    out: dict[str, Any] = {}
+    with psycopg.connect(database_url) as batch:
+        batch.execute("SELECT 1 FROM deals WHERE id = 'd1' FOR UPDATE")
+        erasers = [erase_in_thread(database_url, email, out) for email in (ANA, BOB)]
+        wait_for(lambda: lock_waiters(db, '%FROM "deals"%') == 2, timeout=20,
+                 what="both erasures at the deal")
+        batch.rollback()
+        for eraser in erasers:
+            eraser.join(30)
+    assert all(isinstance(v, dict) for v in out.values()) and len(out) == 2, out
+    assert count(db, "SELECT count(*) FROM dead_letters") == 0

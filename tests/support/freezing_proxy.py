@@ -1,0 +1,57 @@
+"""A TCP proxy that can freeze: connections stay open, bytes go nowhere (a server that hangs)."""
+
+from __future__ import annotations
+
+import socket
+import threading
+
+
+class FreezingProxy:
+    """Forwards 127.0.0.1:`port` to `target` until `freeze()`: from then on it takes new
+    connections and every byte sent, and answers nothing, as a frozen server or a half-open
+    network path does."""
+
+    def __init__(self, target: tuple[str, int]):
+        self.target = target
+        self.frozen = threading.Event()
+        self.listener = socket.socket()
+        self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        self.listener.bind(("127.0.0.1", 0))
+        self.listener.listen(64)
+        self.port = self.listener.getsockname()[1]
+        threading.Thread(target=self._accept, daemon=True).start()
+
+    def freeze(self) -> None:
+        self.frozen.set()
+
+    def thaw(self) -> None:
+        """Forward again (what was swallowed meanwhile stays lost)."""
+        self.frozen.clear()
+
+    def close(self) -> None:
+        self.listener.close()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                client, _ = self.listener.accept()
+                upstream = socket.create_connection(self.target)
+            except OSError:
+                return
+            for a, b in ((client, upstream), (upstream, client)):
+                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                if not self.frozen.is_set():  # else swallowed
+                    sink.sendall(data)
+        except OSError:
+            pass
+        finally:  # either side gone: both ends closed, the other pipe ends too
+            for end in (source, sink):
+                try:
+                    end.shutdown(socket.SHUT_RDWR)
+                except OSError:
+                    pass
+                end.close()
