@@ -436,6 +436,10 @@ def _schedule(conn: psycopg.Connection, sink: str, plan: Plan, dispatch: str | N
     for ids, seconds in ((plan.retry_ids, plan.countdown), (plan.rest_ids, 0.0),
                          (plan.busy_ids, BUSY_SECONDS)):
         if ids:
+            # locked in key order (a subquery's ORDER BY ... FOR UPDATE), as an erasure locks
+            # deliveries (workers.quoting); the UPDATE alone would lock in scan order
             conn.execute("UPDATE deliveries SET dispatched_at = now() + make_interval(secs => %s) "
-                         "WHERE sink = %s AND event_id = ANY(%s) "
-                         "AND dispatch IS NOT DISTINCT FROM %s", (seconds, sink, ids, dispatch))
+                         "WHERE sink = %s AND event_id IN ("
+                         "  SELECT event_id FROM deliveries WHERE sink = %s AND event_id = ANY(%s)"
+                         "  AND dispatch IS NOT DISTINCT FROM %s ORDER BY event_id FOR UPDATE)",
+                         (seconds, sink, sink, ids, dispatch))

@@ -135,14 +135,19 @@ def replay(runtime: Runtime, ids: list[int] | None = None, sink: str | None = No
         for start in range(0, len(letters), 500):
             chunk = letters[start:start + 500]
             with conn.transaction():
+                # rows locked in key order, as an erasure locks them (workers.quoting): an
+                # UPDATE alone locks in the order its plan scans, storage order on a small table
                 taken = conn.execute(
-                    "UPDATE dead_letters SET replayed_at = now() "
-                    "WHERE id = ANY(%s) AND replayed_at IS NULL RETURNING event_id, sink",
-                    (chunk,)).fetchall()
+                    "UPDATE dead_letters SET replayed_at = now() WHERE id IN ("
+                    "  SELECT id FROM dead_letters WHERE id = ANY(%s) AND replayed_at IS NULL "
+                    "  ORDER BY id FOR UPDATE) RETURNING event_id, sink", (chunk,)).fetchall()
                 moved = conn.execute(
                     "UPDATE deliveries d SET status = 'pending', dispatched_at = now(), "
-                    "dispatch = %s "
-                    "FROM unnest(%s::text[], %s::text[]) AS t(event_id, sink) "
+                    "dispatch = %s FROM ("
+                    "  SELECT l.event_id, l.sink FROM deliveries l "
+                    "  JOIN unnest(%s::text[], %s::text[]) AS t(event_id, sink) "
+                    "  ON l.event_id = t.event_id AND l.sink = t.sink WHERE l.status = 'dead' "
+                    "  ORDER BY l.event_id, l.sink FOR UPDATE OF l) AS t "
                     "WHERE d.event_id = t.event_id AND d.sink = t.sink AND d.status = 'dead' "
                     "RETURNING d.event_id, d.sink",
                     (dispatch, [t[0] for t in taken], [t[1] for t in taken])).fetchall()

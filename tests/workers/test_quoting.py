@@ -176,3 +176,79 @@ def test_two_erasures_of_people_whose_error_texts_quote_each_other_both_finish(d
             eraser.join(30)
     assert all(isinstance(v, dict) for v in out.values()) and len(out) == 2, out
     assert count(db, "SELECT count(*) FROM dead_letters") == 0
+
+
+def erase_queued_behind(database_url: str, db: Any, held: str, out: dict[str, Any],
+                        other: Any) -> None:
+    """Erase ANA while `held` (a lock statement) keeps one of her rows a moment; once the
+    erasure waits for it, run `other` (a replay, a delivery task) until it waits too, then
+    let go: each must finish, neither deadlocked (each row is locked in key order by all)."""
+    with psycopg.connect(database_url) as holder:
+        holder.execute(held)
+        eraser = erase_in_thread(database_url, ANA, out)
+        wait_for(lambda: lock_waiters(db, "%FOR UPDATE%") >= 1, timeout=20,
+                 what="the erasure waiting")
+        worker = threading.Thread(target=other)
+        worker.start()
+        wait_for(lambda: lock_waiters(db, "%") >= 2, timeout=20, what="the other waiting")
+        holder.rollback()
+    eraser.join(30)
+    worker.join(30)
+    assert isinstance(out[ANA], dict), out
+
+
+def test_an_erasure_and_a_bulk_replay_lock_dead_letters_in_one_order(settings, tmp_path,
+                                                                    database_url, db):
+    """On a small table an UPDATE locks in storage order, which an update of the lower id
+    turns around: the replay must lock in id order, as the erasure does."""
+    from workers import operations
+    from workers.app import make_celery
+
+    routes = tmp_path / "routes.yaml"
+    routes.write_text('{"sinks": {"crm": {"type": "dummy", "options": {"path": "%s"}}}, '
+                      '"routes": [{"to": ["crm"]}]}' % (tmp_path / "crm.jsonl"))
+    runtime = make_celery(settings.with_(routes_file=str(routes))).leadpipe.runtime()
+    for n in (1, 2):
+        event(db, f"ev-{n}", orjson.dumps({"email": ANA}).decode())
+    low, _ = (letter(db, f"ev-{n}", "HTTP 400") for n in (1, 2))
+    db.execute("UPDATE dead_letters SET error = error WHERE id = %s", (low,))  # now stored last
+    db.execute("ANALYZE dead_letters")  # a small table: scanned in storage order
+    out: dict[str, Any] = {}
+
+    def replay() -> None:
+        try:
+            out["replay"] = operations.replay(runtime, sink="crm")
+        except psycopg.Error as exc:
+            out["replay"] = exc
+
+    try:
+        erase_queued_behind(database_url, db, f"SELECT 1 FROM dead_letters WHERE id = {low} "
+                            "FOR UPDATE", out, replay)
+    finally:
+        runtime.close()
+    assert not isinstance(out["replay"], Exception), out
+
+
+def test_an_erasure_and_a_delivery_task_lock_quoting_deliveries_in_one_order(database_url, db):
+    from workers import delivery
+
+    for name in ("ev-x1", "ev-x2"):
+        event(db, name, "{}")
+        db.execute("INSERT INTO deliveries (event_id, sink, status, last_error) VALUES "
+                   "(%s, 'crm', 'pending', %s)", (name, f"HTTP 409: {ANA} already exists"))
+    db.execute("UPDATE deliveries SET attempts = attempts WHERE event_id = 'ev-x1'")
+    db.execute("ANALYZE deliveries")
+    out: dict[str, Any] = {}
+
+    def schedule() -> None:  # a task setting when its retries are due
+        try:
+            with psycopg.connect(database_url, autocommit=True) as conn:
+                delivery._schedule(conn, "crm", delivery.Plan(retry_ids=["ev-x1", "ev-x2"],
+                                                              countdown=5.0), None)
+            out["schedule"] = "ok"
+        except psycopg.Error as exc:
+            out["schedule"] = exc
+
+    erase_queued_behind(database_url, db, "SELECT 1 FROM deliveries WHERE event_id = 'ev-x1' "
+                        "FOR UPDATE", out, schedule)
+    assert out["schedule"] == "ok", out
