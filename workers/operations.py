@@ -73,6 +73,7 @@ def _tell_nodes(runtime: Runtime, broadcast: Callable[..., Any], *args: Any,
     if not runtime.interactive:
         broadcast(*args, **kwargs)
         return
+
     def send() -> None:
         try:
             broadcast(*args, **kwargs)

@@ -223,13 +223,13 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
         # theirs: the rows of the address, and one keyed by it whose e-mail changed since;
         # candidates read unlocked and confirmed here, so a row another address only resembles
         # (`joana@` for `ana@`) is never locked
-        found = conn.execute(
+        candidates = conn.execute(
             "SELECT lead_key, uuid, legacy_id, lower(email) = %(email)s "
             "OR lead_key = 'email:' || %(email)s, to_jsonb(leads) FROM leads "
             "WHERE lower(email) = %(email)s OR lead_key = 'email:' || %(email)s "
             "OR lower(leads::text) LIKE %(like)s", {"email": email, "like": pattern}).fetchall()
-        mine = [row for row in found if row[3]]
-        quoted = [(row[0],) for row in found if not row[3] and holds(row[4])]
+        mine = [row for row in candidates if row[3]]
+        quoted = [(row[0],) for row in candidates if not row[3] and holds(row[4])]
         keys = [row[0] for row in mine]
         # the order a storing batch locks in (sinks.postgres.lock_leads: identifiers, then the
         # leads rows, then events), else a batch redelivering their event deadlocks with us;
@@ -252,7 +252,7 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
                      (ids,)).fetchall()
         quarantined = [row_id for row_id, payload in conn.execute(
             "SELECT id, payload FROM quarantine WHERE lower(payload::text) LIKE %s", (pattern,))
-            if _contains(payload, address)]
+            if holds(payload)]
         # a delivery of theirs under way (workers.delivery.load_events holds its lock) would
         # record its e-mail ledger rows after our delete: wait for it to end, and keep the rest
         # from starting until we commit (they then find the delivery gone). Nothing of ours is
