@@ -21,6 +21,7 @@ from workers.retention import (
     LOCAL_PART,
     email_digest,
     erased_key,
+    lead_digests,
     strings,
 )
 
@@ -353,6 +354,7 @@ def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
         wanted = set().union(*named.values()) - set(erased_at)
         if wanted:
             erased_at.update(_erased_at(conn, wanted))
+        gone.update(_erased_leads(conn, [e for e in batch if e.lead and e.received_at <= recent]))
     if erased_at:
         for event in batch:
             email = event.lead.get("email") if event.lead else None
@@ -375,6 +377,23 @@ def _erased_at(conn: psycopg.Connection, digests: Collection[str]) -> dict[str, 
     return dict(conn.execute(
         f"SELECT email_sha256, max({_ERASED_AT}) FROM erasures WHERE email_sha256 = ANY(%s) "
         "GROUP BY email_sha256", (list(digests),)).fetchall())
+
+
+def _erased_leads(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
+    """Dedup keys of lead events received before an erasure of their lead (by its uuid or
+    legacy id, `erasures.lead_sha256`): theirs even when the body carries a new address."""
+    digests = {e.dedup_key: lead_digests(e.lead["uuid"], e.lead["legacy_id"])
+               for e in batch if e.lead}
+    wanted = set().union(*map(set, digests.values()))
+    if not wanted:
+        return set()
+    erased_at = dict(conn.execute(
+        f"SELECT d, max({_ERASED_AT}) FROM erasures, unnest(lead_sha256) AS d "
+        "WHERE (erased_at >= %s OR touched = '{}') AND lead_sha256 && %s::text[] "
+        "AND d = ANY(%s) GROUP BY d",
+        (min(e.received_at for e in batch), list(wanted), list(wanted))).fetchall())
+    return {e.dedup_key for e in batch if e.lead and any(
+        e.received_at <= erased_at[d] for d in digests[e.dedup_key] if d in erased_at)}
 
 
 def _erased_rejected(conn: psycopg.Connection, rejected: Sequence[Rejected]) -> set[str]:

@@ -110,6 +110,14 @@ def email_digest(email: str) -> str:
     return hashlib.sha256(email.strip().lower().encode("utf-8")).hexdigest()
 
 
+def lead_digests(uuid: str | None, legacy_id: str | None) -> list[str]:
+    """What an erasure records of a lead's identifiers (`erasures.lead_sha256`): a body on its
+    way with one of them is the person's, whatever address it carries (a newline sets them
+    apart from an address, which holds none)."""
+    return [hashlib.sha256(f"{kind}\n{value}".encode()).hexdigest()
+            for kind, value in (("uuid", uuid), ("id", legacy_id)) if value]
+
+
 def erased_key(dedup_key: str) -> str:
     """What an erased event's dedup key becomes: a redelivery still finds it, nothing is read
     from it (Postgres computes the same: 'erased:' || sha256 of the key's UTF-8)."""
@@ -194,10 +202,16 @@ def _record(conn: psycopg.Connection, email: str) -> int:
             with conn.transaction():
                 conn.execute(f"SET LOCAL lock_timeout = '{_TURN_WAIT}'")
                 conn.execute(f"SELECT pg_advisory_xact_lock({ERASURE_TURN})")
+                # their leads' identifiers, read while no batch can change a lead: a body on
+                # its way with their uuid or legacy id but a new address is theirs too
+                leads = {digest for lead in conn.execute(
+                    "SELECT uuid, legacy_id FROM leads "
+                    "WHERE lower(email) = %(email)s OR lead_key = 'email:' || %(email)s",
+                    {"email": email}) for digest in lead_digests(*lead)}
                 row = conn.execute(
-                    "INSERT INTO erasures (email_sha256, erased_at) "
-                    "VALUES (%s, clock_timestamp()) RETURNING id", (email_digest(email),)
-                ).fetchone()
+                    "INSERT INTO erasures (email_sha256, lead_sha256, erased_at) "
+                    "VALUES (%s, %s, clock_timestamp()) RETURNING id",
+                    (email_digest(email), sorted(leads))).fetchone()
                 assert row is not None
                 return int(row[0])
         except psycopg.errors.LockNotAvailable:

@@ -507,6 +507,36 @@ def test_a_lead_keyed_by_the_address_is_theirs_though_its_email_changed_since(ru
     assert mentions(db, PERSON) == {} and mentions(db, "maria.new@example.com") == {}
 
 
+def lead_body(dialect: str, email: str, second: int) -> dict[str, Any]:
+    """A conversion of the person's lead, known by its uuid (v2) or by its legacy id alone."""
+    if dialect == "v2":
+        return conversion(email, UUID, second)
+    body = copy.deepcopy(LEGACY)
+    body["leads"][0].update(email=email, uuid=None, id="erased-legacy-1",
+                            last_conversion={"created_at": f"2025-05-01T10:00:{second:02d}Z"})
+    return body
+
+
+@pytest.mark.parametrize("dialect", ["v2", "legacy"])
+def test_a_body_on_its_way_of_the_erased_lead_with_a_new_address_is_dropped(runtime, db,
+                                                                            settings, dialect):
+    """A body of the person's lead (the same uuid, or legacy id) received before the erasure
+    but stored after it is theirs though it carries only a new address: dropped, not stored
+    as a lead of that address. One received after the erasure is new data."""
+    store(runtime, entry(lead_body(dialect, PERSON, 1)))
+    on_its_way = entry(lead_body(dialect, "maria.new@example.com", 2),
+                       received_ms=int(time.time() * 1000) - 1000)
+    result = leadpipe(settings, "erase", "--email", PERSON)
+    assert result.returncode == 0, result.stderr
+    stored = store(runtime, on_its_way)
+    assert (stored.erased, stored.new) == (1, [])
+    assert count(db, "SELECT count(*) FROM leads") == 0
+    assert mentions(db, "maria.new@example.com") == {}
+    later = store(runtime, entry(lead_body(dialect, "maria.new@example.com", 3)))
+    assert len(later.new) == 1
+    assert db.execute("SELECT email FROM leads").fetchall() == [("maria.new@example.com",)]
+
+
 def test_two_recipients_of_one_message_are_erased_one_after_the_other(settings, db):
     for recipient in (PERSON, OTHER):
         db.execute("INSERT INTO email_sent (sink, dedup_key, recipient, message_id) "
