@@ -31,8 +31,12 @@ setup: system $(BIN)/.installed ## system packages, a virtualenv and Leadpipe in
 run: setup ## set up, then run the whole pipeline (local Redis and Postgres when none is configured; ARGS='--port 8001')
 	$(BIN)/leadpipe run $(ARGS)
 
-test: setup ## set up, then run the test suite against real Redis, Postgres and workers
-	$(BIN)/pytest
+# The suite in TEST_PROCESSES processes (pytest-xdist), each starting its own Redis and
+# PostgreSQL; most tests wait on servers and workers, so two halve the time on two CPUs.
+TEST_PROCESSES ?= 2
+
+test: setup ## set up, then run the test suite against real Redis, Postgres and workers (TEST_PROCESSES=2)
+	$(BIN)/pytest -n $(TEST_PROCESSES) --dist worksteal
 
 bench: setup ## run the benchmarks (ingest vs bare endpoint, drain) and print their numbers
 	$(BIN)/python -m bench.ingest

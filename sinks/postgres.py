@@ -19,9 +19,9 @@ from workers.retention import (
     DOMAIN_PART,
     ERASURE_TURN,
     LOCAL_PART,
+    body_lead_digests,
     email_digest,
     erased_key,
-    lead_digests,
     strings,
 )
 
@@ -323,7 +323,7 @@ def _erased(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
     """Dedup keys of the batch that must not be stored: redeliveries of an erased event, and
     events received before an erasure whose body names the erased person anywhere, as
     `leadpipe erase` found them among the stored ones (the lead's e-mail, a CRM contact's
-    `emails`, a deal's contacts)."""
+    `emails`, a deal's contacts), or whose lead would have joined one of theirs."""
     hashed: dict[str, list[str]] = {}
     for e in batch:
         hashed.setdefault(erased_key(e.dedup_key), []).append(e.dedup_key)
@@ -380,10 +380,10 @@ def _erased_at(conn: psycopg.Connection, digests: Collection[str]) -> dict[str, 
 
 
 def _erased_leads(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
-    """Dedup keys of lead events received before an erasure of their lead (by its uuid or
-    legacy id, `erasures.lead_sha256`): theirs even when the body carries a new address."""
-    digests = {e.dedup_key: lead_digests(e.lead["uuid"], e.lead["legacy_id"])
-               for e in batch if e.lead}
+    """Dedup keys of lead events received before an erasure whose person's lead they would
+    have joined (`erasures.lead_sha256`): theirs even when the body carries a new address."""
+    digests = {e.dedup_key: body_lead_digests(e.lead["uuid"], e.lead["legacy_id"],
+                                              e.lead["email"]) for e in batch if e.lead}
     wanted = set().union(*map(set, digests.values()))
     if not wanted:
         return set()

@@ -110,12 +110,31 @@ def email_digest(email: str) -> str:
     return hashlib.sha256(email.strip().lower().encode("utf-8")).hexdigest()
 
 
-def lead_digests(uuid: str | None, legacy_id: str | None) -> list[str]:
-    """What an erasure records of a lead's identifiers (`erasures.lead_sha256`): a body on its
-    way with one of them is the person's, whatever address it carries (a newline sets them
-    apart from an address, which holds none)."""
-    return [hashlib.sha256(f"{kind}\n{value}".encode()).hexdigest()
-            for kind, value in (("uuid", uuid), ("id", legacy_id)) if value]
+def _digest(kind: str, value: str) -> str:
+    return hashlib.sha256(f"{kind}\n{value}".encode()).hexdigest()  # (no address holds \n)
+
+
+def erased_lead_digests(uuid: str | None, legacy_id: str | None,
+                        email: str | None) -> list[str]:
+    """What an erasure records of one of the person's leads (`erasures.lead_sha256`), so that
+    a body still on its way that would have been stored as that lead is theirs, whatever
+    address it carries: its uuid, its legacy id and current e-mail, and these two again
+    marked `+` when the lead has no uuid (a body with a uuid of its own joins it then)."""
+    found = [_digest("uuid", uuid)] if uuid else []
+    for kind, value in (("id", legacy_id), ("email", email)):
+        if value:
+            found += [_digest(kind, value)] + ([] if uuid else [_digest(kind + "+", value)])
+    return found
+
+
+def body_lead_digests(uuid: str | None, legacy_id: str | None, email: str | None) -> list[str]:
+    """The digests of `erased_lead_digests` a lead of a body matches when it would have been
+    stored as that lead (sinks.postgres._Leads.resolve): by uuid; else by legacy id or e-mail,
+    unless both have a uuid and they differ (two contacts are never merged)."""
+    mark = "+" if uuid else ""
+    return ([_digest("uuid", uuid)] if uuid else []) + [
+        _digest(kind + mark, value) for kind, value in (("id", legacy_id), ("email", email))
+        if value]
 
 
 def erased_key(dedup_key: str) -> str:
@@ -166,7 +185,8 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
     its hash, so a later redelivery of the same event is still a duplicate and brings nothing
     back; a body received before the erasure and still on
     its way is dropped when its batch is stored (see `sinks.postgres`). A body is theirs when
-    one of its strings holds the whole address (any case), never a longer one around it.
+    one of its strings holds the whole address (any case), never a longer one around it, or
+    when its lead would have joined one of theirs (`erased_lead_digests`).
 
     Two transactions: the erasure is recorded first (so every batch stored from then on drops
     their bodies), then the rows are changed. Should the second fail, running it again
@@ -203,11 +223,12 @@ def _record(conn: psycopg.Connection, email: str) -> int:
                 conn.execute(f"SET LOCAL lock_timeout = '{_TURN_WAIT}'")
                 conn.execute(f"SELECT pg_advisory_xact_lock({ERASURE_TURN})")
                 # their leads' identifiers, read while no batch can change a lead: a body on
-                # its way with their uuid or legacy id but a new address is theirs too
+                # its way that would join one of them is theirs whatever address it carries
+                # (stored e-mails are lower-cased, as `email` is: workers.schemas.normal_email)
                 leads = {digest for lead in conn.execute(
-                    "SELECT uuid, legacy_id FROM leads "
-                    "WHERE lower(email) = %(email)s OR lead_key = 'email:' || %(email)s",
-                    {"email": email}) for digest in lead_digests(*lead)}
+                    "SELECT uuid, legacy_id, email FROM leads "
+                    "WHERE email = %(email)s OR lead_key = 'email:' || %(email)s",
+                    {"email": email}) for digest in erased_lead_digests(*lead)}
                 row = conn.execute(
                     "INSERT INTO erasures (email_sha256, lead_sha256, erased_at) "
                     "VALUES (%s, %s, clock_timestamp()) RETURNING id",

@@ -1,6 +1,6 @@
-"""erasures.lead_sha256: digests of the erased person's leads' uuids and legacy ids, so a body
-on its way with one of them but a new address is dropped as theirs; and an index on leads by
-lower-cased e-mail, which an erasure reads them by while storing waits for it.
+"""erasures.lead_sha256: digests of the erased person's leads' identifiers (uuid, legacy id,
+current e-mail; workers.retention.erased_lead_digests), so a body on its way that would have
+joined one of those leads is dropped as theirs though it carries a new address.
 
 Revision ID: 0013
 Revises: 0012
@@ -15,11 +15,8 @@ depends_on = None
 
 
 def upgrade() -> None:
-    op.execute("""
-    ALTER TABLE erasures ADD COLUMN lead_sha256 text[] NOT NULL DEFAULT '{}';
-    CREATE INDEX leads_email_lower ON leads (lower(email));
-    """)
+    op.execute("ALTER TABLE erasures ADD COLUMN lead_sha256 text[] NOT NULL DEFAULT '{}'")
 
 
 def downgrade() -> None:
-    op.execute("DROP INDEX leads_email_lower; ALTER TABLE erasures DROP COLUMN lead_sha256")
+    op.execute("ALTER TABLE erasures DROP COLUMN lead_sha256")

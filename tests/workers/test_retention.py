@@ -29,6 +29,7 @@ DEAL = orjson.loads(fixture_bytes("crm-deal-created.json"))
 LEGACY = orjson.loads(fixture_bytes("legacy-leads-full.json"))
 PERSON = "Maria.Erased@Example.com"  # mixed case: matched without regard to case
 OTHER = "someone.else@example.com"
+UUID = "aaaaaaaa-0000-4000-8000-000000000001"
 ADMIN = "admin-token-abcdef"
 
 
@@ -507,34 +508,65 @@ def test_a_lead_keyed_by_the_address_is_theirs_though_its_email_changed_since(ru
     assert mentions(db, PERSON) == {} and mentions(db, "maria.new@example.com") == {}
 
 
-def lead_body(dialect: str, email: str, second: int) -> dict[str, Any]:
-    """A conversion of the person's lead, known by its uuid (v2) or by its legacy id alone."""
-    if dialect == "v2":
-        return conversion(email, UUID, second)
+def lead_body(email: str, uuid: str | None, legacy_id: str | None, second: int,
+              ) -> dict[str, Any]:
+    """A legacy conversion of a lead with these identifiers (a v2 one when it has a uuid only)."""
+    if legacy_id is None and uuid is not None:
+        return conversion(email, uuid, second)
     body = copy.deepcopy(LEGACY)
-    body["leads"][0].update(email=email, uuid=None, id="erased-legacy-1",
+    body["leads"][0].update(email=email, uuid=uuid, id=legacy_id,
                             last_conversion={"created_at": f"2025-05-01T10:00:{second:02d}Z"})
     return body
 
 
-@pytest.mark.parametrize("dialect", ["v2", "legacy"])
-def test_a_body_on_its_way_of_the_erased_lead_with_a_new_address_is_dropped(runtime, db,
-                                                                            settings, dialect):
-    """A body of the person's lead (the same uuid, or legacy id) received before the erasure
-    but stored after it is theirs though it carries only a new address: dropped, not stored
-    as a lead of that address. One received after the erasure is new data."""
-    store(runtime, entry(lead_body(dialect, PERSON, 1)))
-    on_its_way = entry(lead_body(dialect, "maria.new@example.com", 2),
+NEW = "maria.new@example.com"
+# (the person's lead: its uuid and legacy id; a body on its way: its uuid, legacy id, address)
+JOINING = {
+    "same uuid": ((UUID, None), (UUID, None, NEW)),
+    "same legacy id": ((None, "L-1"), (None, "L-1", NEW)),
+    "same legacy id, the lead had no uuid": ((None, "L-1"), (UUID, "L-1", NEW)),
+    "no identifier but the lead's new address": ((None, None), (None, None, NEW)),
+}
+
+
+@pytest.mark.parametrize("case", JOINING)
+def test_a_body_on_its_way_that_would_join_the_erased_lead_is_dropped_whatever_its_address(
+        runtime, db, settings, case):
+    """A body received before the erasure but stored after it that would have been stored as
+    the person's lead (its uuid; its legacy id; the address the lead moved to) is theirs
+    though it never names the erased address: dropped, not stored as a lead of that address.
+    One received after the erasure is new data."""
+    (uuid, legacy_id), (body_uuid, body_id, address) = JOINING[case]
+    store(runtime, entry(lead_body(PERSON, uuid, legacy_id, 1)))
+    if uuid is legacy_id is None:  # keyed `email:<erased address>`, then moved by its uuid
+        store(runtime, entry(lead_body(PERSON, UUID, None, 2)))
+        store(runtime, entry(lead_body(NEW, UUID, None, 3)))
+    on_its_way = entry(lead_body(address, body_uuid, body_id, 4),
                        received_ms=int(time.time() * 1000) - 1000)
     result = leadpipe(settings, "erase", "--email", PERSON)
     assert result.returncode == 0, result.stderr
     stored = store(runtime, on_its_way)
     assert (stored.erased, stored.new) == (1, [])
     assert count(db, "SELECT count(*) FROM leads") == 0
-    assert mentions(db, "maria.new@example.com") == {}
-    later = store(runtime, entry(lead_body(dialect, "maria.new@example.com", 3)))
+    assert mentions(db, NEW) == {}
+    later = store(runtime, entry(lead_body(address, body_uuid, body_id, 5)))
     assert len(later.new) == 1
-    assert db.execute("SELECT email FROM leads").fetchall() == [("maria.new@example.com",)]
+    assert db.execute("SELECT email FROM leads").fetchall() == [(NEW,)]
+
+
+def test_a_body_on_its_way_of_another_contact_sharing_a_legacy_id_is_stored(runtime, db,
+                                                                           settings):
+    """Another contact (a uuid of its own) that carries the legacy id of the person's lead,
+    which has a uuid, is never merged with it: erasing the person leaves its body alone."""
+    store(runtime, entry(lead_body(PERSON, UUID, "L-1", 1)))
+    other = "aaaaaaaa-0000-4000-8000-000000000002"
+    on_its_way = entry(lead_body(OTHER, other, "L-1", 2),
+                       received_ms=int(time.time() * 1000) - 1000)
+    result = leadpipe(settings, "erase", "--email", PERSON)
+    assert result.returncode == 0, result.stderr
+    stored = store(runtime, on_its_way)
+    assert (stored.erased, len(stored.new)) == (0, 1)
+    assert db.execute("SELECT uuid, email FROM leads").fetchall() == [(other, OTHER)]
 
 
 def test_two_recipients_of_one_message_are_erased_one_after_the_other(settings, db):
@@ -581,7 +613,6 @@ def test_a_body_nested_as_deep_as_json_allows_cannot_stop_an_erasure(runtime, se
     assert mentions(db, PERSON) == {}
 
 
-UUID = "aaaaaaaa-0000-4000-8000-000000000001"
 
 
 def while_erasing(runtime: Runtime, database_url: str, db: Any,
