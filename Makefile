@@ -33,10 +33,11 @@ run: setup ## set up, then run the whole pipeline (local Redis and Postgres when
 
 # The suite in TEST_PROCESSES processes (pytest-xdist), each starting its own Redis and
 # PostgreSQL; most tests wait on servers and workers, so two halve the time on two CPUs.
+# Tests marked with one xdist_group run in the same process, one after another.
 TEST_PROCESSES ?= 2
 
 test: setup ## set up, then run the test suite against real Redis, Postgres and workers (TEST_PROCESSES=2)
-	$(BIN)/pytest -n $(TEST_PROCESSES) --dist worksteal
+	$(BIN)/pytest -n $(TEST_PROCESSES) --dist loadgroup
 
 bench: setup ## run the benchmarks (ingest vs bare endpoint, drain) and print their numbers
 	$(BIN)/python -m bench.ingest

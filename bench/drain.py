@@ -49,7 +49,7 @@ from bench import (
     tree_cpu_seconds,
     wait_until,
 )
-from config.local import LocalPostgres, LocalRedis
+from config.local import LocalPostgres, LocalRedis, free_port
 from config.settings import PREFIX, Settings
 
 FIXTURE_NAMES = (
@@ -322,10 +322,10 @@ def main(argv: list[str] | None = None) -> int:
             machine_text = machine()  # before our own set-up keeps the CPUs busy
             data = build(args.events, args.duplicates, args.seed)
             warm = build(args.warm, 0.0, args.seed + 1, offset=10**9) if args.warm else None
-            redis_server = LocalRedis(tmp / "redis")
+            redis_server = LocalRedis(tmp / "redis", port=free_port())
             services.append(redis_server)  # registered before start: stopped even if start fails
             redis_server.start()
-            pg = LocalPostgres(tmp / "postgres")
+            pg = LocalPostgres(tmp / "postgres", port=free_port())
             services.append(pg)
             pg.start()
             from ingest.queue import make_redis

@@ -251,7 +251,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         with terminate_as_interrupt():
             machine_text = machine()  # before our own servers boot and keep the CPUs busy
-            redis_server = LocalRedis(tmp / "redis")  # assigned first: stopped even if start fails
+            # assigned first: stopped even if start fails
+            redis_server = LocalRedis(tmp / "redis", port=free_port())
             redis_server.start()
             from ingest.queue import make_redis
 

@@ -381,7 +381,11 @@ def _erased_at(conn: psycopg.Connection, digests: Collection[str]) -> dict[str, 
 
 def _erased_leads(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
     """Dedup keys of lead events received before an erasure whose person's lead they would
-    have joined (`erasures.lead_sha256`): theirs even when the body carries a new address."""
+    have joined (`erasures.lead_sha256`): theirs even when the body carries a new address.
+
+    By its uuid, a body is theirs. By a legacy id or an e-mail (the steps storing takes after
+    the uuid, `_Leads.resolve`), only when no lead left answers to it: one that does, another
+    contact's, is where storing puts it, and it stays theirs."""
     digests = {e.dedup_key: body_lead_digests(e.lead["uuid"], e.lead["legacy_id"],
                                               e.lead["email"]) for e in batch if e.lead}
     wanted = set().union(*map(set, digests.values()))
@@ -392,8 +396,36 @@ def _erased_leads(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
         "WHERE (erased_at >= %s OR touched = '{}') AND lead_sha256 && %s::text[] "
         "AND d = ANY(%s) GROUP BY d",
         (min(e.received_at for e in batch), list(wanted), list(wanted))).fetchall())
-    return {e.dedup_key for e in batch if e.lead and any(
-        e.received_at <= erased_at[d] for d in digests[e.dedup_key] if d in erased_at)}
+    gone: set[str] = set()
+    other: list[dict[str, Any]] = []  # (the leads matched by a legacy id or an e-mail)
+    keys: list[str] = []
+    for e in batch:
+        hits = [n for n, d in enumerate(digests.get(e.dedup_key, ()))
+                if d in erased_at and e.received_at <= erased_at[d]]
+        if not hits or e.lead is None:
+            continue
+        if hits[0] == 0 and e.lead["uuid"]:  # its uuid is theirs
+            gone.add(e.dedup_key)
+        else:
+            other.append(e.lead)
+            keys.append(e.dedup_key)
+    if other:
+        rows = conn.execute(
+            "SELECT uuid, legacy_id, email FROM leads WHERE uuid = ANY(%s) "
+            "OR legacy_id = ANY(%s) OR email = ANY(%s)",
+            [[lead[name] for lead in other if lead[name]] for name in _IDENTIFIERS]).fetchall()
+        gone.update(key for key, lead in zip(keys, other, strict=True)
+                    if not _answers(rows, lead))
+    return gone
+
+
+def _answers(rows: Sequence[Sequence[Any]], lead: dict[str, Any]) -> bool:
+    """Whether one of these lead rows (uuid, legacy id, e-mail) answers to the lead as storing
+    resolves it: by uuid, or by legacy id or e-mail with no other uuid than its own."""
+    uuid = lead["uuid"]
+    return any((uuid and row[0] == uuid) or any(
+        lead[name] and row[n] == lead[name] and (not uuid or not row[0] or row[0] == uuid)
+        for n, name in ((1, "legacy_id"), (2, "email"))) for row in rows)
 
 
 def _erased_rejected(conn: psycopg.Connection, rejected: Sequence[Rejected]) -> set[str]:

@@ -38,6 +38,9 @@ def listening(port: int) -> bool:
 
 
 @pytest.mark.slow
+# one after another in one test process: each run's Redis and Postgres take the ports
+# `leadpipe run` prefers (6390, 5440), and each checks that its own are free after it stops
+@pytest.mark.xdist_group("leadpipe-run")
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "sighup"])
 def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path, stop):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEADPIPE_")}

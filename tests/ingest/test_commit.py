@@ -75,7 +75,7 @@ def test_a_failed_write_fails_every_waiting_caller():
 
 
 def test_a_thread_writer_fails_while_redis_is_down_and_recovers(tmp_path):
-    server = LocalRedis(tmp_path / "redis").start()
+    server = LocalRedis(tmp_path / "redis", port=free_port()).start()
     try:
         client = make_redis(server.url, timeout=0.5, retries=0)
         writer = ThreadWriter(client, "s")

@@ -7,7 +7,7 @@ import time
 import orjson
 import requests
 
-from config.local import LocalRedis
+from config.local import LocalRedis, free_port
 from tests.conftest import TOKEN, ApiProcess, count, fixture_bytes, wait_for
 
 TEMPLATE = orjson.loads(fixture_bytes("crm-deal-updated-won.json"))
@@ -20,7 +20,7 @@ def body(n: int) -> bytes:
 
 def test_redis_crash_gives_503_and_loses_nothing_acknowledged(settings, tmp_path, db,
                                                               worker_factory):
-    redis_server = LocalRedis(tmp_path / "redis").start()
+    redis_server = LocalRedis(tmp_path / "redis", port=free_port()).start()
     own = settings.with_(redis_url=redis_server.url, redis_timeout_seconds=1.0)
     api = ApiProcess(own, tmp_path / "api.log", workers=2)
     url = f"{api.url}/webhooks/rdstation?token={TOKEN}"

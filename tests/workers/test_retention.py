@@ -554,19 +554,37 @@ def test_a_body_on_its_way_that_would_join_the_erased_lead_is_dropped_whatever_i
     assert db.execute("SELECT email FROM leads").fetchall() == [(NEW,)]
 
 
-def test_a_body_on_its_way_of_another_contact_sharing_a_legacy_id_is_stored(runtime, db,
-                                                                           settings):
-    """Another contact (a uuid of its own) that carries the legacy id of the person's lead,
-    which has a uuid, is never merged with it: erasing the person leaves its body alone."""
-    store(runtime, entry(lead_body(PERSON, UUID, "L-1", 1)))
-    other = "aaaaaaaa-0000-4000-8000-000000000002"
-    on_its_way = entry(lead_body(OTHER, other, "L-1", 2),
+O_UUID = "aaaaaaaa-0000-4000-8000-000000000002"
+# (leads stored first, in order: the person's and another contact's; a body on its way), each
+# as (address, uuid, legacy id): storing would put the body in the other contact's row, or a
+# new one, never in the person's
+NOT_JOINING = {
+    "its own uuid, the person's legacy id (their lead has a uuid)": (
+        [(PERSON, UUID, "L-1")], (OTHER, O_UUID, "L-1")),
+    "another contact's uuid, the person's legacy id (their lead has none)": (
+        [(PERSON, None, "L-1"), (OTHER, O_UUID, None)], (OTHER, O_UUID, "L-1")),
+    "no uuid, a legacy id whose oldest lead is another contact's": (
+        [(OTHER, O_UUID, "L-1"), (PERSON, UUID, "L-1")], (OTHER, None, "L-1")),
+}
+
+
+@pytest.mark.parametrize("case", NOT_JOINING)
+def test_a_body_on_its_way_that_storing_gives_another_contact_is_stored(runtime, db,
+                                                                        settings, case):
+    """Storing matches a lead by uuid first, then by the oldest row with its legacy id or
+    e-mail, never merging two uuids: a body on its way that lands elsewhere by those rules
+    shares an identifier with the person's lead but is not theirs, and erasing them leaves it."""
+    first, (address, uuid, legacy_id) = NOT_JOINING[case]
+    for n, (email, lead_uuid, lead_id) in enumerate(first):
+        store(runtime, entry(lead_body(email, lead_uuid, lead_id, n)))
+    on_its_way = entry(lead_body(address, uuid, legacy_id, 9),
                        received_ms=int(time.time() * 1000) - 1000)
     result = leadpipe(settings, "erase", "--email", PERSON)
     assert result.returncode == 0, result.stderr
     stored = store(runtime, on_its_way)
     assert (stored.erased, len(stored.new)) == (0, 1)
-    assert db.execute("SELECT uuid, email FROM leads").fetchall() == [(other, OTHER)]
+    assert db.execute("SELECT email FROM leads").fetchall() == [(OTHER,)]
+    assert mentions(db, PERSON) == {}
 
 
 def test_two_recipients_of_one_message_are_erased_one_after_the_other(settings, db):
