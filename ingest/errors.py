@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import traceback
+
 import orjson
 import psycopg
 from flask import Flask, Response, current_app, request
@@ -51,7 +53,9 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        app.logger.exception("unexpected error on %s", type(exc).__name__)
+        # the frames, not the message: an exception's text may quote what was sent
+        app.logger.error("unexpected error: %s\n%s", type(exc).__name__,
+                         "".join(traceback.format_tb(exc.__traceback__)).rstrip())
         if request.path == "/webhooks/rdstation":
             return error(500, "INTERNAL_ERROR", "Internal error; the event was not accepted.")
         return error(500, "INTERNAL_ERROR", "Internal error.")

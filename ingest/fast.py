@@ -9,7 +9,7 @@ from urllib.parse import parse_qsl
 
 from werkzeug.http import parse_options_header
 
-from ingest.views import KNOWN_HINTS, body_shape, is_json, store, unavailable
+from ingest.views import KNOWN_HINTS, body_shape, is_json, store, unavailable, unreadable
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -82,8 +82,13 @@ def fast_ingest(app: Flask) -> WSGIApp:
                 hint is not None and hint not in KNOWN_HINTS):
             return flask_app(environ, start_response)
         size = int(length)
-        body = environ["wsgi.input"].read(size)
-        if len(body) != size or body_shape(body) != "object":
+        try:
+            body = environ["wsgi.input"].read(size)
+        except Exception as exc:  # a connection the server saw break: as the view answers
+            return unreadable(log, exc)(environ, start_response)
+        if len(body) != size:  # the client closed early
+            return unreadable(log, None)(environ, start_response)
+        if body_shape(body) != "object":
             return flask_app({**environ, "wsgi.input": io.BytesIO(body)}, start_response)
         event_id = store(ext, body, hint, log)
         if event_id is None:

@@ -221,7 +221,14 @@ class Spool:
         """Write and fsync one record; False if its file turned out to be deleted (the record
         is then in no file anyone will drain: write it again)."""
         fd = self._own_fd()
-        fcntl.flock(fd, fcntl.LOCK_EX)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            # a drainer holds it, most likely waiting on the Redis that just failed us: the
+            # record goes to a new file rather than wait (RD gives up on an answer after 5 s)
+            self._retire()
+            fd = self._own_fd()
+            fcntl.flock(fd, fcntl.LOCK_EX)  # new and empty: a drainer lets go of it at once
         kept, full, linked = True, False, True
         try:
             start = os.fstat(fd).st_size  # the end: only lock holders write or truncate

@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING
 import orjson
 import redis
 from flask import Blueprint, Response, current_app, request
+from werkzeug.exceptions import ClientDisconnected, HTTPException
 
 from ingest.errors import error
 from ingest.queue import new_event_id
@@ -67,13 +68,22 @@ def receive() -> Response:
     if length is not None and length > settings.max_body_bytes:
         return error(413, "PAYLOAD_TOO_LARGE",
                      f"Body larger than {settings.max_body_bytes} bytes.")
-    if length is None:  # chunked: the size is known only by reading, so read one byte past
-        body = request.stream.read(settings.max_body_bytes + 1)
-        if len(body) > settings.max_body_bytes:
-            return error(413, "PAYLOAD_TOO_LARGE",
-                         f"Body larger than {settings.max_body_bytes} bytes.")
-    else:
-        body = request.get_data(cache=False)
+    try:
+        if length is None:  # chunked: the size is known only by reading, so read one past
+            body = request.stream.read(settings.max_body_bytes + 1)
+            if len(body) > settings.max_body_bytes:
+                return error(413, "PAYLOAD_TOO_LARGE",
+                             f"Body larger than {settings.max_body_bytes} bytes.")
+        else:
+            body = request.get_data(cache=False)
+    except HTTPException as exc:
+        if not isinstance(exc, ClientDisconnected):  # (413 past Flask's own limit, say)
+            raise
+        return unreadable(current_app.logger, None)
+    except Exception as exc:  # the server's own (a chunk size that is no number...): its
+        return unreadable(current_app.logger, exc)  # message may quote the body
+    if length is not None and len(body) != length:  # the client closed early
+        return unreadable(current_app.logger, None)
     if not body.strip():
         return _EMPTY_OK  # RD probes a URL with an empty POST before subscribing it
     if not is_json(request.mimetype):
@@ -93,6 +103,15 @@ def receive() -> Response:
     if event_id is None:
         return unavailable(settings)
     return Response(b'{"id":"%s"}' % event_id.encode(), status=202, mimetype="application/json")
+
+
+def unreadable(log: logging.Logger, exc: Exception | None) -> Response:
+    """The answer to a body the server could not read as announced (shorter than its
+    Content-Length, or chunks it could not parse): the exception's type is logged, never its
+    text, which may quote the body."""
+    log.warning("request body unreadable: %s", type(exc).__name__ if exc else "short read")
+    return error(400, "BAD_REQUEST", "Body could not be read as sent (shorter than its "
+                                     "Content-Length, or broken chunked framing).")
 
 
 def store(ext: Ingest, body: bytes, hint: str | None, log: logging.Logger) -> str | None:

@@ -252,7 +252,7 @@ class ServerProcess:
                  timeout: float = 30):
         import requests
 
-        self.settings = settings
+        self.settings, self.log_path = settings, log_path
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         env = {**os.environ, **settings.to_env()}

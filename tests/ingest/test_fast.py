@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import socket
 import uuid
 from collections.abc import Iterator
 from pathlib import Path
@@ -142,6 +143,60 @@ def test_both_paths_give_the_same_answer(apis, redis_url, case, method, query, h
             assert (hint.decode() if hint else None) == (
                 "WEBHOOK.MARKED_OPPORTUNITY" if "event_type=" in query else None)
     assert answers["fast"] == answers["flask"]
+
+
+def raw(api: ApiProcess, head: bytes, body: bytes) -> tuple[int, bytes]:
+    """Send a request as written, close the sending side, and read the answer: status, body."""
+    with socket.create_connection(("127.0.0.1", api.port), timeout=10) as sock:
+        sock.sendall(b"POST " + URL.encode() + b"?token=" + TOKEN.encode() + b" HTTP/1.1\r\n"
+                     b"Host: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Connection: close\r\n" + head + b"\r\n" + body)
+        sock.shutdown(socket.SHUT_WR)
+        answer = b""
+        while chunk := sock.recv(65536):
+            answer += chunk
+    status = int(answer.split(b" ", 2)[1])
+    return status, answer.split(b"\r\n\r\n", 1)[1]
+
+
+PII = b"Maria Joaquina Souza"  # a name: what the log masking does not catch
+
+
+def test_a_body_shorter_than_its_content_length_is_400_on_both_paths(apis, redis_url):
+    """The client closes before sending all it announced: a clear 400 from both paths, not a
+    202 of what arrived nor the 200 of an empty probe; nothing stored, nothing of it logged."""
+    client = redis.Redis.from_url(redis_url)
+    whole = b'{"event_name": "crm_deal_updated", "document": {"name": "' + PII + b'"}}'
+    answers = {}
+    for path, api in apis.items():
+        before = client.xlen(api.settings.stream_key)
+        for sent in (whole, whole[:30]):  # a whole object, then a cut one
+            status, body = raw(api, b"Content-Length: %d\r\n" % (len(whole) + 50), sent)
+            assert status == 400, (path, body)
+            assert b"could not be read as sent" in body
+            answers[path, sent] = body
+        assert client.xlen(api.settings.stream_key) == before
+        assert PII not in api.log_path.read_bytes()
+    assert {body for (path, _), body in answers.items() if path == "fast"} == {
+        body for (path, _), body in answers.items() if path == "flask"}
+
+
+def test_chunks_gunicorn_cannot_parse_are_a_400_with_nothing_of_the_body_logged(redis_url,
+                                                                                tmp_path):
+    """gunicorn's error for a chunk size that is no number quotes the line it read: the answer
+    is a 400 (not a 500) and the log names the error's type only."""
+    for fast in (True, False):
+        settings = api_settings(redis_url, ingest_fast_path=fast)
+        api = ApiProcess(settings, tmp_path / f"{fast}.log", server="gunicorn")
+        try:
+            status, body = raw(api, b"Transfer-Encoding: chunked\r\n",
+                               b'{"name": "' + PII + b'"}\r\n0\r\n\r\n')
+        finally:
+            api.stop()
+        assert status == 400, body
+        assert b"could not be read as sent" in body
+        log = api.log_path.read_bytes()
+        assert PII not in log and b"request body unreadable: InvalidChunkSize" in log
 
 
 @pytest.mark.parametrize("server", ["granian", "gunicorn"])

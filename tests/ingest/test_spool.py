@@ -17,6 +17,7 @@ import redis
 from config.local import LocalRedis, free_port
 from ingest.spool import Spool, decode, encode, parse
 from tests.conftest import ROOT, TOKEN, ApiProcess, count, wait_for
+from tests.support.freezing_proxy import FreezingProxy
 from tests.support.load import SteadyLoad
 
 
@@ -66,7 +67,10 @@ from ingest import create_app
 
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
 settings = Settings.from_env()
-client = create_app(settings).test_client()
+app = create_app(settings)
+# no drainer: one holding the file as a request writes sends that record to a new file
+app.extensions["leadpipe"].spool.start = lambda: None
+client = app.test_client()
 bodies, token = json.loads(sys.argv[1]), sys.argv[2]
 answers = []
 for n, body in enumerate(bodies):
@@ -388,3 +392,53 @@ def test_a_forked_child_spools_to_a_file_of_its_own_and_leaves_the_parents_alone
     assert sorted(f[b"i"] for _, f in client.xrange(key)) == [b"child-1", b"parent-1",
                                                                b"parent-2"]
     assert len(spool.files()) == 1  # the child's, emptied and abandoned, is gone; ours stays
+
+
+def test_a_drainer_stuck_on_a_hung_redis_never_holds_a_request_back(redis_url, tmp_path):
+    """While Redis hangs, the drainer sits in its call holding the spool file it drains; a
+    request spooling meanwhile writes to a new file at once instead of waiting for that call
+    to time out (5 s, RD's whole limit for an answer). Both records reach the stream after."""
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    proxy = FreezingProxy((host, int(port)))
+    client = redis.Redis(port=proxy.port, socket_timeout=5)
+    key = f"s{time.time_ns()}"
+    spool = Spool(tmp_path, client, key, interval=3600)
+    spool.start = lambda: None  # type: ignore[method-assign]  # the drains below are ours
+    spool.append("hung-1", b'{"n": 1}', None)
+    proxy.freeze()
+    stuck = threading.Thread(target=lambda: _drain_quietly(spool))
+    stuck.start()
+    wait_for(lambda: _locked(spool.files()[0]), timeout=5, what="the drainer on the file")
+    started = time.monotonic()
+    spool.append("hung-2", b'{"n": 2}', None)
+    assert time.monotonic() - started < 1.0  # not the drainer's 5 s
+    assert len(spool.files()) == 2
+    proxy.thaw()  # the stuck drain's retry goes through now, or it fails and leaves the file
+    stuck.join(timeout=30)
+    assert not stuck.is_alive()
+    spool.drain()
+    assert spool.pending() == 0
+    assert [f[b"i"] for _, f in redis.Redis.from_url(redis_url).xrange(key)] == [
+        b"hung-1", b"hung-2"]
+    proxy.close()
+
+
+def _drain_quietly(spool: Spool) -> None:
+    try:
+        spool.drain()
+    except redis.RedisError:
+        pass  # the hung call times out
+
+
+def _locked(path) -> bool:  # type: ignore[no-untyped-def]
+    """Whether another open file description holds the file's lock (as a drainer does)."""
+    import fcntl
+
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return True
+    finally:
+        os.close(fd)
+    return False
