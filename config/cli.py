@@ -183,9 +183,26 @@ def cmd_api(args: argparse.Namespace) -> int:
     if not settings.ingest_tokens:
         raise ConfigError("LEADPIPE_INGEST_TOKENS is not set: the endpoint would accept no one")
     check_routing(settings)  # the API's /ops and operator API read it
+    _warn_if_not_durable(settings)
     cmd = api_command(settings, args.host, args.port, args.workers, args.server, args.threads)
     os.execv(sys.executable, cmd)  # noqa: S606 (replace this process by the server)
     return 0  # not reached
+
+
+def _warn_if_not_durable(settings: Settings) -> None:
+    """Say so on stderr when the Redis the endpoint writes to would not keep what it
+    acknowledges; an unreachable one is left to the endpoint (503 until it answers)."""
+    import redis
+
+    from ingest.durability import redis_durability
+    from ingest.queue import make_redis
+
+    try:
+        durable, text = redis_durability(make_redis(settings.redis_url, timeout=2, retries=0))
+    except redis.RedisError:
+        return
+    if durable is not True:
+        print(f"leadpipe api: warning: Redis {text}", file=sys.stderr)
 
 
 def cmd_quarantine(args: argparse.Namespace) -> int:

@@ -11,6 +11,7 @@ import psycopg
 import redis
 from psycopg_pool import PoolTimeout
 
+from ingest.durability import redis_durability
 from ingest.queue import GROUP
 from workers.runtime import Runtime
 
@@ -42,6 +43,10 @@ class PipelineState:
     # be run again (meanwhile the person's bodies are dropped and storing reads every body)
     unfinished_erasures: int = 0
     sinks: dict[str, SinkState] = field(default_factory=dict)
+    # whether Redis keeps what the endpoint acknowledges (ingest.durability): true, false, or
+    # null when it cannot tell; the text says what Redis runs with or what is at risk
+    redis_durable: bool | None = None
+    redis_durability: str = "unknown: Redis unreachable"
     # what is wrong when not postgres_up (JSON: null when it is up)
     postgres_problem: str = "UNREACHABLE: check LEADPIPE_DATABASE_URL"
 
@@ -95,6 +100,7 @@ def _redis(runtime: Runtime, state: PipelineState) -> None:
     if first:
         now_ms = now[0] * 1000 + now[1] // 1000
         state.ingest_oldest_seconds = max(now_ms - int(first[0][0].split(b"-")[0]), 0) / 1000
+    state.redis_durable, state.redis_durability = redis_durability(client)
     paused = runtime.control.paused()
     for name, sink in state.sinks.items():
         sink.paused = name in paused
@@ -181,6 +187,8 @@ def render(state: PipelineState, found: dict[str, dict[str, Any]], timeout: floa
                      f"oldest {age(state.ingest_oldest_seconds)}")
     else:
         lines.append("ingest stream  REDIS UNREACHABLE: check LEADPIPE_REDIS_URL")
+    if state.redis_up:
+        lines.append(f"redis          {state.redis_durability}")
     lines.append(f"quarantine     {state.quarantined if state.postgres_up else '?'}")
     if state.postgres_up and state.unfinished_erasures:
         lines.append(f"erasures       {state.unfinished_erasures} UNFINISHED: run `leadpipe erase` "

@@ -9,11 +9,13 @@ import subprocess
 import sys
 
 import pytest
+import redis
 import yaml
 
+from config.local import LocalRedis, free_port
 from config.settings import Settings
 from ingest import create_app
-from tests.conftest import ROOT, count, fixture_bytes, post, wait_for
+from tests.conftest import ROOT, ApiProcess, count, fixture_bytes, post, wait_for
 from workers.status import age
 
 NO_CONTACT = b'{"event_type": "WEBHOOK.CONVERTED", "event_identifier": "x"}'
@@ -62,6 +64,7 @@ def test_status_shows_stream_sinks_quarantine_and_workers(routed, worker_factory
     out = result.stdout
     assert re.search(r"^ingest stream\s+depth 0\s+unread 0\s+oldest -$", out, re.M), out
     assert re.search(r"^quarantine\s+1$", out, re.M), out
+    assert re.search(r"^redis\s+appendonly yes, appendfsync always$", out, re.M), out
     #                  sink       state      circuit  pending oldest lead delivered dead
     assert row(out, "audit") == ["audit", "running", "closed", "0", "-", "-", "2", "0"]
     assert row(out, "refuser") == ["refuser", "running", "closed", "0", "-", "-", "0", "1"]
@@ -77,6 +80,7 @@ def test_status_shows_stream_sinks_quarantine_and_workers(routed, worker_factory
     as_json = json.loads(status(routed, "--json", "--timeout", "0.5").stdout)
     assert as_json["sinks"]["held"]["pending"] == 2 and as_json["quarantined"] == 1
     assert as_json["postgres_up"] is True and as_json["postgres_problem"] is None
+    assert as_json["redis_durable"] is True
     assert [w for w in as_json["workers"] if w.startswith(name)]
 
 
@@ -158,3 +162,28 @@ def test_status_shows_unknown_sink_state_when_redis_is_unreachable(routed):
                                            (7800, "2h10m"), (273600, "3d04h")])
 def test_ages_read_at_a_glance(seconds, text):
     assert age(seconds) == text
+
+
+@pytest.mark.parametrize(("setting", "value", "at_risk"), [
+    ("appendfsync", "everysec", "appendfsync is everysec"),
+    ("appendonly", "no", "appendonly is no")])
+def test_a_redis_that_would_lose_acknowledged_events_is_named_by_status_and_api(
+        settings, tmp_path, setting, value, at_risk):
+    """A 202 promises the body is on disk: a Redis without AOF, or one that fsyncs only every
+    second, breaks that promise, and `leadpipe status` and `leadpipe api` say so."""
+    server = LocalRedis(tmp_path / "redis", port=free_port()).start()
+    try:
+        redis.Redis.from_url(server.url).config_set(setting, value)
+        own = settings.with_(redis_url=server.url)
+        result = status(own, "--timeout", "0.1")
+        assert result.returncode == 0, result.stderr
+        (line,) = [x for x in result.stdout.splitlines() if x.startswith("redis ")]
+        assert "NOT DURABLE" in line and at_risk in line, line
+        assert json.loads(status(own, "--json", "--timeout", "0.1").stdout)[
+            "redis_durable"] is False
+        api = ApiProcess(own, tmp_path / "api.log")
+        api.stop()
+        log = (tmp_path / "api.log").read_text()
+        assert "leadpipe api: warning: Redis NOT DURABLE" in log and at_risk in log, log
+    finally:
+        server.stop()
