@@ -41,6 +41,20 @@ def not_migrated(exc: Exception) -> Response:
                  headers={"Retry-After": "5"})
 
 
+def frames(exc: BaseException) -> str:
+    """The traceback of an exception and of those it was raised from, without their messages:
+    an exception's text may quote what was sent (a lead's name, a body line)."""
+    parts: list[str] = []
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        seen.add(id(current))
+        parts.append(f"{type(current).__name__}:\n"
+                     + "".join(traceback.format_tb(current.__traceback__)))
+        current = current.__cause__ or current.__context__
+    return "\n".join(parts).rstrip()
+
+
 def register(app: Flask) -> None:
     """Turn every HTTP error and any unexpected exception into an RD-shaped JSON answer."""
 
@@ -53,9 +67,7 @@ def register(app: Flask) -> None:
 
     @app.errorhandler(Exception)
     def _unexpected(exc: Exception) -> Response:
-        # the frames, not the message: an exception's text may quote what was sent
-        app.logger.error("unexpected error: %s\n%s", type(exc).__name__,
-                         "".join(traceback.format_tb(exc.__traceback__)).rstrip())
+        app.logger.error("unexpected error: %s\n%s", type(exc).__name__, frames(exc))
         if request.path == "/webhooks/rdstation":
             return error(500, "INTERNAL_ERROR", "Internal error; the event was not accepted.")
         return error(500, "INTERNAL_ERROR", "Internal error.")

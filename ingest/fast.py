@@ -9,7 +9,15 @@ from urllib.parse import parse_qsl
 
 from werkzeug.http import parse_options_header
 
-from ingest.views import KNOWN_HINTS, body_shape, is_json, store, unavailable, unreadable
+from ingest.views import (
+    KNOWN_HINTS,
+    READ_ERRORS,
+    body_shape,
+    is_json,
+    store,
+    unavailable,
+    unreadable,
+)
 
 if TYPE_CHECKING:
     from flask import Flask
@@ -84,7 +92,7 @@ def fast_ingest(app: Flask) -> WSGIApp:
         size = int(length)
         try:
             body = environ["wsgi.input"].read(size)
-        except Exception as exc:  # a connection the server saw break: as the view answers
+        except READ_ERRORS as exc:  # a connection the server saw break: as the view answers
             return unreadable(log, exc)(environ, start_response)
         if len(body) != size:  # the client closed early
             return unreadable(log, None)(environ, start_response)

@@ -79,8 +79,9 @@ def receive() -> Response:
     except HTTPException as exc:
         if not isinstance(exc, ClientDisconnected):  # (413 past Flask's own limit, say)
             raise
-        return unreadable(current_app.logger, None)
-    except Exception as exc:  # the server's own (a chunk size that is no number...): its
+        # werkzeug's, for a read that raised (the cause) or ended early
+        return unreadable(current_app.logger, exc.__cause__ or exc.__context__ or None)
+    except READ_ERRORS as exc:  # the server's own (a chunk size that is no number...): its
         return unreadable(current_app.logger, exc)  # message may quote the body
     if length is not None and len(body) != length:  # the client closed early
         return unreadable(current_app.logger, None)
@@ -105,7 +106,20 @@ def receive() -> Response:
     return Response(b'{"id":"%s"}' % event_id.encode(), status=202, mimetype="application/json")
 
 
-def unreadable(log: logging.Logger, exc: Exception | None) -> Response:
+def _read_errors() -> tuple[type[Exception], ...]:
+    """What a server's `wsgi.input` raises for a body it cannot read as framed (a connection
+    closed early, gunicorn's parse errors); anything else is a bug, answered 500 and logged."""
+    try:
+        from gunicorn.http.errors import ParseException
+    except ImportError:  # (another server)
+        return (OSError, ValueError)
+    return (OSError, ValueError, ParseException)
+
+
+READ_ERRORS = _read_errors()
+
+
+def unreadable(log: logging.Logger, exc: BaseException | None) -> Response:
     """The answer to a body the server could not read as announced (shorter than its
     Content-Length, or chunks it could not parse): the exception's type is logged, never its
     text, which may quote the body."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import socket
 import uuid
 from collections.abc import Iterator
@@ -179,6 +180,42 @@ def test_a_body_shorter_than_its_content_length_is_400_on_both_paths(apis, redis
         assert PII not in api.log_path.read_bytes()
     assert {body for (path, _), body in answers.items() if path == "fast"} == {
         body for (path, _), body in answers.items() if path == "flask"}
+
+
+class Breaks(io.RawIOBase):
+    """A request body whose connection breaks as it is read (the error quotes the body)."""
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:  # type: ignore[no-untyped-def]
+        raise ConnectionResetError(f"reset after {PII.decode()}")
+
+    at = 0  # the test client measures a stream it is given by seeking to its end: 40 bytes
+
+    def tell(self) -> int:
+        return self.at
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        self.at = 40 if whence == io.SEEK_END else offset
+        return self.at
+
+
+def test_a_body_whose_read_fails_is_the_same_400_on_both_paths(redis_url, caplog):
+    """In one process: the server's input raising as it is read gets the view's 400 from the
+    fast path too, its type logged and not its text; nothing is stored."""
+    answers = {}
+    for fast in (True, False):
+        settings = api_settings(redis_url, ingest_fast_path=fast)
+        client = create_app(settings).test_client()
+        caplog.clear()
+        response = client.post(URL + f"?token={TOKEN}", input_stream=Breaks(), headers=JSON)
+        assert response.status_code == 400, response.data
+        answers[fast] = response.data
+        assert "request body unreadable: ConnectionResetError" in caplog.text
+        assert PII.decode() not in caplog.text
+        assert redis.Redis.from_url(redis_url).xlen(settings.stream_key) == 0
+    assert answers[True] == answers[False] and b"could not be read as sent" in answers[True]
 
 
 def test_chunks_gunicorn_cannot_parse_are_a_400_with_nothing_of_the_body_logged(redis_url,

@@ -164,3 +164,27 @@ def test_health_needs_no_token_and_reveals_nothing(client):
     response = client.get("/healthz")
     assert response.status_code == 200
     assert response.get_json() == {"status": "ok"}
+
+
+def test_an_unexpected_error_is_a_json_500_logged_without_its_message(settings, monkeypatch,
+                                                                      caplog):
+    """A bug on the request path: RD gets a JSON 500 (and sends again), the log gets the
+    error's type and frames, its own and those it was raised from, never its text, which
+    may quote the lead."""
+    from ingest import views
+
+    name = orjson.loads(CONVERTED)["contact"]["name"]  # (frames show source lines: not it)
+
+    def broken(*args, **kwargs):  # type: ignore[no-untyped-def]
+        try:
+            raise KeyError(name)
+        except KeyError as exc:
+            raise RuntimeError(f"while storing {name}") from exc
+
+    monkeypatch.setattr(views, "store", broken)
+    client = create_app(settings.with_(ingest_fast_path=False)).test_client()
+    response = post(client, CONVERTED)
+    rd_error(response, 500, "INTERNAL_ERROR")
+    assert "unexpected error: RuntimeError" in caplog.text
+    assert "KeyError:" in caplog.text and "in broken" in caplog.text  # the cause's frames
+    assert name not in caplog.text and name not in response.get_data(as_text=True)
