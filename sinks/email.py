@@ -309,6 +309,12 @@ class Ledger(Protocol):
     def mark(self, key: SentKey) -> None: ...
 
 
+# Tries of the ledger's write after a send: waits of 0.4, 0.8, 1.6, 3.2 s and then 5 s each,
+# about 30 s in all (more with each refused connection's own wait) before the task is retried
+# and the message, unmarked, is sent again
+MARK_TRIES = 10
+
+
 class PostgresLedger:
     """The `email_sent` table (EMAIL_SENT_DDL); one connection, opened at first use."""
 
@@ -325,10 +331,11 @@ class PostgresLedger:
                          "AND recipient = %s", (key.sink, key.dedup_key, key.recipient)) is not None
 
     def mark(self, key: SentKey) -> None:
-        # the message is out: failing here would send it again, so try harder than a read
+        # the message is out: failing here would send it again, so try much harder than a
+        # read, through a Postgres restart or failover (about half a minute, MARK_TRIES)
         self._run("INSERT INTO email_sent (sink, dedup_key, recipient, message_id) "
                   "VALUES (%s, %s, %s, %s) ON CONFLICT (sink, dedup_key, recipient) DO NOTHING",
-                  (key.sink, key.dedup_key, key.recipient, key.message_id), tries=4)
+                  (key.sink, key.dedup_key, key.recipient, key.message_id), tries=MARK_TRIES)
 
     def _run(self, sql: str, params: tuple[str, ...], tries: int = 1) -> Any:
         """One statement; a connection found dead (Postgres restarted, an idle session ended)
@@ -353,7 +360,7 @@ class PostgresLedger:
                     if failures >= tries:
                         raise RetryableSinkError(
                             f"email ledger unavailable: {type(exc).__name__}") from exc
-                    time.sleep(0.2 * 2 ** failures)
+                    time.sleep(min(0.2 * 2 ** failures, 5.0))
 
     def _drop(self) -> None:
         if self._conn is not None:
@@ -480,7 +487,11 @@ class EmailSink(Sink):
         except Exception as exc:  # the template, not the event, is at fault: same every time
             raise PermanentSinkError(f"template for {event.event_type} failed to render: "
                                      f"{type(exc).__name__}") from None
-        subject = " ".join(subject.split())[:250]  # one header line, however it was written
+        subject = " ".join(subject.split())  # one header line, however it was written
+        # and no RFC 2047 encoded-word of the lead's making: setting the header decodes one,
+        # and a CR LF inside it (=0D=0A) would end up raw in the message on some Pythons
+        # (CVE-2024-6923), adding headers or a body of the sender's choosing
+        subject = subject.replace("=?", "= ?")[:250]
         return subject, body.rstrip("\n") + "\n"
 
     def build_message(self, event: Event, subject: str, body: str, recipient: str) -> EmailMessage:

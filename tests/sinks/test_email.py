@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import socket
+import threading
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -14,6 +15,7 @@ from typing import Any
 import psycopg
 import pytest
 
+from config.local import LocalPostgres, free_port
 from sinks.base import PermanentSinkError, RetryableSinkError
 from sinks.email import EMAIL_SENT_DDL, EmailSink, PostgresLedger
 from sinks.registry import SinkConfigError, build, load_options, sink_class
@@ -400,3 +402,55 @@ def test_a_temporary_authentication_failure_is_retried_a_refusal_is_not():
     refused = classify(smtplib.SMTPAuthenticationError(535, b"5.7.8 Bad credentials"))
     assert isinstance(temporary, RetryableSinkError) and temporary.status == 454
     assert isinstance(refused, PermanentSinkError) and refused.status == 535
+
+
+def test_an_encoded_word_in_a_lead_field_adds_no_header_and_no_body(smtp, ledger):
+    """A form's name field holding an RFC 2047 encoded-word with CR LF in it (no raw CR LF
+    anywhere) must stay text in the subject: no Reply-To, no HTML body of the lead's making,
+    the message's own Message-ID and text kept."""
+    event = opportunity()
+    assert event.lead is not None
+    event.lead["name"] = ("=?utf-8?q?Ana=0D=0AReply-To:_boss@evil.example=0D=0AContent-Type:"
+                          "_text/html=0D=0A=0D=0A<a_href=3Dhttp://evil.example>Urgent</a>?=")
+    make_sink(smtp, ledger).deliver(event)
+    for received in smtp.messages:
+        msg = received.message
+        assert msg["Reply-To"] is None and msg.get_content_type() == "text/plain"
+        assert msg["Message-ID"] and msg["X-Leadpipe-Event-Id"] == event.id
+        assert "Reply-To:_boss@evil.example" in msg["Subject"]  # shown, as text
+        headers = received.raw.split(b"\r\n\r\n", 1)[0]
+        assert b"\r\nReply-To" not in headers and b"\r\nContent-Type: text/html" not in headers
+
+
+class _StopsPostgres(EmailSink):
+    """Postgres stops just as the server takes the first message, and is back 6 s later."""
+
+    server: LocalPostgres
+
+    def _send(self, smtp: Any, message: Any, recipient: str) -> None:
+        super()._send(smtp, message, recipient)
+        if not getattr(self, "stopped", False):
+            self.stopped = True
+            self.server.stop()
+            threading.Timer(6.0, self.server.start).start()
+
+
+def test_a_postgres_restart_after_a_send_is_waited_out_and_nothing_is_sent_twice(smtp,
+                                                                                 tmp_path):
+    """The ledger's write after a send keeps trying through a restart of several seconds
+    (the task's retry would send the message again, unmarked)."""
+    server = LocalPostgres(tmp_path / "pg", port=free_port()).start()
+    try:
+        with psycopg.connect(server.url, autocommit=True) as conn:
+            conn.execute(EMAIL_SENT_DDL)
+        ledger = PostgresLedger(server.url, connect_timeout=2)
+        sink = _StopsPostgres(INSTANCE, load_options(INSTANCE, "email", options(smtp)),
+                              ledger=ledger)
+        sink.server = server
+        sink.deliver(opportunity())  # no error: the marks went in once Postgres was back
+        assert sorted(m.message["To"] for m in smtp.messages) == sorted(SALES)
+        make_sink(smtp, ledger).deliver(opportunity())  # a retry finds both marked
+        assert len(smtp.messages) == 2
+        ledger.close()
+    finally:
+        server.discard()
