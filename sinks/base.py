@@ -63,6 +63,11 @@ class Sink(ABC):
         self.instance = instance  # the name of this configured instance, e.g. "crm-sales"
         self.options = options  # already loaded (validated) by Options
 
+    def narrowed(self, older: Event, newer: Event) -> Event | None:
+        """For a latest_state_only sink: what is still to send of `older`, which `newer` has
+        overtaken, or None when nothing is (the delivery then ends "superseded")."""
+        return None
+
     @abstractmethod
     def deliver(self, event: Event) -> int | None:
         """Deliver one event, or raise RetryableSinkError / PermanentSinkError.

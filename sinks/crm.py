@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import re
 from datetime import UTC, datetime
@@ -182,7 +183,8 @@ class CrmSink(Sink):
     that are absent or null are left out, so a field an event does not carry never blanks the
     CRM's value. Encoding: sinks.http.json_body (json.dumps, separators "," and ":", UTF-8).
     Events with neither a lead nor a deal are not for this sink.
-    An event whose lead or deal a newer event has changed since is not sent (latest_state_only).
+    An event whose lead or deal a newer event has changed since is not sent (latest_state_only),
+    but for the fields of the mapping that newer event lacks (`narrowed`).
     """
 
     name = "crm"
@@ -198,10 +200,22 @@ class CrmSink(Sink):
         data = view(event)
         out: dict[str, Any] = {}
         for name, path in self.options["mapping"][kind].items():
+            if event.only is not None and name not in event.only:
+                continue
             value = lookup(data, path)
             if value is not MISSING and value is not None:
                 out[name] = jsonable(value)
         return out
+
+    def narrowed(self, older: Event, newer: Event) -> Event | None:
+        """The fields only `older` carries (a phone, a custom field the newer event has not),
+        sent alone: none of the newer one's values is put back to an older one, and none of
+        the older one's is lost to the CRM."""
+        kind = "lead" if older.lead is not None else "deal" if older.deal is not None else None
+        if kind is None or (newer.lead is None) != (older.lead is None):
+            return None
+        missing = set(self.body(older, kind)) - set(self.body(newer, kind))
+        return dataclasses.replace(older, only=frozenset(missing)) if missing else None
 
     def request(self, event: Event) -> tuple[str, bytes, dict[str, str], str] | None:
         """(url, body, headers, kind) of the request for `event`; None when there is none."""

@@ -7,7 +7,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Collection, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -76,25 +76,39 @@ def load_events(conn: psycopg.Connection, sink: str, event_ids: list[str],
             "WHERE d.sink = %s AND d.event_id = ANY(%s) AND d.status = 'pending' "
             "AND d.dispatch IS NOT DISTINCT FROM %s "
             "ORDER BY e.received_at, e.id", (sink, locked, dispatch)).fetchall()
-        events: list[Event] = []
-        unreadable: dict[str, str] = {}
-        for event_id, event_type, entity_id, received_at, dedup_key, payload in rows:
-            entry = Entry("stored", event_id, int(received_at.timestamp() * 1000),
-                          payload.encode(),
-                          event_type if event_type.startswith("WEBHOOK.") else None)
-            items = normalize(entry)
-            found = [item for item in items if isinstance(item, Event)]
-            if not found:
-                unreadable[event_id] = "; ".join(
-                    str(getattr(item, "reason", item))[:300] for item in items) or "no event"
-            for event in found[:1]:
-                event.entity_id = entity_id  # the resolved identity, as stored
-                event.dedup_key = dedup_key
-                events.append(event)
+        events, unreadable = _rebuilt(rows)
     except BaseException:
         release(conn, sink, locked)  # nobody else would: the caller never saw them
         raise
     return events, locked, unreadable
+
+
+def _rebuilt(rows: Sequence[tuple[Any, ...]]) -> tuple[list[Event], dict[str, str]]:
+    """Events read again from stored rows (id, event_type, entity_id, received_at, dedup_key,
+    payload text), and the ids the current code no longer reads as an event (id -> why)."""
+    events: list[Event] = []
+    unreadable: dict[str, str] = {}
+    for event_id, event_type, entity_id, received_at, dedup_key, payload in rows:
+        entry = Entry("stored", event_id, int(received_at.timestamp() * 1000), payload.encode(),
+                      event_type if event_type.startswith("WEBHOOK.") else None)
+        items = normalize(entry)
+        found = [item for item in items if isinstance(item, Event)]
+        if not found:
+            unreadable[event_id] = "; ".join(
+                str(getattr(item, "reason", item))[:300] for item in items) or "no event"
+        for event in found[:1]:
+            event.entity_id = entity_id  # the resolved identity, as stored
+            event.dedup_key = dedup_key
+            events.append(event)
+    return events, unreadable
+
+
+def stored_events(conn: psycopg.Connection, event_ids: Collection[str]) -> dict[str, Event]:
+    """Stored events by id, read again (no lock taken, whatever their deliveries)."""
+    events, _ = _rebuilt(conn.execute(
+        "SELECT id, event_type, entity_id, received_at, dedup_key, payload::text FROM events "
+        "WHERE id = ANY(%s)", (list(event_ids),)).fetchall())
+    return {event.id: event for event in events}
 
 
 def release(conn: psycopg.Connection, sink: str, locked: list[str]) -> None:
@@ -155,23 +169,37 @@ SELECT %(id)s, %(sink)s, d.attempts, now(), 0, 'superseded', %(note)s FROM d
 """
 
 
-def supersede(conn: psycopg.Connection, sink: str, events: list[Event]) -> list[Event]:
+def supersede(conn: psycopg.Connection, sink: str, events: list[Event],
+              narrow: Callable[[Event, Event], Event | None] | None = None) -> list[Event]:
     """Close the deliveries of events a newer event of their lead or deal has overtaken (see
     sinks.postgres.superseded) when that newer event goes to this sink too (its delivery
-    pending or done): it brings the newer state. The rest, still to be sent."""
+    pending or done): it brings the newer state. The rest, still to be sent; with `narrow`
+    (Sink.narrowed), an overtaken event that carries fields the newer one lacks is sent with
+    those alone instead of closed."""
     newer = superseded(conn, events)
     if newer:
         coming = {row[0] for row in conn.execute(
             "SELECT event_id FROM deliveries WHERE sink = %s AND event_id = ANY(%s) "
             "AND status IN ('pending', 'delivered')", (sink, list(set(newer.values()))))}
         newer = {old: new for old, new in newer.items() if new in coming}
+    narrowed: dict[str, Event] = {}
+    if newer and narrow is not None:
+        found = stored_events(conn, set(newer.values()))
+        for event in events:
+            if event.id in newer and newer[event.id] in found and (
+                    rest := narrow(event, found[newer[event.id]])) is not None:
+                narrowed[event.id] = rest
+                log.info("delivery narrowed to the fields a newer event lacks",
+                         extra={"event_id": event.id, "sink": sink,
+                                "newer_event_id": newer[event.id]})
+        newer = {old: new for old, new in newer.items() if old not in narrowed}
     for event in events:
         if event.id in newer:
             conn.execute(_SUPERSEDE, {"id": event.id, "sink": sink,
                                       "note": f"superseded by newer event {newer[event.id]}"})
             log.info("delivery superseded", extra={"event_id": event.id, "sink": sink,
                                                    "newer_event_id": newer[event.id]})
-    return [event for event in events if event.id not in newer]
+    return [narrowed.get(event.id, event) for event in events if event.id not in newer]
 
 
 @contextlib.contextmanager
@@ -380,9 +408,12 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
                 continue
             # checked just before the send (and before it costs a rate-limit token), in the
             # entity's turn: no newer event can be sent meanwhile
-            if sink.latest_state_only and not supersede(conn, spec.name, [event]):
-                plan.superseded += 1
-                continue
+            if sink.latest_state_only:
+                kept = supersede(conn, spec.name, [event], sink.narrowed)
+                if not kept:
+                    plan.superseded += 1
+                    continue
+                event = kept[0]  # whole, or narrowed to what a newer event lacks
             if spec.rate:
                 wait = control.rate_wait(spec.name, *spec.rate)
                 if wait > 1.0:  # a long wait is a scheduled task, not a sleeping worker

@@ -23,6 +23,9 @@ class Event:
     lead: dict[str, Any] | None = None
     deal: dict[str, Any] | None = None
     data: dict[str, Any] = field(default_factory=dict, repr=False)  # the parsed body, for routing
+    # the only fields a latest-state sink may send of it, None for all: an event a newer one
+    # overtook sends just what that one lacks (Sink.narrowed)
+    only: frozenset[str] | None = None
 
 
 @dataclass

@@ -126,6 +126,46 @@ def test_an_older_event_is_superseded_only_by_a_newer_one_that_goes_to_the_same_
     sink.close()
 
 
+def test_an_overtaken_event_sends_the_crm_only_the_fields_its_newer_one_lacks(database_url,
+                                                                             redis_client):
+    """A backlog: the newer event of a lead went out first. The older one carries a phone and
+    a custom field the newer one does not: the CRM gets those alone (never the older name over
+    the newer), so nothing the lead sent is lost to it. An older event that carries nothing
+    more ends superseded, unsent."""
+    import psycopg
+
+    from sinks.postgres import PostgresSink
+    from sinks.registry import build
+    from tests.sinks.test_postgres_lww import at, events, v2
+    from tests.support.http_server import HttpServer
+    from workers import delivery
+    from workers.control import SinkControl
+    from workers.routing import SinkSpec
+
+    store = PostgresSink("postgres", {"dsn": database_url})
+    older, plain, newer = events(
+        v2("U-7", at(0), name="Ana", mobile_phone="+55 11 91234-5678", cf_budget="100k"),
+        v2("U-7", at(0.5), name="Ana"),
+        v2("U-7", at(1), name="Ana Souza"))
+    store.store([older, plain, newer], [], route=lambda e: ["crm"])
+    store.close()
+    control = SinkControl(redis_client, "c" + os.urandom(4).hex())
+    spec = SinkSpec("crm", "crm", {})
+    with HttpServer() as server, psycopg.connect(database_url, autocommit=True) as conn:
+        crm = build("crm", "crm", {"base_url": server.url, "auth_value": "Bearer x"})
+        assert delivery.run(conn, crm, spec, control, [newer.id], 0).delivered == 1
+        late = delivery.run(conn, crm, spec, control, [older.id, plain.id], 0)
+        assert (late.delivered, late.superseded) == (1, 1)
+        first, second = (r.json() for r in server.requests)
+        assert first["name"] == "Ana Souza" and "mobile_phone" not in first
+        assert second == {"mobile_phone": "+55 11 91234-5678",
+                          "custom_fields": {"budget": "100k"}}
+        assert {r.path for r in server.requests} == {"/leads/U-7"}
+        assert dict(conn.execute("SELECT event_id, status FROM deliveries").fetchall()) == {
+            newer.id: "delivered", older.id: "delivered", plain.id: "superseded"}
+        crm.close()
+
+
 def test_sends_of_one_deal_to_one_sink_take_turns_across_sessions(database_url):
     """The turn of a deal at a sink is one session's at a time (what a second worker would
     find while the first sends), freed when the first is done; other deals, other sinks and
