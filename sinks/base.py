@@ -63,9 +63,10 @@ class Sink(ABC):
         self.instance = instance  # the name of this configured instance, e.g. "crm-sales"
         self.options = options  # already loaded (validated) by Options
 
-    def narrowed(self, older: Event, newer: Event) -> Event | None:
-        """For a latest_state_only sink: what is still to send of `older`, which `newer` has
-        overtaken, or None when nothing is (the delivery then ends "superseded")."""
+    def narrowed(self, older: Event, newer: list[Event]) -> Event | None:
+        """For a latest_state_only sink: what is still to send of `older`, which the `newer`
+        events of its lead or deal (sent or to be sent here) have overtaken, or None when
+        nothing is (the delivery then ends "superseded")."""
         return None
 
     @abstractmethod

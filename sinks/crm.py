@@ -207,14 +207,15 @@ class CrmSink(Sink):
                 out[name] = jsonable(value)
         return out
 
-    def narrowed(self, older: Event, newer: Event) -> Event | None:
-        """The fields only `older` carries (a phone, a custom field the newer event has not),
-        sent alone: none of the newer one's values is put back to an older one, and none of
-        the older one's is lost to the CRM."""
+    def narrowed(self, older: Event, newer: list[Event]) -> Event | None:
+        """The fields of `older` that none of the newer events carries (a phone, custom fields
+        they have not), sent alone: it is the newest to carry each of them, so none of a
+        newer event's values is put back to an older one, and none is lost to the CRM."""
         kind = "lead" if older.lead is not None else "deal" if older.deal is not None else None
-        if kind is None or (newer.lead is None) != (older.lead is None):
+        if kind is None:
             return None
-        missing = set(self.body(older, kind)) - set(self.body(newer, kind))
+        carried = {name for event in newer for name in self.body(event, kind)}
+        missing = set(self.body(older, kind)) - carried
         return dataclasses.replace(older, only=frozenset(missing)) if missing else None
 
     def request(self, event: Event) -> tuple[str, bytes, dict[str, str], str] | None:

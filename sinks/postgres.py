@@ -675,15 +675,24 @@ def superseded(conn: psycopg.Connection, events: Sequence[Event]) -> dict[str, s
     for event in events:
         if event.lead is not None:
             row = lead_rows.get(event.entity_id)
-            rank: Rank = (event.lead["updated_at"],)
         elif event.deal is not None:
             row = deal_rows.get(str(event.deal.get("id")))
-            rank = _deal_rank(event.deal["updated_at"], event.deal.get("document_updated_at"))
         else:
             continue
-        if row is not None and rank[0] is not None and row[1] != event.id and row[0] > rank:
+        rank = rank_of(event)
+        if (row is not None and rank is not None and rank[0] is not None and row[1] != event.id
+                and row[0] > rank):
             newer[event.id] = row[1]
     return newer
+
+
+def rank_of(event: Event) -> Rank | None:
+    """Where an event's state stands in its lead's or deal's order (the upserts' order)."""
+    if event.lead is not None:
+        return (event.lead["updated_at"],)
+    if event.deal is not None:
+        return _deal_rank(event.deal["updated_at"], event.deal.get("document_updated_at"))
+    return None
 
 
 _IDENTIFIERS = ("uuid", "legacy_id", "email")

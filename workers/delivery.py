@@ -7,7 +7,7 @@ import logging
 import random
 import time
 import uuid
-from collections.abc import Callable, Collection, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any, Protocol
@@ -17,7 +17,7 @@ from tenacity import Retrying, retry_if_exception, stop_after_attempt, wait_expo
 
 from ingest.queue import Entry
 from sinks.base import PermanentSinkError, Sink
-from sinks.postgres import state_row, superseded
+from sinks.postgres import rank_of, state_row, superseded
 from workers.events import Event
 from workers.normalize import normalize
 from workers.routing import MAX_JITTER, SinkSpec
@@ -103,12 +103,20 @@ def _rebuilt(rows: Sequence[tuple[Any, ...]]) -> tuple[list[Event], dict[str, st
     return events, unreadable
 
 
-def stored_events(conn: psycopg.Connection, event_ids: Collection[str]) -> dict[str, Event]:
-    """Stored events by id, read again (no lock taken, whatever their deliveries)."""
-    events, _ = _rebuilt(conn.execute(
-        "SELECT id, event_type, entity_id, received_at, dedup_key, payload::text FROM events "
-        "WHERE id = ANY(%s)", (list(event_ids),)).fetchall())
-    return {event.id: event for event in events}
+def _newer_here(conn: psycopg.Connection, sink: str, event: Event) -> list[Event]:
+    """The events of the same lead or deal newer than `event` (sinks.postgres.rank_of) whose
+    delivery to `sink` is pending or done: what that sink gets, or got, after it."""
+    rank = rank_of(event)
+    if rank is None or rank[0] is None:
+        return []
+    found, _ = _rebuilt(conn.execute(
+        "SELECT e.id, e.event_type, e.entity_id, e.received_at, e.dedup_key, e.payload::text "
+        "FROM events e JOIN deliveries d ON d.event_id = e.id AND d.sink = %s "
+        "AND d.status IN ('pending', 'delivered') "
+        "WHERE e.entity_type = %s AND e.entity_id = %s AND e.id <> %s",
+        (sink, event.entity_type, event.entity_id, event.id)).fetchall())
+    return [e for e in found if (later := rank_of(e)) is not None and later[0] is not None
+            and later > rank]
 
 
 def release(conn: psycopg.Connection, sink: str, locked: list[str]) -> None:
@@ -170,12 +178,13 @@ SELECT %(id)s, %(sink)s, d.attempts, now(), 0, 'superseded', %(note)s FROM d
 
 
 def supersede(conn: psycopg.Connection, sink: str, events: list[Event],
-              narrow: Callable[[Event, Event], Event | None] | None = None) -> list[Event]:
+              narrow: Callable[[Event, list[Event]], Event | None] | None = None,
+              ) -> list[Event]:
     """Close the deliveries of events a newer event of their lead or deal has overtaken (see
     sinks.postgres.superseded) when that newer event goes to this sink too (its delivery
     pending or done): it brings the newer state. The rest, still to be sent; with `narrow`
-    (Sink.narrowed), an overtaken event that carries fields the newer one lacks is sent with
-    those alone instead of closed."""
+    (Sink.narrowed), an overtaken event that carries fields none of the newer ones going to
+    the sink carries is sent with those alone instead of closed."""
     newer = superseded(conn, events)
     if newer:
         coming = {row[0] for row in conn.execute(
@@ -184,12 +193,10 @@ def supersede(conn: psycopg.Connection, sink: str, events: list[Event],
         newer = {old: new for old, new in newer.items() if new in coming}
     narrowed: dict[str, Event] = {}
     if newer and narrow is not None:
-        found = stored_events(conn, set(newer.values()))
         for event in events:
-            if event.id in newer and newer[event.id] in found and (
-                    rest := narrow(event, found[newer[event.id]])) is not None:
+            if event.id in newer and (rest := narrow(event, _newer_here(conn, sink, event))):
                 narrowed[event.id] = rest
-                log.info("delivery narrowed to the fields a newer event lacks",
+                log.info("delivery narrowed to the fields newer events lack",
                          extra={"event_id": event.id, "sink": sink,
                                 "newer_event_id": newer[event.id]})
         newer = {old: new for old, new in newer.items() if old not in narrowed}

@@ -126,12 +126,13 @@ def test_an_older_event_is_superseded_only_by_a_newer_one_that_goes_to_the_same_
     sink.close()
 
 
-def test_an_overtaken_event_sends_the_crm_only_the_fields_its_newer_one_lacks(database_url,
-                                                                             redis_client):
-    """A backlog: the newer event of a lead went out first. The older one carries a phone and
-    a custom field the newer one does not: the CRM gets those alone (never the older name over
-    the newer), so nothing the lead sent is lost to it. An older event that carries nothing
-    more ends superseded, unsent."""
+def test_an_overtaken_event_sends_the_crm_only_the_fields_no_newer_one_carries(database_url,
+                                                                              redis_client):
+    """A backlog: the newest event of a lead went out first. An older one carrying a phone the
+    newest lacks sends that phone alone (never its older name over the newer); the oldest,
+    with another phone and a custom field, sends only the custom field, as the middle one
+    carries a newer phone. So nothing the lead sent is lost to the CRM and no newer value is
+    put back. An older event that carries nothing more ends superseded, unsent."""
     import psycopg
 
     from sinks.postgres import PostgresSink
@@ -143,26 +144,29 @@ def test_an_overtaken_event_sends_the_crm_only_the_fields_its_newer_one_lacks(da
     from workers.routing import SinkSpec
 
     store = PostgresSink("postgres", {"dsn": database_url})
-    older, plain, newer = events(
-        v2("U-7", at(0), name="Ana", mobile_phone="+55 11 91234-5678", cf_budget="100k"),
-        v2("U-7", at(0.5), name="Ana"),
+    oldest, plain, middle, newest = events(
+        v2("U-7", at(0), name="Ana", mobile_phone="+55 11 90000-0001", cf_budget="100k"),
+        v2("U-7", at(0.2), name="Ana"),
+        v2("U-7", at(0.5), name="Ana S", mobile_phone="+55 11 90000-0002"),
         v2("U-7", at(1), name="Ana Souza"))
-    store.store([older, plain, newer], [], route=lambda e: ["crm"])
+    store.store([oldest, plain, middle, newest], [], route=lambda e: ["crm"])
     store.close()
     control = SinkControl(redis_client, "c" + os.urandom(4).hex())
     spec = SinkSpec("crm", "crm", {})
     with HttpServer() as server, psycopg.connect(database_url, autocommit=True) as conn:
         crm = build("crm", "crm", {"base_url": server.url, "auth_value": "Bearer x"})
-        assert delivery.run(conn, crm, spec, control, [newer.id], 0).delivered == 1
-        late = delivery.run(conn, crm, spec, control, [older.id, plain.id], 0)
+        for first in (newest, middle):  # out of order: a retried delivery came back later
+            assert delivery.run(conn, crm, spec, control, [first.id], 0).delivered == 1
+        late = delivery.run(conn, crm, spec, control, [oldest.id, plain.id], 0)
         assert (late.delivered, late.superseded) == (1, 1)
-        first, second = (r.json() for r in server.requests)
-        assert first["name"] == "Ana Souza" and "mobile_phone" not in first
-        assert second == {"mobile_phone": "+55 11 91234-5678",
-                          "custom_fields": {"budget": "100k"}}
+        sent = [r.json() for r in server.requests]
+        assert sent[0]["name"] == "Ana Souza" and "mobile_phone" not in sent[0]
+        assert sent[1:] == [{"mobile_phone": "+55 11 90000-0002"},
+                            {"custom_fields": {"budget": "100k"}}]
         assert {r.path for r in server.requests} == {"/leads/U-7"}
         assert dict(conn.execute("SELECT event_id, status FROM deliveries").fetchall()) == {
-            newer.id: "delivered", older.id: "delivered", plain.id: "superseded"}
+            newest.id: "delivered", middle.id: "delivered", oldest.id: "delivered",
+            plain.id: "superseded"}
         crm.close()
 
 
