@@ -208,14 +208,14 @@ class CrmSink(Sink):
         return out
 
     def narrowed(self, older: Event, newer: list[Event]) -> Event | None:
-        """The fields of `older` that none of the newer events carries (a phone, custom fields
-        they have not), sent alone: it is the newest to carry each of them, so none of a
-        newer event's values is put back to an older one, and none is lost to the CRM."""
-        kind = "lead" if older.lead is not None else "deal" if older.deal is not None else None
-        if kind is None:
-            return None
-        carried = {name for event in newer for name in self.body(event, kind)}
-        missing = set(self.body(older, kind)) - carried
+        """The fields of an older lead event that none of the newer events carries (a phone,
+        custom fields they have not), sent alone: it is the newest to carry each of them, so
+        none of a newer event's values is put back to an older one, and none is lost to the
+        CRM. A null in a lead event is a field it does not carry, as the leads table reads it."""
+        if older.lead is None:  # a deal event is the deal's whole state: a field a newer one
+            return None  # leaves out or sets to null was cleared in RD, not left unsaid
+        carried = {name for event in newer for name in self.body(event, "lead")}
+        missing = set(self.body(older, "lead")) - carried
         return dataclasses.replace(older, only=frozenset(missing)) if missing else None
 
     def request(self, event: Event) -> tuple[str, bytes, dict[str, str], str] | None:
@@ -241,7 +241,11 @@ class CrmSink(Sink):
             "Content-Type": "application/json",
             "Accept": "application/json",
             self.options["auth_header"]: self.options["auth_value"],
-            "Idempotency-Key": idempotency_key(event.dedup_key),
+            # a narrowed send is another request than the event's whole one (which a CRM may
+            # have stored under the event's key): a key of its own, the same for the same fields
+            "Idempotency-Key": idempotency_key(event.dedup_key if event.only is None else
+                                               f"{event.dedup_key}:only:"
+                                               + ",".join(sorted(event.only))),
             "X-Leadpipe-Event-Id": event.id,
         }
         return url, json_body(self.body(event, kind)), headers, kind

@@ -113,8 +113,9 @@ def _newer_here(conn: psycopg.Connection, sink: str, event: Event) -> list[Event
         "SELECT e.id, e.event_type, e.entity_id, e.received_at, e.dedup_key, e.payload::text "
         "FROM events e JOIN deliveries d ON d.event_id = e.id AND d.sink = %s "
         "AND d.status IN ('pending', 'delivered') "
-        "WHERE e.entity_type = %s AND e.entity_id = %s AND e.id <> %s",
-        (sink, event.entity_type, event.entity_id, event.id)).fetchall())
+        "WHERE e.entity_type = %s AND e.entity_id = %s AND e.id <> %s "
+        "AND e.occurred_at >= %s",  # (a lead's rank is its event's time: the newer ones only)
+        (sink, event.entity_type, event.entity_id, event.id, event.occurred_at)).fetchall())
     return [e for e in found if (later := rank_of(e)) is not None and later[0] is not None
             and later > rank]
 
@@ -198,6 +199,7 @@ def supersede(conn: psycopg.Connection, sink: str, events: list[Event],
                 narrowed[event.id] = rest
                 log.info("delivery narrowed to the fields newer events lack",
                          extra={"event_id": event.id, "sink": sink,
+                                "fields": sorted(rest.only or ()),
                                 "newer_event_id": newer[event.id]})
         newer = {old: new for old, new in newer.items() if old not in narrowed}
     for event in events:

@@ -164,9 +164,43 @@ def test_an_overtaken_event_sends_the_crm_only_the_fields_no_newer_one_carries(d
         assert sent[1:] == [{"mobile_phone": "+55 11 90000-0002"},
                             {"custom_fields": {"budget": "100k"}}]
         assert {r.path for r in server.requests} == {"/leads/U-7"}
+        keys = [r.header("Idempotency-Key") for r in server.requests]
+        assert keys[0] == newest.dedup_key and len(set(keys)) == 3
+        assert oldest.dedup_key not in keys  # its narrowed send is not its whole one
         assert dict(conn.execute("SELECT event_id, status FROM deliveries").fetchall()) == {
             newest.id: "delivered", middle.id: "delivered", oldest.id: "delivered",
             plain.id: "superseded"}
+        crm.close()
+
+
+def test_an_overtaken_deal_update_is_never_narrowed(database_url, redis_client):
+    """A deal event is the deal's whole state: what a newer one leaves null was cleared in RD
+    (a reopened deal has no close date, rating nor custom fields). A late "won" update sends
+    nothing after the reopening: it ends superseded."""
+    import psycopg
+
+    from sinks.postgres import PostgresSink
+    from sinks.registry import build
+    from tests.sinks.test_postgres_lww import at, deal_update, events
+    from tests.support.http_server import HttpServer
+    from workers import delivery
+    from workers.control import SinkControl
+    from workers.routing import SinkSpec
+
+    store = PostgresSink("postgres", {"dsn": database_url})
+    won, reopened = events(
+        deal_update("D-7", at(0), "won", rating=4, closed_at=at(0)),
+        deal_update("D-7", at(1), "ongoing", rating=None, closed_at=None, custom_fields={}))
+    store.store([won, reopened], [], route=lambda e: ["crm"])
+    store.close()
+    control = SinkControl(redis_client, "c" + os.urandom(4).hex())
+    with HttpServer() as server, psycopg.connect(database_url, autocommit=True) as conn:
+        crm = build("crm", "crm", {"base_url": server.url, "auth_value": "Bearer x"})
+        spec = SinkSpec("crm", "crm", {})
+        assert delivery.run(conn, crm, spec, control, [reopened.id], 0).delivered == 1
+        assert delivery.run(conn, crm, spec, control, [won.id], 0).superseded == 1
+        (sent,) = [r.json() for r in server.requests]
+        assert sent["status"] == "ongoing" and "closed_at" not in sent and "rating" not in sent
         crm.close()
 
 
