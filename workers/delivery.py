@@ -103,19 +103,23 @@ def _rebuilt(rows: Sequence[tuple[Any, ...]]) -> tuple[list[Event], dict[str, st
     return events, unreadable
 
 
-def _newer_here(conn: psycopg.Connection, sink: str, event: Event) -> list[Event]:
+def _newer_here(conn: psycopg.Connection, sink: str, event: Event) -> list[Event] | None:
     """The events of the same lead or deal newer than `event` (sinks.postgres.rank_of) whose
-    delivery to `sink` is pending or done: what that sink gets, or got, after it."""
+    delivery to `sink` is pending or done: what that sink gets, or got, after it. None when
+    one of them cannot be read again (its body purged, or no longer read by this version):
+    what it carried is then unknown."""
     rank = rank_of(event)
     if rank is None or rank[0] is None:
-        return []
-    found, _ = _rebuilt(conn.execute(
+        return None
+    found, unreadable = _rebuilt(conn.execute(
         "SELECT e.id, e.event_type, e.entity_id, e.received_at, e.dedup_key, e.payload::text "
         "FROM events e JOIN deliveries d ON d.event_id = e.id AND d.sink = %s "
         "AND d.status IN ('pending', 'delivered') "
         "WHERE e.entity_type = %s AND e.entity_id = %s AND e.id <> %s "
         "AND e.occurred_at >= %s",  # (a lead's rank is its event's time: the newer ones only)
         (sink, event.entity_type, event.entity_id, event.id, event.occurred_at)).fetchall())
+    if unreadable:
+        return None
     return [e for e in found if (later := rank_of(e)) is not None and later[0] is not None
             and later > rank]
 
@@ -195,7 +199,14 @@ def supersede(conn: psycopg.Connection, sink: str, events: list[Event],
     narrowed: dict[str, Event] = {}
     if newer and narrow is not None:
         for event in events:
-            if event.id in newer and (rest := narrow(event, _newer_here(conn, sink, event))):
+            if event.id not in newer:
+                continue
+            later = _newer_here(conn, sink, event)
+            # only when every newer event is known, the row's newest among them: else what
+            # they carried is not, and the older values could be put back over newer ones
+            if later is None or newer[event.id] not in {e.id for e in later}:
+                continue
+            if rest := narrow(event, later):
                 narrowed[event.id] = rest
                 log.info("delivery narrowed to the fields newer events lack",
                          extra={"event_id": event.id, "sink": sink,

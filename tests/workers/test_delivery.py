@@ -173,6 +173,37 @@ def test_an_overtaken_event_sends_the_crm_only_the_fields_no_newer_one_carries(d
         crm.close()
 
 
+def test_an_overtaken_event_is_not_narrowed_when_a_newer_body_is_purged(database_url,
+                                                                       redis_client):
+    """What a newer event carried is known only from its stored body: once `leadpipe purge`
+    emptied it, an older event sends nothing (it could put its older name back)."""
+    import psycopg
+
+    from sinks.postgres import PostgresSink
+    from sinks.registry import build
+    from tests.sinks.test_postgres_lww import at, events, v2
+    from tests.support.http_server import HttpServer
+    from workers import delivery
+    from workers.control import SinkControl
+    from workers.routing import SinkSpec
+
+    store = PostgresSink("postgres", {"dsn": database_url})
+    older, newer = events(v2("U-8", at(0), name="Ana", mobile_phone="+55 11 90000-0003"),
+                          v2("U-8", at(1), name="Ana Souza"))
+    store.store([older, newer], [], route=lambda e: ["crm"])
+    store.close()
+    control = SinkControl(redis_client, "c" + os.urandom(4).hex())
+    with HttpServer() as server, psycopg.connect(database_url, autocommit=True) as conn:
+        crm = build("crm", "crm", {"base_url": server.url, "auth_value": "Bearer x"})
+        spec = SinkSpec("crm", "crm", {})
+        assert delivery.run(conn, crm, spec, control, [newer.id], 0).delivered == 1
+        conn.execute("UPDATE events SET payload = '{\"purged\": true}', purged_at = now() "
+                     "WHERE id = %s", (newer.id,))
+        assert delivery.run(conn, crm, spec, control, [older.id], 0).superseded == 1
+        assert len(server.requests) == 1
+        crm.close()
+
+
 def test_an_overtaken_deal_update_is_never_narrowed(database_url, redis_client):
     """A deal event is the deal's whole state: what a newer one leaves null was cleared in RD
     (a reopened deal has no close date, rating nor custom fields). A late "won" update sends
