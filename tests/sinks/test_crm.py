@@ -248,12 +248,12 @@ def test_slow_server_beyond_timeout_is_retryable(server, make_sink):
 
 
 def test_a_slow_name_lookup_counts_within_the_timeout(server, make_sink, monkeypatch):
-    slow_dns(monkeypatch, "crm.test", 1.5)
+    slow_dns(monkeypatch, "crm.test", 3.0)
     sink = make_sink(base_url=f"http://crm.test:{server.port}/api", timeout=0.5)
     started = time.monotonic()
     with pytest.raises(RetryableSinkError, match="no answer within 0.5 s"):
         sink.deliver(lead_event())
-    assert time.monotonic() - started < 1.2  # not the lookup's 1.5 s
+    assert time.monotonic() - started < 2.0  # not the lookup's 3 s (slack for a busy machine)
     assert server.requests == []
 
 

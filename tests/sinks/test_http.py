@@ -367,12 +367,12 @@ def slow_dns(monkeypatch: pytest.MonkeyPatch, name: str, seconds: float,
 
 
 def test_a_slow_name_lookup_is_bounded_by_the_deadline(server, session, monkeypatch):
-    slow_dns(monkeypatch, "slow.test", 1.5)
+    slow_dns(monkeypatch, "slow.test", 3.0)
     started = time.monotonic()
     with pytest.raises(RetryableSinkError, match="no answer within 0.5 s"):
         send(session, "PUT", f"http://slow.test:{server.port}/x", body=b"{}", headers={},
              timeout=0.5, label="test")
-    assert time.monotonic() - started < 1.2  # not the lookup's 1.5 s
+    assert time.monotonic() - started < 2.0  # not the lookup's 3 s (slack for a busy machine)
     assert server.requests == []
 
 

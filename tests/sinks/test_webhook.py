@@ -338,13 +338,13 @@ def test_the_address_check_and_the_request_share_one_timeout(server, make_sink, 
 
 def test_an_address_check_that_outlasts_the_timeout_is_a_timeout(server, make_sink,
                                                                  monkeypatch):
-    slow_dns(monkeypatch, "hooks.test", 1.5)
+    slow_dns(monkeypatch, "hooks.test", 3.0)
     sink = make_sink(url=f"http://hooks.test:{server.port}/hook", ssrf_allow=["127.0.0.1"],
                      timeout=0.5)
     started = time.monotonic()
     with pytest.raises(RetryableSinkError, match=r"no answer within 0\.5 s \(resolving"):
         sink.deliver(event(fixture_bytes("crm-deal-created.json")))
-    assert time.monotonic() - started < 1.2
+    assert time.monotonic() - started < 2.0  # not the lookup's 3 s
     assert server.requests == []
 
 
