@@ -432,7 +432,8 @@ class _StopsPostgres(EmailSink):
         if not getattr(self, "stopped", False):
             self.stopped = True
             self.server.stop()
-            threading.Timer(6.0, self.server.start).start()
+            self.restart = threading.Timer(6.0, self.server.start)
+            self.restart.start()
 
 
 def test_a_postgres_restart_after_a_send_is_waited_out_and_nothing_is_sent_twice(smtp,
@@ -440,17 +441,20 @@ def test_a_postgres_restart_after_a_send_is_waited_out_and_nothing_is_sent_twice
     """The ledger's write after a send keeps trying through a restart of several seconds
     (the task's retry would send the message again, unmarked)."""
     server = LocalPostgres(tmp_path / "pg", port=free_port()).start()
+    ledger = PostgresLedger(server.url, connect_timeout=2)
+    sink = _StopsPostgres(INSTANCE, load_options(INSTANCE, "email", options(smtp)),
+                          ledger=ledger)
+    sink.server = server
     try:
         with psycopg.connect(server.url, autocommit=True) as conn:
             conn.execute(EMAIL_SENT_DDL)
-        ledger = PostgresLedger(server.url, connect_timeout=2)
-        sink = _StopsPostgres(INSTANCE, load_options(INSTANCE, "email", options(smtp)),
-                              ledger=ledger)
-        sink.server = server
         sink.deliver(opportunity())  # no error: the marks went in once Postgres was back
         assert sorted(m.message["To"] for m in smtp.messages) == sorted(SALES)
         make_sink(smtp, ledger).deliver(opportunity())  # a retry finds both marked
         assert len(smtp.messages) == 2
         ledger.close()
     finally:
+        if restart := getattr(sink, "restart", None):  # never after the discard below
+            restart.cancel()
+            restart.join()
         server.discard()
