@@ -11,7 +11,7 @@ def redis_durability(client: redis.Redis) -> tuple[bool | None, str]:
     refuses CONFIG (a managed service may rename it) and its settings cannot be read.
     Raises RedisError when Redis cannot be reached."""
     try:
-        found = {**client.config_get("appendonly"), **client.config_get("appendfsync")}
+        found = client.config_get("append*")  # appendonly, appendfsync (and their files)
     except redis.ResponseError:
         return None, "unknown: Redis refuses CONFIG GET; make sure it runs with " \
                      "appendonly yes and appendfsync always"

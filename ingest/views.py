@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 import orjson
 import redis
 from flask import Blueprint, Response, current_app, request
-from werkzeug.exceptions import ClientDisconnected, HTTPException
+from werkzeug.exceptions import ClientDisconnected
 
 from ingest.errors import error
 from ingest.queue import new_event_id
@@ -76,11 +76,8 @@ def receive() -> Response:
                              f"Body larger than {settings.max_body_bytes} bytes.")
         else:
             body = request.get_data(cache=False)
-    except HTTPException as exc:
-        if not isinstance(exc, ClientDisconnected):  # (413 past Flask's own limit, say)
-            raise
-        # werkzeug's, for a read that raised (the cause) or ended early
-        return unreadable(current_app.logger, exc.__cause__ or exc.__context__ or None)
+    except ClientDisconnected as exc:  # werkzeug's, for a read that raised or ended early
+        return unreadable(current_app.logger, exc.__cause__ or exc.__context__)
     except READ_ERRORS as exc:  # the server's own (a chunk size that is no number...): its
         return unreadable(current_app.logger, exc)  # message may quote the body
     if length is not None and len(body) != length:  # the client closed early

@@ -184,7 +184,7 @@ class CrmSink(Sink):
     CRM's value. Encoding: sinks.http.json_body (json.dumps, separators "," and ":", UTF-8).
     Events with neither a lead nor a deal are not for this sink.
     An event whose lead or deal a newer event has changed since is not sent (latest_state_only),
-    but for the fields of the mapping that newer event lacks (`narrowed`).
+    but for the fields of the mapping no newer event going to the sink carries (`narrowed`).
     """
 
     name = "crm"

@@ -409,23 +409,17 @@ def _erased_leads(conn: psycopg.Connection, batch: list[Event]) -> set[str]:
         else:
             other.append(e.lead)
             keys.append(e.dedup_key)
-    if other:
-        rows = conn.execute(
-            "SELECT uuid, legacy_id, email FROM leads WHERE uuid = ANY(%s) "
-            "OR legacy_id = ANY(%s) OR email = ANY(%s)",
-            [[lead[name] for lead in other if lead[name]] for name in _IDENTIFIERS]).fetchall()
+    if other:  # resolved as storing resolves them, against the leads left
+        known = _Leads()
+        for row in conn.execute(
+                "SELECT lead_key, uuid, legacy_id, email, updated_at FROM leads "
+                "WHERE uuid = ANY(%s) OR legacy_id = ANY(%s) OR email = ANY(%s) "
+                "ORDER BY created_at, lead_key",
+                [[lead[name] for lead in other if lead[name]] for name in _IDENTIFIERS]):
+            known.add(*row)
         gone.update(key for key, lead in zip(keys, other, strict=True)
-                    if not _answers(rows, lead))
+                    if known.resolve(lead) not in known.rows)
     return gone
-
-
-def _answers(rows: Sequence[Sequence[Any]], lead: dict[str, Any]) -> bool:
-    """Whether one of these lead rows (uuid, legacy id, e-mail) answers to the lead as storing
-    resolves it: by uuid, or by legacy id or e-mail with no other uuid than its own."""
-    uuid = lead["uuid"]
-    return any((uuid and row[0] == uuid) or any(
-        lead[name] and row[n] == lead[name] and (not uuid or not row[0] or row[0] == uuid)
-        for n, name in ((1, "legacy_id"), (2, "email"))) for row in rows)
 
 
 def _erased_rejected(conn: psycopg.Connection, rejected: Sequence[Rejected]) -> set[str]:

@@ -71,8 +71,7 @@ def load_events(conn: psycopg.Connection, sink: str, event_ids: list[str],
         "FROM unnest(%s::text[]) AS id", (sink, event_ids)) if ok]
     try:
         rows = conn.execute(
-            "SELECT e.id, e.event_type, e.entity_id, e.received_at, e.dedup_key, e.payload::text "
-            "FROM deliveries d JOIN events e ON e.id = d.event_id "
+            f"SELECT {_STORED} FROM deliveries d JOIN events e ON e.id = d.event_id "
             "WHERE d.sink = %s AND d.event_id = ANY(%s) AND d.status = 'pending' "
             "AND d.dispatch IS NOT DISTINCT FROM %s "
             "ORDER BY e.received_at, e.id", (sink, locked, dispatch)).fetchall()
@@ -83,9 +82,13 @@ def load_events(conn: psycopg.Connection, sink: str, event_ids: list[str],
     return events, locked, unreadable
 
 
+# the columns of `events` (as `e`) an event is rebuilt from (_rebuilt)
+_STORED = "e.id, e.event_type, e.entity_id, e.received_at, e.dedup_key, e.payload::text"
+
+
 def _rebuilt(rows: Sequence[tuple[Any, ...]]) -> tuple[list[Event], dict[str, str]]:
-    """Events read again from stored rows (id, event_type, entity_id, received_at, dedup_key,
-    payload text), and the ids the current code no longer reads as an event (id -> why)."""
+    """Events read again from stored rows (_STORED), and the ids the current code no longer
+    reads as an event (id -> why)."""
     events: list[Event] = []
     unreadable: dict[str, str] = {}
     for event_id, event_type, entity_id, received_at, dedup_key, payload in rows:
@@ -112,8 +115,7 @@ def _newer_here(conn: psycopg.Connection, sink: str, event: Event) -> list[Event
     if rank is None or rank[0] is None:
         return None
     found, unreadable = _rebuilt(conn.execute(
-        "SELECT e.id, e.event_type, e.entity_id, e.received_at, e.dedup_key, e.payload::text "
-        "FROM events e JOIN deliveries d ON d.event_id = e.id AND d.sink = %s "
+        f"SELECT {_STORED} FROM events e JOIN deliveries d ON d.event_id = e.id AND d.sink = %s "
         "AND d.status IN ('pending', 'delivered') "
         "WHERE e.entity_type = %s AND e.entity_id = %s AND e.id <> %s "
         "AND e.occurred_at >= %s",  # (a lead's rank is its event's time: the newer ones only)

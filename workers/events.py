@@ -23,8 +23,8 @@ class Event:
     lead: dict[str, Any] | None = None
     deal: dict[str, Any] | None = None
     data: dict[str, Any] = field(default_factory=dict, repr=False)  # the parsed body, for routing
-    # the only fields a latest-state sink may send of it, None for all: an event a newer one
-    # overtook sends just what that one lacks (Sink.narrowed)
+    # the only fields a latest-state sink may send of it, None for all: an event newer ones
+    # overtook sends just what none of them carries (Sink.narrowed)
     only: frozenset[str] | None = None
 
 
