@@ -7,6 +7,7 @@ from collections import Counter
 from collections.abc import Callable, Collection, Sequence
 from dataclasses import dataclass, field
 from typing import Any
+from uuid import uuid4
 
 import psycopg
 from marshmallow import Schema, fields
@@ -730,9 +731,10 @@ class _Leads:
                     return key
         if uuid:
             return uuid
-        if lead["legacy_id"]:
-            return "id:" + lead["legacy_id"]
-        return "email:" + lead["email"]
+        key = "id:" + lead["legacy_id"] if lead["legacy_id"] else "email:" + lead["email"]
+        if key in self.rows:  # made for a lead that carries another id or e-mail now: the
+            return "lead:" + uuid4().hex  # new lead must not take over that row
+        return key
 
     def apply(self, key: str, lead: dict[str, Any]) -> None:
         """What the upsert does to the row's identity: the row made, or a newer event's

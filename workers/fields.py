@@ -171,6 +171,11 @@ class When(Optional):
                 raise ValidationError("Not a valid ISO-8601 datetime.") from None
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
+            try:  # stored in UTC and read back as a datetime: it must be a year 1-9999 there
+                moment.astimezone(UTC)
+            except OverflowError:
+                raise ValidationError("Datetime out of range: in UTC it falls outside the "
+                                      "years 1 to 9999.") from None
             return moment
         raise ValidationError("Not a valid ISO-8601 datetime.")
 

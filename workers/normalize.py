@@ -28,15 +28,23 @@ _CRM = CrmEnvelopeSchema()
 _DEAL = DealSchema()
 
 
+# 19 digits or more: an integer that may lie outside orjson's 64-bit range (-2^63 .. 2^64-1),
+# which it would read as a rounded float. A long digit string inside a text matches too, and
+# only costs the slower parser.
+_LONG_NUMBER = re.compile(rb"\d{19,}")
+
+
 def parse_body(body: bytes) -> Any:
     """JSON text to Python that Postgres' jsonb accepts: integers past 64 bits kept, NUL
     characters dropped, lone surrogates (a name cut in the middle of an emoji) as U+FFFD."""
-    try:
-        data = orjson.loads(body)
-        odd = False
-    except orjson.JSONDecodeError:  # big integers, a lone surrogate, escaped or as raw bytes
+    odd = _LONG_NUMBER.search(body) is not None  # orjson reads a number past 64 bits as a float
+    if not odd:
+        try:
+            data = orjson.loads(body)
+        except orjson.JSONDecodeError:  # a lone surrogate, escaped or as raw bytes
+            odd = True
+    if odd:
         data = json.loads(body)
-        odd = True
     if odd or b"\\u0000" in body:
         data = _repair(data)
     return data
@@ -286,7 +294,8 @@ def _legacy_event(entry: Entry, received: datetime, event_type: str, raw: dict, 
         "city": lead.get("city"),
         "state": lead.get("state"),
         "website": lead.get("website"),
-        "tags": lead.get("tags") or [],
+        # null is no tags; a lead sent without the key says nothing of them (kept as stored)
+        "tags": (lead.get("tags") or []) if "tags" in raw else None,
         "lifecycle_stage": lead.get("lead_stage"),
         "opportunity": True if event_type == "WEBHOOK.MARKED_OPPORTUNITY"
         else lead.get("opportunity"),
@@ -319,7 +328,11 @@ def _crm(entry: Entry, received: datetime, data: dict) -> Event | Rejected:
     occurred = msg["event_timestamp"]
     if name in DEAL_EVENTS:
         d = _DEAL.load(doc)
-        occurred = occurred or d["updated_at"] or received
+        if occurred is None and d["updated_at"] is not None:
+            # RD's event_timestamp is whole seconds and the document's time orders within
+            # one (DEAL_ORDER): the fallback is cut to its second, to rank as the others do
+            occurred = d["updated_at"].replace(microsecond=0)
+        occurred = occurred or received
         deal = _deal_state(d, name, occurred)
     occurred = occurred or received
     return Event(entry.event_id, key, "CRM", name, known[1].upper(), entity_id, occurred,

@@ -130,6 +130,38 @@ def test_late_older_lead_event_batched_with_a_newer_one_is_refused(database_url,
     sink.close()
 
 
+def test_a_legacy_lead_sent_without_tags_keeps_the_stored_ones(database_url, db):
+    # RD leaves fields out of legacy leads: a missing key says nothing; null says "no tags"
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    sink.store(events(v2("U1", at(0), "a@x.com", tags=["webinar", "b2b"])), [])
+    sink.store(events(legacy(at(1), uuid="U1", email="a@x.com", lead_stage="Lead")), [])
+    assert db.execute("SELECT tags, lifecycle_stage FROM leads").fetchone() == (
+        ["webinar", "b2b"], "Lead")
+    sink.store(events(legacy(at(2), uuid="U1", email="a@x.com", tags=None)), [])
+    assert db.execute("SELECT tags FROM leads").fetchone() == ([],)
+    sink.close()
+
+
+def test_a_new_lead_whose_key_names_another_leads_old_address_gets_a_row_of_its_own(
+        database_url, db):
+    # Ana's row was made for her e-mail alone (key email:ana@x.com); she moved to another
+    # address. A contact sent later with only ana@x.com is no lead's now: a new lead
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    sink.store(events(legacy(at(0), email="ana@x.com", name="Ana")), [])
+    sink.store(events(v2("U-ANA", at(1), "ana@x.com", name="Ana")), [])
+    sink.store(events(v2("U-ANA", at(2), "ana.new@x.com")), [])
+    sink.store(events(legacy(at(3), email="ana@x.com", name="Bia")), [])
+    rows = db.execute("SELECT lead_key, uuid, email, name FROM leads "
+                      "ORDER BY created_at").fetchall()
+    assert [row[1:] for row in rows] == [("U-ANA", "ana.new@x.com", "Ana"),
+                                         (None, "ana@x.com", "Bia")]
+    assert rows[0][0] == "email:ana@x.com" and rows[1][0].startswith("lead:")
+    sink.store(events(legacy(at(4), email="ana@x.com", city="Recife")), [])  # Bia again
+    assert db.execute("SELECT name, city FROM leads WHERE uuid IS NULL").fetchall() == [
+        ("Bia", "Recife")]
+    sink.close()
+
+
 def _deal_body(key: str, hours: float, n: int) -> dict:
     if n % 4 == 3:
         return deal_deleted(key, at(hours))
@@ -310,6 +342,23 @@ def test_same_second_deal_updates_are_ordered_by_the_document_updated_at(databas
                                         (deal,)).fetchone()
         # the column keeps the event's own time
         assert (status, updated_at) == ("won", datetime(2025, 3, 12, 19, 40, 5, tzinfo=UTC))
+    sink.close()
+
+
+def test_an_update_without_event_timestamp_is_ordered_with_those_that_have_one(database_url, db):
+    # its time falls back to the document's updated_at, in milliseconds, where the others'
+    # event_timestamp is whole seconds: the fallback must not rank it after a newer update
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    older = deal_update("D1", SECOND, "ongoing", updated_at="2025-03-12T16:40:05.871-03:00")
+    del older["event_timestamp"]
+    newer = deal_update("D1", SECOND, "won", updated_at="2025-03-12T16:40:05.990-03:00")
+    sink.store(events(older), [])
+    sink.store(events(newer), [])
+    assert deal_row(db, "D1") == ("won", None)
+    late = deal_update("D1", SECOND, "lost", updated_at="2025-03-12T16:40:05.500-03:00")
+    del late["event_timestamp"]
+    sink.store(events(late), [])  # older than both, arriving last
+    assert deal_row(db, "D1") == ("won", None)
     sink.close()
 
 

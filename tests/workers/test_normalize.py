@@ -147,6 +147,29 @@ def test_integers_beyond_64_bits_survive():
     assert json.loads(event.payload)["platform_account_id"] == big
 
 
+@pytest.mark.parametrize("big", [2**64, 2**70 + 1, -(2**63) - 1, 10**29 + 7])
+def test_integers_outside_64_bits_keep_their_exact_value_in_every_field(big):
+    # orjson reads such a number as a rounded float without complaint: the value a lead's
+    # custom field, a deal's, the dedup hash and a re-serialised payload get must be exact
+    body = fixture("legacy-leads-full.json")
+    body["leads"][0]["custom_fields"] = {"Codigo": big}
+    body["leads"][0]["name"] = "Ana\x00"  # sent as \u0000: the payload is re-serialised
+    legacy = one(json.dumps(body).encode())
+    assert legacy.lead["custom_fields"] == {"Codigo": big}
+    assert type(legacy.lead["custom_fields"]["Codigo"]) is int
+    assert json.loads(legacy.payload)["leads"][0]["custom_fields"]["Codigo"] == big
+    body["leads"][0]["custom_fields"] = {"Codigo": big + 1}
+    assert one(json.dumps(body).encode()).dedup_key != legacy.dedup_key
+
+    v2 = fixture("mkt-v2-converted.json")
+    v2["contact"]["cf_code"] = big
+    assert one(json.dumps(v2).encode()).lead["custom_fields"]["code"] == big
+
+    deal = fixture("crm-deal-created.json")
+    deal["document"]["deal_custom_fields"] = [{"custom_field": {"label": "Code"}, "value": big}]
+    assert one(json.dumps(deal).encode()).deal["custom_fields"] == {"Code": big}
+
+
 def test_a_name_cut_in_the_middle_of_an_emoji_is_kept_with_a_replacement_character():
     # RD cuts long texts in UTF-16 units: the escape of half a pair is left, which jsonb refuses
     raw = fixture_bytes("mkt-v2-converted.json").replace(
@@ -199,6 +222,14 @@ def test_nul_characters_are_removed_not_fatal():
     ({"hello": "world"}, "unknown shape"),
     ({"event_type": "WEBHOOK.CONVERTED", "event_timestamp": "yesterday",
       "contact": {"uuid": "u"}}, "event_timestamp"),
+    # times a datetime cannot hold in UTC: stored, they would make every later batch that
+    # reads their lead or deal back fail (Postgres keeps them, Python cannot read them)
+    ({"event_type": "WEBHOOK.CONVERTED", "event_timestamp": "9999-12-31T23:00:00-03:00",
+      "contact": {"uuid": "u"}}, "event_timestamp"),
+    ({"leads": [{"uuid": "u", "last_conversion": {"created_at": "0001-01-01T00:30:00+01:00"}}]},
+     "created_at"),
+    ({"event_name": "crm_deal_updated", "event_timestamp": "9999-12-31T22:00:00-05:00",
+      "document": {"id": "d"}}, "event_timestamp"),
 ])
 def test_what_cannot_be_understood_is_quarantined_with_a_reason(body, word):
     item = rejected(body)
