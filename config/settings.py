@@ -230,6 +230,12 @@ class Settings:
         "BATCH_SIZE", as_positive_int, 500,
         "Most events one batch task handles.",
     )
+    batch_max_bytes: int = setting(
+        "BATCH_MAX_BYTES", as_positive_int, 8 * 1024 * 1024,
+        "Most bytes of raw bodies one batch task handles: a batch is cut there before "
+        "BATCH_SIZE events (a body parsed takes some 25 times its size in a worker's memory). "
+        "A body larger than this is a batch of its own.",
+    )
     batch_window_ms: int = setting(
         "BATCH_WINDOW_MS", as_positive_int, 200,
         "Longest a partial batch waits for more events before it is dispatched. Each batch "

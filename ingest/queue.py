@@ -85,19 +85,29 @@ class IngestStream:
         """Make the consumer visible in XINFO CONSUMERS before it has read anything."""
         self.client.xgroup_createconsumer(self.key, GROUP, consumer)
 
-    def read_new(self, consumer: str, count: int, block_ms: int) -> list[str]:
-        """Claim up to `count` never-delivered entries for `consumer`; return their ids."""
+    def read_new(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, int]]:
+        """Claim up to `count` never-delivered entries for `consumer`; their ids and the
+        sizes of their bodies."""
         reply = self.client.xreadgroup(GROUP, consumer, {self.key: ">"}, count=count,
                                        block=block_ms)
         if not reply:
             return []
-        return [_s(entry_id) for entry_id, _ in reply[0][1]]
+        return [(_s(entry_id), _size(f)) for entry_id, f in reply[0][1]]
 
-    def claim_stale(self, consumer: str, min_idle_ms: int, count: int) -> list[str]:
-        """Take over entries another (likely dead) consumer has held for longer than min_idle_ms."""
-        ids = self.client.xautoclaim(self.key, GROUP, consumer, min_idle_ms, "0-0",
-                                     count=count, justid=True)  # redis-py returns just the ids
-        return [_s(entry_id) for entry_id in ids]
+    def claim_stale(self, consumer: str, min_idle_ms: int,
+                    count: int) -> list[tuple[str, int]]:
+        """Take over entries another (likely dead) consumer has held for longer than
+        min_idle_ms; their ids and the sizes of their bodies."""
+        reply = self.client.xautoclaim(self.key, GROUP, consumer, min_idle_ms, "0-0",
+                                       count=count)
+        return [(_s(entry_id), _size(f)) for entry_id, f in reply[1] if entry_id]
+
+    def forget_idle_consumers(self, idle_ms: int, keep: str) -> int:
+        """Remove from the group the consumers that hold no entry and have not read for
+        `idle_ms` (workers gone for good: each life of a worker is a consumer of its own),
+        `keep` aside. Checked and removed in one script: a consumer that takes an entry
+        meanwhile is never removed with it (its entries would never be claimed again)."""
+        return int(self.client.eval(_FORGET_IDLE, 1, self.key, GROUP, idle_ms, keep))
 
     def touch(self, consumer: str, entry_ids: list[str]) -> None:
         """Reset the idle time of entries still being worked on, so no one claims them."""
@@ -156,6 +166,24 @@ class IngestStream:
 
     def depth(self) -> int:
         return int(self.client.xlen(self.key))
+
+
+_FORGET_IDLE = """
+local removed = 0
+for _, consumer in ipairs(redis.call('XINFO', 'CONSUMERS', KEYS[1], ARGV[1])) do
+  local info = {}
+  for i = 1, #consumer, 2 do info[consumer[i]] = consumer[i + 1] end
+  if info['pending'] == 0 and info['idle'] >= tonumber(ARGV[2]) and info['name'] ~= ARGV[3] then
+    redis.call('XGROUP', 'DELCONSUMER', KEYS[1], ARGV[1], info['name'])
+    removed = removed + 1
+  end
+end
+return removed
+"""
+
+
+def _size(f: dict[bytes, bytes] | None) -> int:
+    return len(f.get(b"b", b"")) if f else 0
 
 
 def _entry(row: tuple[bytes, dict[bytes, bytes]]) -> Entry:

@@ -27,13 +27,17 @@ class Pump:
     entries idle longer than `claim_idle_seconds` (their worker died) are claimed and re-sent.
     """
 
-    def __init__(self, app: Celery, settings: Settings, consumer: str | None = None):
+    def __init__(self, app: Celery, settings: Settings, consumer: str | None = None,
+                 socket_timeout: float = 10.0):
         assert settings.redis_url
         self.app = app
         self.settings = settings
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
-        self.stream = IngestStream(make_redis(settings.redis_url, timeout=10),
+        self.stream = IngestStream(make_redis(settings.redis_url, timeout=socket_timeout),
                                    settings.stream_key)
+        # one blocking read waits at most this long, well within the socket's timeout: a
+        # batch window may be longer, and is then waited out in several reads
+        self.longest_block_ms = max(1, int(socket_timeout * 500))
         self.runtime = Runtime(settings, app)
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -51,6 +55,20 @@ class Pump:
         self._stop.set()
         if self._thread:
             self._thread.join(timeout=5)
+
+    def batches(self, entries: list[tuple[str, int]]) -> list[list[str]]:
+        """Entries (id, body size) as batches of at most batch_max_bytes of bodies each (an
+        entry larger than that alone), in their order."""
+        limit = self.settings.batch_max_bytes
+        out: list[list[str]] = []
+        size = 0
+        for entry_id, length in entries:
+            if not out or size + length > limit:
+                out.append([])
+                size = 0
+            out[-1].append(entry_id)
+            size += length
+        return out
 
     def dispatch(self, entry_ids: list[str]) -> None:
         self.app.send_task("leadpipe.process_batch", args=[entry_ids, self.consumer],
@@ -70,6 +88,7 @@ class Pump:
         failures = 0
         next_claim = 0.0
         next_relay = time.monotonic() + 5
+        next_forget = time.monotonic() + 60
         while not self._stop.is_set():
             try:
                 if failures:
@@ -87,14 +106,17 @@ class Pump:
                     if stale:
                         log.warning("re-dispatching %d entries left by a stopped worker",
                                     len(stale))
-                        self.dispatch(stale)
+                        for batch in self.batches(stale):
+                            self.dispatch(batch)
                         continue
                     next_claim = now + max(1.0, s.claim_idle_seconds / 4)
+                if now >= next_forget:
+                    next_forget = now + 60
+                    self.forget_gone_consumers()
                 if self.saturated():
                     self._stop.wait(0.02)
                     continue
-                batch = self.collect()
-                if batch:
+                for batch in self.batches(self.collect()):
                     self.dispatch(batch)
                 failures = 0
             except Exception as exc:  # the pump must outlive any one failure
@@ -108,20 +130,33 @@ class Pump:
                     log.exception("pump failed; retrying in %.1fs", delay)
                 self._stop.wait(delay)
 
-    def collect(self) -> list[str]:
-        """Up to batch_size entries, waiting at most batch_window_ms after the first one."""
+    def collect(self) -> list[tuple[str, int]]:
+        """Up to batch_size entries (id, body size), waiting at most batch_window_ms after
+        the first one."""
         s = self.settings
-        ids = self.stream.read_new(self.consumer, s.batch_size, block_ms=500)
-        if not ids:
-            return ids
+        found = self.stream.read_new(self.consumer, s.batch_size, block_ms=500)
+        if not found:
+            return found
         deadline = time.monotonic() + s.batch_window_ms / 1000
-        while len(ids) < s.batch_size:
+        while len(found) < s.batch_size:
             remaining = int((deadline - time.monotonic()) * 1000)
             if remaining <= 0 or self._stop.is_set():
                 break
-            ids += self.stream.read_new(self.consumer, s.batch_size - len(ids),
-                                        block_ms=remaining)
-        return ids
+            try:
+                found += self.stream.read_new(self.consumer, s.batch_size - len(found),
+                                              block_ms=min(remaining, self.longest_block_ms))
+            except redis.RedisError:  # the entries read so far are ours: dispatch them now
+                log.warning("pump stopped collecting a batch early: Redis did not answer")
+                break
+        return found
+
+    def forget_gone_consumers(self) -> None:
+        """Remove consumers of workers gone for good (no entry held, no read for an hour, or
+        ten claim periods if longer) from the group."""
+        idle = max(3600, 10 * self.settings.claim_idle_seconds) * 1000
+        removed = self.stream.forget_idle_consumers(idle, keep=self.consumer)
+        if removed:
+            log.info("removed %d consumers of stopped workers from the stream's group", removed)
 
 
 class PumpStep(bootsteps.StartStopStep):

@@ -47,3 +47,87 @@ def test_pump_holds_at_the_limit_and_resumes_as_batches_are_acknowledged(setting
         assert stream.depth() == 100 - 30
     finally:
         pump.stop()
+
+
+class RecordingPump(Pump):
+    """A pump whose batches are recorded instead of sent as tasks."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.sent: list[list[str]] = []
+
+    def dispatch(self, entry_ids: list[str]) -> None:
+        self.sent.append(entry_ids)
+
+
+def _sizes(client: redis.Redis, key: str, batch: list[str]) -> int:
+    return sum(len(client.xrange(key, i, i)[0][1][b"b"]) for i in batch)
+
+
+def test_batches_are_cut_at_batch_max_bytes_whether_read_or_claimed(settings, redis_client):
+    # a body up to LEADPIPE_MAX_BODY_BYTES parses to some 25 times its size: 500 of them in
+    # one task would take gigabytes of a worker's memory
+    custom = settings.with_(batch_size=50, batch_window_ms=300, batch_max_bytes=1_000_000,
+                            claim_idle_seconds=1)
+    stream = IngestStream(redis_client, custom.stream_key)
+    stream.ensure_group()
+    bodies = [b'{"n":"%s"}' % (b"x" * (300_000 if n % 3 else 10)) for n in range(12)]
+    for n, body in enumerate(bodies):
+        stream.append(f"ev-{n}", body)
+    # a worker that read half of them and died: the pump claims those after a second
+    redis_client.xreadgroup(GROUP, "gone", {custom.stream_key: ">"}, count=6)
+    for n, body in enumerate(bodies):
+        stream.append(f"ev-{n + 12}", body)
+    pump = RecordingPump(make_celery(custom), custom, consumer="pump-a")
+    pump.start()
+    try:  # (nothing acknowledges them: the pump claims its own again each second too)
+        wait_for(lambda: len({i for b in pump.sent for i in b}) == 24,
+                 what="every entry dispatched")
+    finally:
+        pump.stop()
+    assert {i for b in pump.sent for i in b} == {e.entry_id for e in stream.entries()}
+    claimed = set(held(redis_client, custom.stream_key, "pump-a"))
+    assert len(claimed) == 24  # the dead worker's six are the pump's now
+    assert len(pump.sent) >= 8  # 24 entries of which 16 of 300 kB: at most 3 big per batch
+    for batch in pump.sent:
+        assert _sizes(redis_client, custom.stream_key, batch) <= 1_000_000
+        assert batch == sorted(batch, key=lambda i: tuple(map(int, i.split("-"))))
+
+
+def test_a_batch_window_longer_than_the_socket_timeout_is_waited_out_in_several_reads(
+        settings, redis_client, caplog):
+    # each read blocks within the socket's timeout: a long window used to end in a timeout
+    # taken for Redis down, its entries held until another worker claimed them
+    custom = settings.with_(batch_size=50, batch_window_ms=2500, claim_idle_seconds=600)
+    stream = IngestStream(redis_client, custom.stream_key)
+    stream.ensure_group()
+    pump = RecordingPump(make_celery(custom), custom, consumer="pump-a", socket_timeout=1.0)
+    pump.start()
+    try:
+        time.sleep(0.3)
+        started = time.monotonic()
+        stream.append("ev-1", b"{}")
+        wait_for(lambda: pump.sent, timeout=10, what="the batch")
+        waited = time.monotonic() - started
+    finally:
+        pump.stop()
+    assert 2.0 < waited < 3.5  # the window: not a claim 600 s later, nor timeouts retried
+    assert [len(b) for b in pump.sent] == [1]
+    assert not [r for r in caplog.records if "Redis" in r.getMessage()]
+
+
+def test_consumers_of_workers_gone_for_good_are_removed_but_never_one_holding_entries(
+        settings, redis_client):
+    stream = IngestStream(redis_client, settings.stream_key)
+    stream.ensure_group()
+    stream.append("ev-1", b"{}")
+    for name in ("gone-empty", "gone-holding", "me"):
+        stream.register(name)
+    redis_client.xreadgroup(GROUP, "gone-holding", {settings.stream_key: ">"}, count=1)
+    time.sleep(0.2)
+    assert stream.forget_idle_consumers(idle_ms=100, keep="me") == 1
+    names = {c["name"].decode() for c in
+             redis_client.xinfo_consumers(settings.stream_key, GROUP)}
+    assert names == {"gone-holding", "me"}
+    redis_client.xreadgroup(GROUP, "fresh", {settings.stream_key: ">"}, count=1)
+    assert stream.forget_idle_consumers(idle_ms=60_000, keep="me") == 0  # none idle long
