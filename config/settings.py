@@ -349,8 +349,10 @@ class Settings:
     )
     ops_session_key: str | None = setting(
         "OPS_SESSION_KEY", as_optional_str, None,
-        "Key that signs the /ops session cookie. Unset: derived from LEADPIPE_ADMIN_TOKENS, so "
-        "changing those signs every operator out.",
+        "Key that signs the /ops session cookie and keys the operator names audit lines "
+        "carry (token:<12 hex digits>). Unset: derived from LEADPIPE_ADMIN_TOKENS, so "
+        "changing those signs every operator out, and a log line can be checked against a "
+        "guess of every admin token at once: set a long random key.",
     )
     ops_session_hours: int = setting(
         "OPS_SESSION_HOURS", as_hours, 12,

@@ -68,13 +68,15 @@ def create_app(settings: Settings | None = None) -> Flask:
         """The process is up (for liveness probes); touches nothing."""
         return Response(b'{"status":"ok"}', mimetype="application/json")
 
+    from ingest.health import Readiness, verdict
+
+    readiness = Readiness(settings, client)
+
     @app.get("/readyz")
     def readyz() -> Response:
         """Can this node take webhooks now (for load balancers)? `?full=1`: and is everything
         else up too (Postgres, migrations current), for deploy scripts."""
-        from ingest.health import readiness, verdict
-
-        checks = readiness(settings, client)
+        checks = readiness.checks()
         status, ready = verdict(checks, spool is not None, full=request.args.get("full") == "1")
         body = orjson.dumps({"status": status,
                              "checks": {k: "ok" if v else "failing" for k, v in checks.items()}})

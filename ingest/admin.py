@@ -131,12 +131,22 @@ def replay_one(letter_id: str) -> Response:
     return _json({"replayed": replayed})
 
 
+def json_object() -> dict[str, Any] | None:
+    """The request's JSON object; None for anything else: no JSON, JSON that is no object, or
+    nesting too deep to parse (a RecursionError, which get_json(silent=True) lets through)."""
+    try:
+        body = request.get_json(silent=True)
+    except RecursionError:
+        return None
+    return body if isinstance(body, dict) else None
+
+
 @bp.post("/dead-letters/replay")
 def replay_many() -> Response:
     from workers import operations
 
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("sink"), str):
+    body = json_object()
+    if body is None or not isinstance(body.get("sink"), str):
         return error(400, "INVALID", 'Send {"sink": NAME} and optionally "since" (ISO-8601).')
     sink = text(body["sink"], "sink")
     since = None if body.get("since") is None else instant(body["since"], "since")
@@ -153,8 +163,8 @@ def erase() -> Response:
     """Remove one person everywhere: {"email": ...} -> {"erased": {store: rows touched}}."""
     from workers import retention
 
-    body = request.get_json(silent=True)
-    if not isinstance(body, dict) or not isinstance(body.get("email"), str):
+    body = json_object()
+    if body is None or not isinstance(body.get("email"), str):
         return error(400, "INVALID", 'Send {"email": ADDRESS}.')
     email = text(body["email"], "email")
     runtime = _runtime()

@@ -7,7 +7,7 @@ import logging
 from flask import Blueprint, Response, request
 
 from config.inputs import finite_number, whole_number
-from ingest.admin import _json, _runtime, operator_errors, text
+from ingest.admin import _json, _runtime, json_object, operator_errors, text
 from ingest.errors import error
 from ingest.session import current_operator, require_operator
 
@@ -52,8 +52,8 @@ def reveal() -> Response:
     """{"kind": "dead_letter" | "quarantine", "id": ...} -> the person unmasked; audited."""
     from workers import dashboard
 
-    body = request.get_json(silent=True)
-    if (not isinstance(body, dict) or not isinstance(body.get("kind"), str)
+    body = json_object()
+    if (body is None or not isinstance(body.get("kind"), str)
             or body["kind"] not in dashboard.REVEALABLE
             or not isinstance(body.get("id"), str | int) or isinstance(body["id"], bool)):
         return error(400, "INVALID", 'Send {"kind": "dead_letter" or "quarantine", "id": ID}.')

@@ -11,7 +11,7 @@ import redis
 from flask import Blueprint, Response, redirect, render_template, request, send_from_directory
 
 from ingest.errors import error
-from ingest.session import current_operator, fingerprint, sessions
+from ingest.session import current_operator, sessions
 
 log = logging.getLogger("leadpipe.ops")
 ASSETS = Path(__file__).parent / "assets"
@@ -94,7 +94,8 @@ def login() -> Response:
     cookie, _ = signed
     response = _secure(redirect("/ops", code=303))
     sessions().set_cookie(response, cookie, secure=request.is_secure)
-    log.info("ops sign-in", extra={"operator": f"token:{fingerprint(request.form['token'])}"})
+    who = sessions().fingerprint(request.form["token"])
+    log.info("ops sign-in", extra={"operator": f"token:{who}"})
     return response
 
 

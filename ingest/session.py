@@ -34,9 +34,11 @@ CSRF_HEADER = "X-CSRF-Token"
 SAFE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 
 
-def fingerprint(token: str) -> str:
-    """Names an operator in logs and sessions without the token: a short hash of it."""
-    return hashlib.sha256(token.encode()).hexdigest()[:12]
+def fingerprint(key: bytes, token: str) -> str:
+    """Names an operator in logs and sessions without the token: 12 hex digits of an HMAC of
+    it under the session key, so a guess at the token cannot be checked against a log line
+    (or a cookie) by whoever does not hold the key."""
+    return hmac.new(key, b"operator\n" + token.encode(), hashlib.sha256).hexdigest()[:12]
 
 
 @dataclass(frozen=True)
@@ -51,15 +53,20 @@ class Sessions:
 
     def __init__(self, settings: Settings, client: redis.Redis):
         self.tokens = TokenSet(settings.admin_tokens)
-        self.fingerprints = [fingerprint(t) for t in settings.admin_tokens if t]
         key = settings.ops_session_key or hmac.new(
             b"leadpipe-ops-session", "\n".join(sorted(settings.admin_tokens)).encode(),
             hashlib.sha256).hexdigest()
+        self._key = key.encode()
+        self.fingerprints = [self.fingerprint(t) for t in settings.admin_tokens if t]
         self.signer = URLSafeTimedSerializer(key, salt="leadpipe-ops-session")
         self.max_age = settings.ops_session_hours * 3600
         self.always_secure = settings.ops_secure_cookie
         self._ended_prefix = f"{settings.namespace}:ops:signed-out:"
         self._redis = client  # the app's own (no retries: an outage answers at once)
+
+    def fingerprint(self, token: str) -> str:
+        """The name logs and sessions give the operator holding `token`."""
+        return fingerprint(self._key, token)
 
     def sign_in(self, token: str | None) -> tuple[str, str] | None:
         """(cookie value, CSRF token) for a valid admin token, else None."""
@@ -67,7 +74,7 @@ class Sessions:
             return None
         assert token
         csrf = secrets.token_urlsafe(24)
-        return self.signer.dumps({"t": fingerprint(token), "c": csrf}), csrf
+        return self.signer.dumps({"t": self.fingerprint(token), "c": csrf}), csrf
 
     def _session(self, cookie: str | None) -> dict[str, str] | None:
         if not cookie:
@@ -114,7 +121,7 @@ class Sessions:
         header = req.headers.get("Authorization", "")
         token = header[7:] if header.lower().startswith("bearer ") else None
         if token is not None:
-            return Operator(f"token:{fingerprint(token)}", "bearer") \
+            return Operator(f"token:{self.fingerprint(token)}", "bearer") \
                 if self.tokens.accepts(token) else None
         data = self._session(req.cookies.get(COOKIE))
         if data is None:

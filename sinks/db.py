@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 from pathlib import Path
 
@@ -88,11 +89,17 @@ def migrate(dsn: str, revision: str = "head") -> None:
     engine.dispose()
 
 
-def current_revision(dsn: str) -> tuple[str | None, str]:
-    """(revision the database is at, newest revision the code knows)."""
+@functools.cache
+def code_head() -> str:
+    """The newest migration this code knows (read from its scripts once per process)."""
     from alembic.script import ScriptDirectory
 
-    head = ScriptDirectory.from_config(_alembic_config()).get_current_head() or ""
+    return ScriptDirectory.from_config(_alembic_config()).get_current_head() or ""
+
+
+def current_revision(dsn: str) -> tuple[str | None, str]:
+    """(revision the database is at, newest revision the code knows)."""
+    head = code_head()
     with psycopg.connect(dsn, connect_timeout=3) as conn:
         try:
             row = conn.execute("SELECT version_num FROM alembic_version").fetchone()

@@ -95,3 +95,42 @@ def test_readyz_with_a_spool_stays_ready_while_redis_is_away(settings, tmp_path)
     assert response.get_json()["checks"]["redis"] == "failing"
     assert with_spool.get("/readyz?full=1").status_code == 503
     assert create_app(dead).test_client().get("/readyz").status_code == 503
+
+
+def test_readyz_asks_postgres_at_most_every_two_seconds_however_many_probes_come(
+        settings, monkeypatch):
+    # /readyz needs no token: each call used to open a Postgres connection of its own
+    import threading
+    import time
+
+    from sinks import db
+
+    opened = []
+    real_connect = db.psycopg.connect
+
+    def counting(*args, **kwargs):  # the real connection, counted
+        opened.append(time.monotonic())
+        return real_connect(*args, **kwargs)
+
+    monkeypatch.setattr(db.psycopg, "connect", counting)
+    app = create_app(settings)
+    answers = []
+
+    def probe() -> None:
+        client = app.test_client()
+        for _ in range(25):
+            answers.append(client.get("/readyz?full=1").status_code)
+
+    threads = [threading.Thread(target=probe) for _ in range(8)]
+    started = time.monotonic()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    took = time.monotonic() - started
+    assert answers == [200] * 200
+    assert 1 <= len(opened) <= 1 + int(took / 2)
+    before = len(opened)
+    time.sleep(2.1)  # and it is asked again once its answer is two seconds old
+    assert app.test_client().get("/readyz?full=1").status_code == 200
+    assert len(opened) == before + 1

@@ -71,3 +71,13 @@ def test_input_a_store_cannot_take_is_a_400(operator, method, path, body):
 def test_valid_input_still_goes_through(operator, method, path, body, status):
     answer = call(operator, method, path, body)
     assert answer.status_code == status, answer.data
+
+
+@pytest.mark.parametrize("path", ["/api/dead-letters/replay", "/api/erase", "/api/reveal"])
+def test_json_nested_too_deep_to_parse_is_a_400_and_logs_no_traceback(operator, path, caplog):
+    deep = b"[" * 100_000 + b"]" * 100_000  # the parser's RecursionError, not a ValueError
+    answer = operator.post(path, data=deep, content_type="application/json",
+                           headers={"Authorization": f"Bearer {ADMIN}"})
+    assert answer.status_code == 400, answer.data
+    assert answer.get_json()["errors"]["error_type"] == "INVALID"
+    assert not [r for r in caplog.records if r.exc_info or "unexpected" in r.getMessage()]
