@@ -305,13 +305,21 @@ class Health(Protocol):
 
 
 def run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any, event_ids: list[str],
-        round_: int, health: Health | None = None, dispatch: str | None = None) -> Plan:
-    """One round of deliveries to one sink; tells the task what to schedule next."""
+        round_: int, health: Health | None = None, dispatch: str | None = None,
+        refuses: Callable[[Event], str | None] | None = None) -> Plan:
+    """One round of deliveries to one sink; tells the task what to schedule next.
+    `refuses`: why an event is no longer the target's (None: it is); those go to dead
+    letters with that reason, unsent."""
     events, locked, unreadable = load_events(conn, spec.name, event_ids, dispatch)
     try:
         dead = sum(_dead(conn, event_id, spec.name, None,
                          f"stored event no longer readable by this version: {why}")
                    for event_id, why in unreadable.items())
+        if refuses is not None:
+            refused = {event.id: why for event in events if (why := refuses(event))}
+            dead += sum(_dead(conn, event_id, spec.name, None, why)
+                        for event_id, why in refused.items())
+            events = [event for event in events if event.id not in refused]
         plan = _run(conn, sink, spec, control, events, round_, health, dispatch)
         plan.dead += dead
         return plan

@@ -7,13 +7,23 @@ import operator
 import re
 import tomllib
 from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
 
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
-from sinks.postgres import DEAL_COLUMNS, DEAL_ORDER, LEAD_COLUMNS, LEAD_ORDER
+from ingest.subscription_schemas import EVENT_TYPES as RD_EVENT_TYPES
+from sinks.postgres import (
+    DEAL_COLUMNS,
+    DEAL_ORDER,
+    DEAL_TYPES,
+    LEAD_COLUMNS,
+    LEAD_ORDER,
+    LEAD_TYPES,
+)
 from sinks.registry import SinkConfigError, load_options
 from workers.events import Event
 from workers.view import MISSING, identifier, lookup, view
@@ -35,6 +45,15 @@ FIELDS: dict[str, frozenset[str]] = {
                          "contact_owner_email"}),
     "deal": frozenset({"id", *DEAL_COLUMNS, *DEAL_ORDER}),
 }
+# the names whose values are times (datetimes): a condition on one compares with a time
+TIMES = frozenset({"event.occurred_at", "event.received_at",
+                   *(f"lead.{c}" for c, t in LEAD_TYPES.items() if t == "timestamptz"),
+                   *(f"deal.{c}" for c, t in DEAL_TYPES.items() if t == "timestamptz")})
+# what `when.event_type` may name: RD's events, and the other CRM entities' (kept raw)
+_CRM_ENTITIES = ("campaign", "contact", "deal", "lost_reason", "organization", "product",
+                 "source", "task")
+EVENT_TYPES = frozenset({*RD_EVENT_TYPES, *(f"crm_{entity}_{action}" for entity in _CRM_ENTITIES
+                                           for action in ("created", "updated", "deleted"))})
 _FIELDS_ARE = {"event": "the event's fields", "lead": "the leads columns",
                "funnel": "the funnel's fields", "deal": "the deals columns"}
 _CONDITION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s+(==|!=|>=|<=|>|<|not in|in)\s+(.+?)\s*$")
@@ -72,11 +91,13 @@ class Condition:
         path, op, raw = found.groups()
         _check_path(text, path)
         try:
-            value = yaml.safe_load(raw)
+            value = yaml.load(raw, Loader=_Scalars)  # noqa: S506 (a SafeLoader)
         except yaml.YAMLError:
             raise RoutingError(f"condition {text!r}: cannot read the value {raw!r}") from None
         if op in ("in", "not in") and not isinstance(value, list):
             raise RoutingError(f"condition {text!r}: `{op}` needs a list like [a, b]")
+        if path in TIMES:
+            value = _times(text, path, value)
         return cls(text, path, op, value)
 
     def holds(self, data: dict[str, Any]) -> tuple[bool, str]:
@@ -87,14 +108,76 @@ class Condition:
             return actual is MISSING or actual is None, f"{self.path} is {_show(actual)}"
         if actual is MISSING:
             return False, f"{self.path} is missing"
-        if self.op == "in":
-            return actual in self.value, f"{self.path} is {_show(actual)}"
-        if self.op == "not in":
-            return actual not in self.value, f"{self.path} is {_show(actual)}"
+        if self.op in ("in", "not in"):
+            found = any(operator.eq(*_comparable(actual, item)) for item in self.value)
+            return found is (self.op == "in"), f"{self.path} is {_show(actual)}"
         try:
-            return bool(_COMPARE[self.op](actual, self.value)), f"{self.path} is {_show(actual)}"
+            ok = _COMPARE[self.op](*_comparable(actual, self.value))
         except TypeError:
             return False, f"{self.path} is {_show(actual)}, not comparable with {self.value!r}"
+        return bool(ok), f"{self.path} is {_show(actual)}"
+
+
+class _Scalars(yaml.SafeLoader):
+    """Reads a condition's value with only the plainest scalars typed: true and false, null,
+    and decimal numbers without a leading zero. Anything else is text as written: `ON`,
+    `yes`, `01234` (a postal code), `1:30` and `2026-01-31` are not a flag, octal, sexagesimal
+    or a date, as YAML 1.1 would have them."""
+
+
+_Scalars.yaml_implicit_resolvers = {}
+for _tag, _pattern, _first in (
+        ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
+        ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
+        ("int", r"^[-+]?(?:0|[1-9][0-9]*)$", "-+0123456789"),
+        ("float", r"^[-+]?(?:0|[1-9][0-9]*)(?:\.[0-9]+)?(?:[eE][-+]?[0-9]+)?$", "-+0123456789")):
+    _Scalars.add_implicit_resolver(f"tag:yaml.org,2002:{_tag}", re.compile(_pattern),
+                                   list(_first))
+
+
+def _times(text: str, path: str, value: Any) -> Any:
+    """A condition's value on a time field, as times (null stays null); else RoutingError."""
+    if isinstance(value, list):
+        return [_times(text, path, item) for item in value]
+    if value is None:
+        return None
+    moment = _moment(value) if isinstance(value, str) else None
+    if moment is None:
+        raise RoutingError(f"condition {text!r}: {path} is a time: compare it with an ISO-8601 "
+                           "date or time, such as 2026-01-31 or 2026-01-31T12:00:00-03:00")
+    return moment
+
+
+def _moment(text: str) -> datetime | None:
+    try:
+        moment = datetime.fromisoformat(text.strip())
+    except ValueError:
+        return None
+    return moment if moment.tzinfo else moment.replace(tzinfo=UTC)
+
+
+def _comparable(actual: Any, wanted: Any) -> tuple[Any, Any]:
+    """The two sides of a comparison, RD's text read as the number or flag it stands for when
+    the other side is one: `funnel.fit >= 50` with fit "80", `contact.cf_optin == true` with
+    "true", `deal.rating == "3"` with 3."""
+    if isinstance(wanted, bool):
+        if isinstance(actual, str) and actual.strip().lower() in ("true", "false"):
+            return actual.strip().lower() == "true", wanted
+    elif isinstance(wanted, int | float):
+        if isinstance(actual, str) and (number := _number(actual)) is not None:
+            return number, wanted
+    elif isinstance(wanted, str) and isinstance(actual, int | float | Decimal) \
+            and not isinstance(actual, bool) and (number := _number(wanted)) is not None:
+        return actual, number
+    return actual, wanted
+
+
+def _number(text: str) -> Decimal | None:
+    try:
+        number = Decimal(text.strip())
+    except InvalidOperation:
+        return None
+    return number if number.is_finite() else None
 
 
 def _check_path(text: str, path: str) -> None:
@@ -320,6 +403,7 @@ def parse(data: Any, source: str = "<routing>") -> Routing:
                                    f"defined: {sorted(sinks) or 'none'}")
         when = raw["when"]
         try:
+            _check_event_types(when.get("event_type"))
             conditions = tuple(Condition.parse(text) for text in when.get("match") or [])
         except RoutingError as exc:
             raise RoutingError(f"{source}: route {name!r}: {exc}") from None
@@ -329,6 +413,24 @@ def parse(data: Any, source: str = "<routing>") -> Routing:
             frozenset(when["event_identifiers"]) if when.get("event_identifiers") else None,
             conditions))
     return Routing(sinks, tuple(routes), source)
+
+
+def _check_event_types(names: list[str] | None) -> None:
+    """`when.event_type` names events there are (else the route would never match), at least
+    one (an empty list would match none: leave the key out for every type)."""
+    if names is None:
+        return
+    if not names:
+        raise RoutingError("event_type: an empty list matches no event; leave event_type out "
+                           "to match every type")
+    for name in names:
+        if name in EVENT_TYPES:
+            continue
+        close = difflib.get_close_matches(name, EVENT_TYPES, n=1)
+        hint = (f"did you mean {close[0]!r}?" if close else
+                "RD sends WEBHOOK.CONVERTED, WEBHOOK.MARKED_OPPORTUNITY and crm_<entity>_"
+                "<created|updated|deleted> for the entities " + ", ".join(_CRM_ENTITIES))
+        raise RoutingError(f"event_type: unknown event type {name!r}; {hint}")
 
 
 def _one_line(exc: Exception) -> str:

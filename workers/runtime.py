@@ -42,6 +42,8 @@ class Target:
     spec: SinkSpec
     health: subscribers.Health | None = None
     gone: str = ""  # why the target cannot receive now (its deliveries go to dead letters)
+    # why one pending event is no longer the target's (a subscription changed since), or None
+    refuses: Callable[[Event], str | None] | None = None
 
 
 class Runtime:
@@ -136,7 +138,8 @@ class Runtime:
                                 self.metrics)
             cached = self._subscriptions[name] = (sub, sink)
         return Target(cached[1], spec,
-                      subscribers.Health(sub, self.settings.subscription_suspend_after))
+                      subscribers.Health(sub, self.settings.subscription_suspend_after),
+                      refuses=sub.refuses)
 
     def _drop_subscription(self, name: str) -> None:
         old = self._subscriptions.pop(name, None)

@@ -48,14 +48,17 @@ def matcher(conn: psycopg.Connection) -> Matcher:
         return lambda event: []
 
     def match(event: Event) -> list[str]:
-        found = by_type.get(event.event_type)
-        if not found:
-            return []
-        ident = identifier(event) if event.event_type == CONVERTED else None
-        return [name for name, wanted in found
-                if not wanted or event.event_type != CONVERTED or ident in wanted]
+        return [name for name, wanted in by_type.get(event.event_type, ())
+                if takes(event.event_type, wanted, event)]
 
     return match
+
+
+def takes(event_type: str, identifiers: frozenset[str], event: Event) -> bool:
+    """Whether a subscription to `event_type` with these `event_identifiers` gets `event`."""
+    if event.event_type != event_type:
+        return False
+    return not identifiers or event_type != CONVERTED or identifier(event) in identifiers
 
 
 @dataclass(frozen=True)
@@ -71,10 +74,21 @@ class Subscription:
     previous_secret: str | None
     previous_secret_expires_at: Any
     older_secrets: tuple[dict[str, Any], ...] = ()  # {"secret", "expires_at"}, still in grace
+    event_identifiers: frozenset[str] = frozenset()
 
     @property
     def target(self) -> str:
         return target(self.uuid)
+
+    def refuses(self, event: Event) -> str | None:
+        """Why a pending delivery is no longer this subscription's (a PUT changed its event
+        type or identifiers after the event was routed to it), or None."""
+        if takes(self.event_type, self.event_identifiers, event):
+            return None
+        wants = self.event_type + (f" with event_identifiers {sorted(self.event_identifiers)}"
+                                   if self.event_identifiers and self.event_type == CONVERTED
+                                   else "")
+        return f"no longer subscribed: the subscription takes {wants} since it was changed"
 
     def options(self, settings: Settings) -> dict[str, Any]:
         """Options of the webhook sink that delivers to this subscription."""
@@ -92,11 +106,12 @@ def load(conn: psycopg.Connection, name: str) -> Subscription | None:
     """The subscription behind a target name, or None when it was deleted."""
     row = conn.execute(
         "SELECT uuid::text, event_type, url, include_relations, status, secret, "
-        "previous_secret, previous_secret_expires_at, older_secrets FROM subscriptions "
-        "WHERE uuid::text = %s", (name[len(PREFIX):],)).fetchone()
+        "previous_secret, previous_secret_expires_at, older_secrets, event_identifiers "
+        "FROM subscriptions WHERE uuid::text = %s", (name[len(PREFIX):],)).fetchone()
     if row is None:
         return None
-    return Subscription(row[0], row[1], row[2], tuple(row[3]), *row[4:8], tuple(row[8]))
+    return Subscription(row[0], row[1], row[2], tuple(row[3]), *row[4:8], tuple(row[8]),
+                        frozenset(row[9]))
 
 
 def spec(name: str) -> SinkSpec:

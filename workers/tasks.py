@@ -83,7 +83,7 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0,
                 dead = delivery.bury(conn, sink, event_ids, target.gone)
                 return {"sink": sink, "dead": dead, "why": target.gone}
             plan = delivery.run(conn, target.sink, target.spec, runtime.control, event_ids,
-                                round_, target.health, dispatch)
+                                round_, target.health, dispatch, target.refuses)
     except TRANSIENT as exc:  # our own Postgres or Redis: try the same round again soon
         raise self.retry(exc=exc, countdown=backoff(self.request.retries, cap=_cap(runtime))
                          ) from exc

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -42,6 +43,15 @@ def test_example_file_is_valid():
     assert r.sinks["crm"].rate == (10, 1.0)
 
 
+def test_the_example_mails_sales_once_per_new_opportunity_not_per_conversion():
+    r = load(EXAMPLE)
+    assert r.sinks_for(event("mkt-v2-marked-opportunity.json")) == ["crm", "sales-email"]
+    converted = orjson.loads(fixture_bytes("mkt-v2-converted.json"))
+    converted["contact"]["funnel"]["opportunity"] = True  # a lead that already is one
+    assert r.sinks_for(event_of(converted)) == ["crm"]
+    assert r.sinks_for(event("crm-deal-updated-won.json")) == ["crm", "sales-email"]
+
+
 def test_by_event_type_identifier_and_condition(tmp_path):
     r = routing(tmp_path, [
         {"to": ["a"], "when": {"event_type": ["WEBHOOK.CONVERTED"],
@@ -78,6 +88,64 @@ def test_identifiers_only_filter_conversions_like_rd(tmp_path):
 def test_conditions(tmp_path, condition, expected):
     r = routing(tmp_path, [{"to": ["a"], "when": {"match": [condition]}}])
     assert bool(r.sinks_for(event("mkt-v2-marked-opportunity.json"))) is expected
+
+
+def marked_with(**contact: object) -> Event:
+    body = orjson.loads(fixture_bytes("mkt-v2-marked-opportunity.json"))
+    body["contact"].update(contact)
+    return event_of(body)
+
+
+def event_of(body: dict) -> Event:
+    item = normalize(Entry("1-0", "ev", 0, orjson.dumps(body), None))[0]
+    assert isinstance(item, Event)
+    return item
+
+
+@pytest.mark.parametrize("condition, expected", [
+    # a value is typed only when plainly a flag, null or a decimal number: these are the
+    # text as written (YAML 1.1 made them True, True, octal 668, 90 and a date, so none
+    # ever matched what RD sent)
+    ("contact.state == ON", True), ("contact.cf_newsletter == yes", True),
+    ("contact.cf_zip == 01234", True), ("contact.cf_slot == 1:30", True),
+    ("contact.cf_zip in [01234, 01235]", True), ("contact.cf_newsletter != no", True),
+    # RD's text beside a number or a flag is read as one: fit is kept as text (legacy's
+    # letters), a cf_ flag often comes as "true"
+    ("funnel.fit >= 50", True), ("funnel.fit == 60", True), ("funnel.fit < 50", False),
+    ("funnel.fit in [60, 70]", True), ("contact.cf_optin == true", True),
+    ("contact.cf_optin == false", False), ("contact.cf_score > 2.5", True),
+    # a time field is compared with an ISO-8601 date or time
+    ("event.occurred_at >= 2025-03-10", True), ("event.occurred_at < 2025-03-10", False),
+    ("event.occurred_at > 2025-03-10T13:14:58Z", True),
+    ("event.occurred_at < 2025-03-10T10:15:00-03:00", True),
+    ("event.occurred_at in [2025-03-10T13:14:58.901Z]", True),
+])
+def test_a_condition_compares_with_what_the_value_was_written_as(tmp_path, condition, expected):
+    r = routing(tmp_path, [{"to": ["a"], "when": {"match": [condition]}}])
+    lead = marked_with(state="ON", cf_newsletter="yes", cf_zip="01234", cf_slot="1:30",
+                       cf_optin="true", cf_score="3")
+    assert bool(r.sinks_for(lead)) is expected, r.explain(lead)
+
+
+@pytest.mark.parametrize("when, message", [
+    ({"match": ["event.occurred_at >= soon"]}, "event.occurred_at is a time"),
+    ({"match": ["deal.closed_at < 31/01/2026"]}, "ISO-8601"),
+    ({"match": ["lead.updated_at in [2026-01-01, yesterday]"]}, "is a time"),
+    ({"event_type": ["WEBHOOK.CONVERTD"]}, "did you mean 'WEBHOOK.CONVERTED'"),
+    ({"event_type": ["crm_deal_creatd"]}, "did you mean 'crm_deal_created'"),
+    ({"event_type": ["order_paid"]}, "crm_<entity>_<created|updated|deleted>"),
+    ({"event_type": []}, "an empty list matches no event"),
+])
+def test_a_route_that_could_never_match_is_refused_at_load(tmp_path, when, message):
+    with pytest.raises(RoutingError, match=re.escape(message)):
+        routing(tmp_path, [{"name": "r", "to": ["a"], "when": when}])
+
+
+def test_every_crm_event_type_rd_sends_may_be_routed(tmp_path):
+    r = routing(tmp_path, [{"to": ["a"], "when": {"event_type": [
+        "crm_organization_updated", "crm_lost_reason_deleted", "crm_task_created"]}}])
+    assert r.sinks_for(event_of({"event_name": "crm_task_created", "document": {"id": "t1"},
+                                 "transaction_uuid": "tx-task"})) == ["a"]
 
 
 @pytest.mark.parametrize("doc, words", [
@@ -255,8 +323,8 @@ def test_routes_explain_says_which_sinks_and_why():
     assert result.returncode == 0, result.stderr
     out = result.stdout
     assert "route 'every lead and deal to the CRM' -> crm: MATCH" in out
-    assert "route 'opportunities and won deals to sales' -> sales-email: no match" in out
-    assert "`funnel.opportunity == true` fails: funnel.opportunity is missing" in out
+    assert "route 'new opportunities to sales' -> sales-email: no match" in out
+    assert ("event type crm_deal_updated is not in ['WEBHOOK.MARKED_OPPORTUNITY']" in out)
     assert "route 'won deals to sales' -> sales-email: MATCH" in out
     assert "`deal.status in [won]` holds: deal.status is 'won'" in out
     assert out.strip().endswith("=> sinks: postgres, crm, sales-email")

@@ -264,6 +264,41 @@ def test_a_deleted_subscription_gets_no_more_events(client, receivers, custom, w
     assert len(a.requests) == 1  # the first round's one try, nothing after the delete
 
 
+def test_a_pending_delivery_a_put_unsubscribed_from_is_not_sent(client, receivers, custom,
+                                                                worker_factory, db):
+    # the subscription took conversions when the event was routed to it; a PUT moved it to
+    # deal events (or other identifiers) while the delivery waited for its next round
+    a, b = receivers
+    moved = client.subscribe(a.url + "/moved", "WEBHOOK.CONVERTED", [IDENTIFIER])
+    narrowed = client.subscribe(b.url + "/narrowed", "WEBHOOK.CONVERTED", [IDENTIFIER])
+    for receiver in (a, b):
+        receiver.clear()
+        receiver.set_default(503)
+    worker_factory(custom)
+    client.post_event(conversion(11))
+    targets = [subscribers.target(sub["uuid"]) for sub in (moved, narrowed)]
+    wait_for(lambda: count(db, "SELECT count(*) FROM deliveries WHERE sink = ANY(%s) "
+                               "AND dispatched_at > created_at", targets) == 2, timeout=30,
+             what="failed first rounds, the next ones scheduled")
+    for sub, changes in ((moved, {"event_type": "crm_deal_created", "url": a.url + "/deals"}),
+                         (narrowed, {"event_identifiers": ["another-form"]})):
+        body = {**client.input(sub["url"], "WEBHOOK.CONVERTED", [IDENTIFIER], None), **changes}
+        (a if sub is moved else b).script(204)  # the PUT's probe of the URL; events still fail
+        answer = client.session.put(f"{client.base}{HOOKS}/{sub['uuid']}", json=body, timeout=10)
+        assert answer.status_code == 200, answer.text
+    for receiver in (a, b):
+        receiver.set_default(204)
+    wait_for(lambda: count(db, "SELECT count(*) FROM dead_letters WHERE sink = ANY(%s) AND "
+                               "error LIKE 'no longer subscribed%%'", targets) == 2,
+             timeout=60, what="both pending deliveries dead-lettered at their next round")
+    reasons = dict(db.execute("SELECT sink, error FROM dead_letters").fetchall())
+    assert "takes crm_deal_created since" in reasons[targets[0]]
+    assert "['another-form']" in reasons[targets[1]]
+    for receiver, path in ((a, "/moved"), (b, "/narrowed")):  # the first round's try only
+        sent = [r for r in receiver.requests if r.body != b"{}"]  # (the rest: PUT's probe)
+        assert [r.path for r in sent] == [path]
+
+
 def test_any_answer_but_a_2xx_is_tried_again_in_the_next_round(client, receivers, custom,
                                                                 worker_factory, db):
     """RD's rule for the URLs it calls: anything but a 2xx is a failure to retry, so a receiver
