@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import random
+import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 import psycopg
@@ -27,6 +30,29 @@ def backoff(retries: int, base: float = 1.0, cap: float = 60.0) -> float:
     return random.uniform(0, min(cap, base * 2**min(retries, 30)))  # (2**1024: no float)
 
 
+@contextlib.contextmanager
+def held(stream: Any, consumer: str, entry_ids: list[str], every: float) -> Iterator[None]:
+    """While the block runs, reset the entries' idle time every `every` seconds: a batch that
+    takes longer than LEADPIPE_CLAIM_IDLE_SECONDS (stored one by one, a slow Postgres) is not
+    taken for a dead worker's and dispatched a second time beside it."""
+    stop = threading.Event()
+
+    def keep() -> None:
+        while not stop.wait(every):
+            try:
+                stream.touch(consumer, entry_ids)
+            except redis.RedisError:  # the claim may happen; storing twice changes nothing
+                pass
+
+    thread = threading.Thread(target=keep, name="leadpipe-batch-hold", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        stop.set()
+        thread.join(timeout=1)  # a touch stuck on Redis ends on its own, touching nothing more
+
+
 def _cap(runtime: Any) -> float:
     """The longest retry countdown: 60 s, within the runtime's longest wait."""
     return min(60.0, runtime.longest_wait)
@@ -43,8 +69,9 @@ def process_batch(self: Task, entry_ids: list[str], consumer: str,
     again, so only LEADPIPE_OVERSIZED_RETRIES such tries in a row quarantine the event."""
     runtime = self.app.leadpipe.runtime()
     try:
-        stored = pipeline.process(runtime, entry_ids, last_try=oversized_tries
-                                  >= runtime.settings.oversized_retries)
+        with held(runtime.stream, consumer, entry_ids, runtime.settings.claim_idle_seconds / 3):
+            stored = pipeline.process(runtime, entry_ids, last_try=oversized_tries
+                                      >= runtime.settings.oversized_retries)
     except TRANSIENT as exc:
         try:  # keep the entries ours while we wait, so no other worker re-dispatches them
             runtime.stream.touch(consumer, entry_ids)

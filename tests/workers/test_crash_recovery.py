@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import time
+
 import orjson
+import psycopg
 import pytest
 
 from ingest.queue import GROUP
@@ -52,3 +55,23 @@ def test_sigkill_mid_batch_then_restart_stores_all_2000_exactly_once(
     assert sorted(r[0] for r in db.execute("SELECT id FROM events")) == sorted(ids)
     assert count(db, "SELECT count(*) FROM leads") == 2000
     assert count(db, "SELECT count(*) FROM quarantine") == 0
+
+
+def test_a_batch_running_longer_than_the_claim_time_is_not_dispatched_twice(
+        client, settings, worker_factory, db, database_url):
+    # storing waits 6 s on the lead's lock (another transaction holds it), three times the
+    # claim time: the task keeps its entries' idle time short, so no pump takes them over
+    custom = settings.with_(claim_idle_seconds=2)
+    worker = worker_factory(custom)
+    with psycopg.connect(database_url) as blocker:
+        blocker.execute("SELECT pg_advisory_xact_lock(hashtextextended(%s, 0))",
+                        ("leadpipe:lead:uuid:lead-00001",))
+        assert post(client, body(1)).status_code == 202
+        wait_for(lambda: "batch received" in worker.log_path.read_text(), what="the batch")
+        time.sleep(6)
+        assert count(db, "SELECT count(*) FROM events") == 0  # still waiting on the lock
+    wait_for(lambda: count(db, "SELECT count(*) FROM events") == 1, what="the event stored")
+    time.sleep(1)
+    log = worker.log_path.read_text()
+    assert "re-dispatching" not in log
+    assert log.count('"batch received"') == 1, log[-3000:]
