@@ -171,11 +171,15 @@ class When(Optional):
                 raise ValidationError("Not a valid ISO-8601 datetime.") from None
             if moment.tzinfo is None:
                 moment = moment.replace(tzinfo=UTC)
-            try:  # stored in UTC and read back as a datetime: it must be a year 1-9999 there
-                moment.astimezone(UTC)
+            # read back as a datetime in the database session's time zone, whatever it is:
+            # a year from 2 to 9998 in UTC is a year from 1 to 9999 in every zone
+            try:
+                year = moment.astimezone(UTC).year
             except OverflowError:
-                raise ValidationError("Datetime out of range: in UTC it falls outside the "
-                                      "years 1 to 9999.") from None
+                year = 0
+            if not 2 <= year <= 9998:
+                raise ValidationError("Datetime out of range: only the years 2 to 9998 are "
+                                      "taken.")
             return moment
         raise ValidationError("Not a valid ISO-8601 datetime.")
 

@@ -138,13 +138,20 @@ class Pump:
         if not found:
             return found
         deadline = time.monotonic() + s.batch_window_ms / 1000
+        touched = time.monotonic()
         while len(found) < s.batch_size:
             remaining = int((deadline - time.monotonic()) * 1000)
             if remaining <= 0 or self._stop.is_set():
                 break
             try:
+                if time.monotonic() - touched > s.claim_idle_seconds / 3:
+                    # a window longer than the claim time: keep what was read from being
+                    # taken for a dead worker's while the rest is waited for
+                    self.stream.touch(self.consumer, [entry_id for entry_id, _ in found])
+                    touched = time.monotonic()
                 found += self.stream.read_new(self.consumer, s.batch_size - len(found),
-                                              block_ms=min(remaining, self.longest_block_ms))
+                                              block_ms=min(remaining, self.longest_block_ms,
+                                                           s.claim_idle_seconds * 333))
             except redis.RedisError:  # the entries read so far are ours: dispatch them now
                 log.warning("pump stopped collecting a batch early: Redis did not answer")
                 break

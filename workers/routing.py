@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import difflib
+import math
 import operator
 import re
 import tomllib
@@ -49,6 +50,8 @@ FIELDS: dict[str, frozenset[str]] = {
 TIMES = frozenset({"event.occurred_at", "event.received_at",
                    *(f"lead.{c}" for c, t in LEAD_TYPES.items() if t == "timestamptz"),
                    *(f"deal.{c}" for c, t in DEAL_TYPES.items() if t == "timestamptz")})
+# the names whose values are true or false
+FLAGS = frozenset({"funnel.opportunity", "lead.opportunity"})
 # what `when.event_type` may name: RD's events, and the other CRM entities' (kept raw)
 _CRM_ENTITIES = ("campaign", "contact", "deal", "lost_reason", "organization", "product",
                  "source", "task")
@@ -98,6 +101,8 @@ class Condition:
             raise RoutingError(f"condition {text!r}: `{op}` needs a list like [a, b]")
         if path in TIMES:
             value = _times(text, path, value)
+        elif path in FLAGS:
+            _flag(text, path, value)
         return cls(text, path, op, value)
 
     def holds(self, data: dict[str, Any]) -> tuple[bool, str]:
@@ -126,6 +131,9 @@ class _Scalars(yaml.SafeLoader):
 
 
 _Scalars.yaml_implicit_resolvers = {}
+# a decimal as written (19.9 is 19.9, as RD's "19.9" and a deal's amount are), not a float
+_Scalars.add_constructor("tag:yaml.org,2002:float",
+                         lambda loader, node: Decimal(loader.construct_scalar(node)))
 for _tag, _pattern, _first in (
         ("bool", r"^(?:true|True|TRUE|false|False|FALSE)$", "tTfF"),
         ("null", r"^(?:~|null|Null|NULL|)$", ["~", "n", "N", ""]),
@@ -148,6 +156,18 @@ def _times(text: str, path: str, value: Any) -> Any:
     return moment
 
 
+def _flag(text: str, path: str, value: Any) -> None:
+    """A condition on a true/false field does not compare it with YAML 1.1's words for them."""
+    for item in value if isinstance(value, list) else [value]:
+        if isinstance(item, str) and item.strip().lower() in _FLAG_WORDS:
+            raise RoutingError(f"condition {text!r}: {path} is true or false: write "
+                               f"{'true' if item.strip().lower() in _TRUE_WORDS else 'false'}")
+
+
+_TRUE_WORDS = frozenset({"yes", "y", "on"})
+_FLAG_WORDS = _TRUE_WORDS | {"no", "n", "off"}
+
+
 def _moment(text: str) -> datetime | None:
     try:
         moment = datetime.fromisoformat(text.strip())
@@ -160,13 +180,15 @@ def _comparable(actual: Any, wanted: Any) -> tuple[Any, Any]:
     """The two sides of a comparison, RD's text read as the number or flag it stands for when
     the other side is one: `funnel.fit >= 50` with fit "80", `contact.cf_optin == true` with
     "true", `deal.rating == "3"` with 3."""
+    if isinstance(actual, float):  # a JSON number: compared as the decimal it was written as
+        actual = Decimal(repr(actual)) if math.isfinite(actual) else actual
     if isinstance(wanted, bool):
         if isinstance(actual, str) and actual.strip().lower() in ("true", "false"):
             return actual.strip().lower() == "true", wanted
-    elif isinstance(wanted, int | float):
+    elif isinstance(wanted, int | Decimal):
         if isinstance(actual, str) and (number := _number(actual)) is not None:
             return number, wanted
-    elif isinstance(wanted, str) and isinstance(actual, int | float | Decimal) \
+    elif isinstance(wanted, str) and isinstance(actual, int | Decimal) \
             and not isinstance(actual, bool) and (number := _number(wanted)) is not None:
         return actual, number
     return actual, wanted

@@ -230,6 +230,12 @@ def test_nul_characters_are_removed_not_fatal():
      "created_at"),
     ({"event_name": "crm_deal_updated", "event_timestamp": "9999-12-31T22:00:00-05:00",
       "document": {"id": "d"}}, "event_timestamp"),
+    # year 1 in UTC is year 1 BC read back in a session zone west of UTC (São Paulo's)
+    ({"event_type": "WEBHOOK.CONVERTED", "event_timestamp": "0001-01-01T01:00:00Z",
+      "contact": {"uuid": "u"}}, "event_timestamp"),
+    ({"event_name": "crm_deal_updated", "document": {"id": "d",
+                                                     "closed_at": "9999-06-01T00:00:00Z"}},
+     "closed_at"),
 ])
 def test_what_cannot_be_understood_is_quarantined_with_a_reason(body, word):
     item = rejected(body)

@@ -131,3 +131,33 @@ def test_consumers_of_workers_gone_for_good_are_removed_but_never_one_holding_en
     assert names == {"gone-holding", "me"}
     redis_client.xreadgroup(GROUP, "fresh", {settings.stream_key: ">"}, count=1)
     assert stream.forget_idle_consumers(idle_ms=60_000, keep="me") == 0  # none idle long
+
+
+class StoringPump(RecordingPump):
+    """A recording pump whose batches are stored at once (acknowledged as a task would)."""
+
+    def dispatch(self, entry_ids: list[str]) -> None:
+        super().dispatch(entry_ids)
+        self.stream.done(entry_ids)
+
+
+def test_entries_held_through_a_window_longer_than_the_claim_time_are_not_claimed(
+        settings, redis_client):
+    # the window (4 s) outlasts the claim time (1 s): without the collecting pump keeping its
+    # entries fresh, the other node's pump took them over and both dispatched them
+    custom = settings.with_(batch_size=50, batch_window_ms=4000, claim_idle_seconds=1)
+    stream = IngestStream(redis_client, custom.stream_key)
+    stream.ensure_group()
+    pumps = [StoringPump(make_celery(custom), custom, consumer=name)
+             for name in ("node-a", "node-b")]
+    for pump in pumps:
+        pump.start()
+    try:
+        time.sleep(0.3)
+        stream.append("ev-1", b"{}")
+        wait_for(lambda: any(p.sent for p in pumps), timeout=10, what="the batch")
+        time.sleep(2.5)  # a claim by the other node would have come by now
+    finally:
+        for pump in pumps:
+            pump.stop()
+    assert sorted(len(b) for p in pumps for b in p.sent) == [1]

@@ -119,12 +119,32 @@ def event_of(body: dict) -> Event:
     ("event.occurred_at > 2025-03-10T13:14:58Z", True),
     ("event.occurred_at < 2025-03-10T10:15:00-03:00", True),
     ("event.occurred_at in [2025-03-10T13:14:58.901Z]", True),
+    # decimals as written, whether RD sent text or a number
+    ("contact.cf_price == 19.9", True), ("contact.cf_price <= 19.9", True),
+    ("contact.cf_price in [19.9, 29.9]", True), ("contact.cf_ratio >= 0.1", True),
+    ("contact.cf_weight == 0.3", True), ("contact.cf_weight > 0.3", False),
 ])
 def test_a_condition_compares_with_what_the_value_was_written_as(tmp_path, condition, expected):
     r = routing(tmp_path, [{"to": ["a"], "when": {"match": [condition]}}])
     lead = marked_with(state="ON", cf_newsletter="yes", cf_zip="01234", cf_slot="1:30",
-                       cf_optin="true", cf_score="3")
+                       cf_optin="true", cf_score="3", cf_price="19.9", cf_ratio="0.1",
+                       cf_weight=0.3)
     assert bool(r.sinks_for(lead)) is expected, r.explain(lead)
+
+
+@pytest.mark.parametrize("condition, expected", [
+    ("deal.amount_total == 7500", True), ("deal.amount_total == 7500.0", True),
+    ("deal.amount_monthly >= 499.9", True), ("deal.amount_unique < 1500.01", True),
+    ("deal.amount_unique in [1500.0, 2000]", True), ("deal.amount_total > 7500.5", False),
+    ("deal.amount_monthly == 1999.9", True), ("deal.amount_monthly in [1999.9]", True),
+])
+def test_a_deals_exact_amounts_compare_with_decimals(tmp_path, condition, expected):
+    r = routing(tmp_path, [{"to": ["a"], "when": {"match": [condition]}}])
+    body = orjson.loads(fixture_bytes("crm-deal-updated-won.json"))
+    if "1999.9" in condition:  # no float holds it exactly: the amount is an exact Decimal
+        body["document"]["amount_monthly"] = 1999.9
+    deal = event_of(body)
+    assert bool(r.sinks_for(deal)) is expected, r.explain(deal)
 
 
 @pytest.mark.parametrize("when, message", [
@@ -135,6 +155,8 @@ def test_a_condition_compares_with_what_the_value_was_written_as(tmp_path, condi
     ({"event_type": ["crm_deal_creatd"]}, "did you mean 'crm_deal_created'"),
     ({"event_type": ["order_paid"]}, "crm_<entity>_<created|updated|deleted>"),
     ({"event_type": []}, "an empty list matches no event"),
+    ({"match": ["funnel.opportunity == yes"]}, "is true or false: write true"),
+    ({"match": ["lead.opportunity in [off, true]"]}, "write false"),
 ])
 def test_a_route_that_could_never_match_is_refused_at_load(tmp_path, when, message):
     with pytest.raises(RoutingError, match=re.escape(message)):
