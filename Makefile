@@ -5,17 +5,22 @@ BIN    := $(VENV)/bin
 SUDO   := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 APT    := $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends
 
-.PHONY: help setup system run test bench bench-e2e lint clean
+.PHONY: help setup system system-test run test bench bench-e2e lint clean
 
 help: ## list the targets
-	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-10s %s\n", $$1, $$2}'
+	@grep -E '^[a-z0-9-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-12s %s\n", $$1, $$2}'
 
-system: ## install the Redis and PostgreSQL servers, openssl, wrk and chromium (Debian packages) when missing
+system: ## install what running needs when missing: Redis and PostgreSQL servers, openssl, Python's venv (Debian packages)
 	@need=""; \
 	command -v redis-server >/dev/null 2>&1 || need="$$need redis-server"; \
 	{ command -v postgres >/dev/null 2>&1 || ls /usr/lib/postgresql/*/bin/postgres >/dev/null 2>&1; } || need="$$need postgresql"; \
 	command -v runuser >/dev/null 2>&1 || need="$$need util-linux"; \
 	command -v openssl >/dev/null 2>&1 || need="$$need openssl"; \
+	$(PYTHON) -c 'import ensurepip, venv' >/dev/null 2>&1 || need="$$need python3-venv"; \
+	if [ -n "$$need" ]; then echo "installing:$$need"; $(SUDO) apt-get update -qq && $(APT) $$need; fi
+
+system-test: system ## and what the tests and benchmarks need besides: wrk and chromium
+	@need=""; \
 	command -v wrk >/dev/null 2>&1 || need="$$need wrk"; \
 	command -v chromium >/dev/null 2>&1 || need="$$need chromium"; \
 	if [ -n "$$need" ]; then echo "installing:$$need"; $(SUDO) apt-get update -qq && $(APT) $$need; fi
@@ -36,14 +41,14 @@ run: setup ## set up, then run the whole pipeline (local Redis and Postgres when
 # Tests marked with one xdist_group run in the same process, one after another.
 TEST_PROCESSES ?= 2
 
-test: setup ## set up, then run the test suite against real Redis, Postgres and workers (TEST_PROCESSES=2)
+test: setup system-test ## set up, then run the test suite against real Redis, Postgres and workers (TEST_PROCESSES=2)
 	$(BIN)/pytest -n $(TEST_PROCESSES) --dist loadgroup
 
-bench: setup ## run the benchmarks (ingest vs bare endpoint, drain) and print their numbers
+bench: setup system-test ## run the benchmarks (ingest vs bare endpoint, drain) and print their numbers
 	$(BIN)/python -m bench.ingest
 	$(BIN)/python -m bench.drain
 
-bench-e2e: setup ## the whole pipeline: sustained rates with every sink, a 10-minute soak, scale-out (~35 min)
+bench-e2e: setup system-test ## the whole pipeline: sustained rates with every sink, a 10-minute soak, scale-out (~35 min)
 	$(BIN)/python -m bench.sustained --rates 300,400,500,600 --duration 60
 	$(BIN)/python -m bench.soak
 	$(BIN)/python -m bench.scale

@@ -119,9 +119,14 @@ def api_command(settings: Settings, host: str, port: int, workers: int, server: 
                 "--host", host, "--port", str(port), "--workers", str(workers),
                 "--blocking-threads", str(threads), "--no-ws", "--log-level", "warning",
                 "--log-config", log_config, app_spec]
-    return [sys.executable, "-m", "gunicorn", "-b", f"{host}:{port}", "-w", str(workers),
+    return [sys.executable, "-m", "gunicorn", "-b", host_port(host, port), "-w", str(workers),
             "-k", "gthread", "--threads", str(threads), "--log-level", "warning",
             "--log-config-json", log_config, f"{app_spec}()"]
+
+
+def host_port(host: str, port: int) -> str:
+    """host:port as a URL or a bind address writes it: an IPv6 address in brackets."""
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def server_log_config(settings: Settings) -> Path:

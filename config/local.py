@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import glob
 import hashlib
 import os
@@ -11,10 +12,14 @@ import shutil
 import signal
 import socket
 import subprocess
+import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 from config.settings import ConfigError
+
+PIDFILE = "redis-server.pid"  # in a LocalRedis folder while its server runs
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -47,6 +52,28 @@ def wait_port(port: int, proc: subprocess.Popen, what: str, log: Path | None,
         except OSError:
             time.sleep(0.05)
     raise RuntimeError(f"{what} did not listen on port {port} within {timeout:.0f}s")
+
+
+@contextlib.contextmanager
+def signals_held() -> Iterator[None]:
+    """Hold SIGINT, SIGTERM and SIGHUP back until the block ends (then the first one that
+    came is raised again, for the handler in place): a process started in the block is
+    recorded before a handler can run, so it is never left behind. (Recorded, not blocked:
+    a child inherits a blocked signal mask, and a server started so would ignore SIGTERM.)"""
+    if threading.current_thread() is not threading.main_thread():
+        yield  # handlers belong to the main thread, which alone runs them
+        return
+    came: list[int] = []
+    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+    before = {signum: signal.signal(signum, lambda signum, frame: came.append(signum))
+              for signum in stopping}
+    try:
+        yield
+    finally:
+        for signum, handler in before.items():
+            signal.signal(signum, handler)
+        if came:
+            signal.raise_signal(came[0])
 
 
 def stop_group(proc: subprocess.Popen | None, sig: int = signal.SIGTERM,
@@ -89,11 +116,13 @@ class LocalRedis:
             raise ConfigError("redis-server not found: install it (apt-get install redis-server) "
                               "or set LEADPIPE_REDIS_URL")
         self.dir.mkdir(parents=True, exist_ok=True)
-        with open(self.dir / "redis.log", "ab") as log:  # the server keeps its own copy
+        self._refuse_a_live_one()
+        with open(self.dir / "redis.log", "ab") as log, signals_held():  # the server's copy
             self.proc = subprocess.Popen(
                 [binary, "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.dir),
                  "--appendonly", "yes", "--appendfsync", "always", "--save", "",
-                 "--protected-mode", "yes", "--daemonize", "no"],
+                 "--protected-mode", "yes", "--daemonize", "no",
+                 "--pidfile", str(self.dir / PIDFILE)],
                 stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
             )
         try:
@@ -103,6 +132,19 @@ class LocalRedis:
             self.stop()  # a server that did not come up as ours is not left running
             raise
         return self
+
+    def _refuse_a_live_one(self) -> None:
+        """Two servers appending to one AOF folder would corrupt it: one still running there
+        (left by a run that was killed) must be stopped first."""
+        try:
+            pid = int((self.dir / PIDFILE).read_text().strip())
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                alive = b"redis-server" in cmdline.read()
+        except (OSError, ValueError):
+            return  # no pid file (a clean stop removes it), or no such process now
+        if alive:
+            raise ConfigError(f"a Redis server (pid {pid}) still serves {self.dir}, left by an "
+                              f"earlier run: stop it (kill {pid}) and start again")
 
     def _check_ours(self) -> None:
         """The port answering is not enough (another server may hold it): ask for its folder."""
@@ -244,7 +286,7 @@ class LocalPostgres:
                                check=True, stdout=subprocess.DEVNULL)
             finally:
                 pwfile.unlink()
-        with open(self.dir / "postgres.log", "ab") as log:  # the server keeps its own copy
+        with open(self.dir / "postgres.log", "ab") as log, signals_held():  # its own copy too
             self.proc = subprocess.Popen(
                 self._cmd(_pg_bin("postgres"), "-D", str(data), "-p", str(self.port),
                           "-c", "listen_addresses=127.0.0.1",

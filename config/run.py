@@ -12,18 +12,33 @@ import sys
 import time
 from pathlib import Path
 
-from config.cli import SAMPLE, api_command, check_routing
-from config.local import LocalPostgres, LocalRedis, stop_group, wait_port
+from config.cli import SAMPLE, api_command, check_routing, host_port
+from config.local import LocalPostgres, LocalRedis, signals_held, stop_group, wait_port
 from config.settings import PREFIX, ConfigError, Settings
 
 # a wildcard address listens on the loopback too, where the banner's curl goes
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
 
 
+_STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
+
+
+class Interrupted(Exception):
+    """A signal asked `leadpipe run` to stop while it was still starting."""
+
+
+def _interrupt(signum: int, frame: object) -> None:
+    raise Interrupted(signal.Signals(signum).name)
+
+
 def run(args: argparse.Namespace) -> int:
     """Everything on one machine: local Redis/Postgres when unset, migrations, worker and API."""
     from sinks.db import migrate
 
+    # from the first moment: SIGTERM or SIGHUP (their default kills us on the spot) or Ctrl-C
+    # while servers start must still stop what was started, in the `finally` below
+    for signum in _STOPPING:
+        signal.signal(signum, _interrupt)
     settings = Settings.from_env()
     check_routing(settings)  # before anything starts: nothing to undo
     check_port_free(args.host, args.port)
@@ -34,13 +49,15 @@ def run(args: argparse.Namespace) -> int:
     env = dict(os.environ)
     try:
         if not settings.redis_url:
-            redis_server = LocalRedis(data / "redis").start()
-            started.append(redis_server)
+            redis_server = LocalRedis(data / "redis")
+            started.append(redis_server)  # before it starts: stopped if interrupted meanwhile
+            redis_server.start()
             env["LEADPIPE_REDIS_URL"] = redis_server.url
             print(f"started Redis       {redis_server.url}  (AOF in {data / 'redis'})")
         if not settings.database_url:
-            pg = LocalPostgres(data / "postgres").start()
+            pg = LocalPostgres(data / "postgres")
             started.append(pg)
+            pg.start()
             env["LEADPIPE_DATABASE_URL"] = pg.url
             print(f"started Postgres    {pg.url.replace(pg.password, '***')}  "
                   f"(password in {data / 'postgres' / 'password'})")
@@ -55,14 +72,16 @@ def run(args: argparse.Namespace) -> int:
         me = [sys.executable, "-m", "config.cli"]
         # each in a session of its own: a terminal's Ctrl-C reaches only this process, which
         # then stops each child's whole process group (a server's workers included)
-        children.append(subprocess.Popen([*me, "worker"], env=env, start_new_session=True))
-        children.append(subprocess.Popen(
-            api_command(settings, args.host, args.port, args.workers, args.server,
-                        args.threads), env=env, start_new_session=True))
+        with signals_held():  # a child is in the list the moment it exists
+            children.append(subprocess.Popen([*me, "worker"], env=env,
+                                             start_new_session=True))
+            children.append(subprocess.Popen(
+                api_command(settings, args.host, args.port, args.workers, args.server,
+                            args.threads), env=env, start_new_session=True))
         # the banner's curl must work the moment it is printed
         wait_port(args.port, children[-1], "the API", None, timeout=60,
                   host=_LOOPBACK.get(args.host, args.host))
-        base = f"http://{args.host}:{args.port}"
+        base = f"http://{host_port(args.host, args.port)}"
         admin = ("the token in " + str(data / "admin-token") if not os.environ.get(
             PREFIX + "ADMIN_TOKENS") else "a token of LEADPIPE_ADMIN_TOKENS")
         # the secret is never printed: read from the file made for it (URL-safe), or the first
@@ -83,7 +102,12 @@ Operators: {base}/ops (sign in with {admin})
 Other shells (the `leadpipe` command and these settings): . {data / 'env'}     Stop: Ctrl-C
 """, flush=True)
         return _wait(children)
+    except Interrupted as exc:
+        print(f"stopping ({exc} while starting)...", file=sys.stderr)
+        return 0
     finally:
+        for signum in _STOPPING:  # the cleanup is not cut short by a second Ctrl-C
+            signal.signal(signum, signal.SIG_IGN)
         for child in children:
             stop_group(child, timeout=20)
         for server in reversed(started):

@@ -25,7 +25,7 @@ LEADPIPE_COMMANDS = ("migrate", "api", "worker", "flower")
 SCALED = ("worker",)
 # Read by `docker compose` for interpolation only, never a key of an environment block, so no
 # Leadpipe process ever sees them (secrets keep their setting's name).
-INTERPOLATION_ONLY: set[str] = {"LEADPIPE_API_PORTS"}  # host ports of the api replicas
+INTERPOLATION_ONLY: set[str] = {"LEADPIPE_API_PORTS", "LEADPIPE_FLOWER_BIND"}  # host side only
 INTERPOLATION = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)")
 LEADPIPE_NAME = re.compile(r"\bLEADPIPE_[A-Z0-9_]+")
 
@@ -199,15 +199,30 @@ def test_scaled_services_have_no_container_name_or_host_ports(
     assert not service.get("ports")
 
 
-def test_api_scales_on_a_host_port_range(services: dict[str, dict[str, Any]]) -> None:
-    """`--scale api=N` needs a host port per replica: a range, not one fixed port."""
+def test_api_has_one_fixed_host_port_unless_a_range_is_asked_for(
+        services: dict[str, dict[str, Any]]) -> None:
+    """The URL registered in RD must not move: Docker hands a replica the next port of a
+    range after each restart, so the default is one fixed port; `--scale api=N` takes a range
+    set in LEADPIPE_API_PORTS (with a balancer in front)."""
     api = services["api"]
     assert "container_name" not in api
     (port,) = api["ports"]
     host, container = str(port).rsplit(":", 1)
     assert container == "8000"
-    first, last = host.split(":-")[-1].rstrip("}").split("-")
-    assert int(last) > int(first) == 8000
+    assert host == "${LEADPIPE_API_PORTS:-8000}"
+
+
+def test_postgres_is_healthy_only_once_it_listens_over_tcp(
+        services: dict[str, dict[str, Any]]) -> None:
+    # the image's first-boot server listens on the Unix socket only: pg_isready without -h
+    # passed then, and `migrate` (over TCP) failed once and for all
+    assert "pg_isready -h 127.0.0.1" in healthcheck_text(services["postgres"])
+
+
+def test_flower_is_published_on_the_hosts_loopback_by_default(
+        services: dict[str, dict[str, Any]]) -> None:
+    (port,) = services["flower"]["ports"]
+    assert str(port) == "${LEADPIPE_FLOWER_BIND:-127.0.0.1}:5555:5555"
 
 
 @pytest.mark.parametrize("name", LEADPIPE_COMMANDS)

@@ -132,3 +132,61 @@ def test_run_refuses_a_port_in_use_before_starting_anything(tmp_path):
     assert f"--port {port + 1}" in run.stderr and "Traceback" not in run.stderr
     assert "Leadpipe is running" not in run.stdout and "started" not in run.stdout
     assert started_with(env["LEADPIPE_DATA_DIR"]) == []
+
+
+def postgres_of(data_dir: Path) -> list[str]:
+    """Command lines of live postgres servers of this data folder's cluster (run as its own
+    user, the server is not found by its environment: by its -D folder, where run puts it)."""
+    import hashlib
+
+    folder = (data_dir / "postgres").resolve()
+    clusters = {str(folder / "data"),
+                "/var/lib/leadpipe/" + hashlib.sha1(str(folder).encode()).hexdigest()[:16]}  # noqa: S324
+    found = []
+    for proc in Path("/proc").iterdir():
+        try:
+            if proc.name.isdigit():
+                args = (proc / "cmdline").read_bytes().split(b"\0")
+                if any(a.decode(errors="replace") in clusters for a in args):
+                    found.append(b" ".join(args).decode(errors="replace"))
+        except OSError:
+            continue
+    return found
+
+
+@pytest.mark.slow
+@pytest.mark.xdist_group("leadpipe-run")
+@pytest.mark.parametrize("stop", ["sigterm", "sighup", "ctrl-c"])
+def test_a_run_stopped_while_it_starts_leaves_nothing_running(tmp_path, stop):
+    # SIGTERM and SIGHUP used to kill it on the spot (their default) while Redis and Postgres
+    # were starting, leaving both (and a second run's Redis on the same AOF folder) behind
+    env = {k: v for k, v in os.environ.items() if not k.startswith("LEADPIPE_")}
+    data = tmp_path / "data"
+    env["LEADPIPE_DATA_DIR"] = str(data)
+    out = tmp_path / "run.out"
+    with open(out, "wb") as sink:
+        run = subprocess.Popen([sys.executable, "-m", "config.cli", "run", "--port",
+                                str(free_port())], cwd=ROOT, env=env, stdout=sink,
+                               stderr=subprocess.STDOUT, start_new_session=True)
+    pidfile = data / "redis" / "redis-server.pid"  # Redis writes it once it runs
+    try:
+        wait_for(pidfile.exists, timeout=60, interval=0.01, what="Redis started, Postgres next")
+        redis_pid = int(pidfile.read_text())
+        if stop == "ctrl-c":
+            os.killpg(run.pid, signal.SIGINT)
+        else:
+            run.send_signal(signal.SIGTERM if stop == "sigterm" else signal.SIGHUP)
+        assert run.wait(timeout=90) == 0, out.read_text()
+    finally:
+        if run.poll() is None:  # let it stop what it started, then make sure it is gone
+            run.send_signal(signal.SIGINT)
+            try:
+                run.wait(timeout=90)
+            except subprocess.TimeoutExpired:
+                os.killpg(run.pid, signal.SIGKILL)
+    text = out.read_text()
+    assert not Path(f"/proc/{redis_pid}").exists()
+    assert "Leadpipe is running" not in text, "the signal came too late to test the start"
+    assert "while starting" in text and "Traceback" not in text, text
+    assert started_with(str(data)) == [] and postgres_of(data) == []
+    assert not (data / "redis" / "redis-server.pid").exists()  # Redis stopped, not killed

@@ -212,3 +212,14 @@ def test_every_start_refuses_a_broken_routing_file(settings, tmp_path, command):
     one_clear_line(result, 2, "routes.yaml", "rate_limit")
     assert not (tmp_path / "data").exists()  # `run` started nothing
 
+
+
+@pytest.mark.parametrize("host, bound", [("::", "[::]:8000"), ("::1", "[::1]:8000"),
+                                         ("0.0.0.0", "0.0.0.0:8000"), ("", ":8000")])
+def test_an_ipv6_host_is_bracketed_where_a_port_follows_it(settings, host, bound):
+    # gunicorn read `:::8000` as an empty port; the banner printed http://:::8000/...
+    from config.cli import api_command, host_port
+
+    command = api_command(settings, host, 8000, 1, "gunicorn", 4)
+    assert command[command.index("-b") + 1] == bound
+    assert host_port(host, 8000) == bound

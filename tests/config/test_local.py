@@ -104,3 +104,24 @@ def test_local_postgres_has_room_for_the_advisory_locks_of_concurrent_batches(tm
             assert conn.execute("SHOW max_locks_per_transaction").fetchone() == ("256",)
     finally:
         pg.stop()
+
+
+def test_a_redis_folder_a_live_server_still_serves_is_refused(tmp_path):
+    # a run killed before it could stop its Redis left it appending to the folder's AOF: a
+    # second server there (on another port) would append to the same files
+    from config.local import LocalRedis
+
+    first = LocalRedis(tmp_path / "redis").start()
+    try:
+        second = LocalRedis(tmp_path / "redis")
+        with pytest.raises(ConfigError, match=r"still serves .* \(kill \d+\)"):
+            second.start()
+        assert second.proc is None  # nothing was started
+    finally:
+        first.stop()
+    assert not (tmp_path / "redis" / "redis-server.pid").exists()
+    LocalRedis(tmp_path / "redis").start().stop()  # stopped: the folder is free again
+    killed = LocalRedis(tmp_path / "redis").start()
+    killed.stop(kill=True)  # its pid file stays, naming a process gone: no refusal
+    assert (tmp_path / "redis" / "redis-server.pid").exists()
+    LocalRedis(tmp_path / "redis").start().stop()
