@@ -3,11 +3,15 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from typing import Any
 
 from config import pii
 from workers import status
+from workers.metrics import HISTOGRAMS
 from workers.runtime import Runtime
+
+DURATION_BOUNDS = HISTOGRAMS["leadpipe_delivery_duration_seconds"][2]
 
 Row = tuple[str, dict[str, str], Any, float]  # (metric, labels, histogram bucket, value)
 
@@ -43,20 +47,21 @@ def _sum(rows: list[Row]) -> dict[str, float]:
     return out
 
 
-def p95(buckets: dict[Any, float]) -> float | None:
-    """The 95th percentile from one histogram's per-bucket counts (Prometheus' interpolation)."""
+def p95(buckets: dict[Any, float], bounds: Sequence[float] = DURATION_BOUNDS) -> float | None:
+    """The 95th percentile from one histogram's per-bucket counts, as Prometheus'
+    histogram_quantile gives it: interpolated within the bucket between its bound and the one
+    defined before it (0 for the first), and the largest finite bound when it falls past it."""
     total = sum(buckets.values())
     if not total:
         return None
-    bounds = sorted(b for b in buckets if b != "+Inf")
     rank, running, lower = 0.95 * total, 0.0, 0.0
     for bound in bounds:
-        count = buckets[bound]
-        if running + count >= rank:
+        count = buckets.get(bound, 0.0)
+        if count and running + count >= rank:
             return lower + (bound - lower) * (rank - running) / count
         running += count
         lower = bound
-    return lower  # in +Inf: the largest finite bound is all that is known
+    return bounds[-1]  # in +Inf: the largest finite bound is all that is known
 
 
 def _sink_hour(rows: list[Row]) -> dict[str, dict[str, Any]]:

@@ -6,6 +6,15 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
+MARKETING_TYPES = ("WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY")
+# the RD Station CRM entities whose events RD sends (crm_<entity>_<action>)
+CRM_ENTITIES = ("campaign", "contact", "deal", "lost_reason", "organization", "product",
+                "source", "task")
+CRM_ACTIONS = ("created", "updated", "deleted")
+# every event type RD sends: a bounded set (routing checks names against it, metrics label by it)
+EVENT_TYPES = frozenset({*MARKETING_TYPES, *(f"crm_{entity}_{action}" for entity in CRM_ENTITIES
+                                             for action in CRM_ACTIONS)})
+
 
 @dataclass
 class Event:

@@ -18,6 +18,7 @@ import logging
 import os
 import threading
 import time
+import uuid
 import weakref
 from collections.abc import Iterator
 from typing import Any
@@ -28,7 +29,7 @@ from celery.signals import worker_process_shutdown
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 
 from sinks.base import PermanentSinkError, Sink
-from workers.events import Event
+from workers.events import EVENT_TYPES, Event
 
 log = logging.getLogger("leadpipe.metrics")
 
@@ -53,6 +54,17 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
 }
 
 _recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
+# A flush: its increments, once per token (a retry of the same batch changes nothing twice).
+_FLUSH = """
+if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[2]) then return 0 end
+for i = 3, #ARGV, 2 do
+  redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
+  redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1])
+end
+redis.call('EXPIRE', KEYS[2], ARGV[1])
+return 1
+"""
+FLUSH_TOKEN_SECONDS = 600  # a batch retried within this is applied once (retries: each second)
 MINUTE_TTL_SECONDS = 2 * 3600  # per-minute buckets (the dashboard's last hour) expire after this
 
 
@@ -61,6 +73,7 @@ class Recorder:
 
     def __init__(self, client: redis.Redis, namespace: str, interval: float = 1.0):
         self.client = client
+        self._script = client.register_script(_FLUSH)
         self.key = f"{namespace}:metrics"
         self.interval = interval
         self._reset()
@@ -70,6 +83,9 @@ class Recorder:
         """Fresh state; also in a forked child, whose parent flushes what it had buffered."""
         self._lock = threading.Lock()
         self._pending: dict[bytes, float] = {}
+        # a batch sent without a known outcome (the reply lost, Redis slow): sent again as it
+        # was, under the same token, which Redis applies once (FLUSH)
+        self._unsent: tuple[str, str, dict[bytes, float]] | None = None  # token, minute key
         self._thread: threading.Thread | None = None
         self._discarded = False
 
@@ -77,6 +93,7 @@ class Recorder:
         """Drop what is buffered and stop flushing (an app thrown away, as in tests)."""
         with self._lock:
             self._pending.clear()
+            self._unsent = None
             self._discarded = True
 
     def inc(self, name: str, amount: float = 1.0, **labels: str) -> None:
@@ -109,30 +126,38 @@ class Recorder:
             idle = 0 if self.flush() else idle + 1
             if idle >= 30:
                 with self._lock:
-                    if not self._pending:
+                    if not self._pending and self._unsent is None:
                         self._thread = None
                         return
 
     def flush(self) -> bool:
-        """Send the buffered increments; on a Redis error keep them for the next try."""
-        with self._lock:
-            pending, self._pending = self._pending, {}
-        if not pending:
-            return False
-        minute = self.minute_key(int(time.time() // 60))
-        try:
-            pipe = self.client.pipeline(transaction=False)
-            for field, amount in pending.items():
-                pipe.hincrbyfloat(self.key, field, amount)
-                pipe.hincrbyfloat(minute, field, amount)
-            pipe.expire(minute, MINUTE_TTL_SECONDS)
-            pipe.execute()
-        except redis.RedisError as exc:
-            log.warning("metrics not flushed, kept for the next try: %s", type(exc).__name__)
+        """Send the buffered increments, each batch applied once: a batch whose outcome is
+        unknown (a Redis error, a reply that came too late for the client, which may have
+        sent it again itself) is kept and sent again under its token, before anything newer."""
+        sent = False
+        for _ in range(2):  # the batch kept from an earlier try, then what came since
             with self._lock:
-                for field, amount in pending.items():
-                    self._pending[field] = self._pending.get(field, 0.0) + amount
-        return True
+                if self._unsent is None:
+                    pending, self._pending = self._pending, {}
+                    if not pending:
+                        return sent
+                    token = uuid.uuid4().hex
+                    self._unsent = (token, self.minute_key(int(time.time() // 60)), pending)
+                token, minute, pending = self._unsent
+            args: list[Any] = [MINUTE_TTL_SECONDS, FLUSH_TOKEN_SECONDS]
+            for field, amount in pending.items():
+                args += [field, amount]
+            try:
+                self._script(keys=[self.key, minute, f"{self.key}:flushed:{token}"], args=args)
+            except redis.RedisError as exc:
+                log.warning("metrics not flushed, kept for the next try: %s",
+                            type(exc).__name__)
+                return True
+            with self._lock:
+                if self._unsent is not None and self._unsent[0] == token:
+                    self._unsent = None
+            sent = True
+        return sent
 
     def minute_key(self, minute: int) -> str:
         """The hash of what was flushed during one minute (minutes since the epoch)."""
@@ -234,7 +259,10 @@ class MeasuredSink(Sink):
 def count_batch(recorder: Recorder, outcomes: dict[tuple[str, str], int]) -> None:
     """What one process_batch stored, by event type and outcome."""
     for (event_type, outcome), n in outcomes.items():
-        recorder.inc("leadpipe_events", n, event_type=event_type, outcome=outcome)
+        # a type RD does not send (a CRM entity it may add, or a body's own making) is
+        # "other": label values stay a bounded set whatever bodies arrive
+        recorder.inc("leadpipe_events", n, outcome=outcome,
+                     event_type=event_type if event_type in EVENT_TYPES else "other")
 
 
 def count_round(recorder: Recorder, sink: str, delivered: int, dead: int, again: int,

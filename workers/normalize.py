@@ -12,7 +12,7 @@ import orjson
 from marshmallow import ValidationError
 
 from ingest.queue import Entry
-from workers.events import Event, Rejected
+from workers.events import EVENT_TYPES, Event, Rejected
 from workers.schemas import (
     DEAL_EVENTS,
     CrmEnvelopeSchema,
@@ -141,9 +141,7 @@ def claimed_type(payload: str, hint: str | None = None) -> str:
     if "leads" in data:
         return hint if hint in _V2_TYPES else "WEBHOOK.CONVERTED"
     claimed = data.get("event_type", data.get("event_name"))
-    if isinstance(claimed, str) and (claimed in _V2_TYPES or _CRM_NAME.fullmatch(claimed)):
-        return claimed
-    return "unknown"
+    return claimed if isinstance(claimed, str) and claimed in EVENT_TYPES else "unknown"
 
 
 def _payload(entry: Entry, data: dict) -> str:

@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 from marshmallow import RAISE, Schema, ValidationError, fields, validate, validates
 
-from ingest.subscription_schemas import EVENT_TYPES as RD_EVENT_TYPES
 from sinks.postgres import (
     DEAL_COLUMNS,
     DEAL_ORDER,
@@ -26,7 +25,7 @@ from sinks.postgres import (
     LEAD_TYPES,
 )
 from sinks.registry import SinkConfigError, load_options
-from workers.events import Event
+from workers.events import CRM_ENTITIES, EVENT_TYPES, Event
 from workers.view import MISSING, identifier, lookup, view
 
 DEFAULT_SCHEDULE = (5.0, 60.0, 300.0, 1800.0, 7200.0, 21600.0)
@@ -52,11 +51,6 @@ TIMES = frozenset({"event.occurred_at", "event.received_at",
                    *(f"deal.{c}" for c, t in DEAL_TYPES.items() if t == "timestamptz")})
 # the names whose values are true or false
 FLAGS = frozenset({"funnel.opportunity", "lead.opportunity"})
-# what `when.event_type` may name: RD's events, and the other CRM entities' (kept raw)
-_CRM_ENTITIES = ("campaign", "contact", "deal", "lost_reason", "organization", "product",
-                 "source", "task")
-EVENT_TYPES = frozenset({*RD_EVENT_TYPES, *(f"crm_{entity}_{action}" for entity in _CRM_ENTITIES
-                                           for action in ("created", "updated", "deleted"))})
 _FIELDS_ARE = {"event": "the event's fields", "lead": "the leads columns",
                "funnel": "the funnel's fields", "deal": "the deals columns"}
 _CONDITION = re.compile(r"^\s*([A-Za-z_][\w.]*)\s+(==|!=|>=|<=|>|<|not in|in)\s+(.+?)\s*$")
@@ -451,7 +445,7 @@ def _check_event_types(names: list[str] | None) -> None:
         close = difflib.get_close_matches(name, EVENT_TYPES, n=1)
         hint = (f"did you mean {close[0]!r}?" if close else
                 "RD sends WEBHOOK.CONVERTED, WEBHOOK.MARKED_OPPORTUNITY and crm_<entity>_"
-                "<created|updated|deleted> for the entities " + ", ".join(_CRM_ENTITIES))
+                "<created|updated|deleted> for the entities " + ", ".join(CRM_ENTITIES))
         raise RoutingError(f"event_type: unknown event type {name!r}; {hint}")
 
 

@@ -67,19 +67,19 @@ def collect(runtime: Runtime, delivered: bool = False) -> PipelineState:
     state = PipelineState()
     for name, spec in runtime.routing.sinks.items():
         state.sinks[name] = SinkState(name, spec.type)
-    try:
-        _redis(runtime, state)
-        state.redis_up = True
-    except redis.RedisError as exc:
-        log.warning("status: redis unreachable: %s", type(exc).__name__)
-    try:
-        _postgres(runtime, state, delivered)
+    try:  # Postgres first: it names the sinks the routing file does not (subscriptions),
+        _postgres(runtime, state, delivered)  # whose pause and circuit Redis then tells
         state.postgres_up = True
     except psycopg.errors.UndefinedTable:
         state.postgres_problem = "NOT MIGRATED: run `leadpipe migrate`"
         log.warning("status: postgres not migrated")
     except (psycopg.Error, PoolTimeout) as exc:
         log.warning("status: postgres unreachable: %s", type(exc).__name__)
+    try:
+        _redis(runtime, state)
+        state.redis_up = True
+    except redis.RedisError as exc:
+        log.warning("status: redis unreachable: %s", type(exc).__name__)
     return state
 
 
@@ -99,7 +99,11 @@ def _redis(runtime: Runtime, state: PipelineState) -> None:
     state.ingest_unread = max(state.ingest_depth - held, 0)
     if first:
         now_ms = now[0] * 1000 + now[1] // 1000
-        state.ingest_oldest_seconds = max(now_ms - int(first[0][0].split(b"-")[0]), 0) / 1000
+        # the time the endpoint took it (`t`): a body the spool held through a Redis outage
+        # gets a new stream id when it is moved there, not a new `t`
+        entry_id, fields = first[0]
+        received = int(fields.get(b"t") or entry_id.split(b"-")[0])
+        state.ingest_oldest_seconds = max(now_ms - received, 0) / 1000
     state.redis_durable, state.redis_durability = redis_durability(client)
     paused = runtime.control.paused()
     for name, sink in state.sinks.items():
@@ -154,7 +158,7 @@ def workers(app: Any, timeout: float) -> dict[str, dict[str, Any]]:
         return {}
     found = {}
     for name, consumed in sorted(queues.items()):
-        ours = sorted(q["name"] for q in consumed if q["name"].startswith(prefix))
+        ours = sorted(q["name"] for q in consumed if _ours(q["name"], prefix))
         if not ours:
             continue  # a worker of another namespace on the same broker
         info = stats.get(name, {})
@@ -163,6 +167,16 @@ def workers(app: Any, timeout: float) -> dict[str, dict[str, Any]]:
                        "processed": {task.removeprefix("leadpipe."): n
                                      for task, n in sorted((info.get("total") or {}).items())}}
     return found
+
+
+def _ours(queue: str, prefix: str) -> bool:
+    """A queue of this namespace (`<ns>.ingest`, `.default`, `.subscriptions`, `.sink.<name>`),
+    not of another whose name starts with ours and a dot (`<ns>.eu.ingest`)."""
+    if not queue.startswith(prefix):
+        return False
+    rest = queue[len(prefix):]
+    return rest in ("ingest", "default", "subscriptions") or (
+        rest.startswith("sink.") and "." not in rest[5:] and len(rest) > 5)
 
 
 def age(seconds: float | None) -> str:

@@ -108,6 +108,7 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0,
                 return {"sink": sink, "unknown": len(event_ids)}
             if target.sink is None:  # a deleted or suspended subscription
                 dead = delivery.bury(conn, sink, event_ids, target.gone)
+                metrics.count_round(runtime.metrics, sink, 0, dead, 0, target.gone)
                 return {"sink": sink, "dead": dead, "why": target.gone}
             plan = delivery.run(conn, target.sink, target.spec, runtime.control, event_ids,
                                 round_, target.health, dispatch, target.refuses)

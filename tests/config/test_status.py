@@ -187,3 +187,42 @@ def test_a_redis_that_would_lose_acknowledged_events_is_named_by_status_and_api(
         assert "leadpipe api: warning: Redis NOT DURABLE" in log and at_risk in log, log
     finally:
         server.stop()
+
+
+def test_a_subscriptions_open_circuit_is_reported_open(runtime):
+    # subscriptions are not in the routing file: their sinks come from Postgres' rows, and
+    # their pause and circuit state used to be left at the defaults (closed)
+    from ingest.queue import Entry
+    from workers import status
+    from workers.normalize import normalize
+
+    target = "subscription:00000000-0000-4000-8000-00000000c1c1"
+    events = normalize(Entry("1-0", "st-1", 1_700_000_000_000,
+                             fixture_bytes("mkt-v2-converted.json"), None))
+    runtime.postgres.store(events, [], lambda event: [target])
+    for _ in range(3):
+        runtime.control.circuit_failure(target, threshold=3, cooldown=60)
+    assert runtime.control.circuit_state(target) == "open"
+    state = status.collect(runtime)
+    assert state.sinks[target].pending == 1 and state.sinks[target].circuit == "open"
+
+
+def test_the_oldest_entry_is_aged_from_when_the_endpoint_took_it(runtime, redis_client):
+    # a body the spool held through a Redis outage gets a new stream id when moved there
+    from workers import status
+
+    taken = int(__import__("time").time() * 1000) - 1_800_000
+    redis_client.xadd(runtime.settings.stream_key, {"i": "ev-old", "t": taken, "b": b"{}"})
+    assert 1795 < status.collect(runtime).ingest_oldest_seconds < 1900
+
+
+@pytest.mark.parametrize("queue, ours", [
+    ("prod.ingest", True), ("prod.default", True), ("prod.subscriptions", True),
+    ("prod.sink.crm", True), ("prod.sink.sales-email", True),
+    ("prod.eu.ingest", False), ("prod.eu.sink.crm", False), ("prod.sink.", False),
+    ("production.ingest", False), ("celery", False),
+])
+def test_workers_of_another_namespace_starting_with_ours_are_not_ours(queue, ours):
+    from workers.status import _ours
+
+    assert _ours(queue, "prod.") is ours

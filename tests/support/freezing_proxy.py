@@ -1,9 +1,11 @@
-"""A TCP proxy that can freeze: connections stay open, bytes go nowhere (a server that hangs)."""
+"""A TCP proxy that can freeze (connections stay open, bytes go nowhere: a server that hangs)
+or hold replies back (a server that does the work but answers late)."""
 
 from __future__ import annotations
 
 import socket
 import threading
+import time
 
 
 class FreezingProxy:
@@ -14,6 +16,7 @@ class FreezingProxy:
     def __init__(self, target: tuple[str, int]):
         self.target = target
         self.frozen = threading.Event()
+        self.reply_delay = 0.0  # seconds each chunk from the server waits before it is passed on
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         self.listener.bind(("127.0.0.1", 0))
@@ -38,12 +41,14 @@ class FreezingProxy:
                 upstream = socket.create_connection(self.target)
             except OSError:
                 return
-            for a, b in ((client, upstream), (upstream, client)):
-                threading.Thread(target=self._pipe, args=(a, b), daemon=True).start()
+            for a, b, replies in ((client, upstream, False), (upstream, client, True)):
+                threading.Thread(target=self._pipe, args=(a, b, replies), daemon=True).start()
 
-    def _pipe(self, source: socket.socket, sink: socket.socket) -> None:
+    def _pipe(self, source: socket.socket, sink: socket.socket, replies: bool) -> None:
         try:
             while data := source.recv(65536):
+                if replies and self.reply_delay:
+                    time.sleep(self.reply_delay)
                 if not self.frozen.is_set():  # else swallowed
                     sink.sendall(data)
         except OSError:

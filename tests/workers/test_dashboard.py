@@ -12,10 +12,17 @@ from workers.metrics import MINUTE_TTL_SECONDS, Recorder
 
 
 def test_p95_interpolates_within_the_bucket_like_prometheus():
+    # bounds 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30 (the duration's)
     assert p95({}) is None
-    assert p95({0.01: 100.0}) == pytest.approx(0.0095)
-    assert p95({0.01: 50.0, 0.1: 50.0}) == pytest.approx(0.01 + 0.09 * 0.9)
-    assert p95({0.01: 1.0, "+Inf": 99.0}) == 0.01  # past the last bound: that bound
+    assert p95({0.005: 100.0}) == pytest.approx(0.00475)  # from 0 to the first bound
+    # within a bucket, from the bound defined before it (not the last bucket with calls)
+    assert p95({0.01: 100.0}) == pytest.approx(0.005 + 0.005 * 0.95)
+    assert p95({0.5: 100.0}) == pytest.approx(0.25 + 0.25 * 0.95)  # all 0.4 s: 487.5 ms
+    assert p95({0.01: 50.0, 0.1: 50.0}) == pytest.approx(0.05 + 0.05 * 0.9)
+    # past the last bound (calls over 30 s): that bound, as histogram_quantile gives it
+    assert p95({"+Inf": 45.0}) == 30
+    assert p95({0.01: 5.0, "+Inf": 95.0}) == 30
+    assert p95({0.01: 1.0}, bounds=(0.01, 0.1)) == pytest.approx(0.0095)
 
 
 def test_counts_land_in_the_minute_they_were_flushed(redis_url):
@@ -36,3 +43,4 @@ def test_counts_land_in_the_minute_they_were_flushed(redis_url):
     ttl = recorder.client.ttl(recorder.minute_key(minutes[-1][0]) if minutes[-1][1]
                               else recorder.minute_key(minutes[-2][0]))
     assert 0 < ttl <= MINUTE_TTL_SECONDS
+

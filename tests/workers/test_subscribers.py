@@ -243,7 +243,7 @@ def test_rotating_an_unknown_subscription_is_404(client):
 
 
 def test_a_deleted_subscription_gets_no_more_events(client, receivers, custom, worker_factory,
-                                                   db):
+                                                   db, redis_client):
     a, _ = receivers
     sub = client.subscribe(a.url + "/gone", "WEBHOOK.CONVERTED")
     a.clear()
@@ -262,6 +262,10 @@ def test_a_deleted_subscription_gets_no_more_events(client, receivers, custom, w
              timeout=60, what="the pending delivery dead-lettered at its next round")
     assert count(db, "SELECT count(*) FROM deliveries WHERE sink = %s", target) == 1
     assert len(a.requests) == 1  # the first round's one try, nothing after the delete
+    # and counted, as every dead letter is (the DeadLetters alert watches this counter)
+    dead = orjson.dumps(["leadpipe_deliveries", [["outcome", "dead"], ["sink", target]], None])
+    wait_for(lambda: redis_client.hget(f"{custom.namespace}:metrics", dead) == b"1",
+             timeout=10, what="the dead letter counted")
 
 
 def test_a_pending_delivery_a_put_unsubscribed_from_is_not_sent(client, receivers, custom,

@@ -1,0 +1,62 @@
+"""The metrics recorder: increments applied once, label values from a bounded set."""
+
+from __future__ import annotations
+
+import time
+
+import orjson
+import redis
+
+from workers.metrics import Recorder, count_batch
+from workers.normalize import claimed_type
+
+
+def test_a_flush_redis_applied_but_answered_late_is_counted_once(redis_url):
+    # the reply comes after the client's timeout: redis-py sends the batch again (its Retry),
+    # then the recorder keeps it for its next flush; each used to add the increments again
+    from ingest.queue import make_redis
+    from tests.support.freezing_proxy import FreezingProxy
+
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    proxy = FreezingProxy((host, int(port)))
+    client = make_redis(f"redis://127.0.0.1:{proxy.port}/0", timeout=0.5)
+    namespace = f"late{time.time_ns()}"
+    recorder = Recorder(client, namespace, interval=3600)  # flushed by hand below
+    try:
+        for _ in range(10):
+            recorder.inc("leadpipe_ingest_requests", status="202")
+        client.ping()
+        proxy.reply_delay = 0.8
+        recorder.flush()  # applied by Redis each time it was sent, answered too late
+        proxy.reply_delay = 0.0
+        recorder.inc("leadpipe_ingest_requests", status="202")
+        recorder.flush()  # the kept batch again (applied once already), then the new one
+        time.sleep(1)  # the late replies' connections wind down
+        direct = redis.Redis.from_url(redis_url)
+        totals = {k.decode(): float(v) for k, v in direct.hgetall(f"{namespace}:metrics").items()}
+        assert list(totals.values()) == [11.0], totals
+        minutes = [k for k in direct.scan_iter(f"{namespace}:metrics:minute:*")]
+        assert sum(float(v) for k in minutes for v in direct.hvals(k)) == 11.0
+    finally:
+        recorder.discard()
+        proxy.close()
+
+
+def test_event_types_rd_does_not_send_are_one_label_value(redis_url):
+    # any crm_<word>_created is stored (RD may add entities), but a body of anyone's making
+    # must not add label values to every scrape for good
+    namespace = f"labels{time.time_ns()}"
+    recorder = Recorder(redis.Redis.from_url(redis_url), namespace, interval=3600)
+    try:
+        count_batch(recorder, {("crm_zzz1_created", "accepted"): 1,
+                               ("crm_zzz2_created", "accepted"): 2,
+                               ("crm_task_created", "accepted"): 1,
+                               ("WEBHOOK.CONVERTED", "duplicate"): 1})
+        recorder.flush()
+        fields = redis.Redis.from_url(redis_url).hgetall(f"{namespace}:metrics")
+        labels = {dict(orjson.loads(k)[1])["event_type"]: float(v) for k, v in fields.items()}
+        assert labels == {"other": 3.0, "crm_task_created": 1.0, "WEBHOOK.CONVERTED": 1.0}
+    finally:
+        recorder.discard()
+    assert claimed_type('{"event_name": "crm_zzz_created", "document": {}}') == "unknown"
+    assert claimed_type('{"event_name": "crm_lost_reason_deleted"}') == "crm_lost_reason_deleted"
