@@ -13,7 +13,9 @@ local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 local interval = tonumber(ARGV[1])
 local tat = tonumber(redis.call('GET', KEYS[1]) or now_ms)
 if tat < now_ms then tat = now_ms end
-if tat > now_ms then return tat - now_ms end
+-- (at least 1 ms, whole: Redis truncates a returned number, and a wait of 0.4 ms would read
+-- as "allowed" though nothing was counted)
+if tat > now_ms then return math.max(1, math.ceil(tat - now_ms)) end
 redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil(interval) + 1000)
 return 0
 """

@@ -40,6 +40,10 @@ class Plan:
     # not tried: another delivery of the same lead or deal to this sink was on its way; sent
     # again in the same round after BUSY_SECONDS
     busy_ids: list[str] = field(default_factory=list)
+    # not tried: the sink's rate limit asked for a wait longer than a worker sleeps; sent
+    # again in the same round after `limited_wait`, whatever happened to the others
+    limited_ids: list[str] = field(default_factory=list)
+    limited_wait: float = 0.0
 
 
 # One task delivers for at most this long, then hands the rest to a new task of the same round:
@@ -385,8 +389,10 @@ def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
          events: list[Event], round_: int, health: Health | None = None,
          dispatch: str | None = None) -> Plan:
     if control.is_paused(spec.name):
-        return Plan(retry_ids=[e.id for e in events], countdown=2.0, next_round=round_,
+        plan = Plan(retry_ids=[e.id for e in events], countdown=2.0, next_round=round_,
                     reason="paused")
+        _schedule(conn, spec.name, plan, dispatch, round_)  # their task is alive: not lost
+        return plan
     # The records of deliveries are committed without waiting for the WAL flush: a worker
     # killed after a commit loses nothing (Postgres has it); only a crash of Postgres itself
     # may lose the last few hundred ms of them, and those events are then delivered again
@@ -395,7 +401,7 @@ def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
     try:
         plan = _deliver_all(conn, sink, spec, control, events, round_, health,
                             Bookkeeping(conn, spec.name, control, health))
-        _schedule(conn, spec.name, plan, dispatch)
+        _schedule(conn, spec.name, plan, dispatch, round_)
         return plan
     finally:
         conn.execute("RESET synchronous_commit")
@@ -447,9 +453,8 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
             if spec.rate:
                 wait = control.rate_wait(spec.name, *spec.rate)
                 if wait > 1.0:  # a long wait is a scheduled task, not a sleeping worker
-                    plan.retry_ids = [e.id for e in events[n:]]
-                    plan.countdown = wait
-                    plan.reason = "rate limited"
+                    plan.limited_ids = [e.id for e in events[n:]]
+                    plan.limited_wait = wait
                     break
                 while wait > 0:
                     time.sleep(wait)
@@ -491,16 +496,20 @@ def _deliver_all(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: 
     return plan
 
 
-def _schedule(conn: psycopg.Connection, sink: str, plan: Plan, dispatch: str | None) -> None:
-    """When the deliveries the task sends on are due (the relay waits that long and more),
-    for those still in this task's dispatch."""
-    for ids, seconds in ((plan.retry_ids, plan.countdown), (plan.rest_ids, 0.0),
-                         (plan.busy_ids, BUSY_SECONDS)):
+def _schedule(conn: psycopg.Connection, sink: str, plan: Plan, dispatch: str | None,
+              round_: int = 0) -> None:
+    """When the deliveries the task sends on are due (the relay waits that long and more), and
+    in which round (the relay sends a lost one on in it), for those still in this task's
+    dispatch."""
+    for ids, seconds, in_round in ((plan.retry_ids, plan.countdown, plan.next_round),
+                                   (plan.rest_ids, 0.0, round_),
+                                   (plan.busy_ids, BUSY_SECONDS, round_),
+                                   (plan.limited_ids, plan.limited_wait, round_)):
         if ids:
             # locked in key order (a subquery's ORDER BY ... FOR UPDATE), as an erasure locks
             # deliveries (workers.quoting); the UPDATE alone would lock in scan order
-            conn.execute("UPDATE deliveries SET dispatched_at = now() + make_interval(secs => %s) "
-                         "WHERE sink = %s AND event_id IN ("
+            conn.execute("UPDATE deliveries SET dispatched_at = now() + make_interval(secs => %s), "
+                         "round = %s WHERE sink = %s AND event_id IN ("
                          "  SELECT event_id FROM deliveries WHERE sink = %s AND event_id = ANY(%s)"
                          "  AND dispatch IS NOT DISTINCT FROM %s ORDER BY event_id FOR UPDATE)",
-                         (seconds, sink, sink, ids, dispatch))
+                         (seconds, in_round, sink, sink, ids, dispatch))

@@ -144,7 +144,7 @@ def replay(runtime: Runtime, ids: list[int] | None = None, sink: str | None = No
                     "  ORDER BY id FOR UPDATE) RETURNING event_id, sink", (chunk,)).fetchall()
                 moved = conn.execute(
                     "UPDATE deliveries d SET status = 'pending', dispatched_at = now(), "
-                    "dispatch = %s FROM ("
+                    "dispatch = %s, round = 0 FROM ("  # a replay starts the rounds afresh
                     "  SELECT l.event_id, l.sink FROM deliveries l "
                     "  JOIN unnest(%s::text[], %s::text[]) AS t(event_id, sink) "
                     "  ON l.event_id = t.event_id AND l.sink = t.sink WHERE l.status = 'dead' "
@@ -205,7 +205,7 @@ RELAY_SQL = (
     "UPDATE deliveries d SET dispatched_at = now(), dispatch = %s FROM picked p "
     "WHERE d.event_id = p.event_id AND d.sink = p.sink "
     "AND pg_try_advisory_xact_lock(hashtextextended(p.sink || ':' || p.event_id, 0)) "
-    "RETURNING d.event_id, d.sink")
+    "RETURNING d.event_id, d.sink, d.round")
 
 
 def relay(runtime: Runtime, limit: int = 1000) -> int:
@@ -220,12 +220,12 @@ def relay(runtime: Runtime, limit: int = 1000) -> int:
         rows = conn.execute(RELAY_SQL, (runtime.settings.relay_after_seconds,
                                         sorted(runtime.control.paused()), limit,
                                         dispatch)).fetchall()
-    by_sink: dict[str, list[str]] = {}
-    for event_id, sink in rows:
-        by_sink.setdefault(sink, []).append(event_id)
-    for sink, event_ids in by_sink.items():
+    by_round: dict[tuple[str, int], list[str]] = {}
+    for event_id, sink, round_ in rows:  # on in the round each was in, not from the first
+        by_round.setdefault((sink, round_), []).append(event_id)
+    for (sink, round_), event_ids in by_round.items():
         if _target(runtime, sink):
-            runtime.publish(sink, event_ids, dispatch=dispatch)
+            runtime.publish(sink, event_ids, round_, dispatch=dispatch)
     return len(rows)
 
 

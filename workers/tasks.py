@@ -121,12 +121,16 @@ def deliver(self: Task, sink: str, event_ids: list[str], round_: int = 0,
         runtime.publish(sink, plan.rest_ids, round_, dispatch=dispatch)
     if plan.busy_ids:  # their lead's or deal's turn was taken: shortly, in the same round
         runtime.publish(sink, plan.busy_ids, round_, delivery.BUSY_SECONDS, dispatch)
+    if plan.limited_ids:  # the rate limit's turn: in the same round, when it comes
+        runtime.publish(sink, plan.limited_ids, round_, plan.limited_wait, dispatch)
     metrics.count_round(runtime.metrics, sink, plan.delivered, plan.dead, len(plan.retry_ids),
-                        plan.reason, plan.superseded, len(plan.busy_ids))
+                        plan.reason, plan.superseded,
+                        len(plan.busy_ids) + len(plan.limited_ids))
     summary = {"sink": sink, "round": round_, "delivered": plan.delivered, "dead": plan.dead,
                "superseded": plan.superseded,
                "again": len(plan.retry_ids), "in_seconds": round(plan.countdown, 2),
                "rest": len(plan.rest_ids), "busy": len(plan.busy_ids),
+               "rate_limited": len(plan.limited_ids),
                "why": plan.reason}
     log.info("deliveries", extra={"task_id": self.request.id, **summary})
     return summary

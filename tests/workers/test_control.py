@@ -25,3 +25,31 @@ def test_the_probe_is_one_task_s_and_that_task_may_ask_again(redis_client):
     control.circuit_success("crm")
     assert control.circuit_state("crm") == "closed"
     assert control.circuit_wait("crm", 5, "task-b") == 0
+
+
+def test_a_rate_whose_step_is_not_whole_milliseconds_holds_across_workers(redis_client):
+    # 3/s is one every 333.33 ms: a wait under 1 ms used to come back as 0 (Redis truncates a
+    # script's number), read as "allowed" though nothing was counted; two workers sleeping
+    # the truncated waits woke inside that window again and again
+    import threading
+
+    control = SinkControl(redis_client, f"rate{uuid.uuid4().hex}")
+    sent: list[float] = []
+    deadline = time.monotonic() + 3.0
+
+    def worker() -> None:  # what delivery._deliver_all does before each send
+        while time.monotonic() < deadline:
+            wait = control.rate_wait("crm", 3, 1.0)
+            while wait > 0:
+                time.sleep(wait)
+                wait = control.rate_wait("crm", 3, 1.0)
+            sent.append(time.monotonic())
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(sent) <= 3 * 3 + 3, len(sent)  # 3 s at 3/s, and the last waits of each thread
+    gaps = [b - a for a, b in zip(sorted(sent), sorted(sent)[1:], strict=False)]
+    assert min(gaps) > 0.3, sorted(gaps)[:5]

@@ -388,3 +388,39 @@ def test_a_last_round_that_meets_an_open_circuit_gets_a_grace_round(database_url
                                (held.retry_ids[1],)).fetchone()
         assert reason.startswith("retries exhausted after 2 rounds: RuntimeError: circuit open")
         crm.close()
+
+
+def test_events_the_rate_limit_held_back_keep_their_round_when_another_fails(database_url,
+                                                                           redis_client):
+    """1/min and a CRM that is down: the first event fails (next round), the second is never
+    tried this round. It used to ride along into the failed one's round, losing rounds it
+    never used, and reach dead letters after a single try."""
+    import psycopg
+
+    from sinks.postgres import PostgresSink
+    from sinks.registry import build
+    from tests.sinks.test_postgres_lww import at, events, v2
+    from tests.support.http_server import HttpServer, Reply
+    from workers import delivery
+    from workers.control import SinkControl
+    from workers.routing import SinkSpec
+
+    store = PostgresSink("postgres", {"dsn": database_url})
+    control = SinkControl(redis_client, "r" + os.urandom(4).hex())
+    spec = SinkSpec("crm", "crm", {}, retry_schedule=(5.0,), quick_retries=1,
+                    rate=(1, 60.0), circuit_failures=100)
+    first, second = events(v2("U-limited-1", at(0)), v2("U-limited-2", at(1)))
+    store.store([first, second], [], route=lambda e: ["crm"])
+    store.close()
+    with HttpServer() as server, psycopg.connect(database_url, autocommit=True) as conn:
+        crm = build("crm", "crm", {"base_url": server.url, "auth_value": "Bearer x"})
+        server.set_default(Reply(503))
+        plan = delivery.run(conn, crm, spec, control, [first.id, second.id], 0)
+        assert len(server.requests) == 1  # the first event's one try
+        assert (plan.retry_ids, plan.next_round, plan.reason) == ([first.id], 1, "retrying")
+        assert plan.limited_ids == [second.id] and 50 < plan.limited_wait <= 60
+        # the second is due when the rate allows, its round untouched
+        due = conn.execute("SELECT extract(epoch FROM dispatched_at - now()) FROM deliveries "
+                           "WHERE event_id = %s", (second.id,)).fetchone()[0]
+        assert 50 < float(due) <= 61
+        crm.close()

@@ -84,3 +84,43 @@ def test_the_relay_locks_only_the_deliveries_it_sends(database_url, db):
                              "AND pid = pg_backend_pid()").fetchone()
         conn.rollback()
     assert (len(sent), held) == (5, 5)
+
+
+def test_the_relay_sends_a_lost_delivery_on_in_its_round_and_a_paused_one_is_not_lost(
+        ops, database_url, db, monkeypatch):
+    """A task lost while its delivery waited for round 3 is sent on in round 3 (it used to
+    start over at round 0: the whole retry schedule again). A task bounced by a pause marks
+    its deliveries as still its own, so the relay leaves them."""
+    from workers.routing import SinkSpec
+
+    waiting, paused = stored(database_url, "U-round", "U-paused")
+    sent: list[tuple[str, list[str], int]] = []
+    monkeypatch.setattr(ops, "publish", lambda sink, ids, round_=0, *args, **kwargs:
+                        sent.append((sink, ids, round_)))
+    failing = SinkSpec("crm", "dummy", {}, retry_schedule=(1, 1, 1, 1, 1), quick_retries=1)
+
+    class Down:
+        latest_state_only = False
+
+        def deliver(self, event: Any) -> None:
+            from sinks.base import RetryableSinkError
+
+            raise RetryableSinkError("HTTP 503")
+
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        plan = delivery.run(conn, Down(), failing, ops.control, [waiting], 2)  # type: ignore[arg-type]
+        assert plan.next_round == 3
+        ops.control.pause("crm")
+        try:
+            bounced = delivery.run(conn, Down(), failing, ops.control, [paused], 4)  # type: ignore[arg-type]
+            assert bounced.reason == "paused"
+        finally:
+            ops.control.resume("crm")
+    db.execute("UPDATE deliveries SET dispatched_at = now() - interval '1 hour' "
+               "WHERE event_id = %s", (waiting,))
+    db.execute("UPDATE deliveries SET dispatched_at = dispatched_at - interval '1.5 seconds' "
+               "WHERE event_id = %s", (paused,))  # its bounce 2 s ahead: still not stale
+    assert operations.relay(ops) == 1
+    assert sent == [("crm", [waiting], 3)]
+    assert db.execute("SELECT round FROM deliveries WHERE event_id = %s",
+                      (paused,)).fetchone() == (4,)
