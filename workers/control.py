@@ -6,17 +6,20 @@ import time
 
 import redis
 
-# GCRA: one event every `interval` ms, no burst. Returns 0 when allowed, else ms to wait.
+# GCRA: one event every `interval` microseconds, no burst. Returns 0 when allowed (and
+# counted), else the whole microseconds to wait (at least 1: Redis truncates a script's number,
+# and a fraction would read as 0, "allowed", though nothing was counted). In microseconds, as
+# Redis' clock gives them, so a rate far past 1,000/s is held exactly and never rounded to the
+# millisecond; stored as an integer (Lua would write a 16-digit number rounded).
 _RATE_LUA = """
 local now = redis.call('TIME')
-local now_ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+local now_us = tonumber(now[1]) * 1000000 + tonumber(now[2])
 local interval = tonumber(ARGV[1])
-local tat = tonumber(redis.call('GET', KEYS[1]) or now_ms)
-if tat < now_ms then tat = now_ms end
--- (at least 1 ms, whole: Redis truncates a returned number, and a wait of 0.4 ms would read
--- as "allowed" though nothing was counted)
-if tat > now_ms then return math.max(1, math.ceil(tat - now_ms)) end
-redis.call('SET', KEYS[1], tat + interval, 'PX', math.ceil(interval) + 1000)
+local tat = tonumber(redis.call('GET', KEYS[1]) or now_us)
+if tat < now_us then tat = now_us end
+if tat > now_us then return math.max(1, tat - now_us) end
+redis.call('SET', KEYS[1], string.format('%d', tat + interval), 'PX',
+           math.ceil(interval / 1000) + 1000)
 return 0
 """
 
@@ -49,9 +52,10 @@ class SinkControl:
     # -- rate limit ----------------------------------------------------------------------------
     def rate_wait(self, sink: str, events: int, per_seconds: float) -> float:
         """0 when one more delivery may go now (and it is counted), else seconds to wait."""
-        interval_ms = per_seconds * 1000 / events
-        waited = self._rate(keys=[f"{self.ns}:rate:{sink}"], args=[interval_ms])
-        return float(waited) / 1000
+        interval_us = max(1, round(per_seconds * 1_000_000 / events))
+        # (a key of its own: a worker of an earlier version kept milliseconds in `rate:`)
+        waited = self._rate(keys=[f"{self.ns}:rate-us:{sink}"], args=[interval_us])
+        return float(waited) / 1_000_000
 
     # -- circuit breaker -----------------------------------------------------------------------
     def _circuit(self, sink: str) -> str:

@@ -389,10 +389,10 @@ def _run(conn: psycopg.Connection, sink: Sink, spec: SinkSpec, control: Any,
          events: list[Event], round_: int, health: Health | None = None,
          dispatch: str | None = None) -> Plan:
     if control.is_paused(spec.name):
-        plan = Plan(retry_ids=[e.id for e in events], countdown=2.0, next_round=round_,
+        # bounced as they are, nothing written (every 2 s for as long as the pause lasts): a
+        # delivery the relay takes for lost after the resume goes on in its round all the same
+        return Plan(retry_ids=[e.id for e in events], countdown=2.0, next_round=round_,
                     reason="paused")
-        _schedule(conn, spec.name, plan, dispatch, round_)  # their task is alive: not lost
-        return plan
     # The records of deliveries are committed without waiting for the WAL flush: a worker
     # killed after a commit loses nothing (Postgres has it); only a crash of Postgres itself
     # may lose the last few hundred ms of them, and those events are then delivered again

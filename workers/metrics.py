@@ -54,18 +54,28 @@ HISTOGRAMS: dict[str, tuple[str, tuple[str, ...], tuple[float, ...]]] = {
 }
 
 _recorders: weakref.WeakSet[Recorder] = weakref.WeakSet()
-# A flush: its increments, once per token (a retry of the same batch changes nothing twice).
+# A flush: its increments, once per token. A process sends its batches one after another (a
+# kept one first, again until it is answered), so KEYS[3], the process's own key, holds the
+# token of the last batch applied: one key per process. The keys' types are checked before
+# anything is written, so no batch is ever half applied.
 _FLUSH = """
-if not redis.call('SET', KEYS[3], '1', 'NX', 'EX', ARGV[2]) then return 0 end
-for i = 3, #ARGV, 2 do
+if redis.call('GET', KEYS[3]) == ARGV[3] then return 0 end
+for i = 1, 2 do
+  local kind = redis.call('TYPE', KEYS[i]).ok
+  if kind ~= 'hash' and kind ~= 'none' then
+    return redis.error_reply('metrics key ' .. KEYS[i] .. ' holds a ' .. kind)
+  end
+end
+for i = 4, #ARGV, 2 do
   redis.call('HINCRBYFLOAT', KEYS[1], ARGV[i], ARGV[i + 1])
   redis.call('HINCRBYFLOAT', KEYS[2], ARGV[i], ARGV[i + 1])
 end
 redis.call('EXPIRE', KEYS[2], ARGV[1])
+redis.call('SET', KEYS[3], ARGV[3], 'EX', ARGV[2])
 return 1
 """
-FLUSH_TOKEN_SECONDS = 600  # a batch retried within this is applied once (retries: each second)
 MINUTE_TTL_SECONDS = 2 * 3600  # per-minute buckets (the dashboard's last hour) expire after this
+FLUSH_TOKEN_SECONDS = MINUTE_TTL_SECONDS  # a batch retried within this is applied once
 
 
 class Recorder:
@@ -82,6 +92,7 @@ class Recorder:
     def _reset(self) -> None:
         """Fresh state; also in a forked child, whose parent flushes what it had buffered."""
         self._lock = threading.Lock()
+        self._sender = uuid.uuid4().hex  # this process's (a forked child gets its own)
         self._pending: dict[bytes, float] = {}
         # a batch sent without a known outcome (the reply lost, Redis slow): sent again as it
         # was, under the same token, which Redis applies once (FLUSH)
@@ -144,11 +155,12 @@ class Recorder:
                     token = uuid.uuid4().hex
                     self._unsent = (token, self.minute_key(int(time.time() // 60)), pending)
                 token, minute, pending = self._unsent
-            args: list[Any] = [MINUTE_TTL_SECONDS, FLUSH_TOKEN_SECONDS]
+            args: list[Any] = [MINUTE_TTL_SECONDS, FLUSH_TOKEN_SECONDS, token]
             for field, amount in pending.items():
                 args += [field, amount]
             try:
-                self._script(keys=[self.key, minute, f"{self.key}:flushed:{token}"], args=args)
+                self._script(keys=[self.key, minute, f"{self.key}:flushed:{self._sender}"],
+                             args=args)
             except redis.RedisError as exc:
                 log.warning("metrics not flushed, kept for the next try: %s",
                             type(exc).__name__)

@@ -53,3 +53,23 @@ def test_a_rate_whose_step_is_not_whole_milliseconds_holds_across_workers(redis_
     assert len(sent) <= 3 * 3 + 3, len(sent)  # 3 s at 3/s, and the last waits of each thread
     gaps = [b - a for a, b in zip(sorted(sent), sorted(sent)[1:], strict=False)]
     assert min(gaps) > 0.3, sorted(gaps)[:5]
+
+
+def test_a_rate_past_a_thousand_a_second_is_held_to_the_microsecond(redis_client):
+    # in milliseconds, every wait was at least 1 ms: no more than 1,000/s could pass, and a
+    # lone worker lost up to 1 ms per send well below that
+    control = SinkControl(redis_client, f"fast{uuid.uuid4().hex}")
+    for sink in ("a", "b", "c", "d", "e"):  # (a call slower than the step would find it due)
+        assert control.rate_wait(sink, 1000, 1.0) == 0
+        wait = control.rate_wait(sink, 1000, 1.0)
+        if wait:
+            break
+    assert 0 < wait < 0.001  # the 1 ms step, less what the second call took
+    allowed, started = 0, time.monotonic()
+    while time.monotonic() - started < 0.5:
+        wait = control.rate_wait("crm", 4000, 1.0)
+        if wait == 0:
+            allowed += 1
+        else:
+            time.sleep(wait)
+    assert allowed <= 4000 * 0.5 + 2

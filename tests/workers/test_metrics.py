@@ -60,3 +60,30 @@ def test_event_types_rd_does_not_send_are_one_label_value(redis_url):
         recorder.discard()
     assert claimed_type('{"event_name": "crm_zzz_created", "document": {}}') == "unknown"
     assert claimed_type('{"event_name": "crm_lost_reason_deleted"}') == "crm_lost_reason_deleted"
+
+
+def test_a_batch_refused_part_way_is_kept_whole_and_applied_once(redis_url):
+    # a key of another type where the minute's hash goes: the flush fails before it writes
+    # anything (it used to apply part of the batch, record its token, and lose the rest)
+    namespace = f"typed{time.time_ns()}"
+    client = redis.Redis.from_url(redis_url)
+    recorder = Recorder(client, namespace, interval=3600)
+    try:
+        for _ in range(5):
+            recorder.inc("leadpipe_ingest_requests", status="202")
+            recorder.inc("leadpipe_ingest_requests", status="503")
+        now = int(time.time() // 60)
+        minutes = [recorder.minute_key(now), recorder.minute_key(now + 1)]  # (a boundary)
+        for minute in minutes:
+            client.set(minute, "not a hash")
+        recorder.flush()
+        assert client.hgetall(f"{namespace}:metrics") == {}
+        client.delete(*minutes)
+        recorder.flush()
+        recorder.flush()
+        totals = {dict(orjson.loads(k)[1])["status"]: float(v)
+                  for k, v in client.hgetall(f"{namespace}:metrics").items()}
+        assert totals == {"202": 5.0, "503": 5.0}
+        assert len(list(client.scan_iter(f"{namespace}:metrics:flushed:*"))) == 1
+    finally:
+        recorder.discard()

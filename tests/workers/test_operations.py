@@ -86,14 +86,12 @@ def test_the_relay_locks_only_the_deliveries_it_sends(database_url, db):
     assert (len(sent), held) == (5, 5)
 
 
-def test_the_relay_sends_a_lost_delivery_on_in_its_round_and_a_paused_one_is_not_lost(
-        ops, database_url, db, monkeypatch):
+def test_the_relay_sends_a_lost_delivery_on_in_its_round(ops, database_url, db, monkeypatch):
     """A task lost while its delivery waited for round 3 is sent on in round 3 (it used to
-    start over at round 0: the whole retry schedule again). A task bounced by a pause marks
-    its deliveries as still its own, so the relay leaves them."""
+    start over at round 0: the whole retry schedule again, and again at each loss)."""
     from workers.routing import SinkSpec
 
-    waiting, paused = stored(database_url, "U-round", "U-paused")
+    waiting, = stored(database_url, "U-round")
     sent: list[tuple[str, list[str], int]] = []
     monkeypatch.setattr(ops, "publish", lambda sink, ids, round_=0, *args, **kwargs:
                         sent.append((sink, ids, round_)))
@@ -110,17 +108,15 @@ def test_the_relay_sends_a_lost_delivery_on_in_its_round_and_a_paused_one_is_not
     with psycopg.connect(database_url, autocommit=True) as conn:
         plan = delivery.run(conn, Down(), failing, ops.control, [waiting], 2)  # type: ignore[arg-type]
         assert plan.next_round == 3
-        ops.control.pause("crm")
-        try:
-            bounced = delivery.run(conn, Down(), failing, ops.control, [paused], 4)  # type: ignore[arg-type]
-            assert bounced.reason == "paused"
-        finally:
-            ops.control.resume("crm")
-    db.execute("UPDATE deliveries SET dispatched_at = now() - interval '1 hour' "
-               "WHERE event_id = %s", (waiting,))
-    db.execute("UPDATE deliveries SET dispatched_at = dispatched_at - interval '1.5 seconds' "
-               "WHERE event_id = %s", (paused,))  # its bounce 2 s ahead: still not stale
+    assert db.execute("SELECT round FROM deliveries").fetchone() == (3,)
+    db.execute("UPDATE deliveries SET dispatched_at = now() - interval '1 hour'")
     assert operations.relay(ops) == 1
     assert sent == [("crm", [waiting], 3)]
-    assert db.execute("SELECT round FROM deliveries WHERE event_id = %s",
-                      (paused,)).fetchone() == (4,)
+    assert operations.replay  # and a replay starts over: below
+    with psycopg.connect(database_url, autocommit=True) as conn:
+        assert delivery.bury(conn, "crm", [waiting], "gone") == 1
+    sent.clear()
+    monkeypatch.setattr(operations, "publish_or_relay",
+                        lambda runtime, sink, ids, dispatch=None: sent.append((sink, ids, 0)))
+    assert operations.replay(ops, sink="crm") == 1
+    assert db.execute("SELECT round FROM deliveries").fetchone() == (0,)
