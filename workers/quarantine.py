@@ -58,9 +58,11 @@ def replay(runtime: Runtime, quarantine_id: str) -> ReplayResult:
             publish_or_relay(runtime, sink, event_ids)
     reason = "; ".join(r.reason for r in (*rejected, *refusals)) or None
     with connect(dsn) as conn:
-        if reason is not None:
-            conn.execute("UPDATE quarantine SET reason = %s, replays = replays + 1 WHERE id = %s",
-                         (reason, quarantine_id))
-        else:
+        if reason is None:
             conn.execute("DELETE FROM quarantine WHERE id = %s", (quarantine_id,))
+        elif not conn.execute("UPDATE quarantine SET reason = %s, replays = replays + 1 "
+                              "WHERE id = %s", (reason, quarantine_id)).rowcount:
+            # the purge (LEADPIPE_RETAIN_QUARANTINE_DAYS) or an erasure took it meanwhile
+            raise LookupError(f"quarantined event {quarantine_id!r} was removed while it was "
+                              "replayed (purged or erased): nothing of it was stored")
     return ReplayResult(quarantine_id, len(stored.new), stored.duplicates, reason)

@@ -8,6 +8,7 @@ import sys
 from datetime import UTC, datetime
 
 import orjson
+import pytest
 import yaml
 
 from sinks.postgres import PostgresSink
@@ -210,3 +211,26 @@ def test_a_replayed_body_reaches_its_sinks_at_once(settings, db, tmp_path, worke
     wait_for(lambda: count(db, "SELECT count(*) FROM deliveries WHERE status = 'delivered'")
              == 1, timeout=30, what="the replayed event delivered")
     assert "q-fan" in (tmp_path / "audit.jsonl").read_text()
+
+
+def test_a_replay_the_purge_overtook_says_the_row_is_gone(settings, db, monkeypatch):
+    # a row still rejected and removed meanwhile (the purge, an erasure): "still quarantined"
+    # named a row that no longer existed
+    from workers import quarantine as module
+    from workers.runtime import Runtime
+
+    quarantine(settings, "q-gone", {"event_type": "WEBHOOK.CONVERTED"})
+    real_split = module.split
+
+    def purged_meanwhile(entries):  # type: ignore[no-untyped-def]
+        db.execute("DELETE FROM quarantine WHERE id = 'q-gone'")
+        return real_split(entries)
+
+    monkeypatch.setattr(module, "split", purged_meanwhile)
+    runtime = Runtime(settings)
+    try:
+        with pytest.raises(LookupError, match="removed while it was replayed"):
+            module.replay(runtime, "q-gone")
+    finally:
+        runtime.close()
+    assert count(db, "SELECT count(*) FROM quarantine") == 0
