@@ -60,7 +60,7 @@ def worker_queues(settings: Settings) -> list[str]:
 
     runtime = Runtime(settings)
     paused = runtime.control.paused()
-    return [settings.ingest_queue, f"{settings.namespace}.default", subscriptions_queue(settings),
+    return [settings.ingest_queue, settings.default_queue, subscriptions_queue(settings),
             *(sink_queue(settings, name) for name in runtime.routing.sinks if name not in paused)]
 
 

@@ -20,6 +20,8 @@ from pathlib import Path
 from config.settings import ConfigError
 
 PIDFILE = "redis-server.pid"  # in a LocalRedis folder while its server runs
+# the signals that stop `leadpipe run` (a terminal's Ctrl-C, a supervisor, a closed terminal)
+STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 def free_port(preferred: int | None = None) -> int:
@@ -64,9 +66,8 @@ def signals_held() -> Iterator[None]:
         yield  # handlers belong to the main thread, which alone runs them
         return
     came: list[int] = []
-    stopping = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
     before = {signum: signal.signal(signum, lambda signum, frame: came.append(signum))
-              for signum in stopping}
+              for signum in STOPPING}
     try:
         yield
     finally:

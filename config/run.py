@@ -13,14 +13,11 @@ import time
 from pathlib import Path
 
 from config.cli import SAMPLE, api_command, check_routing, host_port
-from config.local import LocalPostgres, LocalRedis, signals_held, stop_group, wait_port
+from config.local import STOPPING, LocalPostgres, LocalRedis, signals_held, stop_group, wait_port
 from config.settings import PREFIX, ConfigError, Settings
 
 # a wildcard address listens on the loopback too, where the banner's curl goes
 _LOOPBACK = {"": "127.0.0.1", "0.0.0.0": "127.0.0.1", "::": "::1"}
-
-
-_STOPPING = (signal.SIGTERM, signal.SIGINT, signal.SIGHUP)
 
 
 class Interrupted(Exception):
@@ -37,7 +34,7 @@ def run(args: argparse.Namespace) -> int:
 
     # from the first moment: SIGTERM or SIGHUP (their default kills us on the spot) or Ctrl-C
     # while servers start must still stop what was started, in the `finally` below
-    for signum in _STOPPING:
+    for signum in STOPPING:
         signal.signal(signum, _interrupt)
     settings = Settings.from_env()
     check_routing(settings)  # before anything starts: nothing to undo
@@ -106,7 +103,7 @@ Other shells (the `leadpipe` command and these settings): . {data / 'env'}     S
         print(f"stopping ({exc} while starting)...", file=sys.stderr)
         return 0
     finally:
-        for signum in _STOPPING:  # the cleanup is not cut short by a second Ctrl-C
+        for signum in STOPPING:  # the cleanup is not cut short by a second Ctrl-C
             signal.signal(signum, signal.SIG_IGN)
         for child in children:
             stop_group(child, timeout=20)
@@ -162,7 +159,7 @@ def _wait(children: list[subprocess.Popen]) -> int:
 
     # set explicitly: a shell starting us in the background may have ignored SIGINT; SIGHUP
     # (the terminal closed) stops the children too, which no longer share our session
-    for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+    for signum in STOPPING:
         signal.signal(signum, handler)
     while not stop["now"]:
         for child in children:

@@ -412,6 +412,11 @@ class Settings:
     def ingest_queue(self) -> str:
         return f"{self.namespace}.ingest"
 
+    @property
+    def default_queue(self) -> str:
+        """Celery's default queue of this namespace (the purge, anything not routed)."""
+        return f"{self.namespace}.default"
+
 
 def documented() -> list[tuple[str, str, str]]:
     """(variable, default, meaning) of every setting, for the README and `leadpipe config`."""

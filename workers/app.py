@@ -56,7 +56,7 @@ def make_celery(settings: Settings | None = None, socket_timeout: float | None =
         broker_transport=transport_for(settings.redis_url),
         broker_use_ssl=tls_for(settings.redis_url),
         broker_transport_options={"visibility_timeout": settings.visibility_timeout_seconds},
-        task_default_queue=f"{settings.namespace}.default",
+        task_default_queue=settings.default_queue,
         task_routes={"leadpipe.process_batch": {"queue": settings.ingest_queue}},
         worker_hijack_root_logger=False,
         worker_redirect_stdouts=False,

@@ -12,7 +12,7 @@ import orjson
 from marshmallow import ValidationError
 
 from ingest.queue import Entry
-from workers.events import EVENT_TYPES, Event, Rejected
+from workers.events import EVENT_TYPES, MARKETING_TYPES, Event, Rejected
 from workers.schemas import (
     DEAL_EVENTS,
     CrmEnvelopeSchema,
@@ -128,7 +128,6 @@ def normalize(entry: Entry) -> list[Event | Rejected]:
 
 
 _CRM_NAME = re.compile(r"crm_([a-z]{1,40}|lost_reason)_(created|updated|deleted)")
-_V2_TYPES = frozenset({"WEBHOOK.CONVERTED", "WEBHOOK.MARKED_OPPORTUNITY"})
 
 
 def claimed_type(payload: str, hint: str | None = None) -> str:
@@ -141,7 +140,7 @@ def claimed_type(payload: str, hint: str | None = None) -> str:
     if not isinstance(data, dict):
         return "unknown"
     if "leads" in data:
-        return hint if hint in _V2_TYPES else "WEBHOOK.CONVERTED"
+        return hint if hint in MARKETING_TYPES else "WEBHOOK.CONVERTED"
     claimed = data.get("event_type", data.get("event_name"))
     return claimed if isinstance(claimed, str) and claimed in EVENT_TYPES else "unknown"
 

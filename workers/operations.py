@@ -240,5 +240,5 @@ def schedule_purge(runtime: Runtime) -> bool:
     turn = runtime.redis.set(f"{settings.namespace}:purge-turn", "1", nx=True,
                              ex=settings.purge_interval_seconds)
     if turn:
-        runtime.app.send_task("leadpipe.purge", queue=f"{settings.namespace}.default")
+        runtime.app.send_task("leadpipe.purge", queue=settings.default_queue)
     return bool(turn)

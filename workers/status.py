@@ -11,9 +11,10 @@ import psycopg
 import redis
 from psycopg_pool import PoolTimeout
 
+from config.settings import Settings
 from ingest.durability import redis_durability
 from ingest.queue import GROUP
-from workers.runtime import Runtime
+from workers.runtime import Runtime, sink_queue, subscriptions_queue
 
 log = logging.getLogger("leadpipe.status")
 
@@ -148,7 +149,7 @@ def _postgres(runtime: Runtime, state: PipelineState, delivered: bool) -> None:
 def workers(app: Any, timeout: float) -> dict[str, dict[str, Any]]:
     """This namespace's Celery workers that answered within `timeout` (per inspect call): the
     queues they consume, their pool size and the tasks they have run, by name."""
-    prefix = app.leadpipe.settings.namespace + "."
+    settings = app.leadpipe.settings
     inspect = app.control.inspect(timeout=timeout)
     try:
         queues = inspect.active_queues() or {}
@@ -158,7 +159,7 @@ def workers(app: Any, timeout: float) -> dict[str, dict[str, Any]]:
         return {}
     found = {}
     for name, consumed in sorted(queues.items()):
-        ours = sorted(q["name"] for q in consumed if _ours(q["name"], prefix))
+        ours = sorted(q["name"] for q in consumed if _ours(q["name"], settings))
         if not ours:
             continue  # a worker of another namespace on the same broker
         info = stats.get(name, {})
@@ -169,14 +170,13 @@ def workers(app: Any, timeout: float) -> dict[str, dict[str, Any]]:
     return found
 
 
-def _ours(queue: str, prefix: str) -> bool:
-    """A queue of this namespace (`<ns>.ingest`, `.default`, `.subscriptions`, `.sink.<name>`),
-    not of another whose name starts with ours and a dot (`<ns>.eu.ingest`)."""
-    if not queue.startswith(prefix):
-        return False
-    rest = queue[len(prefix):]
-    return rest in ("ingest", "default", "subscriptions") or (
-        rest.startswith("sink.") and "." not in rest[5:] and len(rest) > 5)
+def _ours(queue: str, settings: Settings) -> bool:
+    """A queue of this namespace, not of another whose name starts with ours and a dot
+    (`<ns>.eu.ingest`): its own queues, or a sink's (whose names hold no dot)."""
+    sinks = sink_queue(settings, "")
+    return queue in (settings.ingest_queue, settings.default_queue,
+                     subscriptions_queue(settings)) or (
+        queue.startswith(sinks) and len(queue) > len(sinks) and "." not in queue[len(sinks):])
 
 
 def age(seconds: float | None) -> str:

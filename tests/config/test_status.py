@@ -222,7 +222,7 @@ def test_the_oldest_entry_is_aged_from_when_the_endpoint_took_it(runtime, redis_
     ("prod.eu.ingest", False), ("prod.eu.sink.crm", False), ("prod.sink.", False),
     ("production.ingest", False), ("celery", False),
 ])
-def test_workers_of_another_namespace_starting_with_ours_are_not_ours(queue, ours):
+def test_workers_of_another_namespace_starting_with_ours_are_not_ours(settings, queue, ours):
     from workers.status import _ours
 
-    assert _ours(queue, "prod.") is ours
+    assert _ours(queue, settings.with_(namespace="prod")) is ours
