@@ -76,7 +76,7 @@ DEFAULT_PATHS = {"lead": "/leads", "deal": "/deals"}
 # Headers the sink sets itself; auth_header may not take their place.
 _OWN_HEADERS = frozenset({"content-type", "content-length", "host", "idempotency-key",
                           "x-leadpipe-event-id", "transfer-encoding"})
-_SAFE_KEY = re.compile(r"^[\x21-\x7e]{1,255}$")
+_SAFE_KEY = re.compile(r"[\x21-\x7e]{1,255}")  # fullmatch: "$" would let a last "\n" in
 
 
 def _view_names() -> dict[str, frozenset[str] | None]:
@@ -169,7 +169,7 @@ class CrmOptions(Schema):
 def idempotency_key(dedup_key: str) -> str:
     """The event's dedup_key as is when it is a plain header value (visible ASCII, at most 255
     characters), else "sha256:<hex of it>": stable across redeliveries either way."""
-    if _SAFE_KEY.match(dedup_key):
+    if _SAFE_KEY.fullmatch(dedup_key):
         return dedup_key
     return "sha256:" + hashlib.sha256(dedup_key.encode("utf-8", "surrogatepass")).hexdigest()
 

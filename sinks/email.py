@@ -30,7 +30,9 @@ from marshmallow import (
     validates_schema,
 )
 
+from ingest.ssrf import Unresolved
 from sinks.base import PermanentSinkError, RetryableSinkError, Sink, SinkError
+from sinks.transport import Deadline, connect, current_deadline, resolve
 from workers.events import Event
 from workers.view import view
 
@@ -267,6 +269,8 @@ class EmailOptions(Schema):
     from_ = fields.Email(data_key="from", required=True)
     to = fields.List(fields.Email(), required=True, validate=validate.Length(min=1))
     timeout = fields.Float(load_default=10.0, validate=validate.Range(
+        min=0, max=86_400, min_inclusive=False))
+    data_timeout = fields.Float(load_default=60.0, validate=validate.Range(
         min=0, max=86_400, min_inclusive=False))
     templates = fields.Dict(keys=fields.String(validate=validate.Length(min=1)),
                             values=fields.Nested(TemplatePairSchema), load_default=None)
@@ -524,12 +528,16 @@ class EmailSink(Sink):
             return
         errors: list[SinkError] = []
         smtp: smtplib.SMTP | None = None
+        options = self.options
         try:
             for n, (recipient, key) in enumerate(pending, 1):
                 try:
                     if smtp is None:
-                        smtp = self._open()
-                    self._send(smtp, self.build_message(event, *rendered, recipient), recipient)
+                        with Deadline(options["timeout"]) as deadline:
+                            smtp = self._open(deadline)
+                    message = self.build_message(event, *rendered, recipient)
+                    with Deadline(options["timeout"] + options["data_timeout"]) as deadline:
+                        self._send(smtp, message, recipient, deadline)
                 except _Broken as broken:
                     errors.append(broken.error)
                     break
@@ -548,18 +556,19 @@ class EmailSink(Sink):
                         event.id, len(errors), len(pending), error)
             raise error
 
-    def _open(self) -> smtplib.SMTP:
+    def _open(self, deadline: Deadline) -> smtplib.SMTP:
+        """A session ready for mail (greeted, TLS, logged in), all of it within `deadline`."""
         options = self.options
         smtp: smtplib.SMTP
         try:  # connecting in the constructor: smtplib then checks TLS against this host name
             if options["security"] == "ssl":
-                smtp = smtplib.SMTP_SSL(options["host"], options["port"], _local_hostname(),
-                                        timeout=options["timeout"], context=self.tls_context)
+                smtp = _BoundedSMTPS(options["host"], options["port"], _local_hostname(),
+                                     timeout=options["timeout"], context=self.tls_context)
             else:
-                smtp = smtplib.SMTP(options["host"], options["port"], _local_hostname(),
+                smtp = _BoundedSMTP(options["host"], options["port"], _local_hostname(),
                                     timeout=options["timeout"])
         except Exception as exc:  # smtplib has closed its socket already
-            raise _Broken(classify(exc)) from None
+            raise _Broken(_timed(classify(exc), deadline, "connecting")) from None
         try:
             if options["security"] == "starttls":
                 smtp.ehlo()
@@ -569,28 +578,59 @@ class EmailSink(Sink):
                 smtp.login(options["username"], options["password"])
         except Exception as exc:
             smtp.close()
-            raise _Broken(classify(exc)) from None
+            raise _Broken(_timed(classify(exc), deadline, "connecting")) from None
         return smtp
 
-    @staticmethod
-    def _send(smtp: smtplib.SMTP, msg: EmailMessage, recipient: str) -> None:
+    def _send(self, smtp: smtplib.SMTP, msg: EmailMessage, recipient: str,
+              deadline: Deadline) -> None:
+        """One message, within `deadline`; the server's answer to its end may take up to
+        `data_timeout` (a server that took it and answers later gets it again next time)."""
+        assert smtp.sock is not None
+        deadline.watch(smtp.sock)
+        smtp.sock.settimeout(self.options["timeout"] + self.options["data_timeout"])
         try:
             smtp.send_message(msg, to_addrs=[recipient])
         except smtplib.SMTPServerDisconnected as exc:
-            raise _Broken(classify(exc)) from None
+            raise _Broken(_timed(classify(exc), deadline, "sending")) from None
         except smtplib.SMTPException as exc:  # (a subclass of OSError: caught before it)
             error = classify(exc)
             if error.status == 421 or smtp.sock is None:  # the server is closing the session
                 raise _Broken(error) from None
             raise error from None
         except OSError as exc:  # the connection broke mid-way
-            raise _Broken(classify(exc)) from None
+            raise _Broken(_timed(classify(exc), deadline, "sending")) from None
 
     def close(self) -> None:
         """Close the ledger's connection; SMTP connections live only within deliver()."""
         closer = getattr(self.ledger, "close", None)
         if callable(closer):
             closer()
+
+
+class _BoundedSMTP(smtplib.SMTP):
+    """smtplib's client, connecting within the Deadline of the block that opens it: the host
+    name looked up in what is left of it, the connection shut down when it is up (smtplib's
+    own timeout bounds each read, so a server dripping its greeting would hold it for good)."""
+
+    def _get_socket(self, host: str, port: int, timeout: float) -> socket.socket:
+        deadline = current_deadline()
+        assert deadline is not None, "opened within a Deadline only"
+        try:
+            candidates = resolve(host, port, deadline)
+        except Unresolved as exc:
+            raise TimeoutError(str(exc)) from None
+        return connect(candidates, timeout, deadline)
+
+
+class _BoundedSMTPS(smtplib.SMTP_SSL, _BoundedSMTP):
+    """The same for implicit TLS: SMTP_SSL wraps the socket _BoundedSMTP connected."""
+
+
+def _timed(error: SinkError, deadline: Deadline, doing: str) -> SinkError:
+    """The error, said to be the deadline's when it was (the server was too slow)."""
+    if deadline.expired:
+        return RetryableSinkError(f"smtp server too slow: {doing} took longer than allowed")
+    return error
 
 
 @cache

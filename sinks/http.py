@@ -32,8 +32,9 @@ MAX_RETRY_AFTER_SECONDS = 3600.0
 # keeps the connection for the next request), so a destination cannot fill a worker's memory.
 MAX_ANSWER_BYTES = 64 * 1024
 
-_TOKEN = re.compile(r"^[!#$%&'*+.^_`|~0-9A-Za-z-]+$")  # an HTTP field name (RFC 9110 5.1)
-_HEADER_VALUE = re.compile(r"^[\t\x20-\x7e]*$")  # visible ASCII, space and tab: no CR/LF
+_TOKEN = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]+")  # an HTTP field name (RFC 9110 5.1)
+# both taken whole (fullmatch: "$" would let a last "\n" in)
+_HEADER_VALUE = re.compile(r"[\t\x20-\x7e]*")  # visible ASCII, space and tab: no CR/LF
 
 
 # ---------------------------------------------------------------------------------------------
@@ -61,7 +62,7 @@ def timeout_field(default: float = 5.0) -> fields.Float:
 
 def header_name(value: str) -> None:
     """Validator: an HTTP field name."""
-    if not _TOKEN.match(value):
+    if not _TOKEN.fullmatch(value):
         raise ValidationError("Not a valid HTTP header name.")
 
 
@@ -78,7 +79,7 @@ def free_header(own: frozenset[str]):  # type: ignore[no-untyped-def]
 
 def header_value(value: str) -> None:
     """Validator: a header value requests can send (ASCII, no line breaks). Never echoes it."""
-    if not _HEADER_VALUE.match(value):
+    if not _HEADER_VALUE.fullmatch(value):
         raise ValidationError("Must be printable ASCII without line breaks.")
 
 

@@ -19,6 +19,7 @@ import os
 import socket
 import threading
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING, Any
 
 import requests
@@ -166,6 +167,61 @@ def _after_fork() -> None:  # the thread (and perhaps a held lock) did not come 
 os.register_at_fork(after_in_child=_after_fork)
 
 
+def current_deadline() -> Deadline | None:
+    """The Deadline of the calling block, if any."""
+    return _current.get()
+
+
+def resolve(host: str, port: int, deadline: Deadline) -> list[tuple[int, Any]]:
+    """(family, socket address) of each address of `host`, looked up within what is left of
+    `deadline`: getaddrinfo cannot be interrupted, so a lookup that outlasts it is left to
+    finish in a thread of its own (ingest.ssrf.lookup) and ssrf.Unresolved is raised; a name
+    with no address raises socket.gaierror."""
+
+    def getaddrinfo(name: str, port: int, type: int = socket.SOCK_STREAM) -> list:
+        return socket.getaddrinfo(name, port, allowed_gai_family(), type)
+
+    left = deadline.remaining()
+    if _is_address(host):  # a literal needs no resolver, nor a thread
+        infos = getaddrinfo(host, port)
+    elif left <= 0:
+        raise ssrf.Unresolved("no time left to resolve the host", True)
+    else:
+        infos = ssrf.lookup(getaddrinfo, host, port, left)
+    return [(info[0], info[4]) for info in infos]
+
+
+def connect(candidates: list[tuple[int, Any]], timeout: float | None,
+            deadline: Deadline | None,
+            prepare: Callable[[socket.socket], None] | None = None) -> socket.socket:
+    """A TCP connection to the first of `candidates` ((family, address) pairs) that answers,
+    each tried within `timeout` and what is left of `deadline`, the socket then put under it.
+    Raises TimeoutError when the time is up, else the last connection error."""
+    error: OSError = OSError("no address to connect to")
+    for family, sockaddr in candidates:
+        wait = timeout
+        if deadline is not None:
+            left = deadline.remaining()
+            if left <= 0:
+                raise TimeoutError("no time left to connect")
+            wait = left if wait is None else min(wait, left)
+        sock = socket.socket(family, socket.SOCK_STREAM)
+        try:
+            if prepare is not None:
+                prepare(sock)
+            sock.settimeout(wait)
+            sock.connect(sockaddr)
+        except OSError as exc:
+            sock.close()
+            error = exc
+            continue
+        sock.settimeout(timeout)
+        if deadline is not None:
+            deadline.watch(sock)
+        return sock
+    raise error
+
+
 class _Connecting:
     """What both connection classes add: connect to the pinned addresses (if any) within the
     deadline (if any), and put the connection under the deadline of every request it serves."""
@@ -182,65 +238,30 @@ class _Connecting:
             return super()._new_conn()  # type: ignore[misc]
         self._deadline = deadline
         timeout = Timeout.resolve_default_timeout(self.timeout)  # type: ignore[attr-defined]
-        if self.pinned is not None:
-            candidates = list(self.pinned)
-        else:
-            assert deadline is not None  # neither pinned nor under a deadline: urllib3's own
-            candidates = self._resolve(deadline)
-        error: OSError | None = None
-        for family, sockaddr in candidates:
-            wait = timeout
-            if deadline is not None:
-                left = deadline.remaining()
-                if left <= 0:
-                    error = TimeoutError()
-                    break
-                wait = left if wait is None else min(wait, left)
-            sock = socket.socket(family, socket.SOCK_STREAM)
-            try:
-                for option in self.socket_options or ():  # type: ignore[attr-defined]
-                    sock.setsockopt(*option)
-                sock.settimeout(wait)
-                if self.source_address:  # type: ignore[attr-defined]
-                    sock.bind(self.source_address)  # type: ignore[attr-defined]
-                sock.connect(sockaddr)
-            except OSError as exc:
-                sock.close()
-                error = exc
-                continue
-            sock.settimeout(timeout)
-            if deadline is not None:
-                deadline.watch(sock)
-            return sock
-        if isinstance(error, TimeoutError):
-            raise ConnectTimeoutError(  # type: ignore[arg-type]
-                self, f"Connection to {self.host} timed out.") from error  # type: ignore
-        raise NewConnectionError(  # type: ignore[arg-type]
-            self, f"Failed to establish a new connection: {error}") from error
-
-    def _resolve(self, deadline: Deadline) -> list[tuple[int, Any]]:
-        """(family, socket address) of each address of the host, looked up within what is left
-        of the deadline: getaddrinfo cannot be interrupted, so a lookup that outlasts it is left
-        to finish in a thread of its own (ingest.ssrf.lookup) and the connection times out."""
-        host = self._dns_host  # type: ignore[attr-defined]
-
-        def getaddrinfo(name: str, port: int, type: int = socket.SOCK_STREAM) -> list:
-            return socket.getaddrinfo(name, port, allowed_gai_family(), type)
-
-        left = deadline.remaining()
         try:
-            if _is_address(host):  # a literal needs no resolver, nor a thread
-                infos = getaddrinfo(host, self.port)  # type: ignore[attr-defined]
-            elif left <= 0:
-                raise ssrf.Unresolved("no time left to resolve the host", True)
+            if self.pinned is not None:
+                candidates = list(self.pinned)
             else:
-                infos = ssrf.lookup(getaddrinfo, host, self.port, left)  # type: ignore
+                assert deadline is not None  # neither pinned nor under a deadline: urllib3's
+                candidates = resolve(self._dns_host, self.port, deadline)  # type: ignore
+            return connect(candidates, timeout, deadline, self._prepare)
         except socket.gaierror as exc:
             raise NameResolutionError(self.host, self, exc) from exc  # type: ignore
         except ssrf.Unresolved as exc:
             raise ConnectTimeoutError(  # type: ignore[arg-type]
                 self, f"Resolving {self.host} timed out.") from exc  # type: ignore
-        return [(info[0], info[4]) for info in infos]
+        except TimeoutError as exc:
+            raise ConnectTimeoutError(  # type: ignore[arg-type]
+                self, f"Connection to {self.host} timed out.") from exc  # type: ignore
+        except OSError as exc:
+            raise NewConnectionError(  # type: ignore[arg-type]
+                self, f"Failed to establish a new connection: {exc}") from exc
+
+    def _prepare(self, sock: socket.socket) -> None:
+        for option in self.socket_options or ():  # type: ignore[attr-defined]
+            sock.setsockopt(*option)
+        if self.source_address:  # type: ignore[attr-defined]
+            sock.bind(self.source_address)  # type: ignore[attr-defined]
 
     def request(self, *args: Any, **kwargs: Any) -> None:
         deadline = _current.get()

@@ -20,7 +20,7 @@ import threading
 import time
 import uuid
 import weakref
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from typing import Any
 
 import orjson
@@ -236,7 +236,8 @@ worker_process_shutdown.connect(flush_all, weak=False)  # Celery's pool children
 
 
 class MeasuredSink(Sink):
-    """Wraps a sink: each call to deliver() is timed into the metrics, then passed on as is."""
+    """Wraps a sink: each call to deliver() is timed into the metrics, then passed on as is;
+    every other part of the sink contract (narrowed, deliver_many, close) is the inner sink's."""
 
     name = "measured"
 
@@ -257,12 +258,27 @@ class MeasuredSink(Sink):
             outcome = "permanent"
             raise
         finally:
-            sink = self.inner.instance
-            self.recorder.observe("leadpipe_delivery_duration_seconds",
-                                  time.perf_counter() - started, sink=sink, outcome=outcome)
-            if outcome == "delivered":
-                lag = time.time() - event.received_at.timestamp()
-                self.recorder.observe("leadpipe_delivery_lag_seconds", max(lag, 0.0), sink=sink)
+            self._observe(event, outcome, time.perf_counter() - started)
+
+    def deliver_many(self, events: Sequence[Event]) -> list[BaseException | None]:
+        started = time.perf_counter()
+        outcomes = self.inner.deliver_many(events)
+        each = (time.perf_counter() - started) / max(1, len(events))
+        for event, error in zip(events, outcomes, strict=True):
+            self._observe(event, "delivered" if error is None else "permanent"
+                          if isinstance(error, PermanentSinkError) else "retryable", each)
+        return outcomes
+
+    def narrowed(self, older: Event, newer: list[Event]) -> Event | None:
+        return self.inner.narrowed(older, newer)
+
+    def _observe(self, event: Event, outcome: str, seconds: float) -> None:
+        sink = self.inner.instance
+        self.recorder.observe("leadpipe_delivery_duration_seconds", seconds, sink=sink,
+                              outcome=outcome)
+        if outcome == "delivered":
+            lag = time.time() - event.received_at.timestamp()
+            self.recorder.observe("leadpipe_delivery_lag_seconds", max(lag, 0.0), sink=sink)
 
     def close(self) -> None:
         self.inner.close()

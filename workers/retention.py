@@ -143,7 +143,7 @@ def erased_key(dedup_key: str) -> str:
     return "erased:" + hashlib.sha256(dedup_key.encode("utf-8")).hexdigest()
 
 
-_EMAIL = re.compile(r"^[^@\s]+@[^@\s]+$")
+_EMAIL = re.compile(r"[^@\s]+@[^@\s]+")
 # The characters of an address, Unicode letters and digits included (\w): what may stand
 # right before one inside a longer one (RFC 5322's local-part characters), and in a domain.
 # sinks.postgres finds the addresses of a body with the same classes.
@@ -193,7 +193,7 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
     finishes the work. `conn` must not be inside a transaction.
     """
     email = email.strip().lower()
-    if not _EMAIL.match(email):
+    if not _EMAIL.fullmatch(email):
         raise ValueError("expected one e-mail address")
     if conn.info.transaction_status != psycopg.pq.TransactionStatus.IDLE:
         raise RuntimeError("erase needs a connection outside any transaction")

@@ -190,6 +190,16 @@ def test_an_unsendable_dedup_key_becomes_a_stable_hash(server, make_sink):
     assert len(keys) == 1 and keys.pop().startswith("sha256:")
 
 
+def test_a_dedup_key_ending_in_a_line_break_is_sent_as_its_hash(server, make_sink):
+    # a transaction_uuid is RD's text as sent: one ending in "\n" passed for a plain header
+    # value, and requests refused every try of it (retried forever, opening the circuit)
+    body = orjson.loads(fixture_bytes("crm-deal-created.json"))
+    body["transaction_uuid"] = "tx-1\n"
+    make_sink().deliver(event(body))
+    [request] = server.requests
+    assert request.header("Idempotency-Key").startswith("sha256:")
+
+
 # -- outcomes ----------------------------------------------------------------------------------
 
 
@@ -331,6 +341,10 @@ def test_defaults():
      "auth_header"),
     ({"base_url": "https://crm.example.com", "auth_value": TOKEN,
       "auth_header": "Idempotency-Key"}, "auth_header"),
+    # a YAML block scalar ends in a line break: every request would fail, refused at load
+    ({"base_url": "https://crm.example.com", "auth_value": TOKEN + "\n"}, "auth_value"),
+    ({"base_url": "https://crm.example.com", "auth_value": TOKEN, "auth_header": "X-Key\n"},
+     "auth_header"),
     ({"base_url": "https://crm.example.com", "auth_value": TOKEN, "paths": {"lead": "leads"}},
      "paths.lead"),
     ({"base_url": "https://crm.example.com", "auth_value": TOKEN, "paths": {"contacts": "/c"}},

@@ -6,6 +6,7 @@ import hashlib
 import logging
 import socket
 import threading
+import time
 from collections.abc import Iterator
 from datetime import UTC, datetime
 from email.utils import parsedate_to_datetime
@@ -157,8 +158,8 @@ class _EndsTheLedgerSession(EmailSink):
     """Postgres ends the ledger's session just as the server takes the first message (a
     restart, a failover, an idle session killed)."""
 
-    def _send(self, smtp: Any, message: Any, recipient: str) -> None:
-        super()._send(smtp, message, recipient)
+    def _send(self, smtp: Any, message: Any, recipient: str, deadline: Any) -> None:
+        super()._send(smtp, message, recipient, deadline)
         if not getattr(self, "ended", False):
             self.ended = True
             pid = self.ledger._conn.info.backend_pid
@@ -342,6 +343,57 @@ def test_server_that_never_answers_is_retryable(ledger):
             sink.deliver(opportunity())
 
 
+def test_a_server_dripping_its_greeting_is_cut_off_at_the_timeout(ledger):
+    # smtplib's timeout bounds each read: a greeting sent as "220-" lines, one at a time,
+    # held the worker for as long as the server kept sending them
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        stop = threading.Event()
+
+        def drip() -> None:
+            conn, _ = listener.accept()
+            with conn:
+                while not stop.is_set():
+                    try:
+                        conn.sendall(b"220-still greeting\r\n")
+                    except OSError:
+                        return
+                    stop.wait(0.1)
+
+        thread = threading.Thread(target=drip, daemon=True)
+        thread.start()
+        sink = make_sink(listener.getsockname(), ledger, timeout=0.5)
+        started = time.monotonic()
+        with pytest.raises(RetryableSinkError, match="too slow: connecting"):
+            sink.deliver(opportunity())
+        took = time.monotonic() - started
+        stop.set()
+        thread.join(5)
+    assert took < 2, took
+
+
+def test_a_message_answered_late_is_sent_once(smtp, ledger, database_url):
+    # the server takes the message and answers after the command timeout: waited for (up to
+    # data_timeout), not taken for a failure and sent again on the next try
+    smtp.data_delay = 1.5
+    sink = make_sink(smtp, ledger, timeout=0.5, data_timeout=5, to=[SALES[0]])
+    sink.deliver(opportunity())
+    sink.deliver(opportunity())  # a redelivery of the event: the ledger says sent
+    assert len(smtp.messages) == 1
+    assert len(sent_rows(database_url)) == 1
+
+
+def test_a_message_answered_after_data_timeout_is_retryable(smtp, ledger, database_url):
+    smtp.data_delay = 3
+    sink = make_sink(smtp, ledger, timeout=0.5, data_timeout=0.5, to=[SALES[0]])
+    started = time.monotonic()
+    with pytest.raises(RetryableSinkError, match="too slow: sending"):
+        sink.deliver(opportunity())
+    assert time.monotonic() - started < 2.5
+    assert sent_rows(database_url) == []
+
+
 def test_event_type_without_template_sends_nothing_and_says_so(smtp, ledger, database_url,
                                                                 caplog):
     (event,) = events({"event_name": "crm_organization_created", "transaction_uuid": "org-1",
@@ -427,8 +479,8 @@ class _StopsPostgres(EmailSink):
 
     server: LocalPostgres
 
-    def _send(self, smtp: Any, message: Any, recipient: str) -> None:
-        super()._send(smtp, message, recipient)
+    def _send(self, smtp: Any, message: Any, recipient: str, deadline: Any) -> None:
+        super()._send(smtp, message, recipient, deadline)
         if not getattr(self, "stopped", False):
             self.stopped = True
             self.server.stop()

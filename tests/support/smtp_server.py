@@ -80,6 +80,8 @@ class _Handler:
         reply = self.server._take("DATA", "")
         if reply:
             return reply
+        if self.server.data_delay:  # takes the message, answers late (a slow relay)
+            await asyncio.sleep(self.server.data_delay)
         raw = bytes(envelope.content)
         login = getattr(session, "auth_data", None)
         self.server._record(Received(
@@ -121,6 +123,7 @@ class SmtpServer:
     session that has not logged in. `starttls` (a server SSLContext, see `self_signed`) offers
     STARTTLS and requires it before MAIL. `fail_next(code, count, stage)` makes the server answer
     `code` to the next `count` MAIL, RCPT or DATA commands instead of accepting them.
+    `data_delay` (seconds) holds the answer to each message's end that long.
     """
 
     def __init__(self, users: Mapping[str, str] | None = None,
@@ -130,6 +133,7 @@ class SmtpServer:
         self._messages: list[Received] = []
         self._failures: deque[_Failure] = deque()
         self._connections = 0
+        self.data_delay = 0.0
         self._kwargs: dict[str, Any] = {"server_hostname": "smtp.test", "ready_timeout": 10}
         if self.users:
             self._kwargs["authenticator"] = self._authenticate

@@ -126,22 +126,23 @@ def test_an_older_event_is_superseded_only_by_a_newer_one_that_goes_to_the_same_
     sink.close()
 
 
-def test_an_overtaken_event_sends_the_crm_only_the_fields_no_newer_one_carries(database_url,
-                                                                              redis_client):
+def test_an_overtaken_event_sends_the_crm_only_the_fields_no_newer_one_carries(
+        database_url, redis_client, settings, tmp_path):
     """A backlog: the newest event of a lead went out first. An older one carrying a phone the
     newest lacks sends that phone alone (never its older name over the newer); the oldest,
     with another phone and a custom field, sends only the custom field, as the middle one
     carries a newer phone. So nothing the lead sent is lost to the CRM and no newer value is
-    put back. An older event that carries nothing more ends superseded, unsent."""
+    put back. An older event that carries nothing more ends superseded, unsent. The CRM sink
+    is the one the workers' runtime builds (wrapped for metrics), as in production."""
     import psycopg
 
     from sinks.postgres import PostgresSink
-    from sinks.registry import build
     from tests.sinks.test_postgres_lww import at, events, v2
     from tests.support.http_server import HttpServer
     from workers import delivery
     from workers.control import SinkControl
     from workers.routing import SinkSpec
+    from workers.runtime import Runtime
 
     store = PostgresSink("postgres", {"dsn": database_url})
     oldest, plain, middle, newest = events(
@@ -154,7 +155,11 @@ def test_an_overtaken_event_sends_the_crm_only_the_fields_no_newer_one_carries(d
     control = SinkControl(redis_client, "c" + os.urandom(4).hex())
     spec = SinkSpec("crm", "crm", {})
     with HttpServer() as server, psycopg.connect(database_url, autocommit=True) as conn:
-        crm = build("crm", "crm", {"base_url": server.url, "auth_value": "Bearer x"})
+        routes = tmp_path / "routes.yaml"
+        routes.write_text(yaml.safe_dump({"sinks": {"crm": {"type": "crm", "options": {
+            "base_url": server.url, "auth_value": "Bearer x"}}}, "routes": [{"to": ["crm"]}]}))
+        runtime = Runtime(settings.with_(routes_file=str(routes)))
+        crm = runtime.sink("crm")
         for first in (newest, middle):  # out of order: a retried delivery came back later
             assert delivery.run(conn, crm, spec, control, [first.id], 0).delivered == 1
         late = delivery.run(conn, crm, spec, control, [oldest.id, plain.id], 0)
@@ -170,7 +175,7 @@ def test_an_overtaken_event_sends_the_crm_only_the_fields_no_newer_one_carries(d
         assert dict(conn.execute("SELECT event_id, status FROM deliveries").fetchall()) == {
             newest.id: "delivered", middle.id: "delivered", oldest.id: "delivered",
             plain.id: "superseded"}
-        crm.close()
+        runtime.close()
 
 
 def test_an_overtaken_event_is_not_narrowed_when_a_newer_body_is_purged(database_url,

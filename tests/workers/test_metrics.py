@@ -87,3 +87,56 @@ def test_a_batch_refused_part_way_is_kept_whole_and_applied_once(redis_url):
         assert len(list(client.scan_iter(f"{namespace}:metrics:flushed:*"))) == 1
     finally:
         recorder.discard()
+
+
+def test_the_measured_sink_is_the_inner_sink_in_every_part_of_the_contract(redis_url):
+    # the workers wrap every sink for its timings: a wrapper that answered narrowed() or
+    # deliver_many() with the base class's defaults sent the CRM nothing of an overtaken event
+    # and put Postgres' batch write back to one at a time
+    from datetime import UTC, datetime
+
+    from sinks.base import PermanentSinkError, Sink
+    from workers.events import Event
+    from workers.metrics import MeasuredSink
+
+    class Batched(Sink):
+        name = "batched"
+        calls: list[int] = []
+
+        def deliver(self, event):
+            raise AssertionError("a batch is one call")
+
+        def deliver_many(self, events):
+            self.calls.append(len(events))
+            return [None, PermanentSinkError("refused")]
+
+        def narrowed(self, older, newer):
+            return newer[0]
+
+    def event(n: int) -> Event:
+        return Event(id=f"e{n}", dedup_key=f"k{n}", source="test", event_type="WEBHOOK.CONVERTED",
+                     entity_type="lead", entity_id="x", occurred_at=datetime.now(UTC),
+                     received_at=datetime.now(UTC), payload="{}")
+
+    namespace = f"measured{time.time_ns()}"
+    recorder = Recorder(redis.Redis.from_url(redis_url), namespace, interval=3600)
+    try:
+        sink = MeasuredSink(Batched("b", {}), recorder)
+        one, two = event(1), event(2)
+        assert sink.narrowed(one, [two]) is two
+        outcomes = sink.deliver_many([one, two])
+        assert Batched.calls == [2] and outcomes[0] is None
+        assert isinstance(outcomes[1], PermanentSinkError)
+        recorder.flush()
+        fields = redis.Redis.from_url(redis_url).hgetall(f"{namespace}:metrics")
+        counts: dict[tuple[str, str | None], float] = {}
+        for key, value in fields.items():
+            name, labels, bucket = orjson.loads(key)
+            if bucket != "sum":
+                slot = (name, dict(labels).get("outcome"))
+                counts[slot] = counts.get(slot, 0.0) + float(value)
+        assert counts == {("leadpipe_delivery_duration_seconds", "delivered"): 1.0,
+                          ("leadpipe_delivery_duration_seconds", "permanent"): 1.0,
+                          ("leadpipe_delivery_lag_seconds", None): 1.0}, counts
+    finally:
+        recorder.discard()
