@@ -30,19 +30,27 @@ def _settings() -> Settings:
 
 
 def cmd_migrate(args: argparse.Namespace) -> int:
-    from sinks.db import current_revision, migrate
+    from sinks.db import current_revision
 
     settings = _settings()
     if not settings.database_url:
         raise ConfigError("LEADPIPE_DATABASE_URL is not set")
-    from alembic.util.exc import CommandError
-
-    try:
-        migrate(settings.database_url)
-    except CommandError as exc:  # e.g. a database migrated by a newer Leadpipe
-        raise ConfigError(f"migrations: {str(exc).strip().splitlines()[0]}") from None
+    apply_migrations(settings.database_url)
     print(f"database at revision {current_revision(settings.database_url)[0]}")
     return 0
+
+
+def apply_migrations(dsn: str) -> None:
+    """`leadpipe migrate`'s work (and `leadpipe run`'s); alembic's refusal, e.g. of a database
+    a newer Leadpipe migrated, is one line (ConfigError), not a traceback."""
+    from alembic.util.exc import CommandError
+
+    from sinks.db import migrate
+
+    try:
+        migrate(dsn)
+    except CommandError as exc:
+        raise ConfigError(f"migrations: {str(exc).strip().splitlines()[0]}") from None
 
 
 def check_routing(settings: Settings) -> None:
@@ -406,6 +414,7 @@ def cmd_purge(args: argparse.Namespace) -> int:
     print(file=sys.stderr)
     for store, n in done.items():
         print(f"{store}: purged {n} row(s) older than {kept[store]} day(s)")
+    print(f"redis append-only file: {retention.rewrite_append_only_file(runtime.redis)}")
     return 0
 
 
@@ -418,6 +427,8 @@ def cmd_erase(args: argparse.Namespace) -> int:
     for store, n in touched.items():
         print(f"{store}: {n}")
     print(f"erased: {sum(touched.values())} row(s) or entries in {len(touched)} stores")
+    rewrite = retention.rewrite_append_only_file(runtime.redis, wait=retention.AOF_WAIT_SECONDS)
+    print(f"redis append-only file: {rewrite}")
     return 0
 
 

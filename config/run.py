@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import secrets
+import shlex
 import signal
 import socket
 import subprocess
@@ -12,7 +13,7 @@ import sys
 import time
 from pathlib import Path
 
-from config.cli import SAMPLE, api_command, check_routing, host_port
+from config.cli import SAMPLE, api_command, apply_migrations, check_routing, host_port
 from config.local import STOPPING, LocalPostgres, LocalRedis, signals_held, stop_group, wait_port
 from config.settings import PREFIX, ConfigError, Settings
 
@@ -30,8 +31,6 @@ def _interrupt(signum: int, frame: object) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Everything on one machine: local Redis/Postgres when unset, migrations, worker and API."""
-    from sinks.db import migrate
-
     # from the first moment: SIGTERM or SIGHUP (their default kills us on the spot) or Ctrl-C
     # while servers start must still stop what was started, in the `finally` below
     for signum in STOPPING:
@@ -64,7 +63,7 @@ def run(args: argparse.Namespace) -> int:
             env["LEADPIPE_ADMIN_TOKENS"] = secret_file(data / "admin-token")
         settings = Settings.from_env(env)
         assert settings.database_url
-        migrate(settings.database_url)
+        apply_migrations(settings.database_url)
         write_env_file(data / "env", env)
         me = [sys.executable, "-m", "config.cli"]
         # each in a session of its own: a terminal's Ctrl-C reaches only this process, which
@@ -84,10 +83,11 @@ def run(args: argparse.Namespace) -> int:
         # the secret is never printed: read from the file made for it (URL-safe), or the first
         # of yours from the env file (which holds every setting this run uses), sent in the
         # token header, where a `+` or `&` in it needs no escaping
-        url = f"{base}/webhooks/rdstation?token=$(cat {data / 'ingest-token'})"
+        env_file = shlex.quote(str(data / "env"))  # a folder's name may hold a space
+        url = f"{base}/webhooks/rdstation?token=$(cat {shlex.quote(str(data / 'ingest-token'))})"
         if os.environ.get(PREFIX + "INGEST_TOKENS"):
             url = (f'{base}/webhooks/rdstation" -H "{settings.ingest_token_header}: '
-                   f'$(. {data / "env"} && echo "${{LEADPIPE_INGEST_TOKENS%%,*}}")')
+                   f'$(. {env_file} && echo "${{LEADPIPE_INGEST_TOKENS%%,*}}")')
         print(f"""
 Leadpipe is running. Post an RD Station webhook:
 
@@ -96,7 +96,7 @@ Leadpipe is running. Post an RD Station webhook:
        -d '{SAMPLE}'
 
 Operators: {base}/ops (sign in with {admin})
-Other shells (the `leadpipe` command and these settings): . {data / 'env'}     Stop: Ctrl-C
+Other shells (the `leadpipe` command and these settings): . {env_file}     Stop: Ctrl-C
 """, flush=True)
         return _wait(children)
     except Interrupted as exc:

@@ -20,6 +20,18 @@ def as_str(raw: str) -> str:
     return raw.strip()
 
 
+def as_namespace(raw: str) -> str:
+    """A name for keys and queues: letters, digits, `_`, `-` and `.` (a comma or a space would
+    split the worker's queue list, leaving the ingest queue unconsumed)."""
+    import re
+
+    value = raw.strip()
+    if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}", value):
+        raise ConfigError("expected 1 to 64 letters, digits, '_', '-' or '.', starting with a "
+                          f"letter or digit, got {value!r}")
+    return value
+
+
 def as_optional_str(raw: str) -> str | None:
     return raw.strip() or None
 
@@ -147,6 +159,9 @@ def _url(raw: str, schemes: tuple[str, ...], example: str) -> str | None:
     except ValueError:  # its message may quote a piece of the password: not shown either
         raise ConfigError("not a valid URL: its host or port cannot be read (the value is not "
                           "shown: it may hold a password; URL-encode @ / ? # % in one)") from None
+    if parts.netloc.count("@") > 1:  # libpq would end the password at the first one
+        raise ConfigError("not a valid URL: more than one '@' before its host (the value is not "
+                          "shown: it may hold a password; URL-encode @ as %40 in one)")
     if parts.scheme.lower() not in schemes:
         given = f"not one starting {parts.scheme}://" if parts.scheme else "got no scheme"
         hint = " (drop SQLAlchemy's driver suffix)" if "+" in parts.scheme else ""
@@ -205,8 +220,9 @@ class Settings:
         "Largest webhook body accepted; larger gets 413.",
     )
     namespace: str = setting(
-        "NAMESPACE", as_str, "leadpipe",
-        "Prefix of every Redis key and Celery queue, so several pipelines can share one Redis.",
+        "NAMESPACE", as_namespace, "leadpipe",
+        "Prefix of every Redis key and Celery queue, so several pipelines can share one Redis "
+        "(1 to 64 letters, digits, `_`, `-` or `.`).",
     )
     retry_after_seconds: int = setting(
         "RETRY_AFTER_SECONDS", as_positive_int, 5,

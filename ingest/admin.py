@@ -179,4 +179,5 @@ def erase() -> Response:
         return error(503, "SERVICE_UNAVAILABLE", said[:1].upper() + said[1:] + ".",
                      headers={"Retry-After": "5"})
     _audit("erasure done", touched=touched)  # the operator, never the address
-    return _json({"erased": touched})
+    rewrite = retention.rewrite_append_only_file(runtime.redis, wait=retention.AOF_WAIT_SECONDS)
+    return _json({"erased": touched, "redis_log": rewrite})

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import re
+import shlex
 import signal
 import socket
 import subprocess
@@ -44,7 +45,8 @@ def listening(port: int) -> bool:
 @pytest.mark.parametrize("stop", ["ctrl-c", "sigterm", "sighup"])
 def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path, stop):
     env = {k: v for k, v in os.environ.items() if not k.startswith("LEADPIPE_")}
-    env["LEADPIPE_DATA_DIR"] = str(tmp_path / "data")
+    data = tmp_path / "run data"  # a space: the banner's commands quote the paths
+    env["LEADPIPE_DATA_DIR"] = str(data)
     port = free_port()
     out = tmp_path / "run.out"
     options = ["--port", str(port)]
@@ -71,7 +73,7 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path,
         event_id = orjson.loads(answer.stdout)["id"]
 
         dsn = re.search(r"LEADPIPE_DATABASE_URL='([^']+)'",
-                        (tmp_path / "data" / "env").read_text()).group(1)
+                        (data / "env").read_text()).group(1)
 
         def stored() -> object:
             with psycopg.connect(dsn) as conn:
@@ -80,19 +82,20 @@ def test_run_with_nothing_configured_then_the_printed_curl_gives_a_row(tmp_path,
 
         assert wait_for(stored, timeout=30, what="the lead row") == (event_id,
                                                                      "ana@example.com")
-        assert "Operators: " in banner and (tmp_path / "data" / "admin-token").exists()
-        assert (tmp_path / "data" / "ingest-token").exists() is not own
+        assert "Operators: " in banner and (data / "admin-token").exists()
+        assert (data / "ingest-token").exists() is not own
         servers = [c for c in started_with(env["LEADPIPE_DATA_DIR"]) if " granian " in c]
         assert servers and all(f"--blocking-threads {3 if own else 16} " in c for c in servers)
         assert re.search(r"postgresql://leadpipe:\*\*\*@", banner), banner
-        password = (tmp_path / "data" / "postgres" / "password").read_text().strip()
+        password = (data / "postgres" / "password").read_text().strip()
         assert password not in banner
-        env_file = tmp_path / "data" / "env"
+        env_file = data / "env"
         assert env_file.stat().st_mode & 0o777 == 0o600  # it holds the tokens and the password
         # a second shell: source the file, then the `leadpipe` command and the operator API
         other = {"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
         second = subprocess.run(
-            ["bash", "-c", f". {env_file} && leadpipe quarantine list && curl -s -H "
+            ["bash", "-c", f". {shlex.quote(str(env_file))} && leadpipe quarantine list && "
+             "curl -s -H "
              f"\"Authorization: Bearer $LEADPIPE_ADMIN_TOKENS\" "
              f"http://127.0.0.1:{port}/api/sinks"],
             cwd=tmp_path, env=other, capture_output=True, text=True, timeout=60)

@@ -229,9 +229,10 @@ def relay(runtime: Runtime, limit: int = 1000) -> int:
     return len(rows)
 
 
-def schedule_purge(runtime: Runtime) -> bool:
-    """Send the purge task if retention is set and no worker sent it this interval (a Redis
-    key with the interval as its expiry is the turn, so N workers purge once, not N times)."""
+def schedule_purge(runtime: Runtime, queue: str | None = None) -> bool:
+    """Send the purge task (to `queue`, by default the default queue) if retention is set and
+    no worker sent it this interval (a Redis key with the interval as its expiry is the turn,
+    so N workers purge once, not N times)."""
     from workers.retention import retention
 
     settings = runtime.settings
@@ -240,5 +241,5 @@ def schedule_purge(runtime: Runtime) -> bool:
     turn = runtime.redis.set(f"{settings.namespace}:purge-turn", "1", nx=True,
                              ex=settings.purge_interval_seconds)
     if turn:
-        runtime.app.send_task("leadpipe.purge", queue=settings.default_queue)
+        runtime.app.send_task("leadpipe.purge", queue=queue or settings.default_queue)
     return bool(turn)

@@ -32,6 +32,10 @@ class Pump:
         assert settings.redis_url
         self.app = app
         self.settings = settings
+        # where the purge goes: the default queue, unless this node does not consume it (a
+        # node of the ingest queue alone, the others serving the sinks' queues): then the
+        # ingest queue, which this node surely consumes, so the purge is never left unserved
+        self.purge_queue = settings.default_queue
         self.consumer = consumer or f"{socket.gethostname()}:{os.getpid()}"
         self.stream = IngestStream(make_redis(settings.redis_url, timeout=socket_timeout),
                                    settings.stream_key)
@@ -99,7 +103,7 @@ class Pump:
                     relayed = operations.relay(self.runtime)
                     if relayed:
                         log.warning("relayed %d deliveries whose task was lost", relayed)
-                    operations.schedule_purge(self.runtime)
+                    operations.schedule_purge(self.runtime, self.purge_queue)
                 if now >= next_claim:
                     stale = self.stream.claim_stale(self.consumer, s.claim_idle_seconds * 1000,
                                                     s.batch_size)
@@ -168,7 +172,8 @@ class Pump:
 
 class PumpStep(bootsteps.StartStopStep):
     """Runs a Pump in each worker node that consumes the ingest queue: it also relays lost
-    deliveries and schedules the purge, so at least one node must consume the ingest queue.
+    deliveries and schedules the purge (to the default queue, or the ingest queue on a node that
+    does not consume the default one), so at least one node must consume the ingest queue.
     (Which sink queues a node consumes is `workers/queues.py`'s, on every node.)"""
 
     requires = {"celery.worker.components:Pool"}
@@ -183,6 +188,8 @@ class PumpStep(bootsteps.StartStopStep):
         if settings.ingest_queue not in queues:
             return
         self.pump = Pump(worker.app, settings)
+        if settings.default_queue not in queues:
+            self.pump.purge_queue = settings.ingest_queue
         self.pump.stream.ensure_group()
         self.pump.stream.register(self.pump.consumer)
         self.pump.start()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import logging
 import re
 import time
 from collections.abc import Callable, Iterator
@@ -17,6 +18,8 @@ from config.settings import Settings
 from ingest.queue import IngestStream
 from workers.normalize import lead_hash, legacy_key_before, parse_body
 from workers.quoting import find_and_lock, rewrite_quotes
+
+log = logging.getLogger("leadpipe.retention")
 
 BATCH = 5000
 PURGED = '{"purged": true}'
@@ -190,7 +193,9 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
 
     Two transactions: the erasure is recorded first (so every batch stored from then on drops
     their bodies), then the rows are changed. Should the second fail, running it again
-    finishes the work. `conn` must not be inside a transaction.
+    finishes the work. `conn` must not be inside a transaction. Their bodies stored long ago
+    are still in Redis' append-only file until it is rewritten: the caller then asks for that
+    (`rewrite_append_only_file`).
     """
     email = email.strip().lower()
     if not _EMAIL.fullmatch(email):
@@ -204,6 +209,39 @@ def erase(conn: psycopg.Connection, stream: IngestStream | None, email: str) -> 
         raise ErasureUnfinished(
             "the erasure is recorded (bodies naming the person are dropped from now on) but "
             f"did not finish ({type(exc).__name__}); run it again") from exc
+
+
+AOF_WAIT_SECONDS = 30.0
+AOF_REWRITE_SECONDS = 86_400  # the scheduled purge asks for a rewrite this often at most
+
+
+def rewrite_append_only_file(client: redis.Redis, wait: float = 0.0) -> str:
+    """Have Redis rewrite its append-only file, and say how that went (also logged).
+
+    Deleting a stream entry only appends the deletion to that log: every body acknowledged
+    since the last rewrite stays on Redis' disk until the next one, which Redis itself starts
+    only as the file doubles. An erasure asks for one at once, the purge once a day. A rewrite
+    under way started before the deletions (its copy may hold them): waited for up to `wait`
+    seconds, then ours is asked for. A Redis without the log, or refusing the command (a
+    managed service may), is left as it is."""
+    deadline = time.monotonic() + wait
+    try:
+        if not int(client.info("persistence").get("aof_enabled", 0)):
+            return "off"
+        while True:
+            try:
+                client.bgrewriteaof()
+            except redis.ResponseError as exc:
+                if "in progress" not in str(exc) or time.monotonic() >= deadline:
+                    raise
+                time.sleep(0.2)
+                continue
+            log.info("redis append-only file: rewrite started")
+            return "started"
+    except redis.RedisError as exc:
+        log.warning("redis append-only file not rewritten (%s): bodies deleted from the "
+                    "stream stay in it until Redis rewrites it (BGREWRITEAOF)", exc)
+        return "not rewritten"
 
 
 class ErasureBusy(RuntimeError):
@@ -285,9 +323,13 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
         # neighbour's events never meets us holding them in another order
         conn.execute("SELECT 1 FROM events WHERE id = ANY(%s) ORDER BY dedup_key FOR UPDATE",
                      (ids,)).fetchall()
+        # a body Postgres refused is kept as a JSON string of its text, whose JSON escapes
+        # ("joao\u0040x.com") stay as written: such a row is read as the body it holds
         quarantined = [row_id for row_id, payload in conn.execute(
-            "SELECT id, payload FROM quarantine WHERE lower(payload::text) LIKE %s", (pattern,))
-            if holds(payload)]
+            "SELECT id, payload FROM quarantine WHERE lower(payload::text) LIKE %s "
+            "OR (jsonb_typeof(payload) = 'string' AND strpos(payload::text, '\\u') > 0)",
+            (pattern,))
+            if holds(payload) or isinstance(payload, str) and _mentions(payload.encode(), email)]
         # a delivery of theirs under way (workers.delivery.load_events holds its lock) would
         # record its e-mail ledger rows after our delete: wait for it to end, and keep the rest
         # from starting until we commit (they then find the delivery gone). Nothing of ours is

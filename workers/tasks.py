@@ -146,4 +146,8 @@ def purge(self: Task) -> dict[str, int]:
     with runtime.pool.connection() as conn:
         done = retention.purge(conn, runtime.settings)
     log.info("purged", extra={"task_id": self.request.id, **done})
+    # acknowledged bodies leave Redis' disk only when its log is rewritten: once a day
+    if runtime.redis.set(f"{runtime.settings.namespace}:aof-rewrite-turn", "1", nx=True,
+                         ex=retention.AOF_REWRITE_SECONDS):
+        retention.rewrite_append_only_file(runtime.redis)
     return done

@@ -160,9 +160,13 @@ def test_a_database_that_is_not_migrated_says_run_migrate(settings, db, args):
     one_clear_line(leadpipe(settings, *args), 1, "not migrated", "leadpipe migrate")
 
 
-def test_a_database_migrated_by_a_newer_version_is_one_line(settings, db):
+def test_a_database_migrated_by_a_newer_version_is_one_line(settings, db, tmp_path):
     db.execute("UPDATE alembic_version SET version_num = '0099'")
     one_clear_line(leadpipe(settings, "migrate"), 2, "migrations:", "0099")
+    # `leadpipe run` migrates too, before it starts anything
+    result = refused(settings, "run", "--port", str(free_port()),
+                     LEADPIPE_DATA_DIR=str(tmp_path / "data"))
+    one_clear_line(result, 2, "migrations:", "0099")
 
 
 def test_replaying_dead_letters_that_are_not_waiting_fails(settings):
@@ -192,10 +196,14 @@ def test_a_broken_routing_file_is_one_line(settings, tmp_path, name, text, words
     ("postgresql://leadpipe:hunter2pw/x@127.0.0.1:1/x", 2),  # a "/" read as the port's end
     ("postgresql://leadpipe:hunter2pw?x@127.0.0.1:1/x", 2),
     ("postgresql://leadpipe:hunter2pw%zz@127.0.0.1:1/x", 1),  # libpq refuses the escape
+    # libpq ends the password at the first "@" and showed the rest as the host it looked up
+    ("postgresql://leadpipe:s3cr@hunter2pw@127.0.0.1:1/x", 2),
+    ("redis://:s3cr@hunter2pw@127.0.0.1:1/0", 2),
 ])
 def test_a_password_that_breaks_the_url_is_never_shown(settings, url, code):
-    result = leadpipe(settings, "quarantine", "list", LEADPIPE_DATABASE_URL=url)
-    one_clear_line(result, code, "LEADPIPE_DATABASE_URL")
+    name = "LEADPIPE_REDIS_URL" if url.startswith("redis") else "LEADPIPE_DATABASE_URL"
+    result = leadpipe(settings, "quarantine", "list", **{name: url})
+    one_clear_line(result, code, name)
     assert "hunter2" not in result.stderr + result.stdout
 
 

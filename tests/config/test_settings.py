@@ -30,6 +30,8 @@ def test_values_are_converted():
     ("LEADPIPE_LOG_PII", "yes-ish"), ("LEADPIPE_BATCH_SIZE", "0"),
     ("LEADPIPE_MAX_BODY_BYTES", "1MB"), ("LEADPIPE_LOG_LEVEL", "loud"),
     ("LEADPIPE_REDIS_TIMEOUT_SECONDS", "soon"),
+    ("LEADPIPE_NAMESPACE", "acme,eu"),  # a worker's queue list splits at the comma
+    ("LEADPIPE_NAMESPACE", "acme eu"), ("LEADPIPE_NAMESPACE", "-x"),
 ])
 def test_junk_is_refused_naming_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):

@@ -114,10 +114,11 @@ def test_erase_removes_the_person_from_every_store_and_nothing_comes_back(
 
     result = leadpipe(settings, "erase", "--email", PERSON)
     assert result.returncode == 0, result.stderr
-    lines = dict(line.split(": ") for line in result.stdout.splitlines()[:-1])
+    lines = dict(line.split(": ") for line in result.stdout.splitlines()[:-2])
     assert lines == {"email_sent": "1", "delivery_attempts": "0", "dead_letters": "1",
                      "deliveries": "1", "events": "2", "leads": "1", "quarantine": "1",
                      **{f"{table}_rewritten": "0" for table in QUOTING}, "stream": "1"}
+    assert result.stdout.splitlines()[-1] == "redis append-only file: started"
     assert mentions(db, PERSON) == {}
     assert mentions(db, OTHER) == {"events": 1, "leads": 1}  # nobody else touched
     left = [f[b"b"] for _, f in redis_client.xrange(settings.stream_key)]
@@ -171,7 +172,7 @@ def test_rows_kept_for_others_that_quote_the_person_have_the_address_rewritten(
 
     result = leadpipe(settings, "erase", "--email", PERSON)
     assert result.returncode == 0, result.stderr
-    lines = dict(line.split(": ") for line in result.stdout.splitlines()[:-1])
+    lines = dict(line.split(": ") for line in result.stdout.splitlines()[:-2])
     assert {k: v for k, v in lines.items() if k.endswith("_rewritten")} == {
         "leads_rewritten": "1", "deals_rewritten": "1", "deliveries_rewritten": "1",
         "delivery_attempts_rewritten": "0", "dead_letters_rewritten": "1"}
@@ -239,6 +240,63 @@ def test_a_body_to_quarantine_received_before_an_erasure_naming_the_person_is_no
     assert after.quarantined == 1
 
 
+@pytest.mark.parametrize("person, spelled", [
+    ("joao@exemplo.com.br", "joao\\u0040exemplo.com.br"),
+    ("jo\u00e3o@exemplo.com.br", "jo\\u00e3o@exemplo.com.br"),  # an ensure_ascii encoder's
+])
+def test_erase_finds_a_refused_body_kept_as_text_whatever_escapes_spell_the_address(
+        runtime, settings, db, person, spelled):
+    """A body Postgres refused (an identifier past its index's row limit) is quarantined as a
+    JSON string of its text, where JSON escapes stay as sent: its address is read as JSON
+    reads it."""
+    import base64
+
+    body = copy.deepcopy(V2)
+    body["contact"].update(email="@@EMAIL@@", uuid="uuid-escaped")
+    body["event_identifier"] = base64.b64encode(os.urandom(6000)).decode()
+    raw = orjson.dumps(body).replace(b"@@EMAIL@@", spelled.encode())
+    assert json.loads(raw)["contact"]["email"] == person
+    stored = store(runtime, Entry("1-0", "q-escaped", int(time.time() * 1000), raw, None))
+    assert stored.quarantined == 1
+    assert db.execute("SELECT jsonb_typeof(payload) FROM quarantine").fetchall() == [("string",)]
+    result = leadpipe(settings, "erase", "--email", person)
+    assert result.returncode == 0, result.stderr
+    assert count(db, "SELECT count(*) FROM quarantine") == 0
+
+
+def test_erase_and_purge_have_redis_rewrite_its_log_so_deleted_bodies_leave_its_disk(
+        runtime, settings, redis_client):
+    """Deleting a stream entry only appends the deletion to Redis' append-only file: the body
+    stayed on disk until Redis rewrote the file by itself (at each doubling of its size)."""
+    from pathlib import Path
+
+    marker = f"aof-{os.urandom(6).hex()}@example.com"
+    folder = Path(redis_client.config_get("dir")["dir"]) / redis_client.config_get(
+        "appenddirname")["appenddirname"]
+
+    def on_disk() -> bool:
+        return any(marker.encode() in f.read_bytes() for f in folder.iterdir() if f.is_file())
+
+    def rewritten() -> bool:
+        info = redis_client.info("persistence")
+        return not info["aof_rewrite_in_progress"] and not info["aof_rewrite_scheduled"]
+
+    for command in (["erase", "--email", marker], ["purge"]):
+        wait_for(rewritten, what="no rewrite under way")
+        entry_id = redis_client.xadd(runtime.stream.key, {"b": orjson.dumps(
+            {"leads": [{"email": marker}]})})
+        redis_client.xdel(runtime.stream.key, entry_id)  # stored and acknowledged long ago
+        assert on_disk()
+        env = {"LEADPIPE_RETAIN_QUARANTINE_DAYS": "30"} if command == ["purge"] else {}
+        result = subprocess.run([sys.executable, "-m", "config.cli", *command], cwd=ROOT,
+                                text=True, capture_output=True, timeout=120,
+                                env={**os.environ, **settings.to_env(), **env})
+        assert result.returncode == 0, result.stderr
+        assert "redis append-only file: started" in result.stdout, result.stdout
+        wait_for(rewritten, what="the rewrite")
+        assert not on_disk(), command
+
+
 def test_a_legacy_body_on_the_stream_with_other_leads_stays_and_only_theirs_is_dropped(
         runtime, settings, db, redis_client):
     """One 202'd body, three people: the erasure must not take the others' events with it,
@@ -291,7 +349,7 @@ def test_erase_spares_people_whose_address_holds_the_erased_one(runtime, setting
 
     result = leadpipe(settings, "erase", "--email", person)
     assert result.returncode == 0, result.stderr
-    lines = dict(line.split(": ") for line in result.stdout.splitlines()[:-1])
+    lines = dict(line.split(": ") for line in result.stdout.splitlines()[:-2])
     assert (lines["events"], lines["leads"], lines["quarantine"], lines["stream"]) == (
         "1", "1", "1", "1")
     left = {row[0] for row in db.execute("SELECT lower(email) FROM leads")}
@@ -786,6 +844,7 @@ def test_erase_through_the_operator_api(runtime, settings, db):
     assert bad.status_code == 400 and bad.get_json()["errors"]["error_type"] == "INVALID"
     answer = client.post("/api/erase", json={"email": PERSON}, headers=auth)
     assert answer.status_code == 200
+    assert answer.get_json()["redis_log"] == "started"  # their old bodies leave its disk
     assert answer.get_json()["erased"]["leads"] == 1
     assert mentions(db, PERSON) == {}
 
@@ -837,7 +896,8 @@ def test_purge_applies_each_retention_in_batches_and_spares_what_is_still_needed
         "events.payload: purged 2 row(s) older than 30 day(s)",
         "quarantine: purged 1 row(s) older than 30 day(s)",
         "dead_letters: purged 1 row(s) older than 30 day(s)",
-        "delivery_attempts: purged 3 row(s) older than 37 day(s)"]
+        "delivery_attempts: purged 3 row(s) older than 37 day(s)",
+        "redis append-only file: started"]
     assert "events.payload:" in result.stderr  # the progress line
     purged = {i for (i,) in db.execute("SELECT id FROM events WHERE purged_at IS NOT NULL")}
     # ids[0] waits for a delivery, ids[1] for its dead letter's replay: their bodies are kept;
@@ -849,12 +909,20 @@ def test_purge_applies_each_retention_in_batches_and_spares_what_is_still_needed
     assert "events.payload: purged 1 row(s)" in again.stdout  # ids[1], its letter now gone
 
 
+@pytest.mark.parametrize("node", ["all queues", "ingest queue alone"])
 def test_workers_purge_by_themselves_once_per_interval(runtime, settings, db, redis_client,
-                                                      worker_factory):
+                                                      worker_factory, node):
+    # a node of the ingest queue alone (sink queues served elsewhere) still purges: the purge
+    # sent to the default queue nobody consumed waited there for good
     store(runtime, entry({"unknown": "shape"}))
     db.execute("UPDATE quarantine SET received_at = now() - interval '3 days'")
     kept = settings.with_(retain_quarantine_days=2, purge_interval_seconds=3600)
-    worker_factory(kept)
+    worker_factory(kept, ["--queues", settings.ingest_queue] if node != "all queues" else [])
     wait_for(lambda: count(db, "SELECT count(*) FROM quarantine") == 0, timeout=60,
              what="the pump's purge task")
     assert 0 < redis_client.ttl(f"{settings.namespace}:purge-turn") <= 3600  # the next turn
+    # and Redis was asked to rewrite its log (bodies acknowledged since are still in it): the
+    # turn of that is daily
+    wait_for(lambda: redis_client.exists(f"{settings.namespace}:aof-rewrite-turn"), timeout=30,
+             what="the purge's request for a rewrite")
+    assert 3600 < redis_client.ttl(f"{settings.namespace}:aof-rewrite-turn") <= 86_400
