@@ -6,6 +6,7 @@ import os
 import socket
 import struct
 import threading
+import time
 import weakref
 from collections.abc import Callable
 
@@ -14,10 +15,11 @@ import redis
 
 
 class _Pending:
-    __slots__ = ("command", "done", "error", "lead")
+    __slots__ = ("command", "deadline", "done", "error", "lead")
 
-    def __init__(self, command: bytes):
+    def __init__(self, command: bytes, deadline: float):
         self.command = command
+        self.deadline = deadline  # time.monotonic() by which its caller must have an answer
         self.done = threading.Lock()
         self.done.acquire()  # released once the entry is written or failed, or to hand the lead
         self.error: BaseException | None = None
@@ -49,8 +51,10 @@ class GroupCommit:
         self._pid = os.getpid()
 
     def append(self, fields: dict) -> None:
-        """Write one entry; returns when it is on the stream, raises RedisError if it is not."""
-        pending = _Pending(_xadd(self.key, fields))
+        """Write one entry; returns when it is on the stream, raises RedisError if it is not.
+        Within `timeout` seconds in all: a caller handed the lead late writes with what is
+        left of its time, not a whole socket timeout more."""
+        pending = _Pending(_xadd(self.key, fields), time.monotonic() + self.timeout)
         with self._mutex:
             if self._pid != os.getpid():  # a forked child shares no socket and no waiters
                 self._queue, self._busy, self._wire = [], False, None
@@ -70,20 +74,25 @@ class GroupCommit:
                 if pending.error is not None:
                     raise pending.error
                 return
-        self._write()
+        self._write(pending.deadline)
         if pending.error is not None:
             raise pending.error
 
-    def _write(self) -> None:
-        """As leader: write what is queued, hand the lead on, release the callers written for."""
+    def _write(self, deadline: float) -> None:
+        """As leader (whose caller must have an answer by `deadline`): write what is queued,
+        hand the lead on, release the callers written for."""
         with self._mutex:
             batch = self._queue[:self.max_batch]
             del self._queue[:self.max_batch]
         answered = 0
         try:
+            left = deadline - time.monotonic()
+            if left <= 0:  # the earlier writes took all of it: nothing sent, all told so
+                raise redis.TimeoutError("the stream write did not complete in time")
             if self._wire is None:
-                self._wire = self._connect()
+                self._wire = self._connect(left)
             wire = self._wire
+            wire.bound(max(0.001, deadline - time.monotonic()))
             wire.send(b"".join([p.command for p in batch]))
             for pending in batch:
                 reply = wire.reply()
@@ -136,11 +145,22 @@ class _Wire:
     Every socket failure is raised as the redis-py error a plain client call would raise."""
 
     @staticmethod
-    def opener(client: redis.Redis) -> Callable[[], _Wire]:
-        """Opens a connection of its own with the client's settings (never one of its pool)."""
+    def opener(client: redis.Redis) -> Callable[..., _Wire]:
+        """Opens a connection of its own with the client's settings (never one of its pool),
+        its handshake within `limit` seconds when given (and shorter than the client's)."""
         pool = client.connection_pool
         kwargs = pool.connection_kwargs
-        return lambda: _Wire(pool.connection_class(**kwargs), kwargs.get("socket_timeout"))
+        timeout = kwargs.get("socket_timeout")
+
+        def open_wire(limit: float | None = None) -> _Wire:
+            own = kwargs
+            if limit is not None:
+                own = {**kwargs, **{name: limit for name in ("socket_timeout",
+                                                             "socket_connect_timeout")
+                                    if kwargs.get(name) is None or kwargs[name] > limit}}
+            return _Wire(pool.connection_class(**own), timeout)
+
+        return open_wire
 
     def __init__(self, conn: redis.Connection, timeout: float | None):
         try:
@@ -154,10 +174,26 @@ class _Wire:
         # A blocking socket whose kernel timeouts stand for Python's: with a Python timeout every
         # send and receive would first poll(), two system calls more per batch.
         sock.settimeout(None)
-        if timeout:
-            value = struct.pack("ll", int(timeout), int(timeout % 1 * 1e6))
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
-            sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+        self._timeout = timeout or None
+        self._bound = self._timeout  # what the socket's timeouts are now
+        if self._timeout:
+            self._set_timeouts(self._timeout)
+
+    def _set_timeouts(self, seconds: float) -> None:
+        whole, micro = int(seconds), int(seconds % 1 * 1e6)
+        if not whole and not micro:
+            micro = 1  # zero would mean no timeout at all
+        value = struct.pack("ll", whole, micro)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVTIMEO, value)
+        self._sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDTIMEO, value)
+
+    def bound(self, seconds: float) -> None:
+        """Let the next send and replies wait at most `seconds` (or the connection's own
+        timeout, if shorter): a system call only when that changes."""
+        value = seconds if self._timeout is None or seconds < self._timeout else self._timeout
+        if value != self._bound:
+            self._set_timeouts(value)
+            self._bound = value
 
     def send(self, data: bytes) -> None:
         try:

@@ -15,11 +15,14 @@ not). A record appended to a file that was deleted or moved meanwhile (a cleaner
 is written again to a new file before the answer, never acknowledged from a file nobody will
 drain.
 
-Record: 4-byte length + JSON header {"i": event id, "t": received ms, "h": hint} + 4-byte length
-+ the body. A write the disk cuts short is taken back (the file is truncated to where the record
-began) and the append fails, so the endpoint answers 503. Whatever the drainer cannot decode (a
-torn record a crash left at the end, never acknowledged, or damaged bytes) is not deleted: it is
-moved aside to a `<file>.<time_ns>.bad` file next to it, logged, and the drainer goes on.
+Record: 4-byte length + JSON header {"i": event id, "t": received ms, "h": hint, "k": stream
+key} + 4-byte length + the body. A drainer hands over only the files of its own stream key
+(several namespaces may share a folder); a file of records without "k" (an earlier version's)
+is taken for its own. A write the disk cuts short is taken back (the file is truncated to where
+the record began) and the append fails, so the endpoint answers 503. Whatever the drainer
+cannot decode (a torn record a crash left at the end, never acknowledged, or damaged bytes) is
+not deleted: once the records before it are handed over, it is moved aside to a
+`<file>.<time_ns>.bad` file next to it, logged, and the drainer goes on.
 """
 
 from __future__ import annotations
@@ -44,15 +47,20 @@ log = logging.getLogger("leadpipe.spool")
 _LEN = struct.Struct(">I")
 
 
-def encode(event_id: str, received_ms: int, body: bytes, hint: str | None) -> bytes:
-    header = json.dumps({"i": event_id, "t": received_ms, "h": hint}).encode()
+def encode(event_id: str, received_ms: int, body: bytes, hint: str | None,
+           key: str | None = None) -> bytes:
+    fields: dict[str, Any] = {"i": event_id, "t": received_ms, "h": hint}
+    if key is not None:
+        fields["k"] = key
+    header = json.dumps(fields).encode()
     return _LEN.pack(len(header)) + header + _LEN.pack(len(body)) + body
 
 
 def _valid_header(header: Any) -> bool:
     return (isinstance(header, dict) and isinstance(header.get("i"), str)
             and isinstance(header.get("t"), int) and not isinstance(header["t"], bool)
-            and (header.get("h") is None or isinstance(header["h"], str)))
+            and (header.get("h") is None or isinstance(header["h"], str))
+            and (header.get("k") is None or isinstance(header["k"], str)))
 
 
 def parse(data: bytes, ends: list[int] | None = None,
@@ -147,19 +155,69 @@ class Spool:
         self._pid = 0
         self._drainer: threading.Thread | None = None
         self._stopping = threading.Event()
+        self._bypass_until = 0.0  # monotonic time until which requests spool without Redis
+        self._bypass_lock = threading.Lock()
+        # descriptors the drainer has open (and may hold a lock through): a forked child
+        # closes its copies, else its copy would keep the lock, and every drainer would skip
+        # that file for as long as the child lives. Opened and closed under `_held_lock`,
+        # which a fork waits for, so none is ever open but untracked at the fork.
+        self._held: set[int] = set()
+        self._held_lock = threading.Lock()
         ref = weakref.ref(self)
-        os.register_at_fork(after_in_child=lambda: (spool := ref()) and spool._after_fork())
+        os.register_at_fork(
+            before=lambda: (spool := ref()) and spool._held_lock.acquire(),
+            after_in_parent=lambda: (spool := ref()) and spool._held_lock.release(),
+            after_in_child=lambda: (spool := ref()) and spool._after_fork())
 
     def _after_fork(self) -> None:
-        """In a forked child: the parent's file and lock stay the parent's. Runs before the
+        """In a forked child: the parent's files and locks stay the parent's. Runs before the
         child can reuse a descriptor number, so closing our copies closes nothing else."""
-        inherited, self._fd, self._live = (self._fd, self._live), None, None
+        inherited = (self._fd, self._live, *self._held)
+        self._fd = self._live = None
+        self._held = set()
         self._lock = threading.Lock()  # another thread may have held it at the fork
+        self._held_lock = threading.Lock()
         self._drainer = None
         for fd in inherited:
             if fd is not None:
                 with contextlib.suppress(OSError):
                     os.close(fd)
+
+    def _open_held(self, path: Path) -> int:
+        """Open `path` for the drainer (FileNotFoundError if it is gone), tracked for forks."""
+        with self._held_lock:
+            fd = os.open(path, os.O_RDWR)
+            self._held.add(fd)
+        return fd
+
+    def _close_held(self, fd: int) -> None:
+        with self._held_lock:
+            self._held.discard(fd)
+            os.close(fd)
+
+    # After Redis failed a request, the requests of the next BYPASS_SECONDS spool at once,
+    # then one tries Redis again while the others go on spooling: a Redis that hangs costs a
+    # request its timeout once a period, not every request (each would hold a request thread
+    # that long, and the queue behind them would pass RD's 5 s).
+    BYPASS_SECONDS = 1.0
+
+    def redis_allowed(self) -> bool:
+        """Should this request try Redis (or spool at once)?"""
+        if not self._bypass_until:
+            return True
+        with self._bypass_lock:
+            now = time.monotonic()
+            if now < self._bypass_until:
+                return False
+            self._bypass_until = now + self.BYPASS_SECONDS  # this one tries; the others spool
+            return True
+
+    def redis_failed(self) -> None:
+        self._bypass_until = time.monotonic() + self.BYPASS_SECONDS
+
+    def redis_answered(self) -> None:
+        if self._bypass_until:
+            self._bypass_until = 0.0
 
     def _own_fd(self) -> int:
         if self._pid != os.getpid():  # forked: _after_fork closed what was the parent's
@@ -208,7 +266,7 @@ class Spool:
 
     def append(self, event_id: str, body: bytes, hint: str | None) -> None:
         """Durably spool one body, or raise OSError with nothing of it left in the spool."""
-        record = encode(event_id, time.time_ns() // 1_000_000, body, hint)
+        record = encode(event_id, time.time_ns() // 1_000_000, body, hint, self.key)
         with self._lock:
             for _ in range(2):
                 if self._append(record):
@@ -278,7 +336,8 @@ class Spool:
     def _run(self) -> None:
         while not self._stopping.is_set():  # no error ends it: acknowledged bodies wait on it
             try:
-                self.drain()
+                if self.drain():
+                    self.redis_answered()  # Redis took records: requests may try it again
             except (redis.RedisError, OSError) as exc:
                 log.debug("spool not drained yet: %s", type(exc).__name__)
             except Exception:
@@ -325,7 +384,7 @@ class Spool:
 
     def _drain_file(self, path: Path) -> int:
         try:
-            fd = os.open(path, os.O_RDWR)
+            fd = self._open_held(path)
         except FileNotFoundError:
             return 0
         try:
@@ -341,9 +400,9 @@ class Spool:
             data = _read_all(fd, size)
             ends: list[int] = []
             records, end, problem = parse(data, ends)
+            if records and records[0][0].get("k", self.key) != self.key:
+                return 0  # another pipeline's (its namespace shares the folder): its own drains it
             done = self._done(path, records, ends)  # records a half-done drain handed over
-            if problem is not None:
-                self._set_aside(path, fd, data, end, problem)
             sent = done
             try:
                 for first in range(done, len(records), self.chunk):
@@ -361,6 +420,15 @@ class Spool:
                 if sent > done:  # the next drain starts after them, not at the head again
                     self._set_done(path, records[sent - 1][0]["i"], ends[sent - 1])
                 raise
+            if problem is not None:
+                # after the records went: setting the rest aside takes disk space, which a
+                # full disk refuses, and the records before it need none to be handed over
+                try:
+                    self._set_aside(path, fd, data, end, problem)
+                except OSError:
+                    if sent > done:
+                        self._set_done(path, records[sent - 1][0]["i"], ends[sent - 1])
+                    raise
             pos = path.with_suffix(".pos")
             if pos.exists():  # before emptying: a crash between the two re-sends, never skips
                 pos.unlink()
@@ -371,7 +439,7 @@ class Spool:
             self._forget(path)
             return len(records) - done
         finally:
-            os.close(fd)
+            self._close_held(fd)
 
     @staticmethod
     def _done(path: Path, records: list[tuple[dict[str, Any], bytes]], ends: list[int]) -> int:
@@ -427,10 +495,9 @@ class Spool:
         that wrote to it moved on or is gone, in any PID namespace)."""
         self._unlink_if_abandoned(path.with_suffix(".live"), path)
 
-    @staticmethod
-    def _unlink_if_abandoned(live: Path, path: Path) -> None:
+    def _unlink_if_abandoned(self, live: Path, path: Path) -> None:
         try:
-            lock = os.open(live, os.O_RDWR)
+            lock = self._open_held(live)
         except FileNotFoundError:  # a file from a version without .live: its pid tells
             pid = path.name.split("-")[1]
             if (not pid.isdigit() or int(pid) == os.getpid()
@@ -445,7 +512,7 @@ class Spool:
             path.unlink(missing_ok=True)
             live.unlink(missing_ok=True)
         finally:
-            os.close(lock)
+            self._close_held(lock)
 
     def pending(self) -> int:
         """Records waiting in the spool (for status and tests)."""

@@ -128,19 +128,25 @@ def unreadable(log: logging.Logger, exc: BaseException | None) -> Response:
 def store(ext: Ingest, body: bytes, hint: str | None, log: logging.Logger) -> str | None:
     """Durably append a body to the stream: its new event id, or None if Redis cannot take it."""
     event_id = new_event_id()
-    try:
-        ext.stream.append(event_id, body, hint)
-    except redis.RedisError:
-        if ext.spool is not None:
-            try:
-                ext.spool.append(event_id, body, hint)
-            except OSError:
-                log.error("ingest stream unavailable and the spool refused; answered 503")
+    spool = ext.spool
+    if spool is None or spool.redis_allowed():  # Redis, unless it failed a moment ago
+        try:
+            ext.stream.append(event_id, body, hint)
+        except redis.RedisError:
+            if spool is None:
+                log.warning("ingest stream unavailable; answered 503")
                 return None
-            log.warning("ingest stream unavailable; spooled", extra={"event_id": event_id})
+            spool.redis_failed()
+        else:
+            if spool is not None:
+                spool.redis_answered()
             return event_id
-        log.warning("ingest stream unavailable; answered 503")
+    try:
+        spool.append(event_id, body, hint)
+    except OSError:
+        log.error("ingest stream unavailable and the spool refused; answered 503")
         return None
+    log.warning("ingest stream unavailable; spooled", extra={"event_id": event_id})
     return event_id
 
 

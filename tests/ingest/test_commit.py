@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import socket
 import threading
 import time
@@ -15,6 +16,39 @@ from ingest.queue import make_redis
 from tests.support.tls_redis import tls_redis
 
 WRITERS = [GroupCommit, ThreadWriter]
+
+
+def test_a_caller_handed_the_lead_late_writes_with_what_is_left_of_its_time(redis_url):
+    """Redis hangs: a caller that waited for the write before it, then was handed the lead,
+    used to write with a whole socket timeout more (about twice LEADPIPE_REDIS_TIMEOUT_SECONDS
+    in all, near RD's 5 s): no caller waits past its own timeout now."""
+    from ingest.queue import IngestStream
+    from tests.support.freezing_proxy import FreezingProxy
+
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    proxy = FreezingProxy((host, int(port)))
+    client = make_redis(f"redis://127.0.0.1:{proxy.port}/0", timeout=1.0, retries=0)
+    stream = IngestStream(client, f"late{time.time_ns()}", writer="group", commit_timeout=1.5)
+    stream.append("warm", b"{}")  # connected while Redis answers
+    proxy.freeze()
+    took: list[float] = []
+
+    def post(i: int) -> None:
+        time.sleep(i * 0.1)  # requests keep arriving
+        started = time.monotonic()
+        with contextlib.suppress(redis.RedisError):
+            stream.append(f"e{i}", b"{}")
+        took.append(time.monotonic() - started)
+
+    threads = [threading.Thread(target=post, args=(i,)) for i in range(12)]
+    try:
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(30)
+        assert len(took) == 12 and max(took) < 1.5 + 0.3, sorted(took)
+    finally:
+        proxy.close()
 
 
 @pytest.mark.parametrize("kind", WRITERS)

@@ -15,6 +15,7 @@ import time
 import redis
 
 from config.local import LocalRedis, free_port
+from ingest.queue import make_redis
 from ingest.spool import Spool, decode, encode, parse
 from tests.conftest import ROOT, TOKEN, ApiProcess, count, wait_for
 from tests.support.freezing_proxy import FreezingProxy
@@ -106,7 +107,8 @@ def test_a_write_the_disk_cuts_short_is_answered_503_and_leaves_no_partial_recor
     records = list(decode(path.read_bytes()))
     acknowledged = [answers[0][1]["id"], answers[2][1]["id"]]
     assert [h["i"] for h, _ in records] == acknowledged
-    assert path.read_bytes() == b"".join(encode(h["i"], h["t"], b, h["h"]) for h, b in records)
+    assert path.read_bytes() == b"".join(encode(h["i"], h["t"], b, h["h"], h["k"])
+                                         for h, b in records)
 
     client = redis.Redis.from_url(redis_url)
     spool = Spool(spool_dir, client, settings.stream_key, interval=3600)
@@ -442,3 +444,137 @@ def _locked(path) -> bool:  # type: ignore[no-untyped-def]
     finally:
         os.close(fd)
     return False
+
+
+def test_a_process_forked_while_the_drainer_holds_a_file_leaves_it_drainable(redis_url,
+                                                                            tmp_path):
+    """The drainer holds a file's lock while Redis answers; a child forked then (a server
+    forking its workers after the app loaded) shared that lock for as long as it lived, and
+    every drainer skipped the file, its acknowledged records with it, saying nothing."""
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    proxy = FreezingProxy((host, int(port)))
+    client = make_redis(f"redis://127.0.0.1:{proxy.port}/0", timeout=1, retries=0)
+    key = f"f{time.time_ns()}"
+    spool = Spool(tmp_path, client, key, interval=3600)
+    spool.start = lambda: None  # type: ignore[method-assign]  # the drains below are ours
+    spool.append("fork-1", b'{"n": 1}', None)
+    spool.append("fork-2", b'{"n": 2}', None)
+    spool._retire()  # a file an earlier life of the server left
+    proxy.freeze()
+    stuck = threading.Thread(target=lambda: _drain_quietly(spool))
+    stuck.start()
+    wait_for(lambda: _locked(spool.files()[0]), timeout=5, what="the drainer on the file")
+    child = os.fork()
+    if child == 0:  # a worker process that lives on, doing nothing with the spool
+        time.sleep(30)
+        os._exit(0)
+    try:
+        stuck.join(timeout=30)
+        proxy.thaw()
+        assert spool.drain() == 2
+        assert [f[b"i"] for _, f in redis.Redis.from_url(redis_url).xrange(key)] == [
+            b"fork-1", b"fork-2"]
+    finally:
+        os.kill(child, 9)
+        os.waitpid(child, 0)
+        proxy.close()
+
+
+def test_a_full_disk_does_not_hold_back_the_records_before_a_torn_tail(redis_url, tmp_path):
+    """Setting a torn tail aside takes disk space; the records before it need none to be
+    handed over: they go first, and the tail waits in place until the disk takes it (here a
+    file size limit stands for the full disk: a real kernel refusal, in a child process)."""
+    directory = tmp_path / "spool"
+    directory.mkdir()
+    key = f"d{time.time_ns()}"
+    tail = encode("torn", 3, b'{"pad": "' + b"x" * 4000 + b'"}', None, key)[:-10]
+    path = _spool_file(directory, f"spool-{2**22 + 1}-1.bin",
+                       encode("d1", 1, b'{"n": 1}', None, key)
+                       + encode("d2", 2, b'{"n": 2}', None, key) + tail, 1_000)
+    child = subprocess.run([sys.executable, "-c", FULL_DISK, str(directory), redis_url, key],
+                           cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert child.returncode == 0, child.stderr[-3000:]
+    assert "spool file not drained" in child.stderr  # said, not silent
+    client = redis.Redis.from_url(redis_url)
+    assert [f[b"i"] for _, f in client.xrange(key)] == [b"d1", b"d2"]
+    assert path.exists() and not list(directory.glob("*.bad"))  # the tail is still there
+    # the disk takes it again: the tail is set aside, nothing is handed over twice
+    spool = Spool(directory, client, key, interval=3600)
+    assert spool.drain() == 0
+    assert [f[b"i"] for _, f in client.xrange(key)] == [b"d1", b"d2"]
+    [bad] = directory.glob("*.bad")
+    assert bad.read_bytes() == tail and not spool.files()
+
+
+FULL_DISK = """
+import resource, signal, sys
+import redis
+from ingest.spool import Spool
+signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
+resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
+directory, url, key = sys.argv[1:]
+Spool(directory, redis.Redis.from_url(url), key, interval=3600).drain()
+"""
+
+
+def test_a_drainer_hands_over_only_the_files_of_its_own_stream(redis_url, tmp_path):
+    """Two namespaces sharing a spool folder: each drainer moves its own records, never the
+    other pipeline's to its stream."""
+    client = redis.Redis.from_url(redis_url)
+    prod, staging = f"prod{time.time_ns()}:ingest", f"staging{time.time_ns()}:ingest"
+    mine = Spool(tmp_path, client, prod, interval=3600)
+    theirs = Spool(tmp_path, client, staging, interval=3600)
+    for spool in (mine, theirs):
+        spool.start = lambda: None  # type: ignore[method-assign]
+    mine.append("prod-event", b'{"n": 1}', None)
+    mine._retire()
+    assert theirs.drain() == 0 and client.xlen(staging) == 0
+    theirs.append("staging-event", b'{"n": 2}', None)
+    assert mine.drain() == 1 and theirs.drain() == 1
+    assert [f[b"i"] for _, f in client.xrange(prod)] == [b"prod-event"]
+    assert [f[b"i"] for _, f in client.xrange(staging)] == [b"staging-event"]
+
+
+def test_while_redis_hangs_requests_spool_at_once_after_the_first_timeout(settings, redis_url,
+                                                                         tmp_path):
+    """Every request used to try the hung Redis first, holding a request thread its whole
+    timeout before spooling: past a few requests a second, answers queued beyond RD's 5 s.
+    After one failure the next requests spool at once; one a second tries Redis again."""
+    from ingest import create_app
+
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    proxy = FreezingProxy((host, int(port)))
+    hung = settings.with_(redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                          spool_dir=str(tmp_path / "spool"), redis_timeout_seconds=1.0)
+    app = create_app(hung)
+    client = app.test_client()
+    url = f"/webhooks/rdstation?token={TOKEN}"
+    assert client.post(url, json={"warm": "up"}).status_code == 202  # connected while it works
+    proxy.freeze()
+    took, ids = [], []
+    try:
+        for n in range(30):
+            started = time.monotonic()
+            answer = client.post(url, json={"n": n})
+            took.append(time.monotonic() - started)
+            assert answer.status_code == 202, answer.get_json()
+            ids.append(answer.get_json()["id"])
+            time.sleep(0.05)
+        slow = [t for t in took if t >= 0.5]
+        # 30 requests over about 2 s: the first timed out, then about one try a second
+        assert 1 <= len(slow) <= 3, took
+    finally:
+        proxy.thaw()
+    direct = redis.Redis.from_url(redis_url)
+    wait_for(lambda: {f[b"i"].decode() for _, f in direct.xrange(hung.stream_key)} >= set(ids),
+             timeout=30, what="every acknowledged body on the stream")
+    # Redis answers again (the drainer moved the spool to it): requests go to it at once
+    spool = app.extensions["leadpipe"].spool
+    wait_for(lambda: spool.pending() == 0, timeout=10, what="the spool emptied")
+    assert spool.redis_allowed()
+    answer = client.post(url, json={"after": True})
+    assert answer.status_code == 202
+    wait_for(lambda: answer.get_json()["id"].encode() in
+             {f[b"i"] for _, f in direct.xrange(hung.stream_key)}, timeout=10,
+             what="the request after the outage on the stream")
+    proxy.close()
