@@ -156,6 +156,11 @@ class Spool:
         self._drainer: threading.Thread | None = None
         self._stopping = threading.Event()
         self._bypass_until = 0.0  # monotonic time until which requests spool without Redis
+        # what this drainer handed over of a file it could not empty, by path: (inode, byte
+        # where those records end, the last one's id). The .pos mark says the same for other
+        # processes and later lives, but writing it needs disk space a full disk refuses: this
+        # keeps the drainer from sending those records again every round meanwhile
+        self._sent: dict[str, tuple[int, int, str]] = {}
         self._bypass_lock = threading.Lock()
         # descriptors the drainer has open (and may hold a lock through): a forked child
         # closes its copies, else its copy would keep the lock, and every drainer would skip
@@ -402,7 +407,8 @@ class Spool:
             records, end, problem = parse(data, ends)
             if records and records[0][0].get("k", self.key) != self.key:
                 return 0  # another pipeline's (its namespace shares the folder): its own drains it
-            done = self._done(path, records, ends)  # records a half-done drain handed over
+            inode = os.fstat(fd).st_ino
+            done = self._done(path, records, ends, self._sent.get(str(path)), inode)
             sent = done
             try:
                 for first in range(done, len(records), self.chunk):
@@ -418,7 +424,7 @@ class Spool:
                     sent = min(first + self.chunk, len(records))
             except redis.RedisError:
                 if sent > done:  # the next drain starts after them, not at the head again
-                    self._set_done(path, records[sent - 1][0]["i"], ends[sent - 1])
+                    self._mark(path, inode, records[sent - 1][0]["i"], ends[sent - 1])
                 raise
             if problem is not None:
                 # after the records went: setting the rest aside takes disk space, which a
@@ -427,7 +433,7 @@ class Spool:
                     self._set_aside(path, fd, data, end, problem)
                 except OSError:
                     if sent > done:
-                        self._set_done(path, records[sent - 1][0]["i"], ends[sent - 1])
+                        self._mark(path, inode, records[sent - 1][0]["i"], ends[sent - 1])
                     raise
             pos = path.with_suffix(".pos")
             if pos.exists():  # before emptying: a crash between the two re-sends, never skips
@@ -435,6 +441,7 @@ class Spool:
                 _fsync_dir(self.dir)
             os.ftruncate(fd, 0)
             os.fsync(fd)
+            self._sent.pop(str(path), None)
             log.warning("spool drained", extra={"records": len(records) - done})
             self._forget(path)
             return len(records) - done
@@ -442,17 +449,34 @@ class Spool:
             self._close_held(fd)
 
     @staticmethod
-    def _done(path: Path, records: list[tuple[dict[str, Any], bytes]], ends: list[int]) -> int:
+    def _done(path: Path, records: list[tuple[dict[str, Any], bytes]], ends: list[int],
+              remembered: tuple[int, int, str] | None = None, inode: int = 0) -> int:
         """How many records of `path` a half-done drain handed over: its .pos names the byte
-        where they end and the last one's event id. A mark that does not fit the file as it is
-        (emptied and written again, by another version or a person) counts for nothing: its
-        records go again, as duplicates the workers count, never skipped."""
+        where they end and the last one's event id (or this drainer `remembered` so, for the
+        file of that `inode`). A mark that does not fit the file as it is (emptied and written
+        again, by another version or a person) counts for nothing: its records go again, as
+        duplicates the workers count, never skipped."""
+        marks = []
+        if remembered is not None and remembered[0] == inode:
+            marks.append(remembered[1:])
         try:
             offset, event_id = path.with_suffix(".pos").read_text().split(" ", 1)
-            count = ends.index(int(offset)) + 1
+            marks.append((int(offset), event_id))
         except (FileNotFoundError, ValueError):
-            return 0
-        return count if records[count - 1][0]["i"] == event_id else 0
+            pass
+        best = 0
+        for offset, event_id in marks:
+            if offset in ends:
+                count = ends.index(offset) + 1
+                if records[count - 1][0]["i"] == event_id:
+                    best = max(best, count)
+        return best
+
+    def _mark(self, path: Path, inode: int, event_id: str, offset: int) -> None:
+        """Remember, then record in .pos, where the records handed over end (the .pos write
+        may fail on a full disk: the memory still keeps this drainer from repeating them)."""
+        self._sent[str(path)] = (inode, offset, event_id)
+        self._set_done(path, event_id, offset)
 
     def _set_done(self, path: Path, event_id: str, offset: int) -> None:
         pos, tmp = path.with_suffix(".pos"), path.with_suffix(".pos-new")

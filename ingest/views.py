@@ -129,7 +129,8 @@ def store(ext: Ingest, body: bytes, hint: str | None, log: logging.Logger) -> st
     """Durably append a body to the stream: its new event id, or None if Redis cannot take it."""
     event_id = new_event_id()
     spool = ext.spool
-    if spool is None or spool.redis_allowed():  # Redis, unless it failed a moment ago
+    tried = spool is None or spool.redis_allowed()  # Redis, unless it failed a moment ago
+    if tried:
         try:
             ext.stream.append(event_id, body, hint)
         except redis.RedisError:
@@ -144,10 +145,24 @@ def store(ext: Ingest, body: bytes, hint: str | None, log: logging.Logger) -> st
     try:
         spool.append(event_id, body, hint)
     except OSError:
+        if not tried and _redis_after_all(ext, event_id, body, hint):
+            return event_id  # the spool refused while Redis, passed over, answers again
         log.error("ingest stream unavailable and the spool refused; answered 503")
         return None
     log.warning("ingest stream unavailable; spooled", extra={"event_id": event_id})
     return event_id
+
+
+def _redis_after_all(ext: Ingest, event_id: str, body: bytes,
+                             hint: str | None) -> bool:
+    """One try of Redis for a request that was sent to the spool without one (Redis failed
+    a moment ago) and that the spool refused (a full disk): whether Redis took it."""
+    try:
+        ext.stream.append(event_id, body, hint)
+    except redis.RedisError:
+        return False
+    ext.spool.redis_answered()
+    return True
 
 
 def unavailable(settings: Settings) -> Response:

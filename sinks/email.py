@@ -548,8 +548,12 @@ class EmailSink(Sink):
                 log.info("email %s: event %s sent to recipient %d of %d %s", self.instance,
                          event.id, n, len(pending), key.message_id)
         finally:
-            if smtp is not None:
-                _quit(smtp)
+            if smtp is not None:  # a server slow to answer QUIT holds nobody past `timeout`
+                with Deadline(options["timeout"]) as deadline:
+                    if smtp.sock is not None:
+                        smtp.sock.settimeout(options["timeout"])
+                        deadline.watch(smtp.sock)
+                    _quit(smtp)
         if errors:
             error = next((e for e in errors if isinstance(e, RetryableSinkError)), errors[0])
             log.warning("email %s: event %s: %d of %d recipients failed: %s", self.instance,

@@ -403,8 +403,19 @@ def _mentions(body: bytes, email: str) -> bool:
     address = _address(email)
     try:
         return _contains(parse_body(body), address)
-    except (ValueError, RecursionError):  # not JSON after all (or too deep to read): its text
-        return address.search(text) is not None
+    except (ValueError, RecursionError):  # not JSON after all (or too deep to read): its text,
+        # as written and with JSON's escapes read ("jo\u00e3o", "ana\u0040x.com")
+        return (address.search(text) is not None
+                or address.search(_unescaped(text)) is not None)
+
+
+_ESCAPE = re.compile(r"\\u([0-9a-fA-F]{4})")
+
+
+def _unescaped(text: str) -> str:
+    """Text with JSON's \\uXXXX escapes (surrogate pairs joined) and \\/ read, lower-cased."""
+    read = _ESCAPE.sub(lambda m: chr(int(m.group(1), 16)), text).replace("\\/", "/")
+    return read.encode("utf-16", "surrogatepass").decode("utf-16", "replace").lower()
 
 
 def strings(value: Any) -> Iterator[str]:

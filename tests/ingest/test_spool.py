@@ -482,8 +482,9 @@ def test_a_process_forked_while_the_drainer_holds_a_file_leaves_it_drainable(red
 
 def test_a_full_disk_does_not_hold_back_the_records_before_a_torn_tail(redis_url, tmp_path):
     """Setting a torn tail aside takes disk space; the records before it need none to be
-    handed over: they go first, and the tail waits in place until the disk takes it (here a
-    file size limit stands for the full disk: a real kernel refusal, in a child process)."""
+    handed over: they go first, and the tail waits in place until the disk takes it. A disk
+    so full that not even the small .pos mark fits must not make every round send them
+    again (a file size limit stands for the full disk: a real kernel refusal, in a child)."""
     directory = tmp_path / "spool"
     directory.mkdir()
     key = f"d{time.time_ns()}"
@@ -495,25 +496,30 @@ def test_a_full_disk_does_not_hold_back_the_records_before_a_torn_tail(redis_url
                            cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert child.returncode == 0, child.stderr[-3000:]
     assert "spool file not drained" in child.stderr  # said, not silent
+    rounds = json.loads(child.stdout.splitlines()[-1])
+    # three rounds on the full disk: the records once, the tail left in place; then the disk
+    # takes it again: the tail is set aside, nothing is handed over twice
+    assert rounds == [[2, False], [2, False], [2, False], [2, True]], rounds
     client = redis.Redis.from_url(redis_url)
     assert [f[b"i"] for _, f in client.xrange(key)] == [b"d1", b"d2"]
-    assert path.exists() and not list(directory.glob("*.bad"))  # the tail is still there
-    # the disk takes it again: the tail is set aside, nothing is handed over twice
-    spool = Spool(directory, client, key, interval=3600)
-    assert spool.drain() == 0
-    assert [f[b"i"] for _, f in client.xrange(key)] == [b"d1", b"d2"]
     [bad] = directory.glob("*.bad")
-    assert bad.read_bytes() == tail and not spool.files()
+    assert bad.read_bytes() == tail and not path.exists()
 
 
 FULL_DISK = """
-import resource, signal, sys
+import json, resource, signal, sys
 import redis
 from ingest.spool import Spool
 signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead
-resource.setrlimit(resource.RLIMIT_FSIZE, (1024, 1024))
 directory, url, key = sys.argv[1:]
-Spool(directory, redis.Redis.from_url(url), key, interval=3600).drain()
+client = redis.Redis.from_url(url)
+spool = Spool(directory, client, key, interval=3600)
+rounds = []
+for limit in (4, 4, 4, resource.RLIM_INFINITY):  # not even a .pos mark fits, then room again
+    resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.RLIM_INFINITY))
+    spool.drain()
+    rounds.append([client.xlen(key), bool(spool.set_aside())])
+print(json.dumps(rounds))
 """
 
 
@@ -577,4 +583,30 @@ def test_while_redis_hangs_requests_spool_at_once_after_the_first_timeout(settin
     wait_for(lambda: answer.get_json()["id"].encode() in
              {f[b"i"] for _, f in direct.xrange(hung.stream_key)}, timeout=10,
              what="the request after the outage on the stream")
+    proxy.close()
+
+
+def test_a_spool_that_refuses_while_redis_is_passed_over_gets_redis_tried(settings, redis_url,
+                                                                          tmp_path):
+    """Redis failed a moment ago, so requests go to the spool without trying it; a spool that
+    refuses then (a full or read-only disk) must not cost a 503 while Redis answers."""
+    from ingest import create_app
+
+    host, port = redis_url.split("//")[1].split("/")[0].split(":")
+    proxy = FreezingProxy((host, int(port)))
+    blocked = tmp_path / "a file"
+    blocked.write_text("")  # the spool folder cannot be made under a file
+    hung = settings.with_(redis_url=f"redis://127.0.0.1:{proxy.port}/0",
+                          spool_dir=str(blocked / "spool"), redis_timeout_seconds=0.5)
+    client = create_app(hung).test_client()
+    url = f"/webhooks/rdstation?token={TOKEN}"
+    assert client.post(url, json={"warm": "up"}).status_code == 202
+    proxy.freeze()
+    assert client.post(url, json={"n": 0}).status_code == 503  # neither could take it
+    proxy.thaw()
+    answers = [client.post(url, json={"n": n}) for n in range(1, 6)]  # within the second
+    assert [a.status_code for a in answers] == [202] * 5
+    direct = redis.Redis.from_url(redis_url)
+    ids = {f[b"i"].decode() for _, f in direct.xrange(hung.stream_key)}
+    assert {a.get_json()["id"] for a in answers} <= ids
     proxy.close()

@@ -394,6 +394,45 @@ def test_a_message_answered_after_data_timeout_is_retryable(smtp, ledger, databa
     assert sent_rows(database_url) == []
 
 
+def test_a_server_that_never_answers_quit_holds_nobody_past_the_timeout(ledger):
+    # the session's timeout was left at the message's longer one, and QUIT had no deadline:
+    # a server that takes the message and then says nothing held the worker that long
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen(1)
+        got: list[bytes] = []
+
+        def serve() -> None:
+            conn, _ = listener.accept()
+            with conn, conn.makefile("rb") as lines:
+                conn.sendall(b"220 smtp.test\r\n")
+                data = False
+                for line in lines:
+                    got.append(line)
+                    if data:
+                        if line == b".\r\n":
+                            data = False
+                            conn.sendall(b"250 taken\r\n")
+                    elif line.upper().startswith(b"DATA"):
+                        data = True
+                        conn.sendall(b"354 go on\r\n")
+                    elif line.upper().startswith(b"QUIT"):
+                        time.sleep(8)  # never answers in time
+                        return
+                    else:
+                        conn.sendall(b"250 ok\r\n")
+
+        thread = threading.Thread(target=serve, daemon=True)
+        thread.start()
+        sink = make_sink(listener.getsockname(), ledger, timeout=0.5, data_timeout=5,
+                         to=[SALES[0]])
+        started = time.monotonic()
+        sink.deliver(opportunity())  # delivered: the 250 came
+        took = time.monotonic() - started
+    assert any(line.upper().startswith(b"QUIT") for line in got)
+    assert took < 1.5, took
+
+
 def test_event_type_without_template_sends_nothing_and_says_so(smtp, ledger, database_url,
                                                                 caplog):
     (event,) = events({"event_name": "crm_organization_created", "transaction_uuid": "org-1",

@@ -297,6 +297,20 @@ def test_erase_and_purge_have_redis_rewrite_its_log_so_deleted_bodies_leave_its_
         assert not on_disk(), command
 
 
+@pytest.mark.parametrize("text", [
+    '{"leads":[{"email":"jo\\u00e3o@exemplo.com.br","name":"J"}]',  # cut short: not JSON
+    '{"leads":[{"email":"joao\\u0040exemplo.com.br"}],}',
+])
+def test_erase_reads_json_escapes_in_a_quarantined_text_that_is_not_json(runtime, settings, db,
+                                                                         text):
+    person = "jo\u00e3o@exemplo.com.br" if "00e3" in text else "joao@exemplo.com.br"
+    db.execute("INSERT INTO quarantine (id, received_at, reason, payload) "
+               "VALUES ('q-text', now(), 'not JSON', to_jsonb(%s::text))", (text,))
+    result = leadpipe(settings, "erase", "--email", person)
+    assert result.returncode == 0, result.stderr
+    assert count(db, "SELECT count(*) FROM quarantine") == 0
+
+
 def test_a_legacy_body_on_the_stream_with_other_leads_stays_and_only_theirs_is_dropped(
         runtime, settings, db, redis_client):
     """One 202'd body, three people: the erasure must not take the others' events with it,
