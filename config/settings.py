@@ -32,6 +32,21 @@ def as_namespace(raw: str) -> str:
     return value
 
 
+ADMIN_TOKEN_MIN = 16
+
+
+def as_admin_tokens(raw: str) -> tuple[str, ...]:
+    """Comma-separated operator tokens, each long enough not to be guessed: sign-in and the
+    operator API compare in constant time but do not limit attempts (never shown)."""
+    tokens = as_list(raw)
+    short = sum(1 for token in tokens if len(token) < ADMIN_TOKEN_MIN)
+    if short:
+        raise ConfigError(f"{short} of the tokens is shorter than {ADMIN_TOKEN_MIN} characters "
+                          "(make one: python3 -c 'import secrets; "
+                          "print(secrets.token_urlsafe(32))')")
+    return tokens
+
+
 def as_optional_str(raw: str) -> str | None:
     return raw.strip() or None
 
@@ -287,8 +302,9 @@ class Settings:
         "Postgres only.",
     )
     admin_tokens: tuple[str, ...] = setting(
-        "ADMIN_TOKENS", as_list, (),
-        "Bearer tokens for the operator API (/api/...: dead letters, sinks).",
+        "ADMIN_TOKENS", as_admin_tokens, (),
+        "Bearer tokens for the operator API (/api/...: dead letters, sinks) and the /ops page; "
+        "each at least 16 characters.",
     )
     metrics_tokens: tuple[str, ...] = setting(
         "METRICS_TOKENS", as_list, (),

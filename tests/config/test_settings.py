@@ -32,10 +32,19 @@ def test_values_are_converted():
     ("LEADPIPE_REDIS_TIMEOUT_SECONDS", "soon"),
     ("LEADPIPE_NAMESPACE", "acme,eu"),  # a worker's queue list splits at the comma
     ("LEADPIPE_NAMESPACE", "acme eu"), ("LEADPIPE_NAMESPACE", "-x"),
+    # an operator token opens erasure and unmasked personal data: never a guessable one
+    ("LEADPIPE_ADMIN_TOKENS", "admin"), ("LEADPIPE_ADMIN_TOKENS", "a" * 40 + ",short"),
 ])
 def test_junk_is_refused_naming_the_variable(name, value):
     with pytest.raises(ConfigError, match=name):
         Settings.from_env({name: value})
+
+
+def test_an_admin_token_s_error_never_shows_it():
+    with pytest.raises(ConfigError) as caught:
+        Settings.from_env({"LEADPIPE_ADMIN_TOKENS": "a" * 16 + ",hunter2"})
+    assert "hunter2" not in str(caught.value) and "16 characters" in str(caught.value)
+    assert Settings.from_env({"LEADPIPE_ADMIN_TOKENS": "a" * 16}).admin_tokens == ("a" * 16,)
 
 
 def test_round_trip_through_the_environment():

@@ -151,8 +151,8 @@ def test_status_shows_unknown_sink_state_when_redis_is_unreachable(routed):
     assert row(result.stdout, "held")[1:3] == ["?", "?"], result.stdout  # state, circuit
     held = json.loads(status(down, "--timeout", "0.3", "--json").stdout)["sinks"]["held"]
     assert (held["paused"], held["circuit"]) == (None, None)
-    dashboard = create_app(down.with_(admin_tokens=("t-admin",))).test_client().get(
-        "/api/dashboard", headers={"Authorization": "Bearer t-admin"})
+    dashboard = create_app(down.with_(admin_tokens=("t-admin-0123456789",))).test_client().get(
+        "/api/dashboard", headers={"Authorization": "Bearer t-admin-0123456789"})
     assert dashboard.status_code == 200
     held = next(s for s in dashboard.get_json()["sinks"] if s["sink"] == "held")
     assert (held["paused"], held["circuit"]) == (None, None)

@@ -44,10 +44,10 @@ def test_every_api_on_a_database_not_yet_migrated_answers_503_to_retry(settings,
         conn.execute(f"CREATE DATABASE {name}")
     dsn = postgres_admin_url.rsplit("/", 1)[0] + "/" + name
     migrate(dsn, "0001")
-    client = create_app(settings.with_(database_url=dsn, admin_tokens=("admin-token-abc",))
+    client = create_app(settings.with_(database_url=dsn, admin_tokens=("admin-token-abcdef",))
                         ).test_client()
     for path in ("/integrations/webhooks", "/openapi.json", "/api/sinks"):
-        token = "admin-token-abc" if path.startswith("/api/") else "lp_some-api-token"
+        token = "admin-token-abcdef" if path.startswith("/api/") else "lp_some-api-token"
         answer = client.get(path, headers={"Authorization": f"Bearer {token}"})
         assert answer.status_code == 503, (path, answer.status_code)
         assert answer.headers["Retry-After"] == "5"
