@@ -6,8 +6,8 @@ the token and a random CSRF token. The cookie is refused once it is older than
 LEADPIPE_OPS_SESSION_HOURS or once its token is no longer one of LEADPIPE_ADMIN_TOKENS. Every
 request that changes something must also send the CSRF token in the X-CSRF-Token header, which
 only the dashboard page itself can read (it is written into the page). Signing out records the
-session as ended on Redis until it would have expired anyway, so a copy of the cookie is refused
-from then on by every API process.
+session as ended on Redis for as long as any session may be set to last, so a copy of the
+cookie is refused from then on by every API process.
 """
 
 from __future__ import annotations

@@ -284,13 +284,17 @@ class MeasuredSink(Sink):
         self.inner.close()
 
 
+# a body whose type cannot be told (quarantined) is "unknown", as docs/OPERATIONS.md says
+_LABELLED = frozenset(EVENT_TYPES) | {"unknown"}
+
+
 def count_batch(recorder: Recorder, outcomes: dict[tuple[str, str], int]) -> None:
     """What one process_batch stored, by event type and outcome."""
     for (event_type, outcome), n in outcomes.items():
         # a type RD does not send (a CRM entity it may add, or a body's own making) is
         # "other": label values stay a bounded set whatever bodies arrive
         recorder.inc("leadpipe_events", n, outcome=outcome,
-                     event_type=event_type if event_type in EVENT_TYPES else "other")
+                     event_type=event_type if event_type in _LABELLED else "other")
 
 
 def count_round(recorder: Recorder, sink: str, delivered: int, dead: int, again: int,

@@ -51,11 +51,14 @@ def test_event_types_rd_does_not_send_are_one_label_value(redis_url):
         count_batch(recorder, {("crm_zzz1_created", "accepted"): 1,
                                ("crm_zzz2_created", "accepted"): 2,
                                ("crm_task_created", "accepted"): 1,
-                               ("WEBHOOK.CONVERTED", "duplicate"): 1})
+                               ("WEBHOOK.CONVERTED", "duplicate"): 1,
+                               (claimed_type('{"foo": 1}'), "quarantined"): 4})
         recorder.flush()
         fields = redis.Redis.from_url(redis_url).hgetall(f"{namespace}:metrics")
         labels = {dict(orjson.loads(k)[1])["event_type"]: float(v) for k, v in fields.items()}
-        assert labels == {"other": 3.0, "crm_task_created": 1.0, "WEBHOOK.CONVERTED": 1.0}
+        # a body whose type cannot be told is "unknown", apart from types RD may add
+        assert labels == {"other": 3.0, "crm_task_created": 1.0, "WEBHOOK.CONVERTED": 1.0,
+                          "unknown": 4.0}
     finally:
         recorder.discard()
     assert claimed_type('{"event_name": "crm_zzz_created", "document": {}}') == "unknown"
