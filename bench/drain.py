@@ -426,8 +426,8 @@ def main(argv: list[str] | None = None) -> int:
             counts = db.counts()
             pending = int(client.xpending(key, "workers")["pending"])
 
-            print(f"preload: {len(data.bodies)} entries appended and renamed into place in "
-                  f"{load_s:.2f} s (before the clock)")
+            print(f"preload: {len(data.bodies)} entries appended to a staged stream in "
+                  f"{load_s:.2f} s (before the clock; the rename into place is inside it)")
             print(f"drain: {len(data.bodies)} entries in {elapsed:.2f} s (first batch "
                   f"acknowledged after {1000 * (first or 0):.0f} ms)")
             print(f"rate: {data.unique / elapsed:.0f} events/s (unique events stored), "
