@@ -17,6 +17,7 @@ from ingest.queue import new_event_id
 if TYPE_CHECKING:
     from config.settings import Settings
     from ingest import Ingest
+    from ingest.spool import Spool
 
 bp = Blueprint("ingest", __name__)
 
@@ -129,39 +130,36 @@ def store(ext: Ingest, body: bytes, hint: str | None, log: logging.Logger) -> st
     """Durably append a body to the stream: its new event id, or None if Redis cannot take it."""
     event_id = new_event_id()
     spool = ext.spool
-    tried = spool is None or spool.redis_allowed()  # Redis, unless it failed a moment ago
-    if tried:
+    if spool is None:
         try:
             ext.stream.append(event_id, body, hint)
         except redis.RedisError:
-            if spool is None:
-                log.warning("ingest stream unavailable; answered 503")
-                return None
-            spool.redis_failed()
-        else:
-            if spool is not None:
-                spool.redis_answered()
-            return event_id
+            log.warning("ingest stream unavailable; answered 503")
+            return None
+        return event_id
+    tried = spool.redis_allowed()  # Redis, unless it failed a moment ago
+    if tried and _to_redis(ext, spool, event_id, body, hint):
+        return event_id
     try:
         spool.append(event_id, body, hint)
     except OSError:
-        if not tried and _redis_after_all(ext, event_id, body, hint):
-            return event_id  # the spool refused while Redis, passed over, answers again
+        # a spool that refuses (a full disk) while Redis was passed over: Redis once more
+        if not tried and _to_redis(ext, spool, event_id, body, hint):
+            return event_id
         log.error("ingest stream unavailable and the spool refused; answered 503")
         return None
     log.warning("ingest stream unavailable; spooled", extra={"event_id": event_id})
     return event_id
 
 
-def _redis_after_all(ext: Ingest, event_id: str, body: bytes,
-                             hint: str | None) -> bool:
-    """One try of Redis for a request that was sent to the spool without one (Redis failed
-    a moment ago) and that the spool refused (a full disk): whether Redis took it."""
+def _to_redis(ext: Ingest, spool: Spool, event_id: str, body: bytes, hint: str | None) -> bool:
+    """Append to the stream, telling the spool whether Redis took it."""
     try:
         ext.stream.append(event_id, body, hint)
     except redis.RedisError:
+        spool.redis_failed()
         return False
-    ext.spool.redis_answered()
+    spool.redis_answered()
     return True
 
 

@@ -329,7 +329,8 @@ def _remove(conn: psycopg.Connection, stream: IngestStream | None, email: str,
             "SELECT id, payload FROM quarantine WHERE lower(payload::text) LIKE %s "
             "OR (jsonb_typeof(payload) = 'string' AND strpos(payload::text, '\\u') > 0)",
             (pattern,))
-            if holds(payload) or isinstance(payload, str) and _mentions(payload.encode(), email)]
+            if (_mentions(payload.encode(), email) if isinstance(payload, str)
+                else holds(payload))]
         # a delivery of theirs under way (workers.delivery.load_events holds its lock) would
         # record its e-mail ledger rows after our delete: wait for it to end, and keep the rest
         # from starting until we commit (they then find the delivery gone). Nothing of ours is
