@@ -275,7 +275,8 @@ class Settings:
     )
     max_inflight_batches: int = setting(
         "MAX_INFLIGHT_BATCHES", as_positive_int, 4,
-        "Batches one worker node may have dispatched and not finished (back-pressure).",
+        "Back-pressure: one worker node holds at most this many times LEADPIPE_BATCH_SIZE "
+        "entries read and not yet stored (at full batches, this many batches in flight).",
     )
     oversized_retries: int = setting(
         "OVERSIZED_RETRIES", as_positive_int, 10,
@@ -439,6 +440,12 @@ class Settings:
     @property
     def stream_key(self) -> str:
         return f"{self.namespace}:ingest"
+
+    @property
+    def store_down_key(self) -> str:
+        """Set (with an expiry) by a batch task that found Postgres unreachable: the pumps
+        read no new entries meanwhile."""
+        return f"{self.namespace}:store-down"
 
     @property
     def ingest_queue(self) -> str:

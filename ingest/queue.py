@@ -85,22 +85,33 @@ class IngestStream:
         """Make the consumer visible in XINFO CONSUMERS before it has read anything."""
         self.client.xgroup_createconsumer(self.key, GROUP, consumer)
 
-    def read_new(self, consumer: str, count: int, block_ms: int) -> list[tuple[str, int]]:
-        """Claim up to `count` never-delivered entries for `consumer`; their ids and the
-        sizes of their bodies."""
-        reply = self.client.xreadgroup(GROUP, consumer, {self.key: ">"}, count=count,
+    def read_new(self, consumer: str, count: int, block_ms: int, max_bytes: int,
+                 largest: int) -> list[tuple[str, int]]:
+        """Claim up to `count` never-delivered entries for `consumer`, about `max_bytes` of
+        bodies at most (past it by one body, of at most `largest` bytes); their ids and the
+        sizes of their bodies. Bodies stay in Redis: only ids and sizes come back. Waits up to
+        `block_ms` for one entry when there is none."""
+        found = self._take("new", consumer, count, max_bytes, largest)
+        if found or block_ms <= 0:
+            return found
+        reply = self.client.xreadgroup(GROUP, consumer, {self.key: ">"}, count=1,
                                        block=block_ms)
         if not reply:
             return []
         return [(_s(entry_id), _size(f)) for entry_id, f in reply[0][1]]
 
-    def claim_stale(self, consumer: str, min_idle_ms: int,
-                    count: int) -> list[tuple[str, int]]:
-        """Take over entries another (likely dead) consumer has held for longer than
-        min_idle_ms; their ids and the sizes of their bodies."""
-        reply = self.client.xautoclaim(self.key, GROUP, consumer, min_idle_ms, "0-0",
-                                       count=count)
-        return [(_s(entry_id), _size(f)) for entry_id, f in reply[1] if entry_id]
+    def claim_stale(self, consumer: str, min_idle_ms: int, count: int, max_bytes: int,
+                    largest: int) -> list[tuple[str, int]]:
+        """Take over up to `count` entries another (likely dead) consumer has held for longer
+        than min_idle_ms, bounded in bytes as read_new; their ids and the sizes of their
+        bodies."""
+        return self._take("claim", consumer, count, max_bytes, largest, min_idle_ms)
+
+    def _take(self, mode: str, consumer: str, count: int, max_bytes: int, largest: int,
+              min_idle_ms: int = 0) -> list[tuple[str, int]]:
+        reply = self.client.eval(_TAKE, 1, self.key, GROUP, consumer, count, max_bytes,
+                                 max(1, largest), mode, min_idle_ms)
+        return [(_s(reply[n]), int(reply[n + 1])) for n in range(0, len(reply), 2)]
 
     def forget_idle_consumers(self, idle_ms: int, keep: str) -> int:
         """Remove from the group the consumers that hold no entry and have not read for
@@ -167,6 +178,51 @@ class IngestStream:
     def depth(self) -> int:
         return int(self.client.xlen(self.key))
 
+
+# Entries for a consumer, new (XREADGROUP) or stale (XAUTOCLAIM), taken in steps no larger than
+# the bytes left allow at the largest body size, until `count` entries or `max_bytes` of bodies:
+# the pump learns sizes without any body leaving Redis, and a backlog of large bodies is taken
+# about a batch at a time. Returns a flat list: id, size, id, size, ...
+_TAKE = """
+local key, group, consumer = KEYS[1], ARGV[1], ARGV[2]
+local count, limit, largest = tonumber(ARGV[3]), tonumber(ARGV[4]), tonumber(ARGV[5])
+local claim, min_idle = ARGV[6] == 'claim', ARGV[7]
+local out, n, total, cursor, calls = {}, 0, 0, '0-0', 0
+local function add(entry)
+  local fields, len = entry[2], 0
+  if fields then
+    for i = 1, #fields, 2 do
+      if fields[i] == 'b' then len = #fields[i + 1] end
+    end
+  end
+  out[#out + 1] = entry[1]
+  out[#out + 1] = len
+  n = n + 1
+  total = total + len
+end
+while n < count and total < limit do
+  local step = math.max(1, math.min(count - n, math.floor((limit - total) / largest)))
+  local entries
+  if claim then
+    -- each call looks at no more than 10 x COUNT pending entries: bounded overall too
+    calls = calls + 1
+    if calls > 10 * count then break end
+    local reply = redis.call('XAUTOCLAIM', key, group, consumer, min_idle, cursor, 'COUNT', step)
+    cursor, entries = reply[1], reply[2]
+  else
+    local reply = redis.call('XREADGROUP', 'GROUP', group, consumer, 'COUNT', step,
+                             'STREAMS', key, '>')
+    if not reply then break end
+    entries = reply[1][2]
+  end
+  for _, entry in ipairs(entries) do
+    if entry and entry ~= false and entry[1] then add(entry) end
+  end
+  if claim and cursor == '0-0' then break end
+  if not claim and #entries < step then break end
+end
+return out
+"""
 
 _FORGET_IDLE = """
 local removed = 0

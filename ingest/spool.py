@@ -411,12 +411,16 @@ class Spool:
             done = self._done(path, records, ends, self._sent.get(str(path)), inode)
             sent = done
             try:
+                now_ms = time.time_ns() // 1_000_000
                 for first in range(done, len(records), self.chunk):
                     # MULTI/EXEC: Redis runs a chunk whole or, refusing one command (out of
                     # memory), none of it; so what is on the stream is always a prefix
                     pipe = self.client.pipeline(transaction=True)
                     for header, body in records[first:first + self.chunk]:
-                        fields: dict[str, Any] = {"i": header["i"], "t": header["t"], "b": body}
+                        # "w": how long it waited here, on this host's clock as "t" is, so
+                        # the stream's age of it needs no other host's clock (workers/status)
+                        fields: dict[str, Any] = {"i": header["i"], "t": header["t"], "b": body,
+                                                  "w": max(0, now_ms - header["t"])}
                         if header.get("h"):
                             fields["h"] = header["h"]
                         pipe.xadd(self.key, fields)

@@ -9,8 +9,10 @@ import threading
 import time
 from typing import Any
 
+import psycopg
 import redis
 from celery import Celery, bootsteps
+from psycopg_pool import PoolTimeout
 
 from config.settings import Settings
 from ingest.queue import IngestStream, make_redis
@@ -50,6 +52,8 @@ class Pump:
         # asked again only when the bound reaches the limit, and at start, so entries left
         # pending by an earlier life of this consumer count too.
         self._inflight: int | None = None
+        self._store_down_until = 0.0  # monotonic; see store_down()
+        self._store_checked = 0.0  # when to ask Redis again
 
     def start(self) -> None:
         self._thread = threading.Thread(target=self.run, name="leadpipe-pump", daemon=True)
@@ -80,6 +84,18 @@ class Pump:
         if self._inflight is not None:
             self._inflight += len(entry_ids)
 
+    def store_down(self) -> bool:
+        """Whether a batch task found the store unreachable lately (tasks.process_batch sets
+        the mark): new entries are then left on the stream, where they wait at no cost, rather
+        than dispatched as tasks that would each wait for Postgres and retry. Redis is asked at
+        most once a second."""
+        now = time.monotonic()
+        if now >= self._store_checked:
+            left = self.stream.client.pttl(self.settings.store_down_key)  # ms; < 0: no mark
+            self._store_down_until = now + left / 1000 if left > 0 else 0.0
+            self._store_checked = min(now + 1.0, max(now, self._store_down_until))
+        return now < self._store_down_until
+
     def saturated(self) -> bool:
         """Whether this consumer holds as many entries as it may (back-pressure)."""
         limit = self.settings.max_inflight_batches * self.settings.batch_size
@@ -106,10 +122,12 @@ class Pump:
                     operations.schedule_purge(self.runtime, self.purge_queue)
                 if now >= next_claim:
                     stale = self.stream.claim_stale(self.consumer, s.claim_idle_seconds * 1000,
-                                                    s.batch_size)
+                                                    s.batch_size, s.batch_max_bytes,
+                                                    s.max_body_bytes)
                     if stale:
-                        log.warning("re-dispatching %d entries left by a stopped worker",
-                                    len(stale))
+                        log.warning("re-dispatching %d entries idle for %d s or more (their "
+                                    "worker stopped, or their batch gave up waiting for the "
+                                    "store)", len(stale), s.claim_idle_seconds)
                         for batch in self.batches(stale):
                             self.dispatch(batch)
                         continue
@@ -117,7 +135,7 @@ class Pump:
                 if now >= next_forget:
                     next_forget = now + 60
                     self.forget_gone_consumers()
-                if self.saturated():
+                if self.saturated() or self.store_down():
                     self._stop.wait(0.02)
                     continue
                 for batch in self.batches(self.collect()):
@@ -130,20 +148,25 @@ class Pump:
                 if isinstance(exc, redis.RedisError | OSError):
                     log.warning("pump cannot reach Redis (%s); retrying in %.1fs",
                                 type(exc).__name__, delay)
+                elif isinstance(exc, psycopg.OperationalError | PoolTimeout):  # the relay's
+                    log.warning("pump cannot reach Postgres (%s); retrying in %.1fs",
+                                type(exc).__name__, delay)
                 else:
                     log.exception("pump failed; retrying in %.1fs", delay)
                 self._stop.wait(delay)
 
     def collect(self) -> list[tuple[str, int]]:
-        """Up to batch_size entries (id, body size), waiting at most batch_window_ms after
-        the first one."""
+        """Up to batch_size entries (id, body size) or about batch_max_bytes of bodies,
+        waiting at most batch_window_ms after the first one."""
         s = self.settings
-        found = self.stream.read_new(self.consumer, s.batch_size, block_ms=500)
+        found = self.stream.read_new(self.consumer, s.batch_size, 500, s.batch_max_bytes,
+                                     s.max_body_bytes)
         if not found:
             return found
+        size = sum(length for _, length in found)
         deadline = time.monotonic() + s.batch_window_ms / 1000
         touched = time.monotonic()
-        while len(found) < s.batch_size:
+        while len(found) < s.batch_size and size < s.batch_max_bytes:
             remaining = int((deadline - time.monotonic()) * 1000)
             if remaining <= 0 or self._stop.is_set():
                 break
@@ -153,9 +176,12 @@ class Pump:
                     # taken for a dead worker's while the rest is waited for
                     self.stream.touch(self.consumer, [entry_id for entry_id, _ in found])
                     touched = time.monotonic()
-                found += self.stream.read_new(self.consumer, s.batch_size - len(found),
-                                              block_ms=min(remaining, self.longest_block_ms,
-                                                           s.claim_idle_seconds * 333))
+                more = self.stream.read_new(
+                    self.consumer, s.batch_size - len(found),
+                    min(remaining, self.longest_block_ms, s.claim_idle_seconds * 333),
+                    s.batch_max_bytes - size, s.max_body_bytes)
+                found += more
+                size += sum(length for _, length in more)
             except redis.RedisError:  # the entries read so far are ours: dispatch them now
                 log.warning("pump stopped collecting a batch early: Redis did not answer")
                 break

@@ -100,11 +100,13 @@ def _redis(runtime: Runtime, state: PipelineState) -> None:
     state.ingest_unread = max(state.ingest_depth - held, 0)
     if first:
         now_ms = now[0] * 1000 + now[1] // 1000
-        # the time the endpoint took it (`t`): a body the spool held through a Redis outage
-        # gets a new stream id when it is moved there, not a new `t`
+        # on Redis' clock, from the entry's id (when Redis took it), plus what a body the
+        # spool held through a Redis outage waited there (`w`, measured on the API host's
+        # clock alone): never the API host's clock against Redis'
         entry_id, fields = first[0]
-        received = int(fields.get(b"t") or entry_id.split(b"-")[0])
-        state.ingest_oldest_seconds = max(now_ms - received, 0) / 1000
+        waited = int(fields.get(b"w") or 0)
+        added = int(entry_id.split(b"-")[0])
+        state.ingest_oldest_seconds = max(now_ms - added + waited, 0) / 1000
     state.redis_durable, state.redis_durability = redis_durability(client)
     paused = runtime.control.paused()
     for name, sink in state.sinks.items():

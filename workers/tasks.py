@@ -53,6 +53,13 @@ def held(stream: Any, consumer: str, entry_ids: list[str], every: float) -> Iter
         thread.join(timeout=1)  # a touch stuck on Redis ends on its own, touching nothing more
 
 
+def store_down_ms(settings: Any) -> int:
+    """How long the pumps read no new entries after a batch found the store down: half a
+    claim period, from 10 s (longer than a try waits for a connection) to 30 s; ended early
+    by the first batch stored again."""
+    return int(1000 * max(10.0, min(30.0, settings.claim_idle_seconds / 2)))
+
+
 def _cap(runtime: Any) -> float:
     """The longest retry countdown: 60 s, within the runtime's longest wait."""
     return min(60.0, runtime.longest_wait)
@@ -61,26 +68,46 @@ def _cap(runtime: Any) -> float:
 @shared_task(bind=True, name="leadpipe.process_batch", acks_late=True, ignore_result=True,
              max_retries=None)
 def process_batch(self: Task, entry_ids: list[str], consumer: str,
-                  oversized_tries: int = 0) -> dict[str, Any]:
+                  oversized_tries: int = 0, failing_since: float | None = None
+                  ) -> dict[str, Any]:
     """Store one batch of ingest-stream entries in Postgres and acknowledge them.
 
     `oversized_tries`: the tries in a row that ended on an event too big for the server's
     limits (sinks.postgres.oversized); any other failure (Postgres down) starts the count
-    again, so only LEADPIPE_OVERSIZED_RETRIES such tries in a row quarantine the event."""
+    again, so only LEADPIPE_OVERSIZED_RETRIES such tries in a row quarantine the event.
+    `failing_since`: when this batch's tries began to fail (epoch seconds). Retries go on for
+    half of LEADPIPE_CLAIM_IDLE_SECONDS; then the task ends and leaves its entries pending,
+    for the pump's claim to send again, re-batched, a claim period later: a long outage keeps
+    a bounded number of tasks alive, never a growing heap of retries."""
     runtime = self.app.leadpipe.runtime()
+    settings = runtime.settings
     try:
-        with held(runtime.stream, consumer, entry_ids, runtime.settings.claim_idle_seconds / 3):
+        with held(runtime.stream, consumer, entry_ids, settings.claim_idle_seconds / 3):
             stored = pipeline.process(runtime, entry_ids, last_try=oversized_tries
-                                      >= runtime.settings.oversized_retries)
+                                      >= settings.oversized_retries)
     except TRANSIENT as exc:
+        big = oversized(exc)
+        now = time.time()
+        since = now if failing_since is None else failing_since
+        countdown = backoff(self.request.retries, cap=_cap(runtime))
         try:  # keep the entries ours while we wait, so no other worker re-dispatches them
             runtime.stream.touch(consumer, entry_ids)
+            if not big and not isinstance(exc, redis.RedisError):  # the store is down
+                runtime.redis.set(settings.store_down_key, "1", px=store_down_ms(settings))
         except redis.RedisError:
             pass
+        if not big and now - since + countdown > settings.claim_idle_seconds / 2:
+            log.warning("batch of %d left pending after %.0f s of failures (%s): sent again "
+                        "in about %d s", len(entry_ids), now - since, type(exc).__name__,
+                        settings.claim_idle_seconds)
+            return {"entries": len(entry_ids), "left_pending": len(entry_ids)}
         log.warning("batch of %d will be retried: %s", len(entry_ids), type(exc).__name__)
-        tries = oversized_tries + 1 if oversized(exc) else 0
-        raise self.retry(exc=exc, countdown=backoff(self.request.retries, cap=_cap(runtime)),
-                         args=(entry_ids, consumer), kwargs={"oversized_tries": tries}) from exc
+        tries = oversized_tries + 1 if big else 0
+        raise self.retry(exc=exc, countdown=countdown, args=(entry_ids, consumer),
+                         kwargs={"oversized_tries": tries, "failing_since": since}) from exc
+    if failing_since is not None:  # this batch's store works again: so may the pumps'
+        with contextlib.suppress(redis.RedisError):
+            runtime.redis.delete(settings.store_down_key)
     metrics.count_batch(runtime.metrics, stored.outcomes)
     summary = {"entries": len(entry_ids), "new": len(stored.new),
                "duplicates": stored.duplicates, "quarantined": stored.quarantined}

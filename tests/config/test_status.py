@@ -7,6 +7,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import redis
@@ -207,12 +208,26 @@ def test_a_subscriptions_open_circuit_is_reported_open(runtime):
     assert state.sinks[target].pending == 1 and state.sinks[target].circuit == "open"
 
 
-def test_the_oldest_entry_is_aged_from_when_the_endpoint_took_it(runtime, redis_client):
-    # a body the spool held through a Redis outage gets a new stream id when moved there
+def test_the_oldest_entry_is_aged_on_redis_clock_whatever_the_api_hosts_clock_says(
+        runtime, redis_client):
+    # `t` is the API host's clock: two minutes slow there must not read as a two-minute
+    # backlog (the documented alert fires at 60 s), nor two minutes fast hide one
     from workers import status
 
-    taken = int(__import__("time").time() * 1000) - 1_800_000
-    redis_client.xadd(runtime.settings.stream_key, {"i": "ev-old", "t": taken, "b": b"{}"})
+    key = runtime.settings.stream_key
+    for skew_ms in (-120_000, 120_000):
+        redis_client.delete(key)
+        redis_client.xadd(key, {"i": "ev-now", "t": int(time.time() * 1000) + skew_ms,
+                                "b": b"{}"})
+        assert status.collect(runtime).ingest_oldest_seconds < 5
+
+
+def test_a_body_the_spool_held_is_aged_from_when_the_endpoint_took_it(runtime, redis_client):
+    # moved to the stream after an outage, it gets a new id; `w` is how long it waited
+    from workers import status
+
+    redis_client.xadd(runtime.settings.stream_key,
+                      {"i": "ev-old", "t": 0, "b": b"{}", "w": 1_800_000})
     assert 1795 < status.collect(runtime).ingest_oldest_seconds < 1900
 
 

@@ -249,6 +249,19 @@ def test_a_full_spool_file_is_closed_and_every_record_of_every_file_drained(redi
     assert len(spool.files()) <= 1 and not spool.set_aside()
 
 
+def test_a_drained_record_carries_how_long_it_waited_in_the_spool(redis_url, tmp_path):
+    # the stream's age of it (workers/status) adds `w` to its new id's time: on one clock
+    client = redis.Redis.from_url(redis_url)
+    key = f"s{time.time_ns()}"
+    spool = Spool(tmp_path, client, key, interval=3600)
+    spool.start = lambda: None  # type: ignore[method-assign]  # drained by hand below
+    spool.append("held-1", b"{}", None)
+    time.sleep(0.3)
+    assert spool.drain() == 1
+    (_, fields), = client.xrange(key)
+    assert 300 <= int(fields[b"w"]) < 5000
+
+
 def test_a_drainer_reads_a_file_whole_even_when_one_read_returns_less(redis_url, tmp_path,
                                                                         monkeypatch):
     client = redis.Redis.from_url(redis_url)

@@ -1,5 +1,6 @@
-"""A TCP proxy that can freeze (connections stay open, bytes go nowhere: a server that hangs)
-or hold replies back (a server that does the work but answers late)."""
+"""A TCP proxy that can freeze (connections stay open, bytes go nowhere: a server that hangs),
+hold replies back (a server that does the work but answers late) or cut every connection (a
+server that is down)."""
 
 from __future__ import annotations
 
@@ -16,6 +17,9 @@ class FreezingProxy:
     def __init__(self, target: tuple[str, int]):
         self.target = target
         self.frozen = threading.Event()
+        self.down = threading.Event()
+        self._open: set[socket.socket] = set()
+        self._lock = threading.Lock()
         self.reply_delay = 0.0  # seconds each chunk from the server waits before it is passed on
         self.listener = socket.socket()
         self.listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -28,8 +32,16 @@ class FreezingProxy:
         self.frozen.set()
 
     def thaw(self) -> None:
-        """Forward again (what was swallowed meanwhile stays lost)."""
+        """Forward again (what was swallowed meanwhile stays lost; cut connections stay cut)."""
         self.frozen.clear()
+        self.down.clear()
+
+    def cut(self) -> None:
+        """Close every connection, and each new one at once, until `thaw()`."""
+        self.down.set()
+        with self._lock:
+            for end in list(self._open):
+                _close(end)
 
     def close(self) -> None:
         self.listener.close()
@@ -38,9 +50,14 @@ class FreezingProxy:
         while True:
             try:
                 client, _ = self.listener.accept()
+                if self.down.is_set():
+                    _close(client)
+                    continue
                 upstream = socket.create_connection(self.target)
             except OSError:
                 return
+            with self._lock:
+                self._open.update((client, upstream))
             for a, b, replies in ((client, upstream, False), (upstream, client, True)):
                 threading.Thread(target=self._pipe, args=(a, b, replies), daemon=True).start()
 
@@ -54,9 +71,15 @@ class FreezingProxy:
         except OSError:
             pass
         finally:  # either side gone: both ends closed, the other pipe ends too
-            for end in (source, sink):
-                try:
-                    end.shutdown(socket.SHUT_RDWR)
-                except OSError:
-                    pass
-                end.close()
+            with self._lock:
+                for end in (source, sink):
+                    _close(end)
+                    self._open.discard(end)
+
+
+def _close(end: socket.socket) -> None:
+    try:
+        end.shutdown(socket.SHUT_RDWR)
+    except OSError:
+        pass
+    end.close()

@@ -94,6 +94,44 @@ def test_batches_are_cut_at_batch_max_bytes_whether_read_or_claimed(settings, re
         assert batch == sorted(batch, key=lambda i: tuple(map(int, i.split("-"))))
 
 
+def test_a_backlog_of_large_bodies_is_read_about_a_batch_at_a_time(settings, redis_client):
+    # the pump reads whole entries to learn their sizes: 500 bodies of 1 MB in one reply
+    # took half a gigabyte of the worker's main process, and as much again of Redis' memory
+    custom = settings.with_(batch_size=100, batch_window_ms=200, batch_max_bytes=1_000_000,
+                            max_body_bytes=300_000, claim_idle_seconds=1)
+    stream = IngestStream(redis_client, custom.stream_key)
+    stream.ensure_group()
+    small = b'{"n": 1}'
+    for n in range(60):  # a run of small bodies first: the count grows, then must shrink
+        stream.append(f"small-{n}", small)
+    for n in range(30):
+        stream.append(f"big-{n}", b'{"n":"%s"}' % (b"x" * 250_000))
+    redis_client.xreadgroup(GROUP, "gone", {custom.stream_key: ">"}, count=1000)  # all
+    replies: list[int] = []
+    pump = RecordingPump(make_celery(custom), custom, consumer="pump-a")
+
+    def measuring(read):  # type: ignore[no-untyped-def]
+        def measured(*args, **kwargs):  # type: ignore[no-untyped-def]
+            found = read(*args, **kwargs)
+            replies.append(sum(length for _, length in found))
+            return found
+        return measured
+
+    pump.stream.read_new = measuring(pump.stream.read_new)  # type: ignore[method-assign]
+    pump.stream.claim_stale = measuring(pump.stream.claim_stale)  # type: ignore[method-assign]
+    for n in range(30):  # and new ones, read by XREADGROUP rather than claimed
+        stream.append(f"new-big-{n}", b'{"n":"%s"}' % (b"x" * 250_000))
+    pump.start()
+    try:
+        wait_for(lambda: len({i for b in pump.sent for i in b}) == 120,
+                 what="every entry dispatched")
+    finally:
+        pump.stop()
+    assert sum(replies) >= 60 * 250_000
+    # a read may end with one body past the batch's bytes, never with a reply of many
+    assert max(replies) <= 1_000_000 + 300_000, sorted(replies)[-5:]
+
+
 def test_a_batch_window_longer_than_the_socket_timeout_is_waited_out_in_several_reads(
         settings, redis_client, caplog):
     # each read blocks within the socket's timeout: a long window used to end in a timeout
