@@ -68,6 +68,13 @@ def as_positive_int(raw: str) -> int:
     return value
 
 
+def as_seconds(raw: str) -> int:
+    value = as_int(raw)
+    if not 0 <= value <= MAX_WHOLE:
+        raise ConfigError(f"expected a number of seconds from 0 to {MAX_WHOLE:_}, got {raw!r}")
+    return value
+
+
 def as_account_id(raw: str) -> int:
     """RD's account id: a whole number a JSON encoder and Postgres' bigint both hold."""
     value = as_int(raw)
@@ -331,8 +338,16 @@ class Settings:
     )
     subscription_suspend_after: int = setting(
         "SUBSCRIPTION_SUSPEND_AFTER", as_positive_int, 20,
-        "Consecutive failed deliveries (one try per round) that suspend a subscription; "
-        "its missed events wait in dead letters until a PUT re-activates it.",
+        "Consecutive failed deliveries (one try per round) that suspend a subscription, "
+        "once it has also been failing for LEADPIPE_SUBSCRIPTION_SUSPEND_AFTER_SECONDS; its "
+        "missed events wait in dead letters until a PUT re-activates it.",
+    )
+    subscription_suspend_after_seconds: int = setting(
+        "SUBSCRIPTION_SUSPEND_AFTER_SECONDS", as_seconds, 9 * 3600,
+        "How long a subscription must have been failing (every delivery since the first "
+        "failure failed) before it is suspended: by default past the 8.6 hours of one "
+        "delivery's tries, so a receiver's outage shorter than that needs no PUT. 0: the "
+        "count alone.",
     )
     subscription_secret_grace_seconds: int = setting(
         "SUBSCRIPTION_SECRET_GRACE_SECONDS", as_positive_int, 24 * 3600,

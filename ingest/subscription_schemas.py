@@ -91,6 +91,10 @@ def http_url(value: str) -> str:
         raise ValidationError(INVALID_URL) from None
     if not parts.hostname or port == 0:  # port 0 reaches no one
         raise ValidationError(INVALID_URL)
+    if parts.hostname.isascii() and parts.hostname.isdigit():
+        # an address written as one number (1572394766 for 93.184.215.14) is refused as the
+        # other short forms are: it would subscribe one endpoint twice under two names
+        raise ValidationError(INVALID_URL)
     return _URL_SHAPE(value)  # the scheme, and the host's and path's shape
 
 

@@ -314,6 +314,7 @@ def update_webhook(webhook_uuid: str) -> Response:
                 "event_identifiers = %(event_identifiers)s, "
                 "include_relations = %(include_relations)s, source = %(source)s, "
                 "status = 'active', consecutive_failures = 0, suspended_at = NULL, "
+                "failing_since = NULL, "
                 "updated_at = now() "
                 f"WHERE uuid = %(uuid)s RETURNING {_COLUMNS}",
                 {**data, "uuid": key, "source": _source(data["event_type"]),

@@ -640,6 +640,32 @@ def _upsert_leads(conn: psycopg.Connection, events: list[Event]) -> None:
     rows = _fold(items, stored)
     if rows:
         conn.execute(_LEADS_SQL, _columns(rows, LEAD_COLUMNS, LEAD_TYPES, LEAD_ORDER))
+    _fill_identifiers(conn, [e for e in events if e.entity_id in stored
+                             and (e.lead["updated_at"],) < stored[e.entity_id]])  # type: ignore
+
+
+def _fill_identifiers(conn: psycopg.Connection, late: list[Event]) -> None:
+    """An event older than its lead's row changes none of its state, but gives it the uuid,
+    legacy id or e-mail it lacks: the order RD delivers in must not decide whether a later
+    event, found only by that identifier, joins this lead or makes a second one. Filling
+    what is NULL undoes nothing newer. Oldest first, as _Leads.apply takes them."""
+    fills: dict[str, list[str | None]] = {}
+    for event in sorted(late, key=_lead_time):
+        assert event.lead is not None and event.entity_id is not None
+        fill = fills.setdefault(event.entity_id, [None, None, None])
+        for n, name in enumerate(_IDENTIFIERS):
+            if fill[n] is None:
+                fill[n] = event.lead[name]
+    if fills:
+        conn.execute(
+            "UPDATE leads AS l SET uuid = COALESCE(l.uuid, f.uuid), "
+            "  legacy_id = COALESCE(l.legacy_id, f.legacy_id), email = COALESCE(l.email, f.email) "
+            "FROM unnest(%s::text[], %s::text[], %s::text[], %s::text[]) "
+            "  AS f(lead_key, uuid, legacy_id, email) "
+            "WHERE l.lead_key = f.lead_key AND (l.uuid IS NULL AND f.uuid IS NOT NULL "
+            "  OR l.legacy_id IS NULL AND f.legacy_id IS NOT NULL "
+            "  OR l.email IS NULL AND f.email IS NOT NULL)",
+            [list(fills), *([fill[n] for fill in fills.values()] for n in range(3))])
 
 
 def state_row(event: Event) -> tuple[str, str] | None:
@@ -738,7 +764,8 @@ class _Leads:
 
     def apply(self, key: str, lead: dict[str, Any]) -> None:
         """What the upsert does to the row's identity: the row made, or a newer event's
-        non-null identifiers taken; an older event changes nothing."""
+        non-null identifiers taken; an older event only fills identifiers the row lacks
+        (_fill_identifiers)."""
         row = self.rows.get(key)
         if row is None:
             self.add(key, lead["uuid"], lead["legacy_id"], lead["email"], lead["updated_at"])
@@ -747,4 +774,10 @@ class _Leads:
                 if lead[name] is not None:
                     row[n] = lead[name]
             row[3] = lead["updated_at"]
+            self._index(key)
+        elif any(row[n] is None and lead[name] is not None
+                 for n, name in enumerate(_IDENTIFIERS)):
+            for n, name in enumerate(_IDENTIFIERS):
+                if row[n] is None:
+                    row[n] = lead[name]
             self._index(key)

@@ -122,7 +122,8 @@ def _funnel(event: Event) -> dict[str, Any]:
         "opportunity": _opportunity(event),
         "contact_owner_email": lead.get("owner_email"),
         "interest": lead.get("interest"),
-        "fit": int(fit) if isinstance(fit, str) and fit.isdigit() else None,
+        # ASCII digits only: "²".isdigit() holds, and int() refuses it
+        "fit": int(fit) if isinstance(fit, str) and fit.isascii() and fit.isdigit() else None,
         "origin": origin or None,
     }
 

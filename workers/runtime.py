@@ -138,7 +138,8 @@ class Runtime:
                                 self.metrics)
             cached = self._subscriptions[name] = (sub, sink)
         return Target(cached[1], spec,
-                      subscribers.Health(sub, self.settings.subscription_suspend_after),
+                      subscribers.Health(sub, self.settings.subscription_suspend_after,
+                                         self.settings.subscription_suspend_after_seconds),
                       refuses=sub.refuses)
 
     def _drop_subscription(self, name: str) -> None:

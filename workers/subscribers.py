@@ -122,28 +122,33 @@ def spec(name: str) -> SinkSpec:
 
 
 class Health:
-    """Counts a subscription's consecutive failed deliveries; suspends it at the threshold."""
+    """Counts a subscription's consecutive failed deliveries and how long it has been failing;
+    suspends it once both reach their thresholds."""
 
-    def __init__(self, subscription: Subscription, threshold: int):
+    def __init__(self, subscription: Subscription, threshold: int, min_seconds: int = 0):
         self.uuid = subscription.uuid
         self.threshold = threshold
+        self.min_seconds = min_seconds
 
     def succeeded(self, conn: psycopg.Connection) -> None:
-        conn.execute("UPDATE subscriptions SET consecutive_failures = 0 "
-                     "WHERE uuid::text = %s AND consecutive_failures <> 0", (self.uuid,))
+        conn.execute("UPDATE subscriptions SET consecutive_failures = 0, failing_since = NULL "
+                     "WHERE uuid::text = %s AND (consecutive_failures <> 0 "
+                     "OR failing_since IS NOT NULL)", (self.uuid,))
 
     def failed(self, conn: psycopg.Connection, exc: BaseException) -> str | None:
-        """Record one failed delivery; the suspension reason once the threshold is reached."""
+        """Record one failed delivery; the suspension reason once the thresholds are reached."""
+        # every expression of SET reads the row as it was before this UPDATE
+        due = ("status = 'active' AND consecutive_failures + 1 >= %(n)s "
+               "AND now() - COALESCE(failing_since, now()) >= make_interval(secs => %(s)s)")
         row = conn.execute(
             "UPDATE subscriptions SET consecutive_failures = consecutive_failures + 1, "
-            "  status = CASE WHEN status = 'active' AND consecutive_failures + 1 >= %s "
-            "           THEN 'suspended' ELSE status END, "
-            "  suspended_at = CASE WHEN status = 'active' AND consecutive_failures + 1 >= %s "
-            "           THEN now() ELSE suspended_at END, "
-            "  last_error = %s "
-            "WHERE uuid::text = %s RETURNING consecutive_failures, status",
-            (self.threshold, self.threshold, f"{type(exc).__name__}: {exc}"[:1000],
-             self.uuid)).fetchone()
+            "  failing_since = COALESCE(failing_since, now()), "
+            f"  status = CASE WHEN {due} THEN 'suspended' ELSE status END, "
+            f"  suspended_at = CASE WHEN {due} THEN now() ELSE suspended_at END, "
+            "  last_error = %(error)s "
+            "WHERE uuid::text = %(uuid)s RETURNING consecutive_failures, status",
+            {"n": self.threshold, "s": self.min_seconds,
+             "error": f"{type(exc).__name__}: {exc}"[:1000], "uuid": self.uuid}).fetchone()
         if row is None:
             return "subscription deleted"
         failures, status = row

@@ -210,6 +210,8 @@ def test_put_reactivates_a_suspended_subscription(client, db):
     ({"url": "https://93.184.215.14/" + "a" * 2048}, "url", "TOO_LONG"),
     ({"url": "https://93.184.215.14/a\x00b"}, "url", "INVALID"),
     ({"url": "https://93.184.215.14/a\udc00"}, "url", "INVALID"),
+    # 93.184.215.14 as one number: the same endpoint under a second name
+    ({"url": "https://1572394766/rd"}, "url", "INVALID"),
     ({"event_type": ...}, "event_type", "CANNOT_BE_NULL"),
     ({"event_type": ""}, "event_type", "CANNOT_BE_BLANK"),
     ({"event_type": "WEBHOOK.UNSUBSCRIBED"}, "event_type", "INCLUSION"),
@@ -654,4 +656,4 @@ def test_subscriptions_table_matches_the_api(database_url):
     assert {"uuid", "event_type", "entity_type", "url", "http_method", "event_identifiers",
             "include_relations", "status", "source", "created_at", "updated_at", "secret",
             "previous_secret", "previous_secret_expires_at", "consecutive_failures",
-            "suspended_at", "last_error", "url_key", "older_secrets"} == columns
+            "suspended_at", "last_error", "url_key", "older_secrets", "failing_since"} == columns

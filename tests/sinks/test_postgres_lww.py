@@ -170,6 +170,25 @@ def _deal_body(key: str, hours: float, n: int) -> dict:
     return deal_update(key, at(hours), f"s{n}", **extra)
 
 
+def test_an_older_event_gives_its_lead_the_identifier_the_row_lacked(database_url, db):
+    # v2 first, then an older legacy event carrying the legacy id the row lacked (its state
+    # refused, as older), then a newer legacy event with a new address, found only by that id:
+    # it made a second lead, where the same events in time order make one
+    sink = PostgresSink("postgres", {"dsn": database_url})
+    for n, order in enumerate(((0, 1, 2), (1, 0, 2))):
+        uid, ident, old, new = f"U-{n}", f"77{n}", f"ana{n}@x.com", f"ana{n}.new@x.com"
+        bodies = [legacy(at(0), id=ident, email=old, name="Ana"),
+                  v2(uid, at(1), email=old, name="Ana Maria"),
+                  legacy(at(2), id=ident, email=new)]
+        for i in order:
+            sink.store(events(bodies[i]), [])
+        rows = db.execute("SELECT uuid, legacy_id, email, name FROM leads WHERE uuid = %s "
+                          "OR legacy_id = %s OR email IN (%s, %s)",
+                          (uid, ident, old, new)).fetchall()
+        assert rows == [(uid, ident, new, "Ana Maria")], (order, rows)  # the older name refused
+    sink.close()
+
+
 def _lead_body(key: str, hours: float, n: int) -> dict:
     contact: dict = {"name": f"n{n}"}
     if n % 2:

@@ -116,6 +116,19 @@ def test_crm_deal_amounts_exact_and_malformed_transaction_uuid_kept():
     assert deal["amount_unique"] == Decimal("1500.25")
 
 
+def test_a_transaction_uuid_of_any_json_type_keys_the_event_and_is_never_refused():
+    # only the dedup key uses it, as sent: an object or a list there quarantined the update
+    keys = set()
+    for value in ({"a": 1}, [1, 2], 12345678901234567890, True):
+        body = fixture("crm-deal-updated-won.json")
+        body["transaction_uuid"] = value
+        event = one(body)
+        assert isinstance(event, Event) and event.deal["status"] == "won"
+        assert event.dedup_key.startswith("crm:") and "hash" not in event.dedup_key
+        keys.add(event.dedup_key)
+    assert len(keys) == 4
+
+
 def test_deleted_deal_carries_deleted_at():
     event = one(fixture_bytes("crm-deal-deleted.json"))
     assert event.deal["deleted_at"] == event.occurred_at

@@ -94,3 +94,12 @@ def test_custom_field_labels_become_snake_case_names():
     assert snake("Qual o seu segmento?") == "qual_o_seu_segmento"
     assert snake("Número de funcionários") == "numero_de_funcionarios"
     assert snake("???") == "field"
+
+
+def test_a_fit_score_of_digits_other_than_ascii_is_no_fit_not_a_crash():
+    # "²".isdigit() holds and int() refuses it: every CONTACT_FUNNEL delivery of the lead failed
+    for score, fit in (("7", 7), ("d", None), ("²", None), ("①", None), ("٣", None)):
+        body = orjson.loads(fixture_bytes("legacy-leads-full.json"))
+        body["leads"][0]["fit_score"] = score
+        ev = event(orjson.dumps(body))
+        assert rd_body(ev, ["CONTACT_FUNNEL"])["contact"]["funnel"]["fit"] == fit, score

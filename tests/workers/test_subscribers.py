@@ -44,7 +44,7 @@ def receivers() -> Iterator[tuple[HttpServer, HttpServer]]:
 def custom(settings: Settings) -> Settings:
     # the probe on (it reaches our receivers), 127.0.0.1 admitted explicitly, a low threshold
     return settings.with_(ssrf_allow=("127.0.0.1",), subscription_probe=True,
-                          subscription_suspend_after=3)
+                          subscription_suspend_after=3, subscription_suspend_after_seconds=0)
 
 
 @pytest.fixture
@@ -320,3 +320,34 @@ def test_any_answer_but_a_2xx_is_tried_again_in_the_next_round(client, receivers
     assert len(tries) == 2
     assert len({r.header("webhook-id") for r in tries}) == 1  # one event, for the receiver
     assert tries[1].at - tries[0].at >= 3.5  # the next round (5 s +-20 %), not a quick retry
+
+
+def test_a_subscription_is_suspended_only_once_it_has_been_failing_long_enough(db):
+    # the count alone suspended a subscription whose receiver was down for 8 minutes under
+    # steady traffic, long before its deliveries' own 8.6 hours of tries were spent
+    uuid = "00000000-0000-4000-8000-0000000000a1"
+    db.execute("INSERT INTO subscriptions (uuid, event_type, entity_type, url, http_method, "
+               "source, secret, status, url_key) VALUES (%s, 'WEBHOOK.CONVERTED', 'CONTACT', "
+               "'https://93.184.215.14/rd', 'POST', 'MKT', 'whsec_x', 'active', %s)",
+               (uuid, "https://93.184.215.14/rd"))
+    sub = subscribers.Subscription(uuid, "WEBHOOK.CONVERTED", "https://93.184.215.14/rd", (),
+                                   "active", "whsec_x", None, None, (), frozenset())
+    health = subscribers.Health(sub, threshold=3, min_seconds=3600)
+
+    def state() -> tuple[str, int, bool]:
+        row = db.execute("SELECT status, consecutive_failures, failing_since IS NOT NULL "
+                         "FROM subscriptions WHERE uuid = %s", (uuid,)).fetchone()
+        return row[0], row[1], row[2]
+
+    for _ in range(10):
+        assert health.failed(db, ConnectionError("refused")) is None
+    assert state() == ("active", 10, True)
+    health.succeeded(db)  # one success: the count and the clock start again
+    assert state() == ("active", 0, False)
+    for _ in range(3):
+        assert health.failed(db, ConnectionError("refused")) is None
+    db.execute("UPDATE subscriptions SET failing_since = now() - interval '2 hours' "
+               "WHERE uuid = %s", (uuid,))
+    reason = health.failed(db, ConnectionError("refused"))
+    assert reason == "subscription suspended after 4 consecutive failed deliveries"
+    assert state() == ("suspended", 4, True)
