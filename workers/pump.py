@@ -145,7 +145,11 @@ class Pump:
                 failures += 1
                 self._inflight = None  # a dispatch may or may not have happened: ask again
                 delay = min(5.0, 0.1 * 2**failures)
-                if isinstance(exc, redis.RedisError | OSError):
+                if isinstance(exc, redis.ResponseError) and "NOGROUP" in str(exc):
+                    log.warning("the ingest stream's consumer group is gone (the stream was "
+                                "deleted, or the group destroyed); making it again in %.1fs",
+                                delay)
+                elif isinstance(exc, redis.RedisError | OSError):
                     log.warning("pump cannot reach Redis (%s); retrying in %.1fs",
                                 type(exc).__name__, delay)
                 elif isinstance(exc, psycopg.OperationalError | PoolTimeout):  # the relay's

@@ -132,6 +132,29 @@ def test_a_backlog_of_large_bodies_is_read_about_a_batch_at_a_time(settings, red
     assert max(replies) <= 1_000_000 + 300_000, sorted(replies)[-5:]
 
 
+def test_a_consumer_group_destroyed_under_the_pump_is_made_again_and_said_so(
+        settings, redis_client, caplog):
+    # the pump logged "cannot reach Redis (ResponseError)" for what is a missing group
+    custom = settings.with_(batch_window_ms=20, claim_idle_seconds=600)
+    stream = IngestStream(redis_client, custom.stream_key)
+    stream.ensure_group()
+    stream.append("ev-1", b"{}")
+    pump = RecordingPump(make_celery(custom), custom, consumer="pump-a")
+    pump.start()
+    try:
+        wait_for(lambda: len(pump.sent) == 1, what="the first entry")
+        redis_client.xgroup_destroy(custom.stream_key, GROUP)
+        stream.append("ev-2", b"{}")
+        wait_for(lambda: {i for b in pump.sent for i in b} == {e.entry_id for e in
+                                                                 stream.entries()},
+                 what="the entries read again by the group made anew")
+    finally:
+        pump.stop()
+    said = [r.getMessage() for r in caplog.records if r.name == "leadpipe.pump"]
+    assert any("consumer group is gone" in m for m in said), said
+    assert not any("cannot reach Redis" in m for m in said), said
+
+
 def test_a_batch_window_longer_than_the_socket_timeout_is_waited_out_in_several_reads(
         settings, redis_client, caplog):
     # each read blocks within the socket's timeout: a long window used to end in a timeout
