@@ -173,7 +173,9 @@ def test_a_run_stopped_while_it_starts_leaves_nothing_running(tmp_path, stop):
                                stderr=subprocess.STDOUT, start_new_session=True)
     pidfile = data / "redis" / "redis-server.pid"  # Redis writes it once it runs
     try:
-        wait_for(pidfile.exists, timeout=60, interval=0.01, what="Redis started, Postgres next")
+        # Redis makes the file, then writes its pid in it: an empty file was read once
+        wait_for(lambda: pidfile.exists() and pidfile.read_text().strip(), timeout=60,
+                 interval=0.01, what="Redis started, Postgres next")
         redis_pid = int(pidfile.read_text())
         if stop == "ctrl-c":
             os.killpg(run.pid, signal.SIGINT)
